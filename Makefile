@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv on first use: the CPU build of torch (pinned here; the package itself accepts
+# a range), then tether with its dev extras.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: install test test-all demo lint pretrained
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+test-all: $(VENV)/.installed
+	$(BIN)/python -m pytest -q --run-slow
+
+demo: $(VENV)/.installed
+	$(BIN)/tether demo
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+# Reproduce the shipped pre-trained model (about 15 minutes on 2 CPU cores) and ship it.
+pretrained: $(VENV)/.installed
+	rm -rf runs/addition-pretrain
+	$(BIN)/tether train recipes/addition-pretrain.yaml --out runs/addition-pretrain
+	rm -rf src/tether/checkpoints/addition-n3
+	mkdir -p src/tether/checkpoints
+	cp -r runs/addition-pretrain/checkpoints/step-001500 src/tether/checkpoints/addition-n3

@@ -1,0 +1,303 @@
+"""The ``tether`` command line: one command per job.
+
+Every command turns a bad input (recipe, checkpoint, run directory, argument) into a one-line
+``error: ...`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="tether: KL-tethered fine-tuning of language models.",
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message names the option."""
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn the library's input errors into ``error: ...`` and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tether.config import RecipeError
+        from tether.models import ModelLoadError
+        from tether.train import RunDirError
+
+        try:
+            return fn(*args, **kwargs)
+        except (RecipeError, ModelLoadError, RunDirError, UsageError) as err:
+            _fail(str(err))
+        except FileNotFoundError as err:
+            _fail(f"{err.filename}: no such file or directory")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_digits(text: str) -> list[int]:
+    """``3`` or ``1-5`` -> [3] or [1, 2, 3, 4, 5]."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+        else:
+            lo = hi = int(text)
+    except ValueError:
+        raise UsageError(f"--digits {text!r}: expected N or LO-HI, e.g. 1-5") from None
+    if not 1 <= lo <= hi <= 18:
+        raise UsageError(f"--digits {text!r}: need 1 <= LO <= HI <= 18")
+    return list(range(lo, hi + 1))
+
+
+def _checkpoint_max_digits(path: Path) -> int | None:
+    meta = path / "tether.json"
+    if meta.is_file():
+        task = json.loads(meta.read_text()).get("task", {})
+        return task.get("max_digits")
+    return None
+
+
+@app.command()
+@friendly_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key: a.b=value (repeatable)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/NAME-TIME)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train a model as a recipe says; writes a run directory."""
+    from tether.config import load_recipe
+    from tether.train import train as run
+
+    cfg = load_recipe(recipe, set_ or [])
+    out = out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run(cfg, out, progress=not quiet)
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(f"run directory: {out}  (final model: {out / 'model'})")
+
+
+@app.command("eval")
+@friendly_errors
+def eval_(
+    checkpoint: Annotated[
+        str, typer.Argument(help="shipped model name, checkpoint or run directory")
+    ],
+    task: Annotated[str, typer.Option(help="task to evaluate on")] = "addition",
+    digits: Annotated[str, typer.Option(help="digit lengths, N or LO-HI")] = "1-5",
+    n: Annotated[int, typer.Option(min=1, help="problems per length and kind")] = 1000,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, help="0 = greedy; > 0 = sampled Pass@1")
+    ] = 0.0,
+    certainty: Annotated[
+        bool, typer.Option(help="also the critical-token certainty analysis (Table 1)")
+    ] = False,
+    max_digits: Annotated[
+        int | None, typer.Option(help="N of the model (default: from the checkpoint)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the problems and of sampling")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
+) -> None:
+    """Accuracy per digit length, identical and varying operand lengths, with 95% intervals."""
+    from tether import evaluate
+    from tether.models import load_model_and_tokenizer, resolve_checkpoint
+
+    if task != "addition":
+        raise UsageError(f"--task {task!r}: known tasks: addition")
+    lengths = parse_digits(digits)
+    path = resolve_checkpoint(checkpoint)
+    model, tokenizer = load_model_and_tokenizer(str(path))
+    result: dict[str, Any] = {"checkpoint": str(path), "task": task}
+    result["accuracy"] = evaluate.addition_accuracy(
+        model,
+        tokenizer,
+        lengths,
+        n,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+        progress=not json_,
+    )
+    if certainty:
+        big_n = max_digits or _checkpoint_max_digits(path)
+        if big_n is None:
+            raise UsageError("--certainty needs --max-digits N (the checkpoint does not record it)")
+        result["certainty"] = evaluate.critical_certainty(
+            model, tokenizer, big_n, n, seed=seed, temperature=temperature, batch_size=batch_size
+        )
+    if json_:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    mode = "greedy" if temperature == 0 else f"sampled Pass@1, T={temperature}"
+    typer.echo(f"{path} on addition ({mode}, n={n} per cell)\n")
+    typer.echo(evaluate.accuracy_table(result["accuracy"]))
+    if certainty:
+        typer.echo("\n" + evaluate.certainty_table(result["certainty"]))
+
+
+@app.command()
+@friendly_errors
+def sample(
+    checkpoint: Annotated[
+        str, typer.Argument(help="shipped model name, checkpoint or run directory")
+    ],
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="prompt text (repeatable); \\n is a newline")
+    ] = None,
+    digits: Annotated[
+        int | None, typer.Option(help="sample addition problems of this many digits")
+    ] = None,
+    count: Annotated[int, typer.Option(min=1, help="problems to draw with --digits")] = 4,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
+) -> None:
+    """Generate completions for prompts (or for random addition problems)."""
+    import random
+
+    import torch
+
+    from tether.models import load_model_and_tokenizer
+    from tether.sampling import sample as run_sampler
+    from tether.tasks import addition
+
+    problems: list[addition.Problem | None]
+    if prompt:
+        prompts = [p.replace("\\n", "\n") for p in prompt]
+        problems = [None] * len(prompts)
+    elif digits is not None:
+        if not 1 <= digits <= 18:
+            raise UsageError(f"--digits {digits}: need 1..18")
+        rng = random.Random(seed)
+        problems = [addition.equal_length_problem(rng, digits) for _ in range(count)]
+        prompts = [p.prompt for p in problems if p is not None]
+    else:
+        raise UsageError("give --prompt TEXT or --digits N")
+    model, tokenizer = load_model_and_tokenizer(checkpoint)
+    gen = torch.Generator().manual_seed(seed)
+    out = run_sampler(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        generator=gen,
+    )
+    rows = []
+    for i, (p, text) in enumerate(zip(prompts, out.texts, strict=False)):
+        row: dict[str, Any] = {"prompt": p, "completion": text, "finished": out.finished[i]}
+        row["logprob"] = float(out.logprobs[i][out.completion_mask[i].bool()].sum())
+        prob = problems[i]
+        if prob is not None:
+            row["correct"] = addition.is_correct(prob, text)
+        rows.append(row)
+    if json_:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        verdict = "" if "correct" not in row else ("  [correct]" if row["correct"] else "  [wrong]")
+        typer.echo(f"--- log p = {row['logprob']:.3f}{verdict}\n{row['prompt']}{row['completion']}")
+
+
+@app.command()
+@friendly_errors
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories")],
+    out: Annotated[
+        Path | None,
+        typer.Option("-o", "--out", help="output folder (default: the first run's report/)"),
+    ] = None,
+) -> None:
+    """Plots of loss and evaluation curves, runs overlaid, and a table of final figures."""
+    from tether.report import make_report
+
+    for d in run_dirs:
+        if not d.is_dir():
+            raise UsageError(f"{d}: not a run directory")
+    out = out or run_dirs[0] / "report"
+    try:
+        path = make_report(run_dirs, out)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    typer.echo(f"report: {path}")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Annotated[Path | None, typer.Option(help="output folder (default runs/demo-TIME)")] = None,
+    full: Annotated[bool, typer.Option(help="the larger setting: 10 seeds, 80 steps")] = False,
+    seeds: Annotated[int | None, typer.Option(min=1, help="override the number of seeds")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="override the RL steps per run")] = None,
+    certainty_exponent: Annotated[
+        float, typer.Option(min=0.0, help="β_c of the prioritised KL")
+    ] = 150.0,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key in both arms")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """The critical-token experiment at a small scale: standard vs prioritised KL, several seeds."""
+    from tether.demo import run_demo
+
+    out = out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out}: already exists and is not empty")
+    report = run_demo(
+        out,
+        full=full,
+        seeds=seeds,
+        steps=steps,
+        certainty_exponent=certainty_exponent,
+        overrides=set_ or [],
+        progress=not quiet,
+        echo=typer.echo,
+    )
+    typer.echo((report.parent / "comparison.md").read_text())
+    typer.echo(f"report: {report}  (plot: {report.parent / 'comparison.png'})")
+
+
+@app.command()
+@friendly_errors
+def models(json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """List the checkpoints shipped with tether (usable wherever a checkpoint is asked for)."""
+    from tether.models import shipped_models
+
+    shipped = shipped_models()
+    if json_:
+        typer.echo(json.dumps(shipped, indent=2))
+        return
+    if not shipped:
+        typer.echo("no shipped models")
+    for name, info in shipped.items():
+        typer.echo(f"{name}\n  {info.get('description', '')}\n  path: {info['path']}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

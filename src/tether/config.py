@@ -1,0 +1,236 @@
+"""Recipes: YAML files validated into typed configs (pydantic).
+
+A recipe is data. Every key is known, typed and range-checked before anything is written;
+a bad recipe raises :class:`RecipeError` whose message is one line naming the key and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(Strict):
+    name: Literal["addition", "first-digit"] = "addition"
+    max_digits: int = Field(3, ge=1, le=18, description="N: pre-training covers 1..N digits")
+    long_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of pre-training problems drawn from the N+1 RL distribution"
+    )
+
+
+class ModelConfig(Strict):
+    init: str | None = Field(None, description="shipped model name or checkpoint path; none = new")
+    arch: Literal["gpt2", "llama"] = "llama"
+    n_layer: int = Field(4, ge=1, le=64)
+    n_head: int = Field(4, ge=1, le=64)
+    n_embd: int = Field(128, ge=8, le=8192)
+    max_positions: int = Field(1024, ge=16, le=65536)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / peak lr (cosine)")
+    grad_clip: float | None = Field(1.0, gt=0.0)
+
+
+class TrainConfig(Strict):
+    stage: Literal["mle", "rl"] = "mle"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1, le=65536)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads")
+
+
+class RLConfig(Strict):
+    """KL-regularised RL on the task's RL distribution (METHODS.md §2–3).
+
+    The reference is the frozen initial policy (``model.init``). Rewards are terminal:
+    ``reward_correct`` / ``reward_wrong``. ``certainty_exponent`` switches the standard KL
+    (null: every token weighs 1) to the prioritised KL w = Ĵ(ref)^certainty_exponent.
+    """
+
+    algorithm: Literal["reinforce", "rloo", "a2c", "ppo"] = "a2c"
+    prompts_per_step: int = Field(50, ge=1, description="episodes per collect")
+    group_size: int = Field(1, ge=1, description="samples per prompt (RLOO needs >= 2)")
+    temperature: float = Field(2.0, gt=0.0, description="policy and reference sampled/scored at T")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="default: longest scratchpad + margin"
+    )
+    reward_correct: float = 1.0
+    reward_wrong: float = -1.0
+    kl_coef: float = Field(5.0, ge=0.0, description="α, the KL coefficient")
+    kl_estimator: Literal["k1", "k2", "k3", "exact"] = "k2"
+    kl_placement: Literal["loss", "reward"] = "loss"
+    certainty_exponent: float | None = Field(None, ge=0.0, description="β_c of the prioritised KL")
+    certainty_form: Literal["entropy", "max_prob"] = "entropy"
+    certainty_temperature: float | None = Field(None, gt=0.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
+    value_coef: float = Field(0.1, ge=0.0)
+    entropy_coef: float = Field(0.001, ge=0.0)
+    ppo_epochs: int = Field(4, ge=1)
+    clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _rloo_needs_a_group(self) -> RLConfig:
+        if self.algorithm == "rloo" and self.group_size < 2:
+            raise ValueError("algorithm rloo needs group_size >= 2 (samples per prompt)")
+        return self
+
+
+class EvalConfig(Strict):
+    digits: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], description="[] = no table")
+    n: int = Field(100, ge=1, description="problems per digit length and kind")
+    temperature: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(256, ge=1)
+
+    @field_validator("digits")
+    @classmethod
+    def _digits_in_range(cls, digits: list[int]) -> list[int]:
+        if any(d < 1 or d > 18 for d in digits):
+            raise ValueError("every digit length must lie in 1..18")
+        return digits
+
+
+class TrackingConfig(Strict):
+    trackers: list[Literal["tensorboard", "trackio", "wandb"]] = Field(default_factory=list)
+
+
+class Recipe(Strict):
+    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seed: int = Field(0, ge=0)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _rl_needs_a_reference(self) -> Recipe:
+        if self.train.stage == "rl" and self.model.init is None:
+            raise ValueError("model.init is required when train.stage is rl (it is the reference)")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at the parent of ``loc`` (for 'unknown key' messages)."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(loc))
+            parts.append(f"{key}: unknown key (allowed: {allowed})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
+            parts.append(f"{key}: {msg}{got}" if key else msg)
+    return "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=200")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise RecipeError(f"--set {text!r}: empty part in key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+PACKAGED_RECIPES = Path(__file__).parent / "recipes"
+
+
+def packaged_recipes() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_RECIPES.glob("*.yaml"))
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe (a path, or the name of a packaged recipe);
+    raise RecipeError with a one-line message."""
+    data: Any = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists() and (PACKAGED_RECIPES / f"{path}.yaml").is_file():
+            p = PACKAGED_RECIPES / f"{path}.yaml"
+        source = str(p)
+        if not p.is_file():
+            known = ", ".join(packaged_recipes())
+            raise RecipeError(f"{source}: no such recipe file (packaged recipes: {known})")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise RecipeError(f"{source}: not valid YAML ({first})") from err
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"{source}: {_format_error(err)}") from err
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

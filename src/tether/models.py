@@ -1,0 +1,154 @@
+"""Hugging Face tokenizers and models: a character-level tokenizer, small decoder-only
+models built from a ``transformers`` config, loading by path or by shipped name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+# printable ASCII and the newline: enough for every built-in task and plain English text
+CHARS = ["\n"] + [chr(i) for i in range(32, 127)]
+
+SHIPPED_DIR = Path(__file__).parent / "checkpoints"
+
+
+def char_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerFast:
+    """One token per character; ids 0..2 are pad, eos, unk. Decoding concatenates."""
+    vocab = {PAD: 0, EOS: 1, UNK: 2}
+    for ch in CHARS:
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        bos_token=EOS,
+        model_max_length=model_max_length,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerFast,
+    arch: str = "gpt2",
+    n_layer: int = 4,
+    n_head: int = 4,
+    n_embd: int = 128,
+    max_positions: int = 1024,
+    dropout: float = 0.0,
+) -> PreTrainedModel:
+    """A freshly initialised decoder-only model sized by the arguments.
+
+    ``gpt2`` is GPT-2 with learned absolute positions (the paper's model); ``llama`` is the
+    same width and depth with rotary position embeddings, which copies digit lists past the
+    lengths seen in training far better (see the README's note on the pre-trained model).
+    """
+    common = dict(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    if arch == "gpt2":
+        config = GPT2Config(
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            n_positions=max_positions,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            **common,
+        )
+        return GPT2LMHeadModel(config)
+    if arch == "llama":
+        config = LlamaConfig(
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=n_head,
+            hidden_size=n_embd,
+            intermediate_size=4 * n_embd,
+            max_position_embeddings=max_positions,
+            attention_dropout=dropout,
+            tie_word_embeddings=True,
+            **common,
+        )
+        return LlamaForCausalLM(config)
+    raise ValueError(f"unknown arch {arch!r}: choose 'gpt2' or 'llama'")
+
+
+def shipped_models() -> dict[str, dict[str, Any]]:
+    """Checkpoints shipped inside the package: name -> description (from ``tether.json``)."""
+    out: dict[str, dict[str, Any]] = {}
+    if not SHIPPED_DIR.is_dir():
+        return out
+    for d in sorted(SHIPPED_DIR.iterdir()):
+        meta = d / "tether.json"
+        if meta.is_file():
+            info = json.loads(meta.read_text())
+            info["path"] = str(d)
+            out[d.name] = info
+    return out
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint name or path that cannot be loaded; the message says why."""
+
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """A shipped checkpoint name, a checkpoint directory or a run directory -> the checkpoint."""
+    shipped = shipped_models()
+    if name_or_path in shipped:
+        return Path(shipped[name_or_path]["path"])
+    path = Path(name_or_path)
+    if (path / "model" / "config.json").is_file():  # a run directory: its final model
+        path = path / "model"
+    if not path.exists():
+        names = ", ".join(shipped) or "none"
+        raise ModelLoadError(
+            f"checkpoint {name_or_path!r}: no such directory and no shipped model of that name "
+            f"(shipped: {names})"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"checkpoint {str(path)!r}: no config.json there (not a saved model)")
+    return path
+
+
+def load_model_and_tokenizer(
+    name_or_path: str, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a causal LM and its tokenizer with ``from_pretrained`` (offline), in eval mode."""
+    path = resolve_checkpoint(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"checkpoint {str(path)!r}: could not load ({first})") from err
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ModelLoadError(
+            f"checkpoint {str(path)!r}: tokenizer has {len(tokenizer)} tokens but the model's "
+            f"embedding has {model.get_input_embeddings().num_embeddings}"
+        )
+    model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,47 @@
+"""Objectives: pure functions of token tensors, testable with no model at all."""
+
+from tether.objectives.common import certainty, shifted_token_logprobs, token_logprobs
+from tether.objectives.kl import (
+    KL_ESTIMATORS,
+    KLEstimator,
+    exact_kl,
+    kl_estimate,
+    kl_penalty,
+    prioritized_kl_weights,
+)
+from tether.objectives.mle import mle_loss
+from tether.objectives.policy_gradient import (
+    discounted_returns,
+    entropy_bonus,
+    gae,
+    masked_mean,
+    ppo_clip_loss,
+    reinforce_loss,
+    rloo_baseline,
+    shape_rewards_with_kl,
+    terminal_rewards,
+    value_loss,
+)
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "KLEstimator",
+    "certainty",
+    "discounted_returns",
+    "entropy_bonus",
+    "exact_kl",
+    "gae",
+    "kl_estimate",
+    "kl_penalty",
+    "masked_mean",
+    "mle_loss",
+    "ppo_clip_loss",
+    "prioritized_kl_weights",
+    "reinforce_loss",
+    "rloo_baseline",
+    "shape_rewards_with_kl",
+    "shifted_token_logprobs",
+    "terminal_rewards",
+    "token_logprobs",
+    "value_loss",
+]

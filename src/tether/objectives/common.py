@@ -1,0 +1,72 @@
+"""Token-level quantities shared by every objective (METHODS.md §1). Always fp32."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+CertaintyForm = Literal["entropy", "max_prob"]
+CERTAINTY_FORMS: tuple[CertaintyForm, ...] = ("entropy", "max_prob")
+# The temperature each form is published with: the paper's negentropy uses the plain softmax,
+# the released code's min-entropy uses softmax(logits / 4).
+DEFAULT_CERTAINTY_TEMPERATURE: dict[str, float] = {"entropy": 1.0, "max_prob": 4.0}
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log π(a|s) = ℓ(s,a)/T − logsumexp ℓ(s,·)/T, in fp32 or better. logits [..., V], tokens [...]."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # bf16/fp16 logits: log-softmax in fp32
+    scaled = logits / temperature if temperature != 1.0 else logits
+    picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scaled, dim=-1)
+
+
+def shifted_token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-prob of token t given tokens < t, aligned with ``input_ids``: [B, L], column 0 = 0."""
+    lp = token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
+    return torch.nn.functional.pad(lp, (1, 0))
+
+
+def certainty(logits: Tensor, form: CertaintyForm, temperature: float | None = None) -> Tensor:
+    """Certainty Ĵ ∈ [0, 1] of the distribution given by ``logits [..., V]``, per position.
+
+    With p = softmax(ℓ / T) and V = ``logits.shape[-1]``:
+
+    - ``"entropy"`` (the paper): Ĵ = (log V − H(p)) / log V, the normalised negentropy;
+    - ``"max_prob"`` (the released code): Ĵ = 1 + log max_a p(a) / log V, the normalised
+      negative min-entropy.
+
+    Both are 1 for a one-hot p and 0 for the uniform one. ``temperature=None`` takes the form's
+    published temperature (:data:`DEFAULT_CERTAINTY_TEMPERATURE`: 1 for ``"entropy"``, 4 for
+    ``"max_prob"``). Computed in fp32 and differentiable: detach the logits where the result is
+    a weight that must carry no gradient (the prioritised KL's w).
+    """
+    if form not in DEFAULT_CERTAINTY_TEMPERATURE:
+        raise ValueError(f"unknown certainty form {form!r}: choose 'entropy' or 'max_prob'")
+    t = DEFAULT_CERTAINTY_TEMPERATURE[form] if temperature is None else float(temperature)
+    if not t > 0:
+        raise ValueError(f"certainty temperature must be > 0, got {t}")
+    vocab = logits.shape[-1]
+    if vocab < 2:
+        raise ValueError(f"certainty needs a vocabulary of at least 2 tokens, got {vocab}")
+    z = logits.float() / t
+    log_v = math.log(vocab)
+    lse = torch.logsumexp(z, dim=-1)
+    if form == "entropy":
+        # H(p) = −Σ p log p = logsumexp(z) − Σ p·z. Written this way a one-hot p gives H = 0 and
+        # constant logits give H = log V exactly; where p = 0 (z = −inf) the term is 0, not NaN.
+        p = torch.softmax(z, dim=-1)
+        p_z = torch.where(p > 0, p * z, torch.zeros_like(z))
+        entropy = lse - p_z.sum(dim=-1)
+        j = 1.0 - entropy / log_v
+    else:
+        # log max_a p(a) = max_a z_a − logsumexp(z)
+        j = 1.0 + (z.amax(dim=-1) - lse) / log_v
+    return j.clamp(0.0, 1.0)

@@ -1,0 +1,113 @@
+"""KL between the policy and the frozen reference, per token (METHODS.md §1 and §3).
+
+Tensors are [B, T] over completion tokens with a float ``mask`` [B, T] (1 = real token,
+0 = padding). ``logp`` = log π_θ(a_t|s_t) and ``ref_logp`` = log π_ref(a_t|s_t) of the sampled
+token; the log-ratio is ρ = logp − ref_logp. All math in fp32 (fp64 inputs stay fp64).
+
+Where the KL goes is the caller's choice (METHODS.md §1, "Placement"): into the reward with
+``policy_gradient.shape_rewards_with_kl``, or into the loss as
+``kl_coef * masked_mean(kl_penalty(...), mask)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from tether.objectives.common import CertaintyForm, certainty
+
+KLEstimator = Literal["k1", "k2", "k3"]
+KL_ESTIMATORS: tuple[KLEstimator, ...] = ("k1", "k2", "k3")
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: KLEstimator) -> Tensor:
+    """Single-sample estimate of KL(π‖π_ref) at each sampled token (Schulman, "Approximating KL").
+
+    With ρ = log π(a|s) − log π_ref(a|s), a ∼ π, and r = π_ref/π = exp(−ρ):
+
+    - ``"k1"``: k1 = ρ                      unbiased, high variance, can be negative;
+    - ``"k2"``: k2 = ½ρ²                    biased (E_π[k2] = KL + O(ρ³)), ≥ 0;
+    - ``"k3"``: k3 = (r − 1) − log r = exp(−ρ) − 1 + ρ    unbiased and ≥ 0.
+
+    Elementwise; returns the broadcast shape of the inputs. METHODS.md §1.
+    """
+    log_ratio = _at_least_fp32(logp) - _at_least_fp32(ref_logp)
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio.square()
+    if kind == "k3":
+        # expm1(−ρ) ≥ −ρ holds after rounding too, so k3 ≥ 0 exactly; exp(−ρ) − 1 + ρ can round
+        # below zero for small ρ.
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}: choose one of {KL_ESTIMATORS}")
+
+
+def exact_kl(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Full-vocabulary KL(π‖π_ref) = Σ_a π(a)·(log π(a) − log π_ref(a)) at each position.
+
+    π = softmax(logits / T), π_ref = softmax(ref_logits / T); logits [..., V] → KL [...].
+    Tokens with π(a) = 0 (logit −inf) contribute 0, not NaN. Differentiable w.r.t. both.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
+    log_q = torch.log_softmax(_at_least_fp32(ref_logits) / temperature, dim=-1)
+    p = log_p.exp()
+    # 0·log 0 = 0: zero the log-ratio where π(a) = 0 so neither the value nor its gradient is NaN
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    return (p * log_ratio).sum(dim=-1)
+
+
+def prioritized_kl_weights(
+    ref_logits: Tensor,
+    certainty_exponent: float,
+    form: CertaintyForm = "entropy",
+    certainty_temperature: float | None = None,
+) -> Tensor:
+    """Per-token weights of the prioritised KL: w(s) = Ĵ(s)^β_c, no gradient (METHODS.md §3).
+
+    Ĵ is the reference's certainty at the state (``tether.objectives.common.certainty``; 1 = one-hot,
+    0 = uniform), β_c = ``certainty_exponent`` (the paper's 150; good range 10–500). The KL is
+    kept where the reference is sure and released where it hesitates: the critical tokens.
+    ``form="entropy"`` is the paper's Ĵ = (log V − H(π_ref)) / log V; ``"max_prob"`` the released
+    code's Ĵ = 1 + log max_a softmax(ℓ_ref/T)_a / log V. ``certainty_temperature=None`` takes
+    the form's published temperature (1 for ``"entropy"``, 4 for ``"max_prob"``).
+
+    ref_logits [..., V] → weights [...], detached.
+    """
+    # Imported here, not at module level: tether.evaluate pulls in sampling/transformers, and the
+    # objectives stay importable on their own (and free of import cycles).
+    if not certainty_exponent >= 0:
+        raise ValueError(f"certainty_exponent must be >= 0, got {certainty_exponent}")
+    with torch.no_grad():
+        reference_certainty = certainty(ref_logits.detach(), form, certainty_temperature)
+        return reference_certainty.pow(certainty_exponent)
+
+
+def kl_penalty(
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    kind: KLEstimator,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Per-token KL penalty [B, T]: w_t · k(ρ_t) on real tokens, exactly 0 at padding.
+
+    ``weights`` (e.g. :func:`prioritized_kl_weights`) multiply the estimate; ``None`` means
+    w = 1. Padding entries of the inputs may hold anything (even ±inf): they are replaced before
+    the estimate, so neither the value nor the gradient there is NaN. Reduce with a masked mean
+    and add ``kl_coef ·`` it to the loss, or pass it to ``shape_rewards_with_kl``.
+    """
+    real = mask > 0
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    per_token = kl_estimate(torch.where(real, logp, zero), torch.where(real, ref_logp, zero), kind)
+    if weights is not None:
+        per_token = per_token * weights
+    return torch.where(real, per_token, torch.zeros_like(per_token))

@@ -1,0 +1,238 @@
+"""Policy-gradient pieces of KL-regularised RL: returns, advantages and losses (METHODS.md §2).
+
+REINFORCE with a baseline, RLOO, A2C (value head + GAE(γ, λ)) and PPO-clip are assembled from
+these pure functions. Tensors are [B, T] over completion tokens with a float ``mask`` [B, T]
+(1 = real token, 0 = padding), right-padded: each row's real tokens come first. Every episode
+ends at its last real token (V = 0 after it). All math in fp32 (fp64 inputs stay fp64).
+
+Token means are masked means over all real tokens of the batch (:func:`masked_mean`). The KL
+is kept separate: put it in the reward with :func:`shape_rewards_with_kl`, or add
+``kl_coef * masked_mean(kl_penalty(...), mask)`` to the loss (``tether.objectives.kl``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tether.objectives.kl import kl_estimate
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _on_real(values: Tensor, mask: Tensor) -> Tensor:
+    """``values`` on real tokens, 0 at padding (whatever the padding held, NaN included)."""
+    return torch.where(mask > 0, values, torch.zeros_like(values))
+
+
+def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
+    """Sequence-level advantages [B] broadcast over tokens to [B, T]; [B, T] passes through."""
+    if advantages.dim() == like.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    return advantages.expand_as(like)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Σ_{b,t} m_bt·x_bt / Σ_{b,t} m_bt: the mean over all real tokens of the batch (0 if none)."""
+    values = _at_least_fp32(values)
+    mask = mask.to(values.dtype)
+    return (_on_real(values, mask) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def terminal_rewards(seq_rewards: Tensor, mask: Tensor) -> Tensor:
+    """Sparse token rewards [B, T]: r(x, y) on the last real token of each row, 0 elsewhere.
+
+    A row with no real token gets no reward.
+    """
+    real = mask > 0
+    t = mask.shape[-1]
+    # index of the last True in each row: T − 1 − (index of the first True in the flipped row)
+    last = t - 1 - real.flip(-1).long().argmax(dim=-1)
+    at_last = torch.arange(t, device=mask.device) == last.unsqueeze(-1)
+    rewards = _at_least_fp32(seq_rewards).unsqueeze(-1)
+    return torch.where(at_last & real, rewards, torch.zeros_like(rewards))
+
+
+def shape_rewards_with_kl(token_rewards: Tensor, kl: Tensor, kl_coef: float) -> Tensor:
+    """KL in the reward (METHODS.md §1, "Placement"): r̃_t = r_t − kl_coef · kl_t, per token.
+
+    ``kl`` is a per-token penalty such as ``kl_penalty(...)`` (0 at padding). Both are detached:
+    a shaped reward is a constant of the policy-gradient estimator, so the KL reaches the policy
+    only through the advantages, before they are computed.
+    """
+    return _at_least_fp32(token_rewards).detach() - kl_coef * _at_least_fp32(kl).detach()
+
+
+# ----------------------------------------------------------------------------- returns, advantages
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """G_t = r_t + γ·G_{t+1}, with G = 0 after the last real token; 0 at padding. [B, T], detached."""
+    rewards = _on_real(_at_least_fp32(rewards).detach(), mask)
+    returns = torch.zeros_like(rewards)
+    next_return = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        real = mask[:, t] > 0
+        current = rewards[:, t] + gamma * next_return
+        next_return = torch.where(real, current, torch.zeros_like(current))
+        returns[:, t] = next_return
+    return returns
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), right to left over each row:
+
+        δ_t = r_t + γ·V_{t+1} − V_t,        A_t = δ_t + γλ·A_{t+1},        R_t = A_t + V_t,
+
+    with V_{t+1} = A_{t+1} = 0 after the last real token (the episode is terminal there).
+    λ = 1 gives A_t = G_t − V_t (Monte-Carlo returns); λ = 0 gives the one-step TD error.
+    Returns ``(advantages, returns)`` [B, T], both 0 at padding and detached (the returns are
+    the value head's regression targets).
+    """
+    rewards = _on_real(_at_least_fp32(rewards).detach(), mask)
+    values = _on_real(_at_least_fp32(values).detach(), mask)
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        real = mask[:, t] > 0
+        td_error = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = td_error + gamma * lam * next_advantage
+        # a padding position resets both, so the next real token to its left is terminal
+        next_advantage = torch.where(real, advantage, torch.zeros_like(advantage))
+        next_value = values[:, t]  # already 0 at padding
+        advantages[:, t] = next_advantage
+    returns = _on_real(advantages + values, mask)
+    return advantages, returns
+
+
+def rloo_baseline(seq_rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO advantages [B]: each sample's reward minus the mean reward of the other k − 1
+    samples of its prompt (Kool et al. 2019; Ahmadian et al. 2024):
+
+        A_i = r_i − (Σ_{j≠i} r_j) / (k − 1) = k/(k − 1) · (r_i − mean_j r_j).
+
+    Samples of the same prompt are consecutive: rows [0, k) are one group, [k, 2k) the next...
+    The advantages of a group sum to 0. Detached.
+    """
+    k = int(group_size)
+    if k < 2:
+        raise ValueError(f"RLOO needs at least 2 samples per prompt, got group_size={group_size}")
+    if seq_rewards.dim() != 1 or seq_rewards.shape[0] % k != 0:
+        raise ValueError(
+            f"RLOO needs 1-D rewards whose length is a multiple of group_size={k}, "
+            f"got shape {tuple(seq_rewards.shape)}"
+        )
+    groups = _at_least_fp32(seq_rewards).detach().view(-1, k)
+    leave_one_out_mean = (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)
+    return (groups - leave_one_out_mean).view(-1)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def reinforce_loss(
+    logp: Tensor, advantages: Tensor, mask: Tensor
+) -> tuple[Tensor, dict[str, float]]:
+    """L = −Σ_t m_t·A_t·log π(a_t|s_t) / Σ_t m_t, with A detached (score-function estimator).
+
+    ``advantages`` are per token [B, T] (e.g. from :func:`gae`) or per sequence [B] (e.g. from
+    :func:`rloo_baseline`, broadcast to every token of the row).
+    """
+    logp = _at_least_fp32(logp)
+    advantages = _per_token(_at_least_fp32(advantages).detach(), logp)
+    loss = -masked_mean(advantages * logp, mask)
+    stats = {"pg_loss": loss.item(), "advantage_mean": masked_mean(advantages, mask).item()}
+    return loss, stats
+
+
+def ppo_clip_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO's clipped surrogate (Schulman et al. 2017), as a loss to minimise:
+
+        ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t),
+        L = −mean_t min(ρ_t·A_t, clip(ρ_t, 1 − ε, 1 + ε)·A_t).
+
+    ``old_logp`` (the sampling policy) and ``advantages`` ([B, T] or [B]) are detached. Stats:
+    ``clip_fraction``: fraction of real tokens with ρ outside [1 − ε, 1 + ε];
+    ``clip_active_fraction``: fraction where the clipped term wins, so the token's gradient is 0;
+    ``approx_kl``: the k3 estimate of KL(π_old‖π_θ) = mean(ρ − 1 − log ρ) on these samples.
+    """
+    logp = _at_least_fp32(logp)
+    old_logp = _at_least_fp32(old_logp).detach()
+    advantages = _per_token(_at_least_fp32(advantages).detach(), logp)
+    real = mask > 0
+    # padding may hold anything: a zero log-ratio there keeps exp() finite
+    log_ratio = torch.where(real, logp - old_logp, torch.zeros_like(logp))
+    ratio = log_ratio.exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    with torch.no_grad():
+        outside_band = ((ratio - 1.0).abs() > clip_eps).to(logp.dtype)
+        clip_active = (clipped < unclipped).to(logp.dtype)
+        # samples come from π_old, so KL(π_old‖π_θ) takes k3 with the roles swapped
+        approx_kl = kl_estimate(old_logp, logp.detach(), "k3")
+        stats = {
+            "pg_loss": loss.item(),
+            "clip_fraction": masked_mean(outside_band, mask).item(),
+            "clip_active_fraction": masked_mean(clip_active, mask).item(),
+            "approx_kl": masked_mean(approx_kl, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    old_values: Tensor | None = None,
+    clip: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Value-head regression: L_V = ½·mean_t (V_t − R_t)², R detached (e.g. from :func:`gae`).
+
+    With ``clip`` (PPO-style, needs ``old_values``): V^clip = V_old + clip(V − V_old, −c, c) and
+    L_V = ½·mean_t max((V_t − R_t)², (V^clip_t − R_t)²).
+    """
+    values = _at_least_fp32(values)
+    returns = _at_least_fp32(returns).detach()
+    squared_error = (values - returns).square()
+    stats: dict[str, float] = {}
+    if clip is not None:
+        if old_values is None:
+            raise ValueError("value clipping needs old_values")
+        old_values = _at_least_fp32(old_values).detach()
+        clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+        clipped_error = (clipped_values - returns).square()
+        with torch.no_grad():
+            stats["value_clip_fraction"] = masked_mean(
+                (clipped_error > squared_error).to(values.dtype), mask
+            ).item()
+        squared_error = torch.maximum(squared_error, clipped_error)
+    loss = 0.5 * masked_mean(squared_error, mask)
+    stats["value_loss"] = loss.item()
+    return loss, stats
+
+
+def entropy_bonus(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean policy entropy over real tokens, H = −Σ_a π(a|s)·log π(a|s) with π = softmax(ℓ/T).
+
+    logits [B, T, V], mask [B, T]. Differentiable; the caller subtracts ``entropy_coef ·`` it
+    from the loss.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
+    p = log_p.exp()
+    # 0·log 0 = 0 for masked-out (−inf) logits, in the value and in the gradient
+    entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(dim=-1)
+    return masked_mean(entropy, mask)

@@ -1,0 +1,245 @@
+"""The KL-regularised RL stage (METHODS.md §2–3): rollouts, a frozen reference, and the loss.
+
+One step: draw prompts from the task's RL distribution, sample completions from the policy at
+temperature T with the KV-cache sampler, score them with the task (terminal reward), score the
+same tokens under the frozen reference at the same temperature, then
+
+    loss = policy-gradient loss (REINFORCE / RLOO / A2C / PPO-clip)
+         + α · mean_t w_t·KL_t        (KL in the loss)       or  r_t − α·w_t·KL_t (in the reward)
+         − c_H · entropy + c_V · value loss (A2C, PPO)
+
+with w_t = 1 (standard KL) or w_t = Ĵ_ref(s_t)^β_c (prioritised KL on critical tokens).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tether.config import Recipe
+from tether.models import load_model_and_tokenizer
+from tether.objectives import (
+    discounted_returns,
+    entropy_bonus,
+    exact_kl,
+    gae,
+    kl_penalty,
+    masked_mean,
+    ppo_clip_loss,
+    prioritized_kl_weights,
+    reinforce_loss,
+    rloo_baseline,
+    shape_rewards_with_kl,
+    terminal_rewards,
+    token_logprobs,
+    value_loss,
+)
+from tether.sampling import sample
+from tether.tasks import get_task
+
+
+@dataclass
+class Rollout:
+    """Everything one update needs; completion tensors are [B, T], sequences [B, P+T]."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    prompt_len: int
+    mask: Tensor  # completion tokens
+    old_logp: Tensor  # sampling policy's log-probs at temperature T
+    ref_logp: Tensor
+    ref_logits: Tensor | None  # kept only for the exact KL
+    kl_weights: Tensor | None
+    seq_rewards: Tensor  # [B]
+    correct: Tensor  # [B] bool
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def completion_logits(
+    model: nn.Module, rollout: Rollout, temperature: float, hidden: bool = False
+) -> Any:
+    """Logits/T at the positions that predict each completion token, [B, T, V] (and hidden states)."""
+    out = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=rollout.position_ids,
+        output_hidden_states=hidden,
+    )
+    p, t = rollout.prompt_len, rollout.mask.shape[1]
+    logits = out.logits[:, p - 1 : p + t - 1].float() / temperature
+    if hidden:
+        return logits, out.hidden_states[-1][:, p - 1 : p + t - 1]
+    return logits
+
+
+class RLStage:
+    """Rollouts from the policy, a frozen reference, and the configured objective."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        tokenizer: PreTrainedTokenizerBase,
+        policy: PreTrainedModel,
+        device: torch.device,
+    ):
+        assert recipe.model.init is not None
+        self.cfg = recipe.rl
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.device = device
+        self.task = get_task(recipe.task.name, recipe.task.max_digits)
+        self.rng = random.Random(recipe.seed)
+        self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
+        self.reference, _ = load_model_and_tokenizer(recipe.model.init, device=device)
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.value_head: nn.Linear | None = None
+        if self.cfg.algorithm in ("a2c", "ppo"):
+            self.value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self.epochs_per_batch = self.cfg.ppo_epochs if self.cfg.algorithm == "ppo" else 1
+        self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters besides the policy's (the value head)."""
+        return list(self.value_head.parameters()) if self.value_head is not None else []
+
+    # ------------------------------------------------------------------ rollout
+
+    @torch.no_grad()
+    def next_batch(self) -> Rollout:
+        cfg = self.cfg
+        problems = [self.task.rl_problem(self.rng) for _ in range(cfg.prompts_per_step)]
+        problems = [p for p in problems for _ in range(cfg.group_size)]
+        was_training = self.policy.training
+        self.policy.eval()
+        out = sample(
+            self.policy,
+            self.tokenizer,
+            [p.prompt for p in problems],
+            max_new_tokens=self.max_new_tokens,
+            temperature=cfg.temperature,
+            generator=self.generator,
+        )
+        self.policy.train(was_training)
+        correct = torch.tensor(
+            [
+                self.task.is_correct(p, t.removesuffix(self.tokenizer.eos_token or ""))
+                for p, t in zip(problems, out.texts, strict=True)
+            ]
+        )
+        seq_rewards = (
+            torch.where(correct, cfg.reward_correct, cfg.reward_wrong).float().to(self.device)
+        )
+        input_ids = torch.cat([out.prompt_ids, out.completion_ids], dim=1).to(self.device)
+        attention_mask = torch.cat([out.prompt_mask, out.completion_mask], dim=1).to(self.device)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
+        mask = out.completion_mask.float().to(self.device)
+        rollout = Rollout(
+            input_ids, attention_mask, position_ids, out.prompt_ids.shape[1], mask,
+            out.logprobs.to(self.device), torch.empty(0), None, None, seq_rewards,
+            correct,
+        )  # fmt: skip
+        ref_logits = completion_logits(self.reference, rollout, cfg.temperature)
+        rollout.ref_logp = token_logprobs(ref_logits, out.completion_ids.to(self.device))
+        if cfg.kl_estimator == "exact":
+            rollout.ref_logits = ref_logits
+        if cfg.certainty_exponent is not None:
+            # certainty of the reference at its own (unscaled) logits: undo the sampling temperature
+            rollout.kl_weights = prioritized_kl_weights(
+                ref_logits * cfg.temperature,
+                cfg.certainty_exponent,
+                cfg.certainty_form,
+                cfg.certainty_temperature,
+            )
+        return rollout
+
+    # ------------------------------------------------------------------ loss
+
+    def loss(self, model: nn.Module, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        mask = rollout.mask
+        completion_ids = rollout.input_ids[:, rollout.prompt_len :]
+        need_values = self.value_head is not None
+        if need_values:
+            logits, hidden = completion_logits(model, rollout, cfg.temperature, hidden=True)
+            assert self.value_head is not None
+            values = self.value_head(hidden.float()).squeeze(-1)
+        else:
+            logits = completion_logits(model, rollout, cfg.temperature)
+        logp = token_logprobs(logits, completion_ids)
+
+        if cfg.kl_estimator == "exact":
+            assert rollout.ref_logits is not None
+            per_token_kl = exact_kl(logits, rollout.ref_logits)
+            per_token_kl = torch.where(mask > 0, per_token_kl, torch.zeros_like(per_token_kl))
+            if rollout.kl_weights is not None:
+                per_token_kl = per_token_kl * rollout.kl_weights
+        else:
+            per_token_kl = kl_penalty(
+                logp, rollout.ref_logp, mask, cfg.kl_estimator, rollout.kl_weights
+            )
+
+        token_rewards = terminal_rewards(rollout.seq_rewards, mask)
+        if cfg.kl_placement == "reward":
+            token_rewards = shape_rewards_with_kl(token_rewards, per_token_kl, cfg.kl_coef)
+
+        stats: dict[str, float] = {}
+        if cfg.algorithm == "reinforce":
+            returns = discounted_returns(token_rewards, mask, cfg.gamma)
+            baseline = masked_mean(returns, mask)
+            pg, stats = reinforce_loss(logp, (returns - baseline).detach(), mask)
+        elif cfg.algorithm == "rloo":
+            seq_return = (token_rewards * mask).sum(1)
+            pg, stats = reinforce_loss(logp, rloo_baseline(seq_return, cfg.group_size), mask)
+        else:
+            advantages, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.gae_lambda)
+            if cfg.algorithm == "a2c":
+                pg, stats = reinforce_loss(logp, advantages, mask)
+            else:
+                pg, stats = ppo_clip_loss(logp, rollout.old_logp, advantages, mask, cfg.clip_eps)
+            v_loss, v_stats = value_loss(values, returns, mask)
+            pg = pg + cfg.value_coef * v_loss
+            stats.update(v_stats)
+
+        kl_mean = masked_mean(per_token_kl, mask)
+        loss = pg
+        if cfg.kl_placement == "loss":
+            loss = loss + cfg.kl_coef * kl_mean
+        entropy = entropy_bonus(logits, mask)
+        loss = loss - cfg.entropy_coef * entropy
+
+        with torch.no_grad():
+            sampled_kl = masked_mean(
+                logp - rollout.ref_logp, mask
+            )  # k1: unbiased KL(π‖π_ref) per token
+            stats.update(
+                {
+                    "loss": float(loss.item()),
+                    "reward": float(rollout.seq_rewards.mean()),
+                    "accuracy": float(rollout.correct.float().mean()),
+                    "kl_penalty": float(kl_mean.item()),
+                    "kl_sampled": float(sampled_kl.item()),
+                    "entropy": float(entropy.item()),
+                    "completion_tokens": float(mask.sum(1).mean()),
+                }
+            )
+            if rollout.ref_logits is not None or cfg.kl_estimator == "exact":
+                assert rollout.ref_logits is not None
+                stats["kl_exact"] = float(masked_mean(exact_kl(logits, rollout.ref_logits), mask))
+            if rollout.kl_weights is not None:
+                stats["kl_weight_mean"] = float(masked_mean(rollout.kl_weights, mask))
+                stats["kl_weight_below_half"] = float(
+                    masked_mean((rollout.kl_weights < 0.5).float(), mask)
+                )
+        return loss, stats

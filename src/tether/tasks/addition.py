@@ -1,0 +1,177 @@
+"""Scratchpad addition (Lee et al. 2024), the task of the critical-token paper.
+
+Prompt ``Input:\\n{a}+{b}\\nTarget:``; the target is a scratchpad that peels one digit off
+each operand per line, then the answer as space-separated digits (METHODS.md §3)::
+
+    <scratch>
+    [1,2,3,4] + [5,6,7] , A=[] , C=0 , 4+7+0=11 , A->1 , C->1
+    ...
+    [] + [] , A=[1,8,0,1] C=0 , END
+    </scratch>
+    1 8 0 1
+
+Everything here is plain Python: generators, the checker, and the critical-token locator.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+SCRATCH_OPEN = "<scratch>"
+SCRATCH_CLOSE = "</scratch>"
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    b: int
+
+    @property
+    def prompt(self) -> str:
+        return make_prompt(self.a, self.b)
+
+    @property
+    def target(self) -> str:
+        return make_target(self.a, self.b)
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b
+
+    @property
+    def digits(self) -> tuple[int, int]:
+        return len(str(self.a)), len(str(self.b))
+
+
+def make_prompt(a: int, b: int) -> str:
+    return f"Input:\n{a}+{b}\nTarget:"
+
+
+def _digit_list(digits: list[int]) -> str:
+    return "[" + ",".join(str(d) for d in digits) + "]"
+
+
+def make_target(a: int, b: int) -> str:
+    """The scratchpad and answer for ``a + b`` (non-negative integers), without EOS."""
+    if a < 0 or b < 0:
+        raise ValueError(f"operands must be non-negative, got {a} and {b}")
+    xs = [int(c) for c in str(a)]
+    ys = [int(c) for c in str(b)]
+    acc: list[int] = []  # answer digits so far, most significant first
+    carry = 0
+    lines = []
+    while xs or ys:
+        x = xs[-1] if xs else 0
+        y = ys[-1] if ys else 0
+        total = x + y + carry
+        digit, new_carry = total % 10, total // 10
+        lines.append(
+            f"{_digit_list(xs)} + {_digit_list(ys)} , A={_digit_list(acc)} , C={carry} , "
+            f"{x}+{y}+{carry}={total} , A->{digit} , C->{new_carry}"
+        )
+        xs, ys = xs[:-1], ys[:-1]
+        acc = [digit] + acc
+        carry = new_carry
+    lines.append(f"[] + [] , A={_digit_list(acc)} C={carry} , END")
+    answer = ([carry] if carry else []) + acc
+    body = "\n".join(lines)
+    return f"\n{SCRATCH_OPEN}\n{body}\n{SCRATCH_CLOSE}\n" + " ".join(str(d) for d in answer)
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+_ANSWER_RE = re.compile(r"^\s*([0-9](?: [0-9])*)\s*$")
+MAX_ANSWER_DIGITS = 1000  # far beyond any task length; keeps int() within Python's limit
+
+
+def parse_answer(completion: object) -> int | None:
+    """The integer on the line after ``</scratch>``, or None. Never raises."""
+    if not isinstance(completion, str):
+        return None
+    idx = completion.find(SCRATCH_CLOSE)
+    if idx < 0:
+        return None
+    rest = completion[idx + len(SCRATCH_CLOSE) :].lstrip("\n")
+    line = rest.split("\n", 1)[0]
+    if len(line) > 2 * MAX_ANSWER_DIGITS:
+        return None
+    m = _ANSWER_RE.match(line)
+    if m is None:
+        return None
+    return int(m.group(1).replace(" ", ""))
+
+
+def is_correct(problem: Problem, completion: object) -> bool:
+    """Exact match of the answer line; never raises on arbitrary output."""
+    return parse_answer(completion) == problem.answer
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def random_operand(rng: random.Random, n_digits: int) -> int:
+    """Uniform integer with exactly ``n_digits`` digits (0..9 for one digit)."""
+    if n_digits < 1:
+        raise ValueError(f"n_digits must be >= 1, got {n_digits}")
+    if n_digits == 1:
+        return rng.randint(0, 9)
+    return rng.randint(10 ** (n_digits - 1), 10**n_digits - 1)
+
+
+def pretrain_problem(rng: random.Random, max_digits: int) -> Problem:
+    """Pre-training distribution: each operand's length uniform over 1..N."""
+    la, lb = rng.randint(1, max_digits), rng.randint(1, max_digits)
+    return Problem(random_operand(rng, la), random_operand(rng, lb))
+
+
+def rl_problem(rng: random.Random, max_digits: int) -> Problem:
+    """RL distribution on N+1 digits: one operand has N+1 digits; the other has 1..N digits
+    or N+1 digits, half each; the long operand's side is random."""
+    long_len = max_digits + 1
+    other_len = long_len if rng.random() < 0.5 else rng.randint(1, max_digits)
+    long_op, other = random_operand(rng, long_len), random_operand(rng, other_len)
+    return Problem(long_op, other) if rng.random() < 0.5 else Problem(other, long_op)
+
+
+def equal_length_problem(rng: random.Random, digits: int) -> Problem:
+    """Both operands have ``digits`` digits (the paper's Table 4)."""
+    return Problem(random_operand(rng, digits), random_operand(rng, digits))
+
+
+def varying_length_problem(rng: random.Random, digits: int) -> Problem:
+    """One operand has ``digits`` digits, the other 1..digits, random side (Table 5)."""
+    long_op, other = random_operand(rng, digits), random_operand(rng, rng.randint(1, digits))
+    return Problem(long_op, other) if rng.random() < 0.5 else Problem(other, long_op)
+
+
+# ----------------------------------------------------------------------------- critical tokens
+
+
+def critical_positions(problem: Problem, max_digits: int, lines: int = 3) -> list[int]:
+    """Character offsets in ``problem.target`` of the critical tokens.
+
+    On each of the first ``lines`` decomposition lines, for every operand list longer than
+    ``max_digits`` (N) digits, the comma that follows the N-th digit (the comma-vs-``]``
+    decision the pre-trained model has never had to make) and the digit after it. Returned
+    sorted; empty when no operand exceeds N digits.
+    """
+    target = problem.target
+    positions: list[int] = []
+    line_start = target.index(SCRATCH_OPEN) + len(SCRATCH_OPEN) + 1
+    for _ in range(lines):
+        line_end = target.find("\n", line_start)
+        line = target[line_start:line_end]
+        if line.startswith("[] + []"):
+            break
+        # the two operand lists are the first two bracketed groups of the line
+        for m in list(re.finditer(r"\[([0-9,]*)\]", line))[:2]:
+            inner_start = m.start(1)
+            digit_offsets = [i for i, ch in enumerate(m.group(1)) if ch.isdigit()]
+            for k in range(max_digits, len(digit_offsets)):
+                comma = inner_start + digit_offsets[k - 1] + 1
+                positions += [line_start + comma, line_start + inner_start + digit_offsets[k]]
+        line_start = line_end + 1
+    return sorted(positions)

@@ -1,0 +1,68 @@
+"""Recipe validation: every bad key, type or range gives one line naming the key."""
+
+import pytest
+
+from tether.config import RecipeError, dump_recipe, load_recipe
+
+
+def _err(tmp_path, text=None, overrides=()):
+    path = None
+    if text is not None:
+        path = tmp_path / "r.yaml"
+        path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, list(overrides))
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    r = load_recipe(None)
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(r))
+    assert load_recipe(path) == r
+
+
+def test_overrides_are_typed():
+    r = load_recipe(
+        None, ["train.steps=7", "optim.lr=3e-4", "eval.digits=[1, 2]", "model.init=foo"]
+    )
+    assert r.train.steps == 7 and r.optim.lr == 3e-4 and r.eval.digits == [1, 2]
+    assert r.model.init == "foo"
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    msg = _err(tmp_path, "train:\n  stepz: 3\n")
+    assert "train.stepz: unknown key" in msg and "steps" in msg and "r.yaml" in msg
+
+
+def test_unknown_top_level_key(tmp_path):
+    assert "bogus: unknown key" in _err(tmp_path, "bogus: 1\n")
+
+
+def test_wrong_type(tmp_path):
+    msg = _err(tmp_path, overrides=["train.batch_size=many"])
+    assert "train.batch_size" in msg and "integer" in msg
+
+
+def test_out_of_range(tmp_path):
+    msg = _err(tmp_path, overrides=["optim.lr=-1"])
+    assert "optim.lr" in msg and "greater than 0" in msg
+    assert "eval.digits" in _err(tmp_path, overrides=["eval.digits=[0, 30]"])
+
+
+def test_cross_field_rule(tmp_path):
+    assert "n_head" in _err(tmp_path, overrides=["model.n_embd=100", "model.n_head=3"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    assert "not valid YAML" in _err(tmp_path, "train: [1, 2\n")
+    assert "must be a mapping" in _err(tmp_path, "- 1\n- 2\n")
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_bad_override_syntax(tmp_path):
+    assert "KEY=VALUE" in _err(tmp_path, overrides=["train.steps"])
+    assert "not a section" in _err(tmp_path, overrides=["seed=1", "seed.x=2"])

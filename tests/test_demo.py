@@ -1,0 +1,40 @@
+"""`tether demo`: its help, and a very small run of both arms end to end."""
+
+import json
+
+from typer.testing import CliRunner
+
+from tether.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_help():
+    result = runner.invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0
+    assert "--full" in result.output and "--seeds" in result.output
+
+
+def test_very_small_demo_writes_the_comparison(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--seeds", "1", "--steps", "1", "--quiet"]
+    for override in ["rl.prompts_per_step=2", "rl.max_new_tokens=24", "eval.n=2", "train.eval_every=1"]:
+        args += ["--set", override]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "report" / "comparison.png").is_file()
+    table = (out / "report" / "comparison.md").read_text()
+    assert "standard KL" in table and "prioritised KL" in table
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert set(summary) == {"standard KL", "prioritised KL (β_c=150)"}
+    # the prioritised arm logs its token weights, the standard arm has none
+    assert "kl_weight_mean" in summary["prioritised KL (β_c=150)"]
+    assert "kl_weight_mean" not in summary["standard KL"]
+    rows = [json.loads(line) for line in (out / "standard-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and "eval/acc_rl" in rows[0]  # the starting model at step 0
+
+
+def test_demo_refuses_a_non_empty_output_folder(tmp_path):
+    (tmp_path / "x").write_text("")
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "already exists" in result.output

@@ -1,0 +1,98 @@
+"""Tests for tether.report: plots and the summary table from run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tether.report import flatten, make_report, read_metrics, read_summary
+
+
+def _write_run(root: Path, name: str, loss0: float, with_eval: bool = True) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    lines = []
+    for step in range(1, 6):
+        lines.append({"step": step, "loss": loss0 / step, "lr": 1e-3, "grad_norm": 0.5 + step})
+        if with_eval and step % 2 == 0:
+            lines.append(
+                {"step": step, "eval/acc_identical_3": 0.1 * step, "eval/acc_varying_4": 0.05}
+            )
+    lines.append({"step": 6, "note": "text is skipped", "done": True})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    summary = {
+        "final_loss": loss0 / 5,
+        "tokens_per_s": 123456.789,
+        "eval": {"identical": {"3": 0.987654}},
+        "model": "llama",
+        "finished": True,
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_report_on_two_runs(tmp_path):
+    runs = [_write_run(tmp_path, "run-a", 2.0), _write_run(tmp_path, "run-b", 3.0)]
+    report = make_report(runs, tmp_path / "out" / "nested")
+    assert report == tmp_path / "out" / "nested" / "report.md"
+    text = report.read_text()
+    assert "run-a" in text and "run-b" in text
+    for png in ("training.png", "eval.png"):
+        path = report.parent / png
+        assert path.is_file() and path.stat().st_size > 1000
+        assert f"]({png})" in text  # embedded by relative link
+    # table: numeric summary keys only, flattened, 4 significant digits
+    header = next(line for line in text.splitlines() if line.startswith("| run |"))
+    assert header == "| run | final_loss | tokens_per_s | eval/identical/3 |"
+    assert "| run-a | 0.4 | 1.235e+05 | 0.9877 |" in text
+    assert "| run-b | 0.6 | 1.235e+05 | 0.9877 |" in text
+
+
+def test_report_without_eval_keys_and_missing_summary(tmp_path):
+    run = _write_run(tmp_path, "mle", 1.0, with_eval=False)
+    (run / "summary.json").unlink()
+    other = _write_run(tmp_path, "rl", 1.0)
+    report = make_report([run, other], tmp_path / "out")
+    text = report.read_text()
+    assert (tmp_path / "out" / "training.png").is_file()
+    assert (tmp_path / "out" / "eval.png").is_file()  # from the second run
+    assert "| mle | – | – | – |" in text
+
+    report = make_report([run], tmp_path / "out2")
+    assert not (tmp_path / "out2" / "eval.png").exists()
+    assert "eval.png" not in report.read_text()
+
+
+def test_report_errors_name_the_file(tmp_path):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty-run.*metrics.jsonl"):
+        make_report([empty], tmp_path / "out")
+
+    bad = _write_run(tmp_path, "bad-run", 1.0)
+    lines = (bad / "metrics.jsonl").read_text().splitlines()
+    lines[2] = '{"step": 3, "loss": '
+    (bad / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"bad-run/metrics\.jsonl, line 3: not valid JSON"):
+        make_report([bad], tmp_path / "out")
+
+    (bad / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: expected a JSON object"):
+        read_metrics(bad / "metrics.jsonl")
+
+    (bad / "metrics.jsonl").write_text('{"step": 1}\n')
+    (bad / "summary.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"bad-run/summary\.json: not valid JSON"):
+        make_report([bad], tmp_path / "out")
+
+    with pytest.raises(ValueError, match="not a run directory"):
+        make_report([tmp_path / "nowhere"], tmp_path / "out")
+
+
+def test_flatten_and_read_summary(tmp_path):
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a/b": 1, "a/c/d": 2, "e": 3}
+    (tmp_path / "summary.json").write_text(json.dumps({"x": 1, "y": {"z": 2.5}, "s": "no"}))
+    assert read_summary(tmp_path / "summary.json") == {"x": 1, "y/z": 2.5}
+    assert read_summary(tmp_path / "absent.json") == {}

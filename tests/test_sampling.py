@@ -1,0 +1,298 @@
+"""Tests for tether.sampling: the fast GPT-2/Llama decode loops and the generic HF path
+against ``model.generate`` and against one full forward pass of the HF model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tether.models import build_model, char_tokenizer
+from tether.sampling import SampleOutput, _retire, _StopChecker, sample
+
+ARCHS = ["gpt2", "llama"]
+N_NEW = 40
+# different lengths, so the batch is left-padded
+PROMPTS = [
+    "Input:\n12+3\nTarget:",
+    "Hi",
+    "Input:\n1234+56789\nTarget:",
+    "abc xyz",
+    "Input:\n9+9\nTarget:",
+]
+# A bias on the EOS logit that makes these seeded models end rows at mixed steps (1 to N_NEW
+# and some never), which exercises retiring finished rows mid-batch. Asserted below.
+EOS_BIAS = {"gpt2": 1.0, "llama": 1.5}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def tiny(tok, arch: str, eos_bias: float | None = None):
+    torch.manual_seed(0)
+    model = build_model(tok, arch=arch, n_layer=2, n_head=2, n_embd=32).eval()
+    with torch.no_grad():
+        # default init (std 0.02) gives near-uniform logits and one repeated character;
+        # larger weights give varied greedy text, a better test of positions and caching
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(10)
+    if eos_bias is not None:
+        head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+        head.weight = model.lm_head.weight  # still tied to the embedding
+        with torch.no_grad():
+            head.bias.zero_()
+            head.bias[tok.eos_token_id] = eos_bias
+        model.lm_head = head
+    return model
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request, tok):
+    return tiny(tok, request.param)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def eos_model(request, tok):
+    return tiny(tok, request.param, EOS_BIAS[request.param])
+
+
+def rows(out: SampleOutput) -> list[list[int]]:
+    return [
+        ids[: int(n)]
+        for ids, n in zip(out.completion_ids.tolist(), out.completion_mask.sum(1), strict=True)
+    ]
+
+
+def hf_greedy(model, tok, prompts, n_new) -> list[list[int]]:
+    """``generate``'s greedy completions, each cut after its first EOS."""
+    tok.padding_side = "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = "right"
+    out = model.generate(
+        **enc, do_sample=False, max_new_tokens=n_new, pad_token_id=tok.pad_token_id
+    )
+    result = []
+    for row in out[:, enc["input_ids"].shape[1] :].tolist():
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id) + 1]
+        result.append(row)
+    return result
+
+
+def reference_logprobs(model, tok, prompts, out: SampleOutput, temperature: float):
+    """Per row: log_softmax(logits / T) of one unpadded forward over prompt + completion,
+    at the completion tokens."""
+    result = []
+    for prompt, completion in zip(prompts, rows(out), strict=True):
+        ids = tok(prompt)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + completion])).logits[0].float()
+        steps = logits[len(ids) - 1 : len(ids) - 1 + len(completion)]
+        logp = torch.log_softmax(steps / (temperature or 1.0), -1)
+        result.append(logp.gather(1, torch.tensor(completion)[:, None])[:, 0])
+    return result
+
+
+def test_greedy_matches_generate(model, tok):
+    out = sample(model, tok, PROMPTS, max_new_tokens=N_NEW)
+    got = rows(out)
+    assert got == hf_greedy(model, tok, PROMPTS, N_NEW)
+    assert len({tuple(r) for r in got}) == len(PROMPTS)  # varied text, not one character
+    # rows without EOS (most of them, for these models) are cut by max_new_tokens
+    ended = [r[-1] == tok.eos_token_id for r in got]
+    assert out.finished == ended and not all(ended)
+    assert all(len(r) == N_NEW for r, e in zip(got, ended, strict=True) if not e)
+    assert out.texts == tok.batch_decode(got, skip_special_tokens=True)
+
+
+def test_greedy_with_eos_matches_generate(eos_model, tok):
+    out = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
+    got = rows(out)
+    lengths = [len(r) for r in got]
+    assert min(lengths) < N_NEW and len(set(lengths)) >= 3  # rows retire at different steps
+    assert got == hf_greedy(eos_model, tok, PROMPTS, N_NEW)
+    for r, done in zip(got, out.finished, strict=True):
+        assert done == (r[-1] == tok.eos_token_id)  # EOS kept in the completion
+        assert tok.eos_token_id not in r[:-1]
+    pad = out.completion_mask == 0
+    assert bool((out.completion_ids[pad] == tok.pad_token_id).all())
+    assert bool((out.logprobs[pad] == 0).all())
+    assert all("<eos>" not in t for t in out.texts)  # special tokens skipped
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_logprobs_match_full_forward(eos_model, tok, temperature):
+    gen = torch.Generator().manual_seed(1)
+    out = sample(
+        eos_model, tok, PROMPTS, max_new_tokens=N_NEW, temperature=temperature, generator=gen
+    )
+    assert out.logprobs.dtype == torch.float32
+    refs = reference_logprobs(eos_model, tok, PROMPTS, out, temperature)
+    for i, ref in enumerate(refs):
+        got = out.logprobs[i, : len(ref)]
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    if temperature == 0.7:
+        # and the scaling matters: at T = 1 these would be different numbers
+        plain = reference_logprobs(eos_model, tok, PROMPTS, out, 1.0)
+        assert not torch.allclose(torch.cat(refs), torch.cat(plain), atol=1e-3)
+
+
+def test_seeded_sampling_is_reproducible(model, tok):
+    def draw(seed: int) -> SampleOutput:
+        gen = torch.Generator().manual_seed(seed)
+        return sample(model, tok, PROMPTS, max_new_tokens=N_NEW, temperature=1.0, generator=gen)
+
+    a, b, c = draw(7), draw(7), draw(8)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    assert torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_stop_string_cuts_text_and_finishes(model, tok):
+    full = sample(model, tok, PROMPTS, max_new_tokens=N_NEW)
+    stop = full.texts[0][5:7]  # a string row 0 is known to produce
+    out = sample(model, tok, PROMPTS, max_new_tokens=N_NEW, stop=[stop])
+    assert out.finished[0]
+    for i, text in enumerate(full.texts):
+        at = text.find(stop)
+        if at < 0:
+            assert out.texts[i] == text and out.finished[i] == full.finished[i]
+            assert rows(out)[i] == rows(full)[i]
+        else:
+            end = at + len(stop)
+            assert out.texts[i] == text[:end] and out.finished[i]
+            # one token per character: the row stops right after the stop string's last token
+            assert rows(out)[i] == rows(full)[i][:end]
+
+
+def test_several_stop_strings_cut_at_the_first(model, tok):
+    full = sample(model, tok, PROMPTS[:1], max_new_tokens=N_NEW)
+    text = full.texts[0]
+    early, late = text[8:10], text[3:5]
+    assert text.find(early) > text.find(late)
+    out = sample(model, tok, PROMPTS[:1], max_new_tokens=N_NEW, stop=[early, late])
+    assert out.texts[0] == text[: text.find(late) + len(late)]
+
+
+def test_max_new_tokens_truncates(eos_model, tok):
+    out = sample(eos_model, tok, PROMPTS, max_new_tokens=3)
+    lengths = out.completion_mask.sum(1).tolist()
+    assert out.completion_ids.shape[1] == 3
+    for n, done, r in zip(lengths, out.finished, rows(out), strict=True):
+        assert done == (r[-1] == tok.eos_token_id)
+        assert n == 3 or done
+    assert not all(out.finished)
+
+
+def test_ignore_eos_runs_every_row_to_the_end(eos_model, tok):
+    out = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
+    assert bool(out.completion_mask.all()) and out.finished == [False] * len(PROMPTS)
+
+
+def test_batch_size_chunks_give_the_same_result(eos_model, tok):
+    whole = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
+    chunked = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=2)
+    assert rows(chunked) == rows(whole)
+    assert chunked.texts == whole.texts and chunked.finished == whole.finished
+    assert torch.equal(chunked.prompt_ids, whole.prompt_ids)
+    assert torch.equal(chunked.completion_ids, whole.completion_ids)
+    torch.testing.assert_close(chunked.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+
+
+def test_generic_path_matches_fast_path(eos_model, tok):
+    fast = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
+    slow = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW, fast=False)
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    assert fast.texts == slow.texts and fast.finished == slow.finished
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
+
+
+def test_llama_grouped_query_attention(tok):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # nonzero biases and varied text
+    fast = sample(model, tok, PROMPTS, max_new_tokens=20)
+    slow = sample(model, tok, PROMPTS, max_new_tokens=20, fast=False)
+    assert rows(fast) == rows(slow) == hf_greedy(model, tok, PROMPTS, 20)
+    for i, ref in enumerate(reference_logprobs(model, tok, PROMPTS, fast, 1.0)):
+        torch.testing.assert_close(fast.logprobs[i, : len(ref)], ref, atol=1e-4, rtol=0)
+
+
+def test_output_layout(model, tok):
+    out = sample(model, tok, PROMPTS, max_new_tokens=5)
+    lengths = [len(tok(p)["input_ids"]) for p in PROMPTS]
+    P = max(lengths)
+    assert out.prompt_ids.shape == out.prompt_mask.shape == (len(PROMPTS), P)
+    for i, n in enumerate(lengths):
+        assert out.prompt_mask[i].tolist() == [0] * (P - n) + [1] * n  # left-padded
+        assert out.prompt_ids[i, P - n :].tolist() == tok(PROMPTS[i])["input_ids"]
+        assert set(out.prompt_ids[i, : P - n].tolist()) <= {tok.pad_token_id}
+    # ordinary tensors, usable in a training forward/backward afterwards
+    for t in (out.prompt_ids, out.completion_ids, out.completion_mask, out.logprobs):
+        assert not t.is_inference()
+
+
+def test_edge_cases(model, tok):
+    empty = sample(model, tok, [], max_new_tokens=5)
+    assert empty.completion_ids.shape == (0, 0) and empty.texts == []
+    zero = sample(model, tok, PROMPTS[:2], max_new_tokens=0)
+    assert zero.completion_ids.shape == (2, 0) and zero.texts == ["", ""]
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="eval"):
+            sample(model, tok, PROMPTS, max_new_tokens=5)
+    finally:
+        model.eval()
+    with pytest.raises(ValueError, match="no tokens"):
+        sample(model, tok, ["", "x"], max_new_tokens=5)
+
+
+def test_gpt2_position_limit(tok):
+    model = build_model(tok, arch="gpt2", n_layer=1, n_head=2, n_embd=16, max_positions=32).eval()
+    with pytest.raises(ValueError, match="positions"):
+        sample(model, tok, ["0123456789"], max_new_tokens=30)
+    out = sample(model, tok, ["0123456789"], max_new_tokens=23)  # exactly fits
+    assert out.completion_mask.sum() <= 23
+
+
+def test_stop_checker_filter(tok):
+    checker = _StopChecker(tok, ["ab"])
+    assert checker.may_end is not None
+    ids = tok("xxab")["input_ids"]
+    assert checker.hit(ids) and not checker.hit(ids[:-1])
+    # only tokens whose text holds a 'b' can complete "ab"
+    assert checker.may_end[tok.convert_tokens_to_ids("b")]
+    assert not checker.may_end[tok.convert_tokens_to_ids("a")]
+    # a stop string ending in whitespace checks every token
+    assert _StopChecker(tok, ["a "]).may_end is None
+
+
+def test_retire_moves_only_survivors_into_holes():
+    # rows 1 and 3 of 6 finish: survivors 4 and 5 fill the holes, 0 and 2 stay put
+    order, moves = _retire(6, {1, 3})
+    assert order == [0, 4, 2, 5] and moves == [(4, 1), (5, 3)]
+    # finished rows at the end leave nothing to move
+    assert _retire(5, {3, 4}) == ([0, 1, 2], [])
+    assert _retire(3, {0, 1, 2}) == ([], [])
+    order, moves = _retire(4, {0, 3})
+    assert order == [2, 1] and moves == [(2, 0)]
