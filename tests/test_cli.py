@@ -154,9 +154,13 @@ def test_checkpoint_without_config_is_refused(tmp_path):
 def test_tensorboard_tracker_logs_through_accelerate(tmp_path):
     pytest.importorskip("tensorboard")
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 2, "eval_every": 2}}))
+    recipe.write_text(
+        yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 2, "eval_every": 2}})
+    )
     out = tmp_path / "run"
-    code, output = _invoke("train", recipe, "--out", out, "--quiet", "--set", "tracking.trackers=[tensorboard]")
+    code, output = _invoke(
+        "train", recipe, "--out", out, "--quiet", "--set", "tracking.trackers=[tensorboard]"
+    )
     assert code == 0, output
     events = list(out.rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"

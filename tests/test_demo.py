@@ -18,7 +18,12 @@ def test_demo_help():
 def test_very_small_demo_writes_the_comparison(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--seeds", "1", "--steps", "1", "--quiet"]
-    for override in ["rl.prompts_per_step=2", "rl.max_new_tokens=24", "eval.n=2", "train.eval_every=1"]:
+    for override in [
+        "rl.prompts_per_step=2",
+        "rl.max_new_tokens=24",
+        "eval.n=2",
+        "train.eval_every=1",
+    ]:
         args += ["--set", override]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -30,7 +35,10 @@ def test_very_small_demo_writes_the_comparison(tmp_path):
     # the prioritised arm logs its token weights, the standard arm has none
     assert "kl_weight_mean" in summary["prioritised KL (β_c=150)"]
     assert "kl_weight_mean" not in summary["standard KL"]
-    rows = [json.loads(line) for line in (out / "standard-seed0" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (out / "standard-seed0" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows[0]["step"] == 0 and "eval/acc_rl" in rows[0]  # the starting model at step 0
 
 

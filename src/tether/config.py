@@ -26,7 +26,10 @@ class TaskConfig(Strict):
     name: Literal["addition", "first-digit"] = "addition"
     max_digits: int = Field(3, ge=1, le=18, description="N: pre-training covers 1..N digits")
     long_fraction: float = Field(
-        0.0, ge=0.0, le=1.0, description="share of pre-training problems drawn from the N+1 RL distribution"
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of pre-training problems drawn from the N+1 RL distribution",
     )
 
 

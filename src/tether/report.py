@@ -228,14 +228,20 @@ def make_group_report(
     rows = math.ceil(len(present) / cols) if present else 1
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     for ax, key in zip(axes.flat, present, strict=False):
-        for arm in curves:
+        for i, arm in enumerate(curves):  # a fixed colour per arm, even where an arm has no data
             points = sorted(curves[arm][key].items())
             if not points:
                 continue
             xs = [s for s, _ in points]
             stats_ = [_mean_ci(v) for _, v in points]
-            ax.plot(xs, [m for m, _, _ in stats_], marker="o", ms=3, label=arm)
-            ax.fill_between(xs, [lo for _, lo, _ in stats_], [hi for _, _, hi in stats_], alpha=0.2)
+            ax.plot(xs, [m for m, _, _ in stats_], marker="o", ms=3, label=arm, color=f"C{i}")
+            ax.fill_between(
+                xs,
+                [lo for _, lo, _ in stats_],
+                [hi for _, _, hi in stats_],
+                alpha=0.2,
+                color=f"C{i}",
+            )
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
