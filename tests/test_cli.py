@@ -29,6 +29,13 @@ def _invoke(*args):
     return result.exit_code, result.output
 
 
+def _invoke_json(*args):
+    """Exit code and the JSON document on stdout (stderr may carry progress output)."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
@@ -57,9 +64,7 @@ def test_train_writes_a_complete_run_directory(trained_run):
 
 
 def test_eval_json(trained_run):
-    code, output = _invoke("eval", trained_run, "--digits", "1-2", "--n", "4", "--json")
-    assert code == 0, output
-    doc = json.loads(output)
+    doc = _invoke_json("eval", trained_run, "--digits", "1-2", "--n", "4", "--json")
     assert set(doc["accuracy"]["identical"]) == {"1", "2"}
     cell = doc["accuracy"]["varying"]["2"]
     assert 0.0 <= cell["ci_low"] <= cell["accuracy"] <= cell["ci_high"] <= 1.0
@@ -82,11 +87,9 @@ def test_eval_table_and_certainty(trained_run):
 
 
 def test_sample(trained_run):
-    code, output = _invoke(
+    rows = _invoke_json(
         "sample", trained_run, "--digits", "2", "--count", "2", "--max-new-tokens", "8", "--json"
     )
-    assert code == 0, output
-    rows = json.loads(output)
     assert len(rows) == 2 and all("correct" in r and "logprob" in r for r in rows)
 
 
@@ -98,9 +101,7 @@ def test_report(trained_run, tmp_path):
 
 
 def test_models_lists_json():
-    code, output = _invoke("models", "--json")
-    assert code == 0
-    assert isinstance(json.loads(output), dict)
+    assert "addition-n3" in _invoke_json("models", "--json")
 
 
 @pytest.mark.parametrize(

@@ -296,6 +296,9 @@ def models(json_: Annotated[bool, typer.Option("--json", help="print JSON")] = F
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars around every command
     app()
 
 

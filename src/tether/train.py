@@ -84,6 +84,14 @@ class MetricsLog:
             self.accelerator.log(values, step=step)
 
 
+def tracker_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as flat scalars (``optim/lr``...): what TensorBoard's hparams accept."""
+    from tether.report import flatten
+
+    flat = flatten(recipe.model_dump(mode="json"))
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
 def evaluate_during_training(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe
 ) -> dict[str, float]:
@@ -195,7 +203,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
 
     accelerator = Accelerator(log_with=recipe.tracking.trackers or None, project_dir=str(out))
     if recipe.tracking.trackers:
-        accelerator.init_trackers(recipe.name, config=recipe.model_dump(mode="json"))
+        accelerator.init_trackers(recipe.name, config=tracker_config(recipe))
     model, tokenizer = build_policy(recipe)
     model.to(accelerator.device)
     stage = make_stage(recipe, tokenizer, model, accelerator.device)
