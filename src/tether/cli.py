@@ -7,7 +7,6 @@ Every command turns a bad input (recipe, checkpoint, run directory, argument) in
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from functools import wraps
@@ -303,4 +302,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

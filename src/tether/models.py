@@ -69,7 +69,7 @@ def build_model(
         bos_token_id=tokenizer.bos_token_id,
     )
     if arch == "gpt2":
-        config = GPT2Config(
+        gpt2 = GPT2Config(
             n_layer=n_layer,
             n_head=n_head,
             n_embd=n_embd,
@@ -79,9 +79,9 @@ def build_model(
             attn_pdrop=dropout,
             **common,
         )
-        return GPT2LMHeadModel(config)
+        return GPT2LMHeadModel(gpt2)
     if arch == "llama":
-        config = LlamaConfig(
+        llama = LlamaConfig(
             num_hidden_layers=n_layer,
             num_attention_heads=n_head,
             num_key_value_heads=n_head,
@@ -92,7 +92,7 @@ def build_model(
             tie_word_embeddings=True,
             **common,
         )
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(llama)
     raise ValueError(f"unknown arch {arch!r}: choose 'gpt2' or 'llama'")
 
 
@@ -144,11 +144,12 @@ def load_model_and_tokenizer(
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"checkpoint {str(path)!r}: could not load ({first})") from err
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+    embedding_rows = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[index]
+    if embedding_rows < len(tokenizer):
         raise ModelLoadError(
             f"checkpoint {str(path)!r}: tokenizer has {len(tokenizer)} tokens but the model's "
-            f"embedding has {model.get_input_embeddings().num_embeddings}"
+            f"embedding has {embedding_rows}"
         )
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
-    return model, tokenizer
+    return model, tokenizer  # type: ignore[return-value]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,7 @@ def _mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def make_group_report(
-    groups: dict[str, Sequence[Path]], out: Path, keys: Sequence[str], title: str = "Comparison"
+    groups: Mapping[str, Sequence[Path]], out: Path, keys: Sequence[str], title: str = "Comparison"
 ) -> Path:
     """Runs grouped by arm (e.g. standard vs prioritised KL), several seeds each: every key in
     ``keys`` plotted over steps as the mean across seeds with a 95% band, and a markdown table of

@@ -665,7 +665,7 @@ class _GPT2Runner(_FastRunner):
             a = a.transpose(1, 2).reshape(n * S, C)
             x = torch.addmm(bo, a, wo).add_(x)
             h = F.layer_norm(x, (C,), w2, b2, eps)
-            x = torch.addmm(bpr, self.act(torch.addmm(bfc, h, wfc)), wpr).add_(x)
+            x = torch.addmm(bpr, self.act(torch.addmm(bfc, h, wfc)), wpr).add_(x)  # type: ignore[operator]
         last = x.view(n, S, C)[:, -1]
         return F.linear(F.layer_norm(last, (C,), *self.ln_f, eps), *self.head)
 
