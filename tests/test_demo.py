@@ -46,3 +46,20 @@ def test_demo_refuses_a_non_empty_output_folder(tmp_path):
     (tmp_path / "x").write_text("")
     result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_sweep_runs_one_arm_per_certainty_exponent(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["demo", "--sweep", "--out", str(out), "--seeds", "1", "--steps", "1", "--quiet"]
+    for override in [
+        "rl.prompts_per_step=1",
+        "rl.max_new_tokens=8",
+        "eval.n=1",
+        "train.eval_every=1",
+    ]:
+        args += ["--set", override]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert len(summary) == 1 + 6
+    assert "prioritised KL (β_c=10000)" in summary and "standard KL" in summary

@@ -253,8 +253,11 @@ def demo(
     certainty_exponent: Annotated[
         float, typer.Option(min=0.0, help="β_c of the prioritised KL")
     ] = 150.0,
+    sweep: Annotated[
+        bool, typer.Option(help="one prioritised arm per β_c in 10, 50, 150, 500, 1000, 10000")
+    ] = False,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a recipe key in both arms")
+        list[str] | None, typer.Option("--set", help="override a recipe key in every arm")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
@@ -270,6 +273,7 @@ def demo(
         seeds=seeds,
         steps=steps,
         certainty_exponent=certainty_exponent,
+        sweep=sweep,
         overrides=set_ or [],
         progress=not quiet,
         echo=typer.echo,

@@ -26,6 +26,9 @@ REPORT_KEYS = (
     "kl_weight_mean",
 )
 
+# the paper's sweep of the certainty exponent β_c: gains from 10 to 500, collapse at 10000
+SWEEP_EXPONENTS = (10.0, 50.0, 150.0, 500.0, 1000.0, 10000.0)
+
 SMALL = {"seeds": 3, "steps": 12, "eval_every": 4, "prompts_per_step": 32, "eval_n": 64}
 FULL = {"seeds": 10, "steps": 80, "eval_every": 10, "prompts_per_step": 50, "eval_n": 200}
 
@@ -36,26 +39,28 @@ def run_demo(
     seeds: int | None = None,
     steps: int | None = None,
     certainty_exponent: float = 150.0,
+    sweep: bool = False,
     overrides: list[str] | None = None,
     progress: bool = True,
     echo: Any = print,
 ) -> Path:
-    """Run both arms over the seeds into ``out``; returns the report's markdown path.
-    ``overrides`` (``a.b=value``) apply to both arms."""
+    """Run the standard arm and the prioritised arm (or, with ``sweep``, one arm per β_c in
+    :data:`SWEEP_EXPONENTS`) over the seeds into ``out``; returns the report's markdown path.
+    ``overrides`` (``a.b=value``) apply to every arm."""
     setting = dict(FULL if full else SMALL)
     setting["seeds"] = seeds or setting["seeds"]
     setting["steps"] = steps or setting["steps"]
-    arms = {
-        "standard KL": [],
-        f"prioritised KL (β_c={certainty_exponent:g})": [
-            f"rl.certainty_exponent={certainty_exponent}"
-        ],
-    }
+    exponents = SWEEP_EXPONENTS if sweep else (certainty_exponent,)
+    arms: dict[str, list[str]] = {"standard KL": []}
+    for b in exponents:
+        arms[f"prioritised KL (β_c={b:g})"] = [f"rl.certainty_exponent={b}"]
     groups: dict[str, list[Path]] = {arm: [] for arm in arms}
     t0 = time.perf_counter()
     for seed in range(setting["seeds"]):
         for arm, extra in arms.items():
-            name = ("prioritized" if extra else "standard") + f"-seed{seed}"
+            name = (
+                f"prioritized-{extra[0].split('=')[1]}" if extra else "standard"
+            ) + f"-seed{seed}"
             recipe = load_recipe(
                 "critical-tokens",
                 [
@@ -72,7 +77,10 @@ def run_demo(
             train(recipe, out / name, progress=progress)
             groups[arm].append(out / name)
     report = make_group_report(
-        groups, out / "report", REPORT_KEYS, title="Critical tokens: standard vs prioritised KL"
+        groups,
+        out / "report",
+        REPORT_KEYS,
+        title="Critical tokens: standard vs prioritised KL" + (" (β_c sweep)" if sweep else ""),
     )
     summary = _final_summary(groups)
     (out / "report" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

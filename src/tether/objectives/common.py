@@ -15,12 +15,16 @@ CERTAINTY_FORMS: tuple[CertaintyForm, ...] = ("entropy", "max_prob")
 DEFAULT_CERTAINTY_TEMPERATURE: dict[str, float] = {"entropy": 1.0, "max_prob": 4.0}
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """fp32 for half-precision inputs; fp32 and fp64 pass through (fp64 for gradient checks)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """log π(a|s) = ℓ(s,a)/T − logsumexp ℓ(s,·)/T, in fp32 or better. logits [..., V], tokens [...]."""
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()  # bf16/fp16 logits: log-softmax in fp32
+    logits = at_least_fp32(logits)  # bf16/fp16 logits: log-softmax in fp32
     scaled = logits / temperature if temperature != 1.0 else logits
     picked = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scaled, dim=-1)

@@ -16,14 +16,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from tether.objectives.common import CertaintyForm, certainty
+from tether.objectives.common import CertaintyForm, at_least_fp32, certainty
 
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS: tuple[KLEstimator, ...] = ("k1", "k2", "k3")
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: KLEstimator) -> Tensor:
@@ -37,7 +33,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: KLEstimator) -> Tensor:
 
     Elementwise; returns the broadcast shape of the inputs. METHODS.md §1.
     """
-    log_ratio = _at_least_fp32(logp) - _at_least_fp32(ref_logp)
+    log_ratio = at_least_fp32(logp) - at_least_fp32(ref_logp)
     if kind == "k1":
         return log_ratio
     if kind == "k2":
@@ -57,8 +53,8 @@ def exact_kl(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Te
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
-    log_q = torch.log_softmax(_at_least_fp32(ref_logits) / temperature, dim=-1)
+    log_p = torch.log_softmax(at_least_fp32(logits) / temperature, dim=-1)
+    log_q = torch.log_softmax(at_least_fp32(ref_logits) / temperature, dim=-1)
     p = log_p.exp()
     # 0·log 0 = 0: zero the log-ratio where π(a) = 0 so neither the value nor its gradient is NaN
     log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))

@@ -15,11 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tether.objectives.common import at_least_fp32
 from tether.objectives.kl import kl_estimate
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _on_real(values: Tensor, mask: Tensor) -> Tensor:
@@ -36,7 +33,7 @@ def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Σ_{b,t} m_bt·x_bt / Σ_{b,t} m_bt: the mean over all real tokens of the batch (0 if none)."""
-    values = _at_least_fp32(values)
+    values = at_least_fp32(values)
     mask = mask.to(values.dtype)
     return (_on_real(values, mask) * mask).sum() / mask.sum().clamp_min(1.0)
 
@@ -54,7 +51,7 @@ def terminal_rewards(seq_rewards: Tensor, mask: Tensor) -> Tensor:
     # index of the last True in each row: T − 1 − (index of the first True in the flipped row)
     last = t - 1 - real.flip(-1).long().argmax(dim=-1)
     at_last = torch.arange(t, device=mask.device) == last.unsqueeze(-1)
-    rewards = _at_least_fp32(seq_rewards).unsqueeze(-1)
+    rewards = at_least_fp32(seq_rewards).unsqueeze(-1)
     return torch.where(at_last & real, rewards, torch.zeros_like(rewards))
 
 
@@ -65,7 +62,7 @@ def shape_rewards_with_kl(token_rewards: Tensor, kl: Tensor, kl_coef: float) -> 
     a shaped reward is a constant of the policy-gradient estimator, so the KL reaches the policy
     only through the advantages, before they are computed.
     """
-    return _at_least_fp32(token_rewards).detach() - kl_coef * _at_least_fp32(kl).detach()
+    return at_least_fp32(token_rewards).detach() - kl_coef * at_least_fp32(kl).detach()
 
 
 # ----------------------------------------------------------------------------- returns, advantages
@@ -73,7 +70,7 @@ def shape_rewards_with_kl(token_rewards: Tensor, kl: Tensor, kl_coef: float) -> 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
     """G_t = r_t + γ·G_{t+1}, with G = 0 after the last real token; 0 at padding. [B, T], detached."""
-    rewards = _on_real(_at_least_fp32(rewards).detach(), mask)
+    rewards = _on_real(at_least_fp32(rewards).detach(), mask)
     returns = torch.zeros_like(rewards)
     next_return = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
@@ -96,8 +93,8 @@ def gae(
     Returns ``(advantages, returns)`` [B, T], both 0 at padding and detached (the returns are
     the value head's regression targets).
     """
-    rewards = _on_real(_at_least_fp32(rewards).detach(), mask)
-    values = _on_real(_at_least_fp32(values).detach(), mask)
+    rewards = _on_real(at_least_fp32(rewards).detach(), mask)
+    values = _on_real(at_least_fp32(values).detach(), mask)
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])
     next_advantage = torch.zeros_like(rewards[:, 0])
@@ -130,7 +127,7 @@ def rloo_baseline(seq_rewards: Tensor, group_size: int) -> Tensor:
             f"RLOO needs 1-D rewards whose length is a multiple of group_size={k}, "
             f"got shape {tuple(seq_rewards.shape)}"
         )
-    groups = _at_least_fp32(seq_rewards).detach().view(-1, k)
+    groups = at_least_fp32(seq_rewards).detach().view(-1, k)
     leave_one_out_mean = (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)
     return (groups - leave_one_out_mean).view(-1)
 
@@ -146,8 +143,8 @@ def reinforce_loss(
     ``advantages`` are per token [B, T] (e.g. from :func:`gae`) or per sequence [B] (e.g. from
     :func:`rloo_baseline`, broadcast to every token of the row).
     """
-    logp = _at_least_fp32(logp)
-    advantages = _per_token(_at_least_fp32(advantages).detach(), logp)
+    logp = at_least_fp32(logp)
+    advantages = _per_token(at_least_fp32(advantages).detach(), logp)
     loss = -masked_mean(advantages * logp, mask)
     stats = {"pg_loss": loss.item(), "advantage_mean": masked_mean(advantages, mask).item()}
     return loss, stats
@@ -166,9 +163,9 @@ def ppo_clip_loss(
     ``clip_active_fraction``: fraction where the clipped term wins, so the token's gradient is 0;
     ``approx_kl``: the k3 estimate of KL(π_old‖π_θ) = mean(ρ − 1 − log ρ) on these samples.
     """
-    logp = _at_least_fp32(logp)
-    old_logp = _at_least_fp32(old_logp).detach()
-    advantages = _per_token(_at_least_fp32(advantages).detach(), logp)
+    logp = at_least_fp32(logp)
+    old_logp = at_least_fp32(old_logp).detach()
+    advantages = _per_token(at_least_fp32(advantages).detach(), logp)
     real = mask > 0
     # padding may hold anything: a zero log-ratio there keeps exp() finite
     log_ratio = torch.where(real, logp - old_logp, torch.zeros_like(logp))
@@ -203,14 +200,14 @@ def value_loss(
     With ``clip`` (PPO-style, needs ``old_values``): V^clip = V_old + clip(V − V_old, −c, c) and
     L_V = ½·mean_t max((V_t − R_t)², (V^clip_t − R_t)²).
     """
-    values = _at_least_fp32(values)
-    returns = _at_least_fp32(returns).detach()
+    values = at_least_fp32(values)
+    returns = at_least_fp32(returns).detach()
     squared_error = (values - returns).square()
     stats: dict[str, float] = {}
     if clip is not None:
         if old_values is None:
             raise ValueError("value clipping needs old_values")
-        old_values = _at_least_fp32(old_values).detach()
+        old_values = at_least_fp32(old_values).detach()
         clipped_values = old_values + (values - old_values).clamp(-clip, clip)
         clipped_error = (clipped_values - returns).square()
         with torch.no_grad():
@@ -231,7 +228,7 @@ def entropy_bonus(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Ten
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
+    log_p = torch.log_softmax(at_least_fp32(logits) / temperature, dim=-1)
     p = log_p.exp()
     # 0·log 0 = 0 for masked-out (−inf) logits, in the value and in the gradient
     entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(dim=-1)
