@@ -282,6 +282,41 @@ def demo(
     typer.echo(f"report: {report}  (plot: {report.parent / 'comparison.png'})")
 
 
+bench_app = typer.Typer(help="Speed benchmarks that print figures.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("rl")
+@friendly_errors
+def bench_rl(
+    model: Annotated[str, typer.Option(help="checkpoint for policy and reference")] = "addition-n3",
+    prompts: Annotated[int, typer.Option(min=1, help="prompts per step")] = 8,
+    group: Annotated[int, typer.Option(min=2, help="completions per prompt")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 300,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    steps: Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")] = 3,
+    json_: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
+) -> None:
+    """The same RL job in tether and in TRL's GRPOTrainer: completions/s and their ratio."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise UsageError("tether bench rl needs TRL: pip install 'tether[bench]'") from None
+    from tether.bench import bench_rl as run_bench
+
+    result = run_bench(model, prompts, group, max_new_tokens, temperature, steps)
+    if json_:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    split = result["tether"]["split"]
+    typer.echo(
+        f"tether: {result['tether']['completions_per_s']:.2f} completions/s "
+        f"(sampling {split['sample_s']:.0%}, reference {split['reference_s']:.0%}, update {split['update_s']:.0%})\n"
+        f"TRL GRPOTrainer: {result['trl_grpo']['completions_per_s']:.2f} completions/s\n"
+        f"ratio: {result['ratio']:.2f}x"
+    )
+
+
 @app.command()
 @friendly_errors
 def models(json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:

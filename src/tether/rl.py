@@ -14,6 +14,7 @@ with w_t = 1 (standard KL) or w_t = Ĵ_ref(s_t)^β_c (prioritised KL on critical
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,7 @@ class RLStage:
             nn.init.zeros_(self.value_head.bias)
         self.epochs_per_batch = self.cfg.ppo_epochs if self.cfg.algorithm == "ppo" else 1
         self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
+        self.last_timing: dict[str, float] = {}
 
     def parameters(self) -> list[nn.Parameter]:
         """Trainable parameters besides the policy's (the value head)."""
@@ -123,6 +125,7 @@ class RLStage:
         problems = [p for p in problems for _ in range(cfg.group_size)]
         was_training = self.policy.training
         self.policy.eval()
+        t0 = time.perf_counter()
         out = sample(
             self.policy,
             self.tokenizer,
@@ -132,6 +135,7 @@ class RLStage:
             generator=self.generator,
         )
         self.policy.train(was_training)
+        t_sampled = time.perf_counter()
         correct = torch.tensor(
             [
                 self.task.is_correct(p, t.removesuffix(self.tokenizer.eos_token or ""))
@@ -150,6 +154,7 @@ class RLStage:
             out.logprobs.to(self.device), torch.empty(0), None, None, seq_rewards,
             correct,
         )  # fmt: skip
+        t_scored = time.perf_counter()
         ref_logits = completion_logits(self.reference, rollout, cfg.temperature)
         rollout.ref_logp = token_logprobs(ref_logits, out.completion_ids.to(self.device))
         if cfg.kl_estimator == "exact":
@@ -162,6 +167,11 @@ class RLStage:
                 cfg.certainty_form,
                 cfg.certainty_temperature,
             )
+        # where a step's time goes (read by `tether bench rl`)
+        self.last_timing = {
+            "sample_s": t_sampled - t0,
+            "reference_s": time.perf_counter() - t_scored,
+        }
         return rollout
 
     # ------------------------------------------------------------------ loss

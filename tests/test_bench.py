@@ -1,0 +1,36 @@
+"""`tether bench rl`: the same tiny RL job in tether and in TRL, figures as JSON."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tether.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_rl_json_tiny_job():
+    pytest.importorskip("trl")
+    args = [
+        "bench",
+        "rl",
+        "--prompts",
+        "1",
+        "--group",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--steps",
+        "1",
+        "--json",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout[result.stdout.index("{\n") :])
+    assert doc["tether"]["completions_per_s"] > 0 and doc["trl_grpo"]["completions_per_s"] > 0
+    assert doc["ratio"] == pytest.approx(
+        doc["tether"]["completions_per_s"] / doc["trl_grpo"]["completions_per_s"]
+    )
+    split = doc["tether"]["split"]
+    assert 0.0 < split["sample_s"] + split["reference_s"] + split["update_s"] <= 1.0 + 1e-6
