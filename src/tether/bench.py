@@ -9,7 +9,9 @@ training steps (sampling, reference scoring, update), after one warm-up step on 
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
 import time
 from typing import Any
 
@@ -95,7 +97,7 @@ def bench_trl(
     problems = [addition.rl_problem(rng, 3) for _ in range(prompts_per_step * (steps + 1))]
     answers = {p.prompt: p for p in problems}
 
-    def reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+    def reward(prompts: list[str], completions: list[str], **_: Any) -> list[float | None]:
         return [
             1.0 if addition.is_correct(answers[p], c) else -1.0
             for p, c in zip(prompts, completions, strict=True)
@@ -133,7 +135,8 @@ def bench_trl(
         processing_class=AutoTokenizer.from_pretrained(path),
         callbacks=[timer],
     )
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its metrics: keep stdout for ours
+        trainer.train()
     end = time.perf_counter()
     elapsed = end - timer.starts[1]  # from the start of the second step: the first warms up
     completions = steps * prompts_per_step * group
