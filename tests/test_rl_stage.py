@@ -62,7 +62,9 @@ def test_reward_rises_on_an_easy_task(algorithm, tiny_checkpoint, tmp_path):
     assert len(rewards) == 12
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.2, rewards
-    assert all("kl_sampled" in r and "entropy" in r for r in rows if "reward" in r)
+    assert all(
+        "kl_sampled" in r and "kl_exact" in r and "entropy" in r for r in rows if "reward" in r
+    )
 
 
 def test_prioritized_with_unit_weights_equals_standard_bit_for_bit(tiny_checkpoint, tmp_path):

@@ -55,7 +55,7 @@ class Rollout:
     mask: Tensor  # completion tokens
     old_logp: Tensor  # sampling policy's log-probs at temperature T
     ref_logp: Tensor
-    ref_logits: Tensor | None  # kept only for the exact KL
+    ref_logits: Tensor | None  # [B, T, V] at temperature T: the exact KL, logged every step
     kl_weights: Tensor | None
     seq_rewards: Tensor  # [B]
     correct: Tensor  # [B] bool
@@ -157,8 +157,7 @@ class RLStage:
         t_scored = time.perf_counter()
         ref_logits = completion_logits(self.reference, rollout, cfg.temperature)
         rollout.ref_logp = token_logprobs(ref_logits, out.completion_ids.to(self.device))
-        if cfg.kl_estimator == "exact":
-            rollout.ref_logits = ref_logits
+        rollout.ref_logits = ref_logits  # small vocabularies: the exact KL is cheap
         if cfg.certainty_exponent is not None:
             # certainty of the reference at its own (unscaled) logits: undo the sampling temperature
             rollout.kl_weights = prioritized_kl_weights(
@@ -244,8 +243,7 @@ class RLStage:
                     "completion_tokens": float(mask.sum(1).mean()),
                 }
             )
-            if rollout.ref_logits is not None or cfg.kl_estimator == "exact":
-                assert rollout.ref_logits is not None
+            if rollout.ref_logits is not None:
                 stats["kl_exact"] = float(masked_mean(exact_kl(logits, rollout.ref_logits), mask))
             if rollout.kl_weights is not None:
                 stats["kl_weight_mean"] = float(masked_mean(rollout.kl_weights, mask))
