@@ -1,60 +1,75 @@
 """``tether bench rl``: the same RL job in tether and in TRL's ``GRPOTrainer``, in one process.
 
 Same model (a policy and a frozen reference from the same checkpoint), same prompts (the
-addition task's RL distribution), same batch (K prompts × G completions per step), same
-completion length and sampling temperature, KL on (k3 in the loss, as GRPO does). tether runs
-its RL stage with RLOO over the same groups. The figure is completions per second of whole
-training steps (sampling, reference scoring, update), after one warm-up step on each side.
+addition task's RL distribution for the checkpoint's N), same batch (K prompts × G completions
+per step), same completion length and sampling temperature, KL on (k3 in the loss, as GRPO
+does). tether runs its RL stage with RLOO over the same groups. The figure is completions per
+second of whole training steps (sampling, reference scoring, update), after one warm-up step
+on each side.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tether.config import load_recipe
 
+KL_COEF = 0.04  # TRL's GRPO beta for the KL term; tether uses the same coefficient
 
-def bench_tether(
-    model: str,
-    prompts_per_step: int,
-    group: int,
-    max_new_tokens: int,
-    temperature: float,
-    steps: int,
-    seed: int = 0,
-) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class RLJob:
+    """One RL job, run identically on both sides."""
+
+    model: str = "addition-n3"
+    prompts_per_step: int = 8
+    group: int = 4
+    max_new_tokens: int = 300
+    temperature: float = 1.0
+    steps: int = 3
+    seed: int = 0
+
+    @property
+    def completions(self) -> int:
+        """Completions over the timed steps (the warm-up step is not counted)."""
+        return self.steps * self.prompts_per_step * self.group
+
+
+def bench_tether(job: RLJob) -> dict[str, Any]:
     from tether.rl import RLStage
     from tether.train import build_policy, make_optimizer
 
     recipe = load_recipe(
         "critical-tokens",
         [
-            f"model.init={model}",
-            f"seed={seed}",
+            f"model.init={job.model}",
+            f"seed={job.seed}",
             "rl.algorithm=rloo",
-            f"rl.group_size={group}",
-            f"rl.prompts_per_step={prompts_per_step}",
-            f"rl.max_new_tokens={max_new_tokens}",
-            f"rl.temperature={temperature}",
+            f"rl.group_size={job.group}",
+            f"rl.prompts_per_step={job.prompts_per_step}",
+            f"rl.max_new_tokens={job.max_new_tokens}",
+            f"rl.temperature={job.temperature}",
             "rl.kl_estimator=k3",
-            "rl.kl_coef=0.04",
+            f"rl.kl_coef={KL_COEF}",
             "rl.entropy_coef=0.0",
         ],
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(job.seed)
     policy, tokenizer = build_policy(recipe)
     policy.train()
     stage = RLStage(recipe, tokenizer, policy, torch.device("cpu"))
     optimizer = make_optimizer(policy, recipe, stage.parameters())
     split = {"sample_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
     elapsed = 0.0
-    for step in range(steps + 1):  # step 0 warms up
+    for step in range(job.steps + 1):  # step 0 warms up
         t0 = time.perf_counter()
         rollout = stage.next_batch()
         t1 = time.perf_counter()
@@ -68,33 +83,31 @@ def bench_tether(
             split["sample_s"] += stage.last_timing["sample_s"]
             split["reference_s"] += stage.last_timing["reference_s"]
             split["update_s"] += t2 - t1
-    completions = steps * prompts_per_step * group
     return {
-        "completions_per_s": completions / elapsed,
+        "completions_per_s": job.completions / elapsed,
         "seconds": elapsed,
         "split": {k: v / elapsed for k, v in split.items()},
     }
 
 
-def bench_trl(
-    model: str,
-    prompts_per_step: int,
-    group: int,
-    max_new_tokens: int,
-    temperature: float,
-    steps: int,
-    seed: int = 0,
-) -> dict[str, Any]:
+def bench_trl(job: RLJob) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from tether.models import resolve_checkpoint
+    from tether.models import checkpoint_max_digits, resolve_checkpoint
     from tether.tasks import addition
 
-    path = str(resolve_checkpoint(model))
-    rng = random.Random(seed)
-    problems = [addition.rl_problem(rng, 3) for _ in range(prompts_per_step * (steps + 1))]
+    path = resolve_checkpoint(job.model)
+    max_digits = checkpoint_max_digits(path)
+    if max_digits is None:
+        raise ValueError(
+            f"checkpoint {str(path)!r}: its tether.json does not record task.max_digits"
+        )
+    rng = random.Random(job.seed)
+    problems = [
+        addition.rl_problem(rng, max_digits) for _ in range(job.prompts_per_step * (job.steps + 1))
+    ]
     answers = {p.prompt: p for p in problems}
 
     def reward(prompts: list[str], completions: list[str], **_: Any) -> list[float | None]:
@@ -113,17 +126,17 @@ def bench_trl(
     timer = StepTimer()
     config = GRPOConfig(
         output_dir="/tmp/tether-bench-trl",
-        per_device_train_batch_size=prompts_per_step * group,
-        num_generations=group,
-        max_completion_length=max_new_tokens,
-        temperature=temperature,
-        beta=0.04,
-        max_steps=steps + 1,
+        per_device_train_batch_size=job.prompts_per_step * job.group,
+        num_generations=job.group,
+        max_completion_length=job.max_new_tokens,
+        temperature=job.temperature,
+        beta=KL_COEF,
+        max_steps=job.steps + 1,
         use_cpu=True,
         logging_steps=10**6,
         save_strategy="no",
         report_to="none",
-        seed=seed,
+        seed=job.seed,
         learning_rate=3e-4,
         dataloader_num_workers=0,
     )
@@ -137,34 +150,17 @@ def bench_trl(
     )
     with contextlib.redirect_stdout(sys.stderr):  # TRL prints its metrics: keep stdout for ours
         trainer.train()
-    end = time.perf_counter()
-    elapsed = end - timer.starts[1]  # from the start of the second step: the first warms up
-    completions = steps * prompts_per_step * group
-    return {"completions_per_s": completions / elapsed, "seconds": elapsed}
+    elapsed = time.perf_counter() - timer.starts[1]  # from the second step: the first warms up
+    return {"completions_per_s": job.completions / elapsed, "seconds": elapsed}
 
 
-def bench_rl(
-    model: str = "addition-n3",
-    prompts_per_step: int = 8,
-    group: int = 4,
-    max_new_tokens: int = 300,
-    temperature: float = 1.0,
-    steps: int = 3,
-) -> dict[str, Any]:
-    job = dict(
-        model=model,
-        prompts_per_step=prompts_per_step,
-        group=group,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        steps=steps,
-    )
-    ours = bench_tether(**job)  # type: ignore[arg-type]
-    theirs = bench_trl(**job)  # type: ignore[arg-type]
+def bench_rl(job: RLJob) -> dict[str, Any]:
+    ours = bench_tether(job)
+    theirs = bench_trl(job)
     return {
         "job": {
-            **job,
-            "kl": "k3 in the loss, coefficient 0.04",
+            **dataclasses.asdict(job),
+            "kl": f"k3 in the loss, coefficient {KL_COEF}",
             "threads": torch.get_num_threads(),
         },
         "tether": ours,

@@ -67,14 +67,6 @@ def parse_digits(text: str) -> list[int]:
     return list(range(lo, hi + 1))
 
 
-def _checkpoint_max_digits(path: Path) -> int | None:
-    meta = path / "tether.json"
-    if meta.is_file():
-        task = json.loads(meta.read_text()).get("task", {})
-        return task.get("max_digits")
-    return None
-
-
 @app.command()
 @friendly_errors
 def train(
@@ -120,7 +112,7 @@ def eval_(
 ) -> None:
     """Accuracy per digit length, identical and varying operand lengths, with 95% intervals."""
     from tether import evaluate
-    from tether.models import load_model_and_tokenizer, resolve_checkpoint
+    from tether.models import checkpoint_max_digits, load_model_and_tokenizer, resolve_checkpoint
 
     if task != "addition":
         raise UsageError(f"--task {task!r}: known tasks: addition")
@@ -139,7 +131,7 @@ def eval_(
         progress=not json_,
     )
     if certainty:
-        big_n = max_digits or _checkpoint_max_digits(path)
+        big_n = max_digits or checkpoint_max_digits(path)
         if big_n is None:
             raise UsageError("--certainty needs --max-digits N (the checkpoint does not record it)")
         result["certainty"] = evaluate.critical_certainty(
@@ -302,9 +294,10 @@ def bench_rl(
         import trl  # noqa: F401
     except ImportError:
         raise UsageError("tether bench rl needs TRL: pip install 'tether[bench]'") from None
+    from tether.bench import RLJob
     from tether.bench import bench_rl as run_bench
 
-    result = run_bench(model, prompts, group, max_new_tokens, temperature, steps)
+    result = run_bench(RLJob(model, prompts, group, max_new_tokens, temperature, steps))
     if json_:
         typer.echo(json.dumps(result, indent=2))
         return

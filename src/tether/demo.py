@@ -51,16 +51,15 @@ def run_demo(
     setting["seeds"] = seeds or setting["seeds"]
     setting["steps"] = steps or setting["steps"]
     exponents = SWEEP_EXPONENTS if sweep else (certainty_exponent,)
-    arms: dict[str, list[str]] = {"standard KL": []}
+    # arm label -> (run-folder stem, recipe overrides)
+    arms: dict[str, tuple[str, list[str]]] = {"standard KL": ("standard", [])}
     for b in exponents:
-        arms[f"prioritised KL (β_c={b:g})"] = [f"rl.certainty_exponent={b}"]
+        arms[f"prioritised KL (β_c={b:g})"] = (f"prioritized-{b:g}", [f"rl.certainty_exponent={b}"])
     groups: dict[str, list[Path]] = {arm: [] for arm in arms}
     t0 = time.perf_counter()
     for seed in range(setting["seeds"]):
-        for arm, extra in arms.items():
-            name = (
-                f"prioritized-{extra[0].split('=')[1]}" if extra else "standard"
-            ) + f"-seed{seed}"
+        for arm, (stem, extra) in arms.items():
+            name = f"{stem}-seed{seed}"
             recipe = load_recipe(
                 "critical-tokens",
                 [

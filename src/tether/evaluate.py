@@ -44,7 +44,7 @@ from tether.tasks.addition import (
     critical_positions,
     equal_length_problem,
     is_correct,
-    make_target,
+    max_completion_tokens,
     rl_problem,
     varying_length_problem,
 )
@@ -62,9 +62,6 @@ FIGURE_KEYS = (
     "certainty_other",
 )
 
-# Extra new tokens beyond the longest possible reference completion (EOS, and a little slack so a
-# model that is off by a few characters is judged wrong rather than cut off).
-GENERATION_MARGIN = 16
 
 ACCURACY_KINDS: dict[str, Callable[[random.Random, int], Problem]] = {
     "identical": equal_length_problem,  # Table 4
@@ -118,27 +115,8 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def max_completion_tokens(digits: int) -> int:
-    """A generation budget for problems whose longer operand has ``digits`` digits.
-
-    All nines gives the longest scratchpad of that length (a carry on every line, two-digit
-    sums, and an extra answer digit); shorter operands only shorten the lines.
-    """
-    largest = 10**digits - 1
-    return len(make_target(largest, largest)) + GENERATION_MARGIN
-
-
 def _chunks(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _strip_eos(text: str, eos: str | None) -> str:
-    """Cut a decoded completion at a literal EOS string, in case the sampler kept it."""
-    if eos:
-        idx = text.find(eos)
-        if idx >= 0:
-            return text[:idx]
-    return text
 
 
 def _problems(kind: str, digits: int, n: int, seed: int) -> list[Problem]:
@@ -205,7 +183,6 @@ def addition_accuracy(
                         batch_size=batch_size,
                     )
                     for i, text, done in zip(rows, out.texts, out.finished, strict=True):
-                        text = _strip_eos(text, getattr(tokenizer, "eos_token", None))
                         correct[i] = float(is_correct(problems[i], text))
                         unfinished += int(not done)
                     bar.update(1)
@@ -464,7 +441,7 @@ def critical_certainty(
                 completion_rows.append(
                     out.completion_ids[k][out.completion_mask[k].bool()].tolist()
                 )
-                texts.append(_strip_eos(out.texts[k], getattr(tokenizer, "eos_token", None)))
+                texts.append(out.texts[k])
     certainties = completion_certainty(
         model,
         prompt_rows,

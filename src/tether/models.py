@@ -110,6 +110,15 @@ def shipped_models() -> dict[str, dict[str, Any]]:
     return out
 
 
+def checkpoint_max_digits(path: Path) -> int | None:
+    """N (``task.max_digits``) recorded in a tether checkpoint's ``tether.json``, if any."""
+    meta = path / "tether.json"
+    if meta.is_file():
+        value = json.loads(meta.read_text()).get("task", {}).get("max_digits")
+        return int(value) if value is not None else None
+    return None
+
+
 class ModelLoadError(ValueError):
     """A checkpoint name or path that cannot be loaded; the message says why."""
 

@@ -55,7 +55,7 @@ class Rollout:
     mask: Tensor  # completion tokens
     old_logp: Tensor  # sampling policy's log-probs at temperature T
     ref_logp: Tensor
-    ref_logits: Tensor | None  # [B, T, V] at temperature T: the exact KL, logged every step
+    ref_logits: Tensor  # [B, T, V] at temperature T: the exact KL, logged every step
     kl_weights: Tensor | None
     seq_rewards: Tensor  # [B]
     correct: Tensor  # [B] bool
@@ -66,16 +66,23 @@ class Rollout:
 
 
 def completion_logits(
-    model: nn.Module, rollout: Rollout, temperature: float, hidden: bool = False
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    prompt_len: int,
+    temperature: float,
+    hidden: bool = False,
 ) -> Any:
-    """Logits/T at the positions that predict each completion token, [B, T, V] (and hidden states)."""
+    """Logits/T at the positions that predict each completion token, [B, T, V] (and hidden
+    states). Sequences are [B, P+T] with the prompt in the first ``prompt_len`` columns."""
     out = model(
-        input_ids=rollout.input_ids,
-        attention_mask=rollout.attention_mask,
-        position_ids=rollout.position_ids,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
         output_hidden_states=hidden,
     )
-    p, t = rollout.prompt_len, rollout.mask.shape[1]
+    p, t = prompt_len, input_ids.shape[1] - prompt_len
     logits = out.logits[:, p - 1 : p + t - 1].float() / temperature
     if hidden:
         return logits, out.hidden_states[-1][:, p - 1 : p + t - 1]
@@ -137,35 +144,42 @@ class RLStage:
         self.policy.train(was_training)
         t_sampled = time.perf_counter()
         correct = torch.tensor(
-            [
-                self.task.is_correct(p, t.removesuffix(self.tokenizer.eos_token or ""))
-                for p, t in zip(problems, out.texts, strict=True)
-            ]
+            [self.task.is_correct(p, t) for p, t in zip(problems, out.texts, strict=True)]
         )
         seq_rewards = (
             torch.where(correct, cfg.reward_correct, cfg.reward_wrong).float().to(self.device)
         )
-        input_ids = torch.cat([out.prompt_ids, out.completion_ids], dim=1).to(self.device)
+        completion_ids = out.completion_ids.to(self.device)
+        input_ids = torch.cat([out.prompt_ids.to(self.device), completion_ids], dim=1)
         attention_mask = torch.cat([out.prompt_mask, out.completion_mask], dim=1).to(self.device)
         position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
-        mask = out.completion_mask.float().to(self.device)
-        rollout = Rollout(
-            input_ids, attention_mask, position_ids, out.prompt_ids.shape[1], mask,
-            out.logprobs.to(self.device), torch.empty(0), None, None, seq_rewards,
-            correct,
-        )  # fmt: skip
+        prompt_len = out.prompt_ids.shape[1]
         t_scored = time.perf_counter()
-        ref_logits = completion_logits(self.reference, rollout, cfg.temperature)
-        rollout.ref_logp = token_logprobs(ref_logits, out.completion_ids.to(self.device))
-        rollout.ref_logits = ref_logits  # small vocabularies: the exact KL is cheap
+        ref_logits = completion_logits(
+            self.reference, input_ids, attention_mask, position_ids, prompt_len, cfg.temperature
+        )
+        kl_weights = None
         if cfg.certainty_exponent is not None:
             # certainty of the reference at its own (unscaled) logits: undo the sampling temperature
-            rollout.kl_weights = prioritized_kl_weights(
+            kl_weights = prioritized_kl_weights(
                 ref_logits * cfg.temperature,
                 cfg.certainty_exponent,
                 cfg.certainty_form,
                 cfg.certainty_temperature,
             )
+        rollout = Rollout(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            prompt_len=prompt_len,
+            mask=out.completion_mask.float().to(self.device),
+            old_logp=out.logprobs.to(self.device),
+            ref_logp=token_logprobs(ref_logits, completion_ids),
+            ref_logits=ref_logits,  # small vocabularies: the exact KL is cheap
+            kl_weights=kl_weights,
+            seq_rewards=seq_rewards,
+            correct=correct,
+        )
         # where a step's time goes (read by `tether bench rl`)
         self.last_timing = {
             "sample_s": t_sampled - t0,
@@ -180,18 +194,29 @@ class RLStage:
         mask = rollout.mask
         completion_ids = rollout.input_ids[:, rollout.prompt_len :]
         need_values = self.value_head is not None
+        scored = completion_logits(
+            model,
+            rollout.input_ids,
+            rollout.attention_mask,
+            rollout.position_ids,
+            rollout.prompt_len,
+            cfg.temperature,
+            hidden=need_values,
+        )
         if need_values:
-            logits, hidden = completion_logits(model, rollout, cfg.temperature, hidden=True)
             assert self.value_head is not None
+            logits, hidden = scored
             values = self.value_head(hidden.float()).squeeze(-1)
         else:
-            logits = completion_logits(model, rollout, cfg.temperature)
+            logits = scored
         logp = token_logprobs(logits, completion_ids)
 
+        # full-vocabulary KL per position: the penalty with the exact estimator, a metric always
+        exact = exact_kl(
+            logits if cfg.kl_estimator == "exact" else logits.detach(), rollout.ref_logits
+        )
         if cfg.kl_estimator == "exact":
-            assert rollout.ref_logits is not None
-            per_token_kl = exact_kl(logits, rollout.ref_logits)
-            per_token_kl = torch.where(mask > 0, per_token_kl, torch.zeros_like(per_token_kl))
+            per_token_kl = torch.where(mask > 0, exact, torch.zeros_like(exact))
             if rollout.kl_weights is not None:
                 per_token_kl = per_token_kl * rollout.kl_weights
         else:
@@ -243,8 +268,7 @@ class RLStage:
                     "completion_tokens": float(mask.sum(1).mean()),
                 }
             )
-            if rollout.ref_logits is not None:
-                stats["kl_exact"] = float(masked_mean(exact_kl(logits, rollout.ref_logits), mask))
+            stats["kl_exact"] = float(masked_mean(exact.detach(), mask))
             if rollout.kl_weights is not None:
                 stats["kl_weight_mean"] = float(masked_mean(rollout.kl_weights, mask))
                 stats["kl_weight_below_half"] = float(

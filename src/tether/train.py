@@ -33,6 +33,7 @@ from tether.models import build_model, char_tokenizer, load_model_and_tokenizer
 from tether.sampling import sample
 from tether.stages import make_stage
 from tether.tasks import Task, get_task
+from tether.tasks.addition import GENERATION_MARGIN
 
 
 class RunDirError(ValueError):
@@ -150,15 +151,12 @@ def task_accuracy(
         model,
         tokenizer,
         [p.prompt for p in problems],
-        max_new_tokens=max(len(p.target) for p in problems) + 16,  # reference length + slack
+        max_new_tokens=max(len(p.target) for p in problems) + GENERATION_MARGIN,
         temperature=recipe.eval.temperature,
         generator=gen,
         batch_size=recipe.eval.batch_size,
     )
-    eos = tokenizer.eos_token or ""
-    correct = [
-        task.is_correct(p, t.removesuffix(eos)) for p, t in zip(problems, out.texts, strict=True)
-    ]
+    correct = [task.is_correct(p, t) for p, t in zip(problems, out.texts, strict=True)]
     return sum(correct) / len(correct)
 
 

@@ -42,8 +42,7 @@ class AdditionTask:
         return addition.is_correct(problem, completion)
 
     def max_new_tokens(self) -> int:
-        digits = self.max_digits + 1
-        return len(addition.make_target(10**digits - 1, 10**digits - 1)) + 16
+        return addition.max_completion_tokens(self.max_digits + 1)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,21 @@ def make_target(a: int, b: int) -> str:
     return f"\n{SCRATCH_OPEN}\n{body}\n{SCRATCH_CLOSE}\n" + " ".join(str(d) for d in answer)
 
 
+# Extra new tokens beyond the longest reference completion: EOS, and slack so that a model
+# that is off by a few characters is judged wrong rather than cut off.
+GENERATION_MARGIN = 16
+
+
+def max_completion_tokens(digits: int) -> int:
+    """A generation budget for problems whose longer operand has ``digits`` digits.
+
+    All nines gives the longest scratchpad of that length (a carry on every line, two-digit
+    sums, and an extra answer digit); shorter operands only shorten the lines.
+    """
+    largest = 10**digits - 1
+    return len(make_target(largest, largest)) + GENERATION_MARGIN
+
+
 # ----------------------------------------------------------------------------- answers
 
 
