@@ -18,3 +18,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random 1-layer Llama with the char tokenizer, saved: a reference for RL tests."""
+    from tether.models import build_model, char_tokenizer
+
+    d = tmp_path_factory.mktemp("ref")
+    torch.manual_seed(0)
+    tok = char_tokenizer(model_max_length=64)
+    model = build_model(tok, arch="llama", n_layer=1, n_head=2, n_embd=32, max_positions=64)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -166,3 +166,22 @@ def test_tensorboard_tracker_logs_through_accelerate(tmp_path):
     events = list(out.rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
     assert (out / "metrics.jsonl").is_file()  # JSONL always
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train"], "give a RECIPE to train, or --resume RUN_DIR"),
+        (["train", "--resume", "no/such/run"], "not a run directory (no config.yaml)"),
+        (["train", "x.yaml", "--resume", "no/such/run"], "give no RECIPE, --set or --out"),
+    ],
+)
+def test_train_resume_errors_are_one_line(args, message):
+    code, output = _invoke(*args)
+    assert code == 2 and message in output and "Traceback" not in output
+    assert len(output.strip().splitlines()) == 1
+
+
+def test_train_resume_of_a_finished_run_is_refused(trained_run):
+    code, output = _invoke("train", "--resume", trained_run)
+    assert code == 2 and "already finished" in output

@@ -8,19 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tether.config import load_recipe
-from tether.models import build_model, char_tokenizer
 from tether.train import train
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref")
-    torch.manual_seed(0)
-    tok = char_tokenizer(model_max_length=64)
-    model = build_model(tok, arch="llama", n_layer=1, n_head=2, n_embd=32, max_positions=64)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def _recipe(init, *overrides):

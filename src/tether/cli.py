@@ -25,6 +25,13 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@app.callback()
+def _before_every_command() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars around every command
+
+
 class UsageError(ValueError):
     """A bad command-line value; the message names the option."""
 
@@ -41,12 +48,18 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from tether.config import RecipeError
         from tether.models import ModelLoadError
-        from tether.train import RunDirError
+        from tether.train import NonFiniteError, RunDirError, TrainingInterrupted
 
         try:
             return fn(*args, **kwargs)
         except (RecipeError, ModelLoadError, RunDirError, UsageError) as err:
             _fail(str(err))
+        except TrainingInterrupted as err:  # a checkpoint was saved; say how to go on
+            typer.echo(f"interrupted: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except NonFiniteError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
         except FileNotFoundError as err:
             _fail(f"{err.filename}: no such file or directory")
 
@@ -70,20 +83,40 @@ def parse_digits(text: str) -> list[int]:
 @app.command()
 @friendly_errors
 def train(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+    recipe: Annotated[
+        Path | None, typer.Argument(help="YAML recipe (or a packaged recipe name)")
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a key: a.b=value (repeatable)")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/NAME-TIME)")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="continue an interrupted run from its newest checkpoint"),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Train a model as a recipe says; writes a run directory."""
+    """Train a model as a recipe says; writes a run directory.
+
+    Ctrl-C (or SIGTERM) saves a checkpoint and stops; `--resume RUN_DIR` continues it."""
     from tether.config import load_recipe
     from tether.train import train as run
 
-    cfg = load_recipe(recipe, set_ or [])
-    out = out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run(cfg, out, progress=not quiet)
+    if resume is not None:
+        if recipe is not None or set_ or out is not None:
+            raise UsageError(
+                "--resume uses the run's own config.yaml: give no RECIPE, --set or --out with it"
+            )
+        cfg = load_recipe(resume / "config.yaml") if (resume / "config.yaml").is_file() else None
+        if cfg is None:
+            raise UsageError(f"--resume {str(resume)!r}: not a run directory (no config.yaml)")
+        out = resume
+    elif recipe is None:
+        raise UsageError("give a RECIPE to train, or --resume RUN_DIR")
+    else:
+        cfg = load_recipe(recipe, set_ or [])
+        out = out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run(cfg, out, progress=not quiet, resume=resume is not None)
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"run directory: {out}  (final model: {out / 'model'})")
 
@@ -327,9 +360,6 @@ def models(json_: Annotated[bool, typer.Option("--json", help="print JSON")] = F
 
 
 def main() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars around every command
     app()
 
 

@@ -66,6 +66,14 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int | None = Field(
+        3, ge=1, description="keep the newest K checkpoints/step-N folders; null keeps all"
+    )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip "
+        "the batch and count it",
+    )
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads")
 
 

@@ -131,6 +131,11 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if (path / "model" / "config.json").is_file():  # a run directory: its final model
         path = path / "model"
+    if path.name.endswith(".tmp"):
+        raise ModelLoadError(
+            f"checkpoint {str(path)!r}: an unfinished checkpoint (the run stopped while writing "
+            "it); use the one before it"
+        )
     if not path.exists():
         names = ", ".join(shipped) or "none"
         raise ModelLoadError(

@@ -123,6 +123,20 @@ class RLStage:
         """Trainable parameters besides the policy's (the value head)."""
         return list(self.value_head.parameters()) if self.value_head is not None else []
 
+    def state_dict(self) -> dict[str, Any]:
+        """The prompt stream, the sampling generator and the value head (for ``--resume``)."""
+        return {
+            "rng": self.rng.getstate(),
+            "generator": self.generator.get_state(),
+            "value_head": None if self.value_head is None else self.value_head.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.generator.set_state(state["generator"])
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
+
     # ------------------------------------------------------------------ rollout
 
     @torch.no_grad()

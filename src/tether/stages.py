@@ -1,6 +1,7 @@
 """Stages: a batch source plus an objective. The training loop knows nothing else.
 
-A stage has ``next_batch()`` and ``loss(model, batch) -> (loss, stats)``. The MLE stage
+A stage has ``next_batch()`` and ``loss(model, batch) -> (loss, stats)``, and a
+``state_dict()`` holding whatever resuming needs besides the model and optimizer. The MLE stage
 draws fresh problems from the task's generator every step (no fixed dataset, no epochs).
 """
 
@@ -27,6 +28,11 @@ class Stage(Protocol):
 
     def parameters(self) -> list[torch.nn.Parameter]: ...  # trainable besides the model's
 
+    # what ``--resume`` needs besides the model and optimizer: data position, RNGs, extra modules
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 class MLEStage:
     """Completion-only maximum likelihood on the task's pre-training distribution."""
@@ -49,6 +55,12 @@ class MLEStage:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
 
     def loss(
         self, model: PreTrainedModel, batch: TokenBatch

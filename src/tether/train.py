@@ -10,10 +10,13 @@ per logged step, always with ``step``), ``summary.json`` (final figures, written
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
+import re
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,23 +49,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_dir(out: Path) -> None:
+def check_new_run_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunDirError(
             f"run directory {str(out)!r} already exists and is not empty; choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def save_checkpoint(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, meta: dict[str, Any]
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    meta: dict[str, Any],
+    state: dict[str, Any] | None = None,
 ) -> None:
-    """Write to a temporary sibling, then rename, so a crash never leaves a half checkpoint."""
+    """Write to a temporary sibling (``NAME.tmp``), then rename, so a crash never leaves a
+    half checkpoint under the final name (and loaders refuse ``*.tmp`` folders).
+    ``state`` is the trainer state that ``--resume`` needs (optimizer, RNGs, data position)."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if state is not None:
+        torch.save(state, tmp / TRAINER_STATE)
     (tmp / "tether.json").write_text(json.dumps(meta, indent=2) + "\n")
     if path.exists():
         shutil.rmtree(path)
@@ -191,20 +201,184 @@ def make_optimizer(
     )
 
 
-def train(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Run a recipe into ``out``; returns the summary (also written to summary.json)."""
-    prepare_run_dir(out)
-    (out / "config.yaml").write_text(dump_recipe(recipe))
+# ---------------------------------------------------------------- checkpoints and resuming
+
+TRAINER_STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete ``checkpoints/step-N`` folders of a run, oldest first. A folder is complete once
+    it has its final name: it is written under ``step-N.tmp`` and renamed as a whole."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(out: Path, keep: int | None) -> None:
+    if keep is not None:
+        for _, path in step_checkpoints(out)[:-keep]:
+            shutil.rmtree(path)
+
+
+def training_state(
+    step: int, optimizer: Any, scheduler: Any, stage: Any, carried: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything besides the weights that makes a resumed run continue bit for bit."""
+    return {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "stage": stage.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        },
+        "carried": carried,
+    }
+
+
+def check_resumable(out: Path) -> Path:
+    """The newest checkpoint of an unfinished run, or RunDirError saying why not."""
+    if not (out / "config.yaml").is_file():
+        raise RunDirError(f"--resume {str(out)!r}: not a run directory (no config.yaml)")
+    if (out / "summary.json").is_file():
+        raise RunDirError(f"--resume {str(out)!r}: the run already finished (summary.json)")
+    found = step_checkpoints(out)
+    if not found:
+        raise RunDirError(f"--resume {str(out)!r}: no checkpoint to resume from in checkpoints/")
+    return found[-1][1]
+
+
+def restore_training(
+    checkpoint: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, stage: Any
+) -> tuple[int, dict[str, Any]]:
+    """Load weights, optimizer, scheduler, the stage's data position and every RNG."""
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
+    model.load_state_dict(saved.state_dict())  # in place: the optimizer keeps its parameters
+    # our own file, written by save_checkpoint: it holds Python and NumPy RNG tuples
+    state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stage.load_state_dict(state["stage"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return int(state["step"]), state["carried"]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (the lost part of the run)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- interrupts and faults
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped the run after saving a checkpoint."""
+
+    def __init__(self, out: Path, step: int, signum: int, checkpoint: Path):
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} at step {step}: checkpoint saved to {checkpoint}; "
+            f"continue with: tether train --resume {out}"
+        )
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf loss or gradient with ``train.on_nonfinite: stop``."""
+
+
+class StopRequests:
+    """The first SIGINT or SIGTERM asks the loop to checkpoint and stop after the current step;
+    a second one exits at once (no checkpoint; the atomic writes leave nothing half-made)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            sys.stderr.write(f"\n{name} again: exiting now, without a checkpoint\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.signum = signum
+        sys.stderr.write(
+            f"\n{name}: saving a checkpoint after this step and stopping "
+            "(send it again to exit at once)\n"
+        )
+        sys.stderr.flush()
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def nonfinite_gradient(named: list[tuple[str, torch.nn.Parameter]]) -> str | None:
+    """The name of the first parameter whose gradient holds a NaN or inf, if any."""
+    for name, p in named:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"the gradient of {name}"
+    return None
+
+
+def gradient_norm(params: list[torch.nn.Parameter]) -> float:
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Run a recipe into ``out``; returns the summary (also written to summary.json).
+
+    With ``resume`` the run continues from the newest checkpoint in ``out`` and its metrics
+    equal those of an uninterrupted run (CPU, same thread count). SIGINT/SIGTERM save a
+    checkpoint and raise :class:`TrainingInterrupted`; a NaN/inf raises :class:`NonFiniteError`
+    (or skips the batch, by ``train.on_nonfinite``). ``summary.json`` is written only when the
+    run completes, so a run directory without it is unfinished.
+    """
+    resume_from = check_resumable(out) if resume else None
+    if resume_from is None:
+        check_new_run_dir(out)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.seed)
 
     accelerator = Accelerator(log_with=recipe.tracking.trackers or None, project_dir=str(out))
-    if recipe.tracking.trackers:
-        accelerator.init_trackers(recipe.name, config=tracker_config(recipe))
     model, tokenizer = build_policy(recipe)
     model.to(accelerator.device)
     stage = make_stage(recipe, tokenizer, model, accelerator.device)
+    if resume_from is None:  # written only once the models load: a bad path leaves no folder
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_recipe(recipe))
+    if recipe.tracking.trackers:
+        accelerator.init_trackers(recipe.name, config=tracker_config(recipe))
     optimizer = make_optimizer(model, recipe, stage.parameters())
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,
@@ -214,7 +388,9 @@ def train(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named += [(f"stage parameter {i}", p) for i, p in enumerate(stage.parameters())]
+    trainable = [p for _, p in named]
     log = MetricsLog(out / "metrics.jsonl", accelerator)
     meta = {
         "description": recipe.description,
@@ -224,56 +400,97 @@ def train(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     }
     n_params = sum(p.numel() for p in model.parameters())
 
+    first_step = 1
+    # figures that outlive a step and must survive a resume
+    carried: dict[str, Any] = {"last": {}, "last_eval": {}, "elapsed_s": 0.0, "skipped": 0}
+    if resume_from is not None:
+        done, carried = restore_training(resume_from, model, optimizer, scheduler, stage)
+        truncate_metrics(out / "metrics.jsonl", done)
+        first_step = done + 1
+    elif recipe.train.stage == "rl":  # the starting model's figures at step 0
+        carried["last_eval"] = evaluate_during_training(
+            accelerator.unwrap_model(model), tokenizer, recipe
+        )
+        log.log(0, carried["last_eval"])
+
+    def checkpoint(step: int) -> Path:
+        path = out / "checkpoints" / f"step-{step:06d}"
+        carried["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+        state = training_state(step, optimizer, scheduler, stage, carried)
+        save_checkpoint(
+            accelerator.unwrap_model(model), tokenizer, path, {**meta, "step": step}, state
+        )
+        prune_checkpoints(out, recipe.train.keep_checkpoints)
+        return path
+
+    elapsed_before = float(carried["elapsed_s"])
     t_start = time.perf_counter()
     tokens_since, t_since = 0, t_start
-    last: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
-    if recipe.train.stage == "rl":  # the starting model's figures at step 0
-        last_eval = evaluate_during_training(accelerator.unwrap_model(model), tokenizer, recipe)
-        log.log(0, last_eval)
     bar = tqdm(
-        range(1, recipe.train.steps + 1), desc=recipe.name, disable=not progress, dynamic_ncols=True
+        range(first_step, recipe.train.steps + 1),
+        desc=recipe.name,
+        disable=not progress,
+        dynamic_ncols=True,
+        initial=first_step - 1,
+        total=recipe.train.steps,
     )
-    for step in bar:
-        batch = stage.next_batch()
-        for _ in range(stage.epochs_per_batch):  # PPO: several updates on one rollout
-            loss, stats = stage.loss(model, batch)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"step {step}: loss is {loss.item()}; stopping (last checkpoint kept)"
-                )
-            accelerator.backward(loss)
-            grad_norm = float("nan")
-            if recipe.optim.grad_clip is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(trainable, recipe.optim.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        tokens_since += batch.num_tokens
+    with StopRequests() as stops:
+        for step in bar:
+            batch = stage.next_batch()
+            for _ in range(stage.epochs_per_batch):  # PPO: several updates on one rollout
+                loss, stats = stage.loss(model, batch)
+                fault = None if bool(torch.isfinite(loss)) else f"the loss ({loss.item()})"
+                if fault is None:
+                    accelerator.backward(loss)
+                    fault = nonfinite_gradient(named)
+                if fault is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    if recipe.train.on_nonfinite == "stop":
+                        kept = step_checkpoints(out)
+                        where = str(kept[-1][1]) if kept else "none yet"
+                        raise NonFiniteError(
+                            f"step {step}: {fault} is not finite; stopped "
+                            f"(last good checkpoint: {where}; "
+                            "train.on_nonfinite=skip skips such batches instead)"
+                        )
+                    carried["skipped"] += 1
+                    break
+                grad_norm = gradient_norm(trainable)
+                if recipe.optim.grad_clip is not None:
+                    accelerator.clip_grad_norm_(trainable, recipe.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            tokens_since += batch.num_tokens
 
-        if step % recipe.train.log_every == 0 or step == recipe.train.steps:
-            now = time.perf_counter()
-            last = {
-                **stats,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_since / max(now - t_since, 1e-9),
-                "elapsed_s": now - t_start,
-            }
-            tokens_since, t_since = 0, now
-            log.log(step, last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
-            last_eval = evaluate_during_training(accelerator.unwrap_model(model), tokenizer, recipe)
-            log.log(step, last_eval)
-            t_since = time.perf_counter()  # evaluation time is not training throughput
-        if step % recipe.train.checkpoint_every == 0 and step != recipe.train.steps:
-            save_checkpoint(
-                accelerator.unwrap_model(model),
-                tokenizer,
-                out / "checkpoints" / f"step-{step:06d}",
-                {**meta, "step": step},
-            )
+            if step % recipe.train.log_every == 0 or step == recipe.train.steps:
+                now = time.perf_counter()
+                carried["last"] = {
+                    **stats,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm if fault is None else float("nan"),
+                    "skipped_batches": carried["skipped"],
+                    "tokens_per_s": tokens_since / max(now - t_since, 1e-9),
+                    "elapsed_s": elapsed_before + now - t_start,
+                }
+                tokens_since, t_since = 0, now
+                log.log(step, carried["last"])
+                bar.set_postfix(loss=f"{carried['last']['loss']:.4f}")
+            if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
+                carried["last_eval"] = evaluate_during_training(
+                    accelerator.unwrap_model(model), tokenizer, recipe
+                )
+                log.log(step, carried["last_eval"])
+                t_since = time.perf_counter()  # evaluation time is not training throughput
+            if step == recipe.train.steps:
+                break
+            if step % recipe.train.checkpoint_every == 0:
+                saved = checkpoint(step)
+                if stops.signum is not None:
+                    raise TrainingInterrupted(out, step, stops.signum, saved)
+            elif stops.signum is not None:
+                raise TrainingInterrupted(out, step, stops.signum, checkpoint(step))
+    bar.close()
 
     save_checkpoint(
         accelerator.unwrap_model(model),
@@ -281,12 +498,14 @@ def train(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
         out / "model",
         {**meta, "step": recipe.train.steps},
     )
+    last, last_eval = carried["last"], carried["last_eval"]
     summary = {
         "name": recipe.name,
         "steps": recipe.train.steps,
         "parameters": n_params,
-        "train_time_s": round(time.perf_counter() - t_start, 2),
+        "train_time_s": round(elapsed_before + time.perf_counter() - t_start, 2),
         "final_loss": last.get("loss"),
+        "skipped_batches": carried["skipped"],
         **last_eval,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,6 +1,15 @@
 """Objectives: pure functions of token tensors, testable with no model at all."""
 
 from tether.objectives.common import certainty, shifted_token_logprobs, token_logprobs
+from tether.objectives.iqlearn import (
+    SoftValues,
+    iqlearn_loss,
+    iqlearn_online_term,
+    lambda_schedule,
+    mle_entropy_loss,
+    soft_values,
+    terminated_from_eos,
+)
 from tether.objectives.kl import (
     KL_ESTIMATORS,
     KLEstimator,
@@ -26,14 +35,19 @@ from tether.objectives.policy_gradient import (
 __all__ = [
     "KL_ESTIMATORS",
     "KLEstimator",
+    "SoftValues",
     "certainty",
     "discounted_returns",
     "entropy_bonus",
     "exact_kl",
     "gae",
+    "iqlearn_loss",
+    "iqlearn_online_term",
     "kl_estimate",
     "kl_penalty",
+    "lambda_schedule",
     "masked_mean",
+    "mle_entropy_loss",
     "mle_loss",
     "ppo_clip_loss",
     "prioritized_kl_weights",
@@ -41,7 +55,9 @@ __all__ = [
     "rloo_baseline",
     "shape_rewards_with_kl",
     "shifted_token_logprobs",
+    "soft_values",
     "terminal_rewards",
+    "terminated_from_eos",
     "token_logprobs",
     "value_loss",
 ]

@@ -1,7 +1,9 @@
 """Tasks: data plus its judge. No training code here.
 
 A task gives problems (objects with ``.prompt`` and ``.target``) for pre-training and for RL,
-a checker, and a generation budget. ``get_task`` builds one from the recipe's ``task`` section.
+a checker, a graded score in [0, 1] and a generation budget. ``get_task`` builds one from the
+recipe's ``task`` section. :class:`tether.tasks.jsonl.JsonlTask` (a user's prompt/completion
+file) implements the same protocol but needs a path, so it is built by its own constructor.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tether.tasks import addition
+from tether.tasks import addition, multistep
 
 
 class Task(Protocol):
@@ -19,6 +21,10 @@ class Task(Protocol):
     def rl_problem(self, rng: random.Random) -> Any: ...
 
     def is_correct(self, problem: Any, completion: str) -> bool: ...
+
+    def score(self, problem: Any, completion: str) -> float:
+        """Graded quality in [0, 1]; tasks without partial credit return float(is_correct)."""
+        ...
 
     def max_new_tokens(self) -> int: ...
 
@@ -40,6 +46,9 @@ class AdditionTask:
 
     def is_correct(self, problem: addition.Problem, completion: str) -> bool:
         return addition.is_correct(problem, completion)
+
+    def score(self, problem: addition.Problem, completion: str) -> float:
+        return float(self.is_correct(problem, completion))
 
     def max_new_tokens(self) -> int:
         return addition.max_completion_tokens(self.max_digits + 1)
@@ -66,13 +75,53 @@ class FirstDigitTask:
     def is_correct(self, problem: DigitProblem, completion: str) -> bool:
         return isinstance(completion, str) and completion[:1].isdigit() and completion[:1].isascii()
 
+    def score(self, problem: DigitProblem, completion: str) -> float:
+        return float(self.is_correct(problem, completion))
+
     def max_new_tokens(self) -> int:
         return 2
 
 
+@dataclass
+class MultistepTask:
+    """Multistep sums (tasks.multistep): 3-4 operands of 1..``max_digits`` digits, summed in a
+    random order with partial sums, so each prompt has many correct solutions.
+
+    Pre-training and RL draw from the same distribution: the task is for imitating a diverse
+    expert (IQLearn), not for length generalisation, so there is no N+1 split.
+    """
+
+    max_digits: int = multistep.DEFAULT_MAX_DIGITS
+    min_operands: int = multistep.MIN_OPERANDS
+    max_operands: int = multistep.MAX_OPERANDS
+
+    def pretrain_problem(self, rng: random.Random) -> multistep.Problem:
+        return multistep.make_problem(rng, self.max_digits, self.min_operands, self.max_operands)
+
+    def rl_problem(self, rng: random.Random) -> multistep.Problem:
+        return self.pretrain_problem(rng)
+
+    def is_correct(self, problem: multistep.Problem, completion: str) -> bool:
+        return multistep.is_correct(problem, completion)
+
+    def score(self, problem: multistep.Problem, completion: str) -> float:
+        return multistep.score(problem, completion)
+
+    def max_new_tokens(self) -> int:
+        return multistep.max_completion_tokens(self.max_digits, self.max_operands)
+
+
+TASK_NAMES = ("addition", "first-digit", "multistep")
+
+
 def get_task(name: str, max_digits: int, long_fraction: float = 0.0) -> Task:
+    """The task called ``name``. ``max_digits`` is N for ``addition`` and the largest operand
+    length for ``multistep`` (2 is its intended setting); ``long_fraction`` applies to
+    ``addition`` only. ``first-digit`` ignores both."""
     if name == "addition":
         return AdditionTask(max_digits, long_fraction)
     if name == "first-digit":
         return FirstDigitTask()
-    raise ValueError(f"task.name: unknown task {name!r} (known: addition, first-digit)")
+    if name == "multistep":
+        return MultistepTask(max_digits)
+    raise ValueError(f"task.name: unknown task {name!r} (known: {', '.join(TASK_NAMES)})")
