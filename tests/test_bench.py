@@ -34,3 +34,11 @@ def test_bench_rl_json_tiny_job():
     )
     split = doc["tether"]["split"]
     assert 0.0 < split["sample_s"] + split["reference_s"] + split["update_s"] <= 1.0 + 1e-6
+
+
+def test_bench_imitation_reports_ratios():
+    from tether.bench import bench_imitation
+
+    result = bench_imitation(steps=1, batch_size=4)
+    assert set(result["step_s"]) == {"mle", "iqlearn", "iqlearn_online"}
+    assert result["objective_ratio"] > 0 and result["step_ratio"]["mle"] == 1.0

@@ -185,3 +185,48 @@ def test_train_resume_errors_are_one_line(args, message):
 def test_train_resume_of_a_finished_run_is_refused(trained_run):
     code, output = _invoke("train", "--resume", trained_run)
     assert code == 2 and "already finished" in output
+
+
+TINY_SET = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "train.batch_size=8",
+    "train.eval_every=1000",
+    "eval.n=4",
+]
+
+
+def test_study_imitation_end_to_end(tmp_path):
+    args = ["study", "imitation", "--out", tmp_path, "--part", "small-data", "--seeds", "1"]
+    args += ["--steps", "2", "--prompts", "4", "--k", "2", "--train-size", "4", "--quiet"]
+    code, output = _invoke(*args, *(a for kv in TINY_SET for a in ("--set", kv)))
+    assert code == 0, output
+    folder = tmp_path / "small-data"
+    assert "| MLE |" in (folder / "report.md").read_text()
+    assert (folder / "score_vs_diversity.png").stat().st_size > 0
+    results = json.loads((folder / "results.json").read_text())
+    assert set(results) == {"MLE", "IQLearn λ=0.1"}
+    assert {"train_accuracy", "heldout_nll", "sweep", "rewards"} <= set(results["MLE"][0])
+    # finished runs are reused: a second call trains nothing
+    code, output = _invoke(*args, *(a for kv in TINY_SET for a in ("--set", kv)))
+    assert code == 0 and "seed 0" not in output
+
+
+def test_eval_sweep_and_rewards_on_multistep(tmp_path):
+    out = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: {name: multistep, max_digits: 2}\n")
+    sets = [*TINY_SET, "train.steps=2", "train.stage=iqlearn"]
+    code, output = _invoke(
+        "train", recipe, "--out", out, "--quiet", *(a for kv in sets for a in ("--set", kv))
+    )
+    assert code == 0, output
+    result = _invoke_json(
+        "eval", out, "--n", "4", "--temperatures", "0.5,1", "--k", "2", "--rewards", "--json"
+    )
+    assert result["task"] == "multistep"  # read from the checkpoint
+    assert [row["temperature"] for row in result["sweep"]] == [0.5, 1.0]
+    assert result["rewards"]["n"] == 8 and len(result["reward_examples"]) == 3
+    code, output = _invoke("eval", out, "--temperatures", "hot")
+    assert code == 2 and "--temperatures 'hot'" in output

@@ -156,7 +156,7 @@ def test_arbitrary_set_overrides(override):
 
 # ---------------------------------------------------------------- task checkers
 
-TASKS = ["addition", "first-digit"]
+TASKS = ["addition", "first-digit", "multistep"]
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -166,4 +166,24 @@ def test_checkers_accept_any_model_output(name, completion, seed):
     task = get_task(name, 3)
     problem = task.pretrain_problem(random.Random(seed))
     assert task.is_correct(problem, completion) in (True, False)
+    assert 0.0 <= task.score(problem, completion) <= 1.0
     assert task.is_correct(problem, problem.target) is True
+    assert task.score(problem, problem.target) == 1.0
+
+
+@pytest.fixture(scope="module")
+def jsonl_task(tmp_path_factory):
+    from tether.tasks.jsonl import JsonlTask
+
+    path = tmp_path_factory.mktemp("data") / "d.jsonl"
+    rows = [{"prompt": "Translate: chat", "completion": "the cat sat on the mat"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return JsonlTask.from_file(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(completion=st.text(max_size=80))
+def test_jsonl_checker_accepts_any_model_output(jsonl_task, completion):
+    problem = jsonl_task.pretrain_problem(random.Random(0))
+    assert jsonl_task.is_correct(problem, completion) in (True, False)
+    assert 0.0 <= jsonl_task.score(problem, completion) <= 1.0

@@ -15,7 +15,7 @@ import yaml
 import tether.train as train_module
 from tether.config import load_recipe
 from tether.models import ModelLoadError, load_model_and_tokenizer
-from tether.stages import MLEStage
+from tether.stages import ImitationStage
 from tether.train import (
     NonFiniteError,
     RunDirError,
@@ -81,7 +81,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
     uninterrupted, tmp_path, monkeypatch, stop_at
 ):
     run = tmp_path / "run"
-    interrupt_at(monkeypatch, MLEStage, stop_at)
+    interrupt_at(monkeypatch, ImitationStage, stop_at)
     with pytest.raises(TrainingInterrupted, match=f"SIGINT at step {stop_at}") as err:
         train(load_recipe(None, MLE), run, progress=False)
     assert err.value.exit_code == 130
@@ -167,7 +167,7 @@ def test_a_crash_while_writing_leaves_no_valid_checkpoint(tmp_path, monkeypatch)
 
 
 def _poison(monkeypatch, at_step, kind):
-    original = MLEStage.loss
+    original = ImitationStage.loss
     calls = {"n": 0}
 
     def loss(self, model, batch):
@@ -181,7 +181,7 @@ def _poison(monkeypatch, at_step, kind):
                 value = value + torch.sqrt(((w - w.detach()) ** 2).sum())
         return value, stats
 
-    monkeypatch.setattr(MLEStage, "loss", loss)
+    monkeypatch.setattr(ImitationStage, "loss", loss)
 
 
 @pytest.mark.parametrize(
@@ -288,3 +288,33 @@ def test_a_second_signal_exits_at_once(long_recipe, tmp_path):
     assert proc.returncode in (130, 143), err
     assert "exiting now, without a checkpoint" in err
     assert step_checkpoints(run) == [] and not (run / "summary.json").exists()
+
+
+def test_online_iqlearn_resume_is_exact(tmp_path, monkeypatch):
+    """Policy samples (the stage's generator) and the λ warm-up step survive a resume."""
+    overrides = [
+        "task.name=multistep",
+        "task.max_digits=1",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.max_positions=128",
+        "train.stage=iqlearn",
+        "imitation.online_fraction=0.25",
+        "imitation.lam_warmup_steps=4",
+        "train.steps=6",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "train.checkpoint_every=2",
+        "eval.n=4",
+    ]
+    train(load_recipe(None, overrides), tmp_path / "whole", progress=False)
+    interrupt_at(monkeypatch, ImitationStage, 3)
+    with pytest.raises(TrainingInterrupted):
+        train(load_recipe(None, overrides), tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    train(load_recipe(tmp_path / "cut" / "config.yaml"), tmp_path / "cut", False, resume=True)
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "whole")
+    lambdas = [r["lambda"] for r in metrics(tmp_path / "whole") if "lambda" in r]
+    assert lambdas == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])

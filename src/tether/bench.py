@@ -167,3 +167,80 @@ def bench_rl(job: RLJob) -> dict[str, Any]:
         "trl_grpo": theirs,
         "ratio": ours["completions_per_s"] / theirs["completions_per_s"],
     }
+
+
+# ---------------------------------------------------------------- tether bench imitation
+
+
+def bench_imitation(
+    steps: int = 20, batch_size: int = 64, online_fraction: float = 0.1, seed: int = 0
+) -> dict[str, Any]:
+    """The cost of IQLearn over MLE on the ``imitation-multistep`` recipe's model.
+
+    ``objective``: forward + loss + backward on one identical batch, MLE loss vs IQLearn loss,
+    alternated and timed ``steps`` times each (median); this isolates what the TD term costs.
+    ``step``: whole training steps (batch drawing, and for online IQLearn the policy samples,
+    forward, backward, AdamW) of each variant, median seconds per step.
+    """
+    import statistics
+
+    from tether.stages import DemoBatch, ImitationStage
+    from tether.train import build_policy, make_optimizer
+
+    variants = {
+        "mle": ["train.stage=mle"],
+        "iqlearn": ["train.stage=iqlearn"],
+        "iqlearn_online": ["train.stage=iqlearn", f"imitation.online_fraction={online_fraction}"],
+    }
+
+    def setup(overrides: list[str]) -> tuple[Any, Any, Any]:
+        recipe = load_recipe(
+            "imitation-multistep", [f"seed={seed}", f"train.batch_size={batch_size}", *overrides]
+        )
+        torch.manual_seed(seed)
+        model, tokenizer = build_policy(recipe)
+        stage = ImitationStage(recipe, tokenizer, model, torch.device("cpu"))
+        return model, stage, make_optimizer(model, recipe)
+
+    # the objective alone, on one batch
+    model, iq_stage, _ = setup(variants["iqlearn"])
+    _, mle_stage, _ = setup(variants["mle"])
+    batch = iq_stage.next_batch()
+    assert isinstance(batch, DemoBatch)
+    times: dict[str, list[float]] = {"mle": [], "iqlearn": []}
+    for i in range(steps + 2):
+        for name, stage, b in (("mle", mle_stage, batch.tokens), ("iqlearn", iq_stage, batch)):
+            t0 = time.perf_counter()
+            loss, _ = stage.loss(model, b)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if i >= 2:  # two warm-up rounds
+                times[name].append(time.perf_counter() - t0)
+    objective = {k: statistics.median(v) for k, v in times.items()}
+
+    step_s: dict[str, float] = {}
+    tokens: dict[str, float] = {}
+    for name, overrides in variants.items():
+        model, stage, optimizer = setup(overrides)
+        per_step, n_tokens = [], []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            b = stage.next_batch()
+            loss, _ = stage.loss(model, b)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= 2:
+                per_step.append(time.perf_counter() - t0)
+                n_tokens.append(b.num_tokens)
+        step_s[name] = statistics.median(per_step)
+        tokens[name] = sum(n_tokens) / sum(per_step)
+    return {
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "objective_s": objective,
+        "objective_ratio": objective["iqlearn"] / objective["mle"],
+        "step_s": step_s,
+        "tokens_per_s": tokens,
+        "step_ratio": {k: v / step_s["mle"] for k, v in step_s.items()},
+    }

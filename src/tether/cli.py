@@ -48,11 +48,12 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from tether.config import RecipeError
         from tether.models import ModelLoadError
+        from tether.tasks.jsonl import DatasetError
         from tether.train import NonFiniteError, RunDirError, TrainingInterrupted
 
         try:
             return fn(*args, **kwargs)
-        except (RecipeError, ModelLoadError, RunDirError, UsageError) as err:
+        except (RecipeError, ModelLoadError, RunDirError, DatasetError, UsageError) as err:
             _fail(str(err))
         except TrainingInterrupted as err:  # a checkpoint was saved; say how to go on
             typer.echo(f"interrupted: {err}", err=True)
@@ -127,7 +128,12 @@ def eval_(
     checkpoint: Annotated[
         str, typer.Argument(help="shipped model name, checkpoint or run directory")
     ],
-    task: Annotated[str, typer.Option(help="task to evaluate on")] = "addition",
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="addition, multistep... (default: the task the checkpoint was trained on)"
+        ),
+    ] = None,
     digits: Annotated[str, typer.Option(help="digit lengths, N or LO-HI")] = "1-5",
     n: Annotated[int, typer.Option(min=1, help="problems per length and kind")] = 1000,
     temperature: Annotated[
@@ -141,16 +147,28 @@ def eval_(
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of the problems and of sampling")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    temperatures: Annotated[
+        str | None,
+        typer.Option(help="diversity sweep: comma-separated temperatures, e.g. 0.5,1"),
+    ] = None,
+    k: Annotated[int, typer.Option(min=2, help="samples per prompt for the sweep/rewards")] = 4,
+    rewards: Annotated[
+        bool, typer.Option(help="IQLearn reward extraction: returns vs task score (Spearman)")
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
-    """Accuracy per digit length, identical and varying operand lengths, with 95% intervals."""
+    """Accuracy per digit length (addition) or accuracy and score (other tasks), with 95%
+    intervals; optionally a diversity sweep over temperatures and the extracted rewards."""
     from tether import evaluate
     from tether.models import checkpoint_max_digits, load_model_and_tokenizer, resolve_checkpoint
 
-    if task != "addition":
-        raise UsageError(f"--task {task!r}: known tasks: addition")
-    lengths = parse_digits(digits)
     path = resolve_checkpoint(checkpoint)
+    trained_on = _checkpoint_task(path)
+    task = task or trained_on.get("name", "addition")
+    if task != "addition" or temperatures or rewards:
+        _eval_samples(path, task, trained_on, n, temperature, temperatures, k, rewards, seed, json_)
+        return
+    lengths = parse_digits(digits)
     model, tokenizer = load_model_and_tokenizer(str(path))
     result: dict[str, Any] = {"checkpoint": str(path), "task": task}
     result["accuracy"] = evaluate.addition_accuracy(
@@ -178,6 +196,88 @@ def eval_(
     typer.echo(evaluate.accuracy_table(result["accuracy"]))
     if certainty:
         typer.echo("\n" + evaluate.certainty_table(result["certainty"]))
+
+
+def _checkpoint_task(path: Path) -> dict[str, Any]:
+    """The ``task`` section a tether checkpoint was trained with (``tether.json``), if any."""
+    meta = path / "tether.json"
+    return dict(json.loads(meta.read_text()).get("task", {})) if meta.is_file() else {}
+
+
+def _parse_temperatures(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--temperatures {text!r}: expected numbers, e.g. 0.5,1") from None
+    if not values or any(t < 0 for t in values):
+        raise UsageError(f"--temperatures {text!r}: expected temperatures >= 0, e.g. 0.5,1")
+    return values
+
+
+def _eval_samples(
+    path: Path,
+    task_name: str,
+    trained_on: dict[str, Any],
+    n: int,
+    temperature: float,
+    temperatures: str | None,
+    k: int,
+    rewards: bool,
+    seed: int,
+    json_: bool,
+) -> None:
+    """Any task: accuracy and score; the diversity sweep; the extracted-reward correlation."""
+    import random
+
+    from tether import imitation_eval as ie
+    from tether.config import TaskConfig
+    from tether.models import load_model_and_tokenizer
+    from tether.tasks import task_from_config
+
+    try:
+        fields = {**trained_on, "name": task_name, "train_size": None}
+        if task_name != trained_on.get("name"):
+            fields = {"name": task_name}
+        task = task_from_config(TaskConfig.model_validate(fields))
+    except ValueError as err:
+        raise UsageError(f"--task {task_name!r}: {str(err).splitlines()[0]}") from None
+    sweep_ts = _parse_temperatures(temperatures) if temperatures else [temperature]
+    model, tokenizer = load_model_and_tokenizer(str(path))
+    rng = random.Random(f"tether-eval/{seed}")
+    problems = [task.rl_problem(rng) for _ in range(n)]
+    result: dict[str, Any] = {"checkpoint": str(path), "task": task_name, "n": n, "k": k}
+    result["sweep"] = ie.diversity_sweep(
+        model, tokenizer, task, problems, temperatures=sweep_ts, k=k, seed=seed
+    )
+    if rewards:
+        corr = ie.reward_correlation(
+            model, tokenizer, task, problems, k=k, temperature=max(temperature, 1.0), seed=seed
+        )
+        examples = []
+        for i in range(min(3, len(corr["completions"]))):
+            prompt = problems[corr["prompt_index"][i]].prompt
+            pairs = ie.per_token_rewards(
+                model, tokenizer, prompt, corr["completions"][i], add_eos=corr["finished"][i]
+            )
+            examples.append({"prompt": prompt, "tokens": ie.format_token_rewards(pairs)})
+        result["rewards"] = {
+            key: corr[key]
+            for key in ("spearman_rho", "p_value", "spearman_rho_within", "n", "mean_return")
+        }
+        result["reward_examples"] = examples
+    if json_:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{path} on {task_name} ({n} prompts x {k} samples)\n")
+    typer.echo(ie.seeds_table({"model": [result["sweep"]]}))
+    if rewards:
+        r = result["rewards"]
+        typer.echo(
+            f"\nextracted reward vs task score: Spearman rho = {r['spearman_rho']:.3f} "
+            f"(p = {r['p_value']:.2g}, n = {r['n']}); within prompts {r['spearman_rho_within']:.3f}"
+        )
+        for ex in result["reward_examples"]:
+            typer.echo(f"\n{ex['prompt']}\n  {ex['tokens']}")
 
 
 @app.command()
@@ -311,6 +411,34 @@ bench_app = typer.Typer(help="Speed benchmarks that print figures.", no_args_is_
 app.add_typer(bench_app, name="bench")
 
 
+@bench_app.command("imitation")
+@friendly_errors
+def bench_imitation(
+    steps: Annotated[int, typer.Option(min=1, help="timed repeats of each variant")] = 20,
+    batch_size: Annotated[int, typer.Option(min=2)] = 64,
+    json_: Annotated[bool, typer.Option("--json", help="print JSON only")] = False,
+) -> None:
+    """What IQLearn costs over MLE: the objective alone on one batch, and whole steps
+    (offline and online IQLearn), on the imitation-multistep model."""
+    from tether.bench import bench_imitation as run_bench
+
+    result = run_bench(steps=steps, batch_size=batch_size)
+    if json_:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    o = result["objective_s"]
+    typer.echo(
+        f"objective (forward+loss+backward, same batch of {batch_size}): "
+        f"MLE {o['mle'] * 1e3:.1f} ms, IQLearn {o['iqlearn'] * 1e3:.1f} ms, "
+        f"ratio {result['objective_ratio']:.3f}"
+    )
+    for name, sec in result["step_s"].items():
+        typer.echo(
+            f"step {name:>15}: {sec * 1e3:7.1f} ms  {result['tokens_per_s'][name]:9.0f} tokens/s"
+            f"  x{result['step_ratio'][name]:.3f} of MLE"
+        )
+
+
 @bench_app.command("rl")
 @friendly_errors
 def bench_rl(
@@ -357,6 +485,52 @@ def models(json_: Annotated[bool, typer.Option("--json", help="print JSON")] = F
         typer.echo("no shipped models")
     for name, info in shipped.items():
         typer.echo(f"{name}\n  {info.get('description', '')}\n  path: {info['path']}")
+
+
+study_app = typer.Typer(
+    help="Multi-run studies that reproduce a paper's claims.", no_args_is_help=True
+)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("imitation")
+@friendly_errors
+def study_imitation(
+    out: Annotated[Path, typer.Option(help="study folder")] = Path("runs/imitation"),
+    part: Annotated[
+        list[str] | None, typer.Option(help="tradeoff and/or small-data (default both)")
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1)] = 3,
+    steps: Annotated[int | None, typer.Option(min=1, help="training steps per run")] = None,
+    train_size: Annotated[int, typer.Option(min=1, help="small-data: training problems")] = 256,
+    prompts: Annotated[int, typer.Option(min=1, help="held-out prompts per evaluation")] = 64,
+    k: Annotated[int, typer.Option(min=2, help="samples per prompt")] = 4,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key in every run: a.b=value")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """MLE vs MLE + entropy vs IQLearn (λ sweep, online) on multistep sums: score against
+    Self-BLEU over temperatures, reward-score correlation, and the small-data setting."""
+    from tether.study_imitation import PARTS, run_imitation_study
+
+    parts = tuple(part or PARTS)
+    for name in parts:
+        if name not in PARTS:
+            raise UsageError(f"--part {name!r}: choose from {', '.join(PARTS)}")
+    for report in run_imitation_study(
+        out,
+        parts,
+        seeds=seeds,
+        steps=steps,
+        train_size=train_size,
+        n_prompts=prompts,
+        k=k,
+        overrides=set_ or [],
+        progress=not quiet,
+        echo=lambda m: typer.echo(m, err=True),
+    ):
+        typer.echo(report.read_text())
 
 
 def main() -> None:

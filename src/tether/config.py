@@ -23,14 +23,33 @@ class Strict(BaseModel):
 
 
 class TaskConfig(Strict):
-    name: Literal["addition", "first-digit"] = "addition"
-    max_digits: int = Field(3, ge=1, le=18, description="N: pre-training covers 1..N digits")
+    name: Literal["addition", "first-digit", "multistep", "jsonl"] = "addition"
+    max_digits: int = Field(
+        3,
+        ge=1,
+        le=18,
+        description="addition: N (pre-training covers 1..N digits); multistep: the longest operand",
+    )
     long_fraction: float = Field(
         0.0,
         ge=0.0,
         le=1.0,
         description="share of pre-training problems drawn from the N+1 RL distribution",
     )
+    train_size: int | None = Field(
+        None, ge=1, description="a fixed training set of this many problems (small-data runs)"
+    )
+    path: str | None = Field(None, description="jsonl: the prompt/completion file")
+    prompt_field: str = Field("prompt", min_length=1)
+    completion_field: str = Field("completion", min_length=1)
+    max_chars: int | None = Field(None, ge=1, description="jsonl: skip longer rows (counted)")
+    strict: bool = Field(False, description="jsonl: any bad row is an error, not a counted skip")
+
+    @model_validator(mode="after")
+    def _jsonl_needs_a_path(self) -> TaskConfig:
+        if self.name == "jsonl" and not self.path:
+            raise ValueError("task.path is required when task.name is jsonl (a JSON Lines file)")
+        return self
 
 
 class ModelConfig(Strict):
@@ -60,7 +79,7 @@ class OptimConfig(Strict):
 
 
 class TrainConfig(Strict):
-    stage: Literal["mle", "rl"] = "mle"
+    stage: Literal["mle", "iqlearn", "rl"] = "mle"
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1, le=65536)
     log_every: int = Field(10, ge=1)
@@ -114,6 +133,23 @@ class RLConfig(Strict):
         return self
 
 
+class ImitationConfig(Strict):
+    """Learning from demonstrations (METHODS.md §4): ``train.stage: mle`` (with an optional
+    entropy bonus) or ``train.stage: iqlearn``, offline or online."""
+
+    entropy_coef: float = Field(0.0, ge=0.0, description="mle: the MLE + entropy-bonus baseline")
+    lam: float = Field(0.1, ge=0.0, description="iqlearn: λ, weight of the TD term r̂²")
+    lam_warmup_steps: int = Field(0, ge=0, description="iqlearn: λ rises linearly from 0")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="iqlearn: discount of r̂ = Q − γV′")
+    online_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="iqlearn: α_mix, share of each batch sampled from the policy (0 = offline)",
+    )
+    online_temperature: float = Field(1.0, gt=0.0, description="iqlearn: policy sampling T")
+
+
 class EvalConfig(Strict):
     digits: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], description="[] = no table")
     n: int = Field(100, ge=1, description="problems per digit length and kind")
@@ -141,6 +177,7 @@ class Recipe(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    imitation: ImitationConfig = Field(default_factory=ImitationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

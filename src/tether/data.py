@@ -41,13 +41,20 @@ def collate_pairs(
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos else []
-    rows = [p + c + eos for p, c in zip(prompt_ids, completion_ids, strict=False)]
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return collate_token_rows(prompt_ids, [c + eos for c in completion_ids], pad)
+
+
+def collate_token_rows(
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad: int
+) -> TokenBatch:
+    """Prompt + completion token rows, right-padded; the loss mask covers the completion."""
+    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     loss = torch.zeros((len(rows), width), dtype=torch.float32)
-    for i, (p, row) in enumerate(zip(prompt_ids, rows, strict=False)):
+    for i, (p, row) in enumerate(zip(prompt_ids, rows, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)
         attn[i, : len(row)] = 1
         loss[i, len(p) : len(row)] = 1.0

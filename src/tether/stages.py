@@ -8,19 +8,29 @@ draws fresh problems from the task's generator every step (no fixed dataset, no 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import Recipe
-from tether.data import TokenBatch, collate_pairs
-from tether.objectives import mle_loss, shifted_token_logprobs
-from tether.tasks import get_task
+from tether.data import TokenBatch, collate_pairs, collate_token_rows
+from tether.models import prompt_text
+from tether.objectives import (
+    iqlearn_loss,
+    lambda_schedule,
+    mle_entropy_loss,
+    mle_loss,
+    shifted_token_logprobs,
+)
+from tether.sampling import sample
+from tether.tasks import Task, task_from_config
 
 
 class Stage(Protocol):
     epochs_per_batch: int  # optimizer steps on each batch (PPO: several)
+    task: Task  # where the problems come from; evaluation uses the same one
 
     def next_batch(self) -> Any: ...
 
@@ -34,47 +44,136 @@ class Stage(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class MLEStage:
-    """Completion-only maximum likelihood on the task's pre-training distribution."""
+@dataclass
+class DemoBatch:
+    """Demonstrations (and, for online IQLearn, policy samples) as one right-padded batch."""
+
+    tokens: TokenBatch
+    terminated: torch.Tensor  # [B] bool: the row ends with EOS (not cut by the length limit)
+    is_expert: torch.Tensor | None  # [B] bool; None when every row is a demonstration
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.num_tokens
+
+
+class ImitationStage:
+    """Learning from the task's demonstrations (METHODS.md §4), one batch source for three
+    objectives: ``train.stage: mle`` (completion-only maximum likelihood, plus an entropy
+    bonus when ``imitation.entropy_coef`` > 0) and ``train.stage: iqlearn`` (TD-regularised
+    MLE; online when ``imitation.online_fraction`` > 0: that share of each batch is completions
+    sampled from the policy for fresh prompts). Problems are drawn fresh from the task's
+    generator every step, or from its fixed pool with ``task.train_size``."""
 
     epochs_per_batch = 1
 
-    def __init__(self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, device: torch.device):
+    def __init__(
+        self,
+        recipe: Recipe,
+        tokenizer: PreTrainedTokenizerBase,
+        model: PreTrainedModel,
+        device: torch.device,
+    ):
+        self.method = recipe.train.stage
+        self.cfg = recipe.imitation
         self.tokenizer = tokenizer
+        self.model = model
         self.batch_size = recipe.train.batch_size
-        self.task = get_task(recipe.task.name, recipe.task.max_digits, recipe.task.long_fraction)
+        self.task = task_from_config(recipe.task, recipe.seed)
         self.rng = random.Random(recipe.seed)
+        self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
         self.device = device
-
-    def next_batch(self) -> TokenBatch:
-        problems = [self.task.pretrain_problem(self.rng) for _ in range(self.batch_size)]
-        batch = collate_pairs(
-            self.tokenizer, [p.prompt for p in problems], [p.target for p in problems]
-        )
-        return batch.to(self.device)
+        self.step = 0  # batches drawn: drives the λ warm-up
+        online = self.cfg.online_fraction if self.method == "iqlearn" else 0.0
+        self.n_policy = min(round(online * self.batch_size), self.batch_size - 1)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate()}
+        return {
+            "rng": self.rng.getstate(),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.setstate(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+
+    def next_batch(self) -> DemoBatch | TokenBatch:
+        self.step += 1
+        problems = [self.task.pretrain_problem(self.rng) for _ in range(self.batch_size)]
+        prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
+        n_expert = self.batch_size - self.n_policy
+        if self.method == "mle":
+            targets = [p.target for p in problems]
+            return collate_pairs(self.tokenizer, prompts, targets).to(self.device)
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        completions = self.tokenizer(
+            [p.target for p in problems[:n_expert]], add_special_tokens=False
+        )["input_ids"]
+        completions = [c + [eos] for c in completions]
+        terminated = [True] * n_expert
+        if self.n_policy:
+            was_training = self.model.training
+            self.model.eval()
+            out = sample(
+                self.model,
+                self.tokenizer,
+                prompts[n_expert:],
+                max_new_tokens=self.task.max_new_tokens(),
+                temperature=self.cfg.online_temperature,
+                generator=self.generator,
+            )
+            self.model.train(was_training)
+            for row, mask, ended in zip(
+                out.completion_ids.tolist(), out.completion_mask.tolist(), out.finished, strict=True
+            ):
+                completions.append([t for t, m in zip(row, mask, strict=True) if m])
+                terminated.append(bool(ended))
+        tokens = collate_token_rows(prompt_ids, completions, self.tokenizer.pad_token_id or 0)
+        is_expert = None
+        if self.n_policy:
+            is_expert = torch.arange(self.batch_size, device=self.device) < n_expert
+        return DemoBatch(
+            tokens.to(self.device), torch.tensor(terminated, device=self.device), is_expert
+        )
 
     def loss(
-        self, model: PreTrainedModel, batch: TokenBatch
+        self, model: PreTrainedModel, batch: DemoBatch | TokenBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logprobs = shifted_token_logprobs(logits, batch.input_ids)
-        return mle_loss(logprobs, batch.loss_mask)
+        tokens = batch.tokens if isinstance(batch, DemoBatch) else batch
+        logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
+        if self.method == "mle":
+            if self.cfg.entropy_coef > 0:
+                return mle_entropy_loss(
+                    logits, tokens.input_ids, tokens.loss_mask, self.cfg.entropy_coef
+                )
+            logprobs = shifted_token_logprobs(logits, tokens.input_ids)
+            return mle_loss(logprobs, tokens.loss_mask)
+        assert isinstance(batch, DemoBatch)
+        lam = lambda_schedule(self.step, self.cfg.lam, self.cfg.lam_warmup_steps)
+        loss, stats = iqlearn_loss(
+            logits,
+            tokens.input_ids,
+            tokens.loss_mask,
+            batch.terminated,
+            lam=lam,
+            gamma=self.cfg.gamma,
+            is_expert=batch.is_expert,
+            alpha_mix=self.cfg.online_fraction,
+        )
+        return loss, {**stats, "lambda": lam}
 
 
 def make_stage(
     recipe: Recipe, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, device: torch.device
 ) -> Stage:
-    if recipe.train.stage == "mle":
-        return MLEStage(recipe, tokenizer, device)
+    if recipe.train.stage in ("mle", "iqlearn"):
+        return ImitationStage(recipe, tokenizer, model, device)
     if recipe.train.stage == "rl":
         from tether.rl import RLStage
 

@@ -32,11 +32,10 @@ from transformers import (
 )
 
 from tether.config import Recipe, dump_recipe
-from tether.models import build_model, char_tokenizer, load_model_and_tokenizer
+from tether.models import build_model, char_tokenizer, load_model_and_tokenizer, prompt_text
 from tether.sampling import sample
 from tether.stages import make_stage
-from tether.tasks import Task, get_task
-from tether.tasks.addition import GENERATION_MARGIN
+from tether.tasks import AdditionTask, Task, task_from_config
 
 
 class RunDirError(ValueError):
@@ -104,14 +103,17 @@ def tracker_config(recipe: Recipe) -> dict[str, Any]:
 
 
 def evaluate_during_training(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: Recipe,
+    task: Task | None = None,
 ) -> dict[str, float]:
     """Figures logged at each evaluation: for addition, greedy accuracy per length (the
     ``eval.digits`` table), for RL the accuracy on the RL and pre-training distributions, and
     the critical-token probe; for other tasks, accuracy on the RL distribution."""
     from tether.evaluate import addition_accuracy, critical_token_probabilities
 
-    task = get_task(recipe.task.name, recipe.task.max_digits)
+    task = task or task_from_config(recipe.task, recipe.seed)
     was_training = model.training
     model.eval()
     flat: dict[str, float] = {}
@@ -130,12 +132,14 @@ def evaluate_during_training(
                 flat[f"eval/acc_{kind}_{d}"] = cell["accuracy"]
     if recipe.train.stage == "rl" or recipe.task.name != "addition":
         rng = random.Random(f"tether-eval/{recipe.seed}")
-        flat["eval/acc_rl"] = task_accuracy(
-            model, tokenizer, task, [task.rl_problem(rng) for _ in range(recipe.eval.n)], recipe
-        )
-        if recipe.task.name == "addition":
-            problems = [task.pretrain_problem(rng) for _ in range(recipe.eval.n)]
-            flat["eval/acc_pretrain"] = task_accuracy(model, tokenizer, task, problems, recipe)
+        problems = [task.rl_problem(rng) for _ in range(recipe.eval.n)]
+        flat["eval/acc_rl"], score = task_accuracy(model, tokenizer, task, problems, recipe)
+        if recipe.task.name != "addition":
+            flat["eval/score"] = score
+        if recipe.task.name == "addition":  # 1..N digits, without the long_fraction mix
+            pretrain = AdditionTask(recipe.task.max_digits)
+            problems = [pretrain.pretrain_problem(rng) for _ in range(recipe.eval.n)]
+            flat["eval/acc_pretrain"] = task_accuracy(model, tokenizer, task, problems, recipe)[0]
     if recipe.task.name == "addition":  # the Fig. 4/7 probe on a fixed set of N+1-digit problems
         probe_rng = random.Random(f"tether-probe/{recipe.seed}")
         probe = [task.rl_problem(probe_rng) for _ in range(64)]
@@ -154,20 +158,22 @@ def task_accuracy(
     task: Task,
     problems: list[Any],
     recipe: Recipe,
-) -> float:
-    """Accuracy on ``problems`` at ``eval.temperature`` (greedy by default)."""
+) -> tuple[float, float]:
+    """Accuracy and mean ``task.score`` on ``problems`` at ``eval.temperature`` (greedy by
+    default), prompts formatted as the model expects (chat template where it has one)."""
     gen = torch.Generator(device=model.device).manual_seed(recipe.seed)
     out = sample(
         model,
         tokenizer,
-        [p.prompt for p in problems],
-        max_new_tokens=max(len(p.target) for p in problems) + GENERATION_MARGIN,
+        [prompt_text(tokenizer, p.prompt) for p in problems],
+        max_new_tokens=task.max_new_tokens(),
         temperature=recipe.eval.temperature,
         generator=gen,
         batch_size=recipe.eval.batch_size,
     )
     correct = [task.is_correct(p, t) for p, t in zip(problems, out.texts, strict=True)]
-    return sum(correct) / len(correct)
+    scores = [task.score(p, t) for p, t in zip(problems, out.texts, strict=True)]
+    return sum(correct) / len(correct), sum(scores) / len(scores)
 
 
 def build_policy(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -377,6 +383,9 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     if resume_from is None:  # written only once the models load: a bad path leaves no folder
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_recipe(recipe))
+    data_report = getattr(stage.task, "report", None)  # a JSONL file: rows kept and skipped
+    if data_report is not None:
+        tqdm.write(f"data: {data_report.summary()}", file=sys.stderr)
     if recipe.tracking.trackers:
         accelerator.init_trackers(recipe.name, config=tracker_config(recipe))
     optimizer = make_optimizer(model, recipe, stage.parameters())
@@ -409,7 +418,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         first_step = done + 1
     elif recipe.train.stage == "rl":  # the starting model's figures at step 0
         carried["last_eval"] = evaluate_during_training(
-            accelerator.unwrap_model(model), tokenizer, recipe
+            accelerator.unwrap_model(model), tokenizer, recipe, stage.task
         )
         log.log(0, carried["last_eval"])
 
@@ -478,7 +487,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
                 bar.set_postfix(loss=f"{carried['last']['loss']:.4f}")
             if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
                 carried["last_eval"] = evaluate_during_training(
-                    accelerator.unwrap_model(model), tokenizer, recipe
+                    accelerator.unwrap_model(model), tokenizer, recipe, stage.task
                 )
                 log.log(step, carried["last_eval"])
                 t_since = time.perf_counter()  # evaluation time is not training throughput
@@ -506,6 +515,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         "train_time_s": round(elapsed_before + time.perf_counter() - t_start, 2),
         "final_loss": last.get("loss"),
         "skipped_batches": carried["skipped"],
+        **({"data": data_report.summary()} if data_report is not None else {}),
         **last_eval,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -111,7 +111,7 @@ class MultistepTask:
         return multistep.max_completion_tokens(self.max_digits, self.max_operands)
 
 
-TASK_NAMES = ("addition", "first-digit", "multistep")
+TASK_NAMES = ("addition", "first-digit", "multistep", "jsonl")
 
 
 def get_task(name: str, max_digits: int, long_fraction: float = 0.0) -> Task:
@@ -125,3 +125,53 @@ def get_task(name: str, max_digits: int, long_fraction: float = 0.0) -> Task:
     if name == "multistep":
         return MultistepTask(max_digits)
     raise ValueError(f"task.name: unknown task {name!r} (known: {', '.join(TASK_NAMES)})")
+
+
+@dataclass
+class FixedPool:
+    """The small-data setting: ``size`` training problems drawn once (seeded) from ``task``;
+    pre-training samples come from that pool, RL and evaluation problems stay fresh."""
+
+    task: Task
+    problems: list[Any]
+
+    @classmethod
+    def draw(cls, task: Task, size: int, seed: int) -> FixedPool:
+        rng = random.Random(f"tether-pool/{seed}")
+        return cls(task, [task.pretrain_problem(rng) for _ in range(size)])
+
+    def pretrain_problem(self, rng: random.Random) -> Any:
+        return self.problems[rng.randrange(len(self.problems))]
+
+    def rl_problem(self, rng: random.Random) -> Any:
+        return self.task.rl_problem(rng)
+
+    def is_correct(self, problem: Any, completion: str) -> bool:
+        return self.task.is_correct(problem, completion)
+
+    def score(self, problem: Any, completion: str) -> float:
+        return self.task.score(problem, completion)
+
+    def max_new_tokens(self) -> int:
+        return self.task.max_new_tokens()
+
+
+def task_from_config(cfg: Any, seed: int = 0) -> Task:
+    """The task a recipe's ``task`` section describes (a :class:`tether.config.TaskConfig`).
+    Raises :class:`tether.tasks.jsonl.DatasetError` for an unusable JSONL file."""
+    task: Task
+    if cfg.name == "jsonl":
+        from tether.tasks.jsonl import JsonlTask
+
+        task = JsonlTask.from_file(
+            cfg.path,
+            prompt_field=cfg.prompt_field,
+            completion_field=cfg.completion_field,
+            max_chars=cfg.max_chars,
+            strict=cfg.strict,
+        )
+    else:
+        task = get_task(cfg.name, cfg.max_digits, cfg.long_fraction)
+    if cfg.train_size is not None:
+        task = FixedPool.draw(task, cfg.train_size, seed)
+    return task

