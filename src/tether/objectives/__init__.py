@@ -1,6 +1,16 @@
 """Objectives: pure functions of token tensors, testable with no model at all."""
 
 from tether.objectives.common import certainty, shifted_token_logprobs, token_logprobs
+from tether.objectives.dpg import (
+    F_DIVERGENCES,
+    FDPG_BASELINES,
+    FDivergence,
+    FDPGBaseline,
+    dpg_loss,
+    f_dpg_loss,
+    f_dpg_pseudo_reward,
+    kl_adaptive_proposal_update,
+)
 from tether.objectives.iqlearn import (
     SoftValues,
     iqlearn_loss,
@@ -31,18 +41,45 @@ from tether.objectives.policy_gradient import (
     terminal_rewards,
     value_loss,
 )
+from tether.objectives.preference import (
+    PREFERENCE_LOSSES,
+    PreferenceLoss,
+    PreferencePairs,
+    bradley_terry_loss,
+    dpo_loss,
+    ipo_loss,
+    preference_loss,
+    preference_pairs,
+    sequence_logprobs,
+    sequence_logratios,
+    xpo_loss,
+)
 
 __all__ = [
+    "FDPG_BASELINES",
+    "F_DIVERGENCES",
     "KL_ESTIMATORS",
+    "PREFERENCE_LOSSES",
+    "FDPGBaseline",
+    "FDivergence",
     "KLEstimator",
+    "PreferenceLoss",
+    "PreferencePairs",
     "SoftValues",
+    "bradley_terry_loss",
     "certainty",
     "discounted_returns",
+    "dpg_loss",
+    "dpo_loss",
     "entropy_bonus",
     "exact_kl",
+    "f_dpg_loss",
+    "f_dpg_pseudo_reward",
     "gae",
+    "ipo_loss",
     "iqlearn_loss",
     "iqlearn_online_term",
+    "kl_adaptive_proposal_update",
     "kl_estimate",
     "kl_penalty",
     "lambda_schedule",
@@ -50,9 +87,13 @@ __all__ = [
     "mle_entropy_loss",
     "mle_loss",
     "ppo_clip_loss",
+    "preference_loss",
+    "preference_pairs",
     "prioritized_kl_weights",
     "reinforce_loss",
     "rloo_baseline",
+    "sequence_logprobs",
+    "sequence_logratios",
     "shape_rewards_with_kl",
     "shifted_token_logprobs",
     "soft_values",
@@ -60,4 +101,5 @@ __all__ = [
     "terminated_from_eos",
     "token_logprobs",
     "value_loss",
+    "xpo_loss",
 ]
