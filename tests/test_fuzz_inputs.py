@@ -156,7 +156,7 @@ def test_arbitrary_set_overrides(override):
 
 # ---------------------------------------------------------------- task checkers
 
-TASKS = ["addition", "first-digit", "multistep"]
+TASKS = ["addition", "first-digit", "multistep", "multistep-prefs"]
 
 
 @pytest.mark.parametrize("name", TASKS)

@@ -133,6 +133,8 @@ def bench_trl(job: RLJob) -> dict[str, Any]:
         beta=KL_COEF,
         max_steps=job.steps + 1,
         use_cpu=True,
+        bf16=False,  # TRL defaults to bf16 autocast; tether trains in fp32, so compare fp32
+        gradient_checkpointing=False,  # TRL's default recomputes activations; tether does not
         logging_steps=10**6,
         save_strategy="no",
         report_to="none",

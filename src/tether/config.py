@@ -23,12 +23,15 @@ class Strict(BaseModel):
 
 
 class TaskConfig(Strict):
-    name: Literal["addition", "first-digit", "multistep", "jsonl"] = "addition"
+    name: Literal[
+        "addition", "first-digit", "multistep", "jsonl", "multistep-prefs", "prefs-jsonl"
+    ] = "addition"
     max_digits: int = Field(
         3,
         ge=1,
         le=18,
-        description="addition: N (pre-training covers 1..N digits); multistep: the longest operand",
+        description="addition: N (pre-training covers 1..N digits); multistep, multistep-prefs: "
+        "the longest operand",
     )
     long_fraction: float = Field(
         0.0,
@@ -39,16 +42,31 @@ class TaskConfig(Strict):
     train_size: int | None = Field(
         None, ge=1, description="a fixed training set of this many problems (small-data runs)"
     )
-    path: str | None = Field(None, description="jsonl: the prompt/completion file")
+    path: str | None = Field(
+        None, description="jsonl: the prompt/completion file; prefs-jsonl: the preference file"
+    )
     prompt_field: str = Field("prompt", min_length=1)
     completion_field: str = Field("completion", min_length=1)
-    max_chars: int | None = Field(None, ge=1, description="jsonl: skip longer rows (counted)")
-    strict: bool = Field(False, description="jsonl: any bad row is an error, not a counted skip")
+    chosen_field: str = Field("chosen", min_length=1, description="prefs-jsonl")
+    rejected_field: str = Field("rejected", min_length=1, description="prefs-jsonl")
+    max_chars: int | None = Field(
+        None, ge=1, description="jsonl, prefs-jsonl: skip longer rows (counted)"
+    )
+    strict: bool = Field(
+        False, description="jsonl, prefs-jsonl: any bad row is an error, not a counted skip"
+    )
 
     @model_validator(mode="after")
-    def _jsonl_needs_a_path(self) -> TaskConfig:
-        if self.name == "jsonl" and not self.path:
-            raise ValueError("task.path is required when task.name is jsonl (a JSON Lines file)")
+    def _files_need_a_path(self) -> TaskConfig:
+        if self.name in ("jsonl", "prefs-jsonl") and not self.path:
+            raise ValueError(
+                f"task.path is required when task.name is {self.name} (a JSON Lines file)"
+            )
+        fields = (self.prompt_field, self.chosen_field, self.rejected_field)
+        if self.name == "prefs-jsonl" and len(set(fields)) != 3:
+            raise ValueError(
+                "task.prompt_field, chosen_field and rejected_field must be three different names"
+            )
         return self
 
 
@@ -79,7 +97,7 @@ class OptimConfig(Strict):
 
 
 class TrainConfig(Strict):
-    stage: Literal["mle", "iqlearn", "rl"] = "mle"
+    stage: Literal["mle", "iqlearn", "rl", "dpo", "reward-model"] = "mle"
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1, le=65536)
     log_every: int = Field(10, ge=1)
@@ -150,6 +168,28 @@ class ImitationConfig(Strict):
     online_temperature: float = Field(1.0, gt=0.0, description="iqlearn: policy sampling T")
 
 
+class PreferenceConfig(Strict):
+    """Offline preference learning (METHODS.md §7) on a preference task (``multistep-prefs``
+    or ``prefs-jsonl``): ``train.stage: dpo`` (DPO with ``loss: sigmoid``, IPO with
+    ``loss: ipo``; the reference is the frozen ``model.init``) and ``train.stage:
+    reward-model`` (a Bradley–Terry scalar head, which uses none of these keys)."""
+
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: DPO or IPO")
+    beta: float = Field(0.1, gt=0.0, description="β: the KL strength (IPO's τ)")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="sigmoid: conservative DPO's ε (label flip rate)"
+    )
+    length_normalize: bool = Field(
+        False, description="log-ratios averaged over response tokens instead of summed"
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_for_sigmoid(self) -> PreferenceConfig:
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to loss sigmoid only, not ipo")
+        return self
+
+
 class EvalConfig(Strict):
     digits: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], description="[] = no table")
     n: int = Field(100, ge=1, description="problems per digit length and kind")
@@ -178,13 +218,23 @@ class Recipe(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     imitation: ImitationConfig = Field(default_factory=ImitationConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _rl_needs_a_reference(self) -> Recipe:
-        if self.train.stage == "rl" and self.model.init is None:
-            raise ValueError("model.init is required when train.stage is rl (it is the reference)")
+        if self.train.stage in ("rl", "dpo") and self.model.init is None:
+            raise ValueError(
+                f"model.init is required when train.stage is {self.train.stage} "
+                "(it is the reference)"
+            )
+        preference_task = self.task.name in ("multistep-prefs", "prefs-jsonl")
+        if self.train.stage in ("dpo", "reward-model") and not preference_task:
+            raise ValueError(
+                f"train.stage {self.train.stage} needs preference pairs: task.name "
+                f"multistep-prefs or prefs-jsonl (got {self.task.name})"
+            )
         return self
 
 

@@ -43,6 +43,8 @@ class Stage(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    # optional: ``save_extra(folder)`` writes files that belong beside each checkpoint's weights
+
 
 @dataclass
 class DemoBatch:
@@ -178,4 +180,12 @@ def make_stage(
         from tether.rl import RLStage
 
         return RLStage(recipe, tokenizer, model, device)
+    if recipe.train.stage == "dpo":
+        from tether.preference_stage import DPOStage
+
+        return DPOStage(recipe, tokenizer, model, device)
+    if recipe.train.stage == "reward-model":
+        from tether.preference_stage import RewardModelStage
+
+        return RewardModelStage(recipe, tokenizer, model, device)
     raise ValueError(f"train.stage: unknown stage {recipe.train.stage!r}")

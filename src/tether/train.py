@@ -61,6 +61,7 @@ def save_checkpoint(
     path: Path,
     meta: dict[str, Any],
     state: dict[str, Any] | None = None,
+    extra: Any = None,
 ) -> None:
     """Write to a temporary sibling (``NAME.tmp``), then rename, so a crash never leaves a
     half checkpoint under the final name (and loaders refuse ``*.tmp`` folders).
@@ -72,6 +73,8 @@ def save_checkpoint(
     tokenizer.save_pretrained(tmp)
     if state is not None:
         torch.save(state, tmp / TRAINER_STATE)
+    if extra is not None:  # files a stage keeps beside the weights (a reward model's head)
+        extra(tmp)
     (tmp / "tether.json").write_text(json.dumps(meta, indent=2) + "\n")
     if path.exists():
         shutil.rmtree(path)
@@ -383,6 +386,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     if resume_from is None:  # written only once the models load: a bad path leaves no folder
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_recipe(recipe))
+    extra = getattr(stage, "save_extra", None)  # optional: files beside each checkpoint
     data_report = getattr(stage.task, "report", None)  # a JSONL file: rows kept and skipped
     if data_report is not None:
         tqdm.write(f"data: {data_report.summary()}", file=sys.stderr)
@@ -427,7 +431,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         carried["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
         state = training_state(step, optimizer, scheduler, stage, carried)
         save_checkpoint(
-            accelerator.unwrap_model(model), tokenizer, path, {**meta, "step": step}, state
+            accelerator.unwrap_model(model), tokenizer, path, {**meta, "step": step}, state, extra
         )
         prune_checkpoints(out, recipe.train.keep_checkpoints)
         return path
@@ -506,6 +510,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         tokenizer,
         out / "model",
         {**meta, "step": recipe.train.steps},
+        extra=extra,
     )
     last, last_eval = carried["last"], carried["last_eval"]
     summary = {

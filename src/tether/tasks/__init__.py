@@ -3,7 +3,9 @@
 A task gives problems (objects with ``.prompt`` and ``.target``) for pre-training and for RL,
 a checker, a graded score in [0, 1] and a generation budget. ``get_task`` builds one from the
 recipe's ``task`` section. :class:`tether.tasks.jsonl.JsonlTask` (a user's prompt/completion
-file) implements the same protocol but needs a path, so it is built by its own constructor.
+file) and :class:`tether.tasks.preferences.PreferenceTask` (a user's preference pairs) implement
+the same protocol but need a path, so they are built by their own constructors
+(:func:`task_from_config` builds every kind).
 """
 
 from __future__ import annotations
@@ -111,12 +113,14 @@ class MultistepTask:
         return multistep.max_completion_tokens(self.max_digits, self.max_operands)
 
 
-TASK_NAMES = ("addition", "first-digit", "multistep", "jsonl")
+TASK_NAMES = ("addition", "first-digit", "multistep", "jsonl", "multistep-prefs", "prefs-jsonl")
+# tasks whose problems are preference pairs (.prompt, .chosen, .rejected): dpo, reward-model
+PREFERENCE_TASKS = ("multistep-prefs", "prefs-jsonl")
 
 
 def get_task(name: str, max_digits: int, long_fraction: float = 0.0) -> Task:
     """The task called ``name``. ``max_digits`` is N for ``addition`` and the largest operand
-    length for ``multistep`` (2 is its intended setting); ``long_fraction`` applies to
+    length for ``multistep`` and ``multistep-prefs`` (2 is their intended setting); ``long_fraction`` applies to
     ``addition`` only. ``first-digit`` ignores both."""
     if name == "addition":
         return AdditionTask(max_digits, long_fraction)
@@ -124,6 +128,10 @@ def get_task(name: str, max_digits: int, long_fraction: float = 0.0) -> Task:
         return FirstDigitTask()
     if name == "multistep":
         return MultistepTask(max_digits)
+    if name == "multistep-prefs":
+        from tether.tasks.preferences import MultistepPrefsTask
+
+        return MultistepPrefsTask(max_digits)
     raise ValueError(f"task.name: unknown task {name!r} (known: {', '.join(TASK_NAMES)})")
 
 
@@ -167,6 +175,17 @@ def task_from_config(cfg: Any, seed: int = 0) -> Task:
             cfg.path,
             prompt_field=cfg.prompt_field,
             completion_field=cfg.completion_field,
+            max_chars=cfg.max_chars,
+            strict=cfg.strict,
+        )
+    elif cfg.name == "prefs-jsonl":
+        from tether.tasks.preferences import PreferenceTask
+
+        task = PreferenceTask.from_file(
+            cfg.path,
+            prompt_field=cfg.prompt_field,
+            chosen_field=cfg.chosen_field,
+            rejected_field=cfg.rejected_field,
             max_chars=cfg.max_chars,
             strict=cfg.strict,
         )

@@ -23,7 +23,9 @@ bad row an error instead. Skip reasons:
 - ``bad_text``: a string with an unpaired surrogate escape (``"\\ud800"``), which no
   tokenizer can encode;
 - ``empty_completion``: the completion is empty or whitespace (nothing to learn);
-- ``too_long``: prompt plus completion exceed ``max_chars`` characters.
+- ``too_long``: prompt plus completion exceed ``max_chars`` characters;
+- ``same_response``: (preference files only, :mod:`tether.tasks.preferences`) the chosen and
+  rejected responses are the same string.
 
 Blank lines are ignored (counted in ``SkipReport.blank_lines``, never an error). A UTF-8 byte
 order mark at the start of the file is allowed.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -48,6 +51,7 @@ SKIP_REASONS = (
     "bad_text",
     "empty_completion",
     "too_long",
+    "same_response",  # preference rows (tasks.preferences): chosen == rejected
 )
 FIRST_LINES_KEPT = 5  # line numbers remembered per skip reason
 GENERATION_MARGIN = 16  # as in tasks.addition: EOS plus slack beyond the longest reference
@@ -137,35 +141,48 @@ def _check_text(value: str) -> bool:
     return True
 
 
-class _Skip(NamedTuple):
+class RowSkip(NamedTuple):
+    """Why a row is skipped: a reason from :data:`SKIP_REASONS` and a one-line detail."""
+
     reason: str
     detail: str
 
 
-def _check_row(
-    obj: Any, prompt_field: str, completion_field: str, max_chars: int | None
-) -> tuple[str, str] | _Skip:
-    """(prompt, completion) for a usable row, else why it is skipped."""
+def check_string_fields(obj: Any, names: Sequence[str]) -> list[str] | RowSkip:
+    """The values of the string fields ``names`` of a parsed row, in that order, else why the
+    row is skipped (``not_object``, ``missing_field``, ``not_string``, ``bad_text``).
+    Shared by every JSONL row format (prompt/completion here, preference pairs in
+    :mod:`tether.tasks.preferences`)."""
     if not isinstance(obj, dict):
-        return _Skip("not_object", f"expected a JSON object, got {type(obj).__name__}")
+        return RowSkip("not_object", f"expected a JSON object, got {type(obj).__name__}")
     values = []
-    for name in (prompt_field, completion_field):
+    for name in names:
         if name not in obj:
             fields = ", ".join(_snippet(k) for k in list(obj)[:8]) or "none"
-            return _Skip("missing_field", f"no field {name!r} (fields: {fields})")
+            return RowSkip("missing_field", f"no field {name!r} (fields: {fields})")
         value = obj[name]
         if not isinstance(value, str):
             kind = "null" if value is None else type(value).__name__
-            return _Skip("not_string", f"field {name!r} is {kind}, expected a string")
+            return RowSkip("not_string", f"field {name!r} is {kind}, expected a string")
         if not _check_text(value):
-            return _Skip("bad_text", f"field {name!r} has an unpaired surrogate escape")
+            return RowSkip("bad_text", f"field {name!r} has an unpaired surrogate escape")
         values.append(value)
+    return values
+
+
+def _check_row(
+    obj: Any, prompt_field: str, completion_field: str, max_chars: int | None
+) -> tuple[str, str] | RowSkip:
+    """(prompt, completion) for a usable row, else why it is skipped."""
+    values = check_string_fields(obj, (prompt_field, completion_field))
+    if isinstance(values, RowSkip):
+        return values
     prompt, completion = values
     if not completion.strip():
-        return _Skip("empty_completion", f"field {completion_field!r} is empty")
+        return RowSkip("empty_completion", f"field {completion_field!r} is empty")
     if max_chars is not None and len(prompt) + len(completion) > max_chars:
         n = len(prompt) + len(completion)
-        return _Skip(
+        return RowSkip(
             "too_long", f"prompt + completion is {n} characters, over max_chars={max_chars}"
         )
     return prompt, completion
@@ -186,6 +203,23 @@ def _read_rows(
         )
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"max_chars must be >= 1 or None, got {max_chars}")
+    return read_jsonl_rows(
+        path,
+        ("prompt", "completion"),
+        lambda obj: _check_row(obj, prompt_field, completion_field, max_chars),
+        strict,
+    )
+
+
+def read_jsonl_rows(
+    path: str | Path,
+    columns_out: Sequence[str],
+    check: Callable[[Any], Sequence[str] | RowSkip],
+    strict: bool,
+) -> tuple[dict[str, list[Any]], SkipReport]:
+    """Read a JSON Lines file line by line: ``check`` turns each parsed row into the values of
+    ``columns_out`` (in order) or a :class:`RowSkip`. Returns the kept columns (plus ``line``)
+    and the report; raises :class:`DatasetError` for an unusable file (module docstring)."""
     p = Path(path)
     name = str(p)
     if not p.exists():
@@ -193,7 +227,7 @@ def _read_rows(
     if p.is_dir():
         raise DatasetError(f"{name}: is a directory, expected a JSON Lines file")
     report = SkipReport(path=name)
-    columns: dict[str, list[Any]] = {"prompt": [], "completion": [], "line": []}
+    columns: dict[str, list[Any]] = {name: [] for name in (*columns_out, "line")}
     looks_like_array = False
     try:
         with p.open("rb") as fh:
@@ -211,7 +245,7 @@ def _read_rows(
                     report.blank_lines += 1
                     continue
                 report.rows += 1
-                outcome: tuple[str, str] | _Skip
+                outcome: Sequence[str] | RowSkip
                 try:
                     obj = json.loads(text)
                 except (ValueError, RecursionError) as err:
@@ -222,18 +256,18 @@ def _read_rows(
                         why = f"{err.msg}, column {err.colno}"
                     else:
                         why = str(err).splitlines()[0] if str(err) else type(err).__name__
-                    outcome = _Skip("not_json", f"not JSON ({why}): {_snippet(text.strip())}")
+                    outcome = RowSkip("not_json", f"not JSON ({why}): {_snippet(text.strip())}")
                 else:
                     if report.rows == 1 and isinstance(obj, list):
                         looks_like_array = True  # a whole JSON array on one line
-                    outcome = _check_row(obj, prompt_field, completion_field, max_chars)
-                if isinstance(outcome, _Skip):
+                    outcome = check(obj)
+                if isinstance(outcome, RowSkip):
                     if strict:
                         raise DatasetError(f"{name}: line {lineno}: {outcome.detail} (strict)")
                     report.add(outcome.reason, lineno, outcome.detail)
                     continue
-                columns["prompt"].append(outcome[0])
-                columns["completion"].append(outcome[1])
+                for column, value in zip(columns_out, outcome, strict=True):
+                    columns[column].append(value)
                 columns["line"].append(lineno)
                 report.kept += 1
     except OSError as err:
@@ -301,7 +335,27 @@ def load_pairs(
 ScoreMetric = Literal["bleu", "exact"]
 
 
-class JsonlTask:
+class DatasetRows:
+    """Rows of a ``datasets.Dataset`` as task problems: drawn uniformly with the caller's rng,
+    the same for pre-training and RL (the rows are the demonstrations). Subclasses say how a
+    row becomes a problem (``pair``)."""
+
+    dataset: datasets.Dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def pair(self, index: int) -> Any:
+        raise NotImplementedError
+
+    def pretrain_problem(self, rng: random.Random) -> Any:
+        return self.pair(rng.randrange(len(self.dataset)))
+
+    def rl_problem(self, rng: random.Random) -> Any:
+        return self.pretrain_problem(rng)
+
+
+class JsonlTask(DatasetRows):
     """SFT data from a user's file, behind the same Task protocol as the built-in tasks.
 
     Pre-training and RL problems are rows drawn uniformly with the caller's ``rng`` (the
@@ -370,18 +424,9 @@ class JsonlTask:
             ds, report, metric=metric, bleu_tokenize=bleu_tokenize, max_new_tokens=max_new_tokens
         )
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def pair(self, index: int) -> Pair:
         row = self.dataset[index]
         return Pair(row["prompt"], row["completion"], int(row["line"]))
-
-    def pretrain_problem(self, rng: random.Random) -> Pair:
-        return self.pair(rng.randrange(len(self.dataset)))
-
-    def rl_problem(self, rng: random.Random) -> Pair:
-        return self.pretrain_problem(rng)
 
     def is_correct(self, problem: Pair, completion: str) -> bool:
         """Exact match after stripping surrounding whitespace; never raises."""

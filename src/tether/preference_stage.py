@@ -1,0 +1,265 @@
+"""Offline preference stages (METHODS.md §7): DPO/IPO and a Bradley–Terry reward model.
+
+Both read the same batches: B pairs (prompt x, chosen y_w, rejected y_l) drawn from a
+preference task (``multistep-prefs`` or ``prefs-jsonl``) as 2B right-padded rows, the B chosen
+responses first and then the B rejected ones of the same prompts (EOS appended to each
+response, as in MLE). No sampling: the data are the pairs.
+
+**DPO** (``train.stage: dpo``). With token log-probs of the trainable policy π_θ and of the
+frozen reference π_ref (``model.init``, loaded a second time, like the RL stage's reference):
+
+    h(x, y) = Σ_t m_t·(log π_θ(y_t|s_t) − log π_ref(y_t|s_t))      (÷ Σ_t m_t if length_normalize)
+    sigmoid:  L = −(1 − ε)·log σ(β·(h_w − h_l)) − ε·log σ(−β·(h_w − h_l))
+    ipo:      L = (h_w − h_l − 1/(2β))²
+
+At step 0 the policy is the reference, so every h is 0 and the sigmoid loss is log 2.
+Logged: the loss, the implicit-reward margin β·(h_w − h_l), the reward accuracy (share of pairs
+with a positive margin), the mean implicit rewards, and the policy's mean sequence log-probs
+of the chosen and rejected responses (DPO is known to lower both; watch ``chosen_logp``).
+
+**Reward model** (``train.stage: reward-model``). A scalar head, ``nn.Linear(hidden, 1)``, on the
+model's last hidden state at the last real token (the EOS that ends the response) gives a
+score s(x, y); the head and the whole transformer are trained with the Bradley–Terry loss
+−log σ(s_w − s_l). The head starts at zero, so the first loss is log 2 as well.
+
+Where the head is saved, and why: the training loop saves the model it trains with
+``save_pretrained``, and every checkpoint must stay loadable with
+``AutoModelForCausalLM.from_pretrained``. So the reward model is the causal LM (its body is the
+reward model's body; its LM head is simply unused) plus the scalar head in a file of its own,
+``reward_head.safetensors`` (:data:`REWARD_HEAD_FILE`), written next to the weights in every
+checkpoint folder: the loop calls the stage's ``save_extra`` on the temporary folder it then
+renames into place, so the head is written atomically with the weights.
+:func:`load_reward_model` loads the pair back. The alternative, an
+``AutoModelForSequenceClassification``, would need the loop to build and save a different model
+class and would not load as a causal LM. For ``--resume`` the head is also part of the stage's
+``state_dict`` (as the RL value head is).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tether.config import Recipe
+from tether.data import TokenBatch, collate_pairs
+from tether.models import (
+    ModelLoadError,
+    load_model_and_tokenizer,
+    prompt_text,
+    resolve_checkpoint,
+)
+from tether.objectives import (
+    bradley_terry_loss,
+    preference_loss,
+    sequence_logprobs,
+    sequence_logratios,
+    shifted_token_logprobs,
+)
+from tether.tasks import task_from_config
+
+REWARD_HEAD_FILE = "reward_head.safetensors"
+
+
+@dataclass
+class PreferenceBatch:
+    """2B right-padded rows: chosen responses in rows 0..B-1, the rejected responses of the
+    same prompts in rows B..2B-1. ``ref_logp`` [2B, L]: the reference's token log-probs
+    (aligned with ``input_ids``, as :func:`shifted_token_logprobs`), DPO only."""
+
+    tokens: TokenBatch
+    ref_logp: Tensor | None = None
+
+    @property
+    def pairs(self) -> int:
+        return self.tokens.input_ids.shape[0] // 2
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.num_tokens
+
+
+class _PairStream:
+    """Preference pairs from the recipe's task, drawn with the stage's own seeded RNG."""
+
+    epochs_per_batch = 1
+
+    def __init__(
+        self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, device: torch.device
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = recipe.train.batch_size
+        self.task = task_from_config(recipe.task, recipe.seed)
+        self.rng = random.Random(recipe.seed)
+
+    def draw_pairs(self) -> TokenBatch:
+        problems = [self.task.pretrain_problem(self.rng) for _ in range(self.batch_size)]
+        prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
+        responses = [p.chosen for p in problems] + [p.rejected for p in problems]
+        return collate_pairs(self.tokenizer, prompts + prompts, responses).to(self.device)
+
+
+# ----------------------------------------------------------------------------- DPO / IPO
+
+
+class DPOStage(_PairStream):
+    """DPO or IPO against the frozen ``model.init`` (module docstring)."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        tokenizer: PreTrainedTokenizerBase,
+        policy: PreTrainedModel,
+        device: torch.device,
+    ) -> None:
+        assert recipe.model.init is not None  # the recipe validator says so
+        super().__init__(recipe, tokenizer, device)
+        self.cfg = recipe.preference
+        self.reference, _ = load_model_and_tokenizer(recipe.model.init, device=device)
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+
+    @torch.no_grad()
+    def next_batch(self) -> PreferenceBatch:
+        tokens = self.draw_pairs()
+        logits = self.reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        return PreferenceBatch(tokens, shifted_token_logprobs(logits.logits, tokens.input_ids))
+
+    def loss(self, model: nn.Module, batch: PreferenceBatch) -> tuple[Tensor, dict[str, float]]:
+        assert batch.ref_logp is not None
+        tokens, b = batch.tokens, batch.pairs
+        logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
+        logp = shifted_token_logprobs(logits, tokens.input_ids)
+        mask = tokens.loss_mask
+        h = sequence_logratios(logp, batch.ref_logp, mask, average=self.cfg.length_normalize)
+        loss, stats = preference_loss(
+            h[:b], h[b:], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing
+        )
+        with torch.no_grad():
+            seq_logp = sequence_logprobs(logp.detach(), mask)
+            stats["chosen_logp"] = float(seq_logp[:b].mean())
+            stats["rejected_logp"] = float(seq_logp[b:].mean())
+        return loss, stats
+
+
+# ----------------------------------------------------------------------------- reward model
+
+
+def last_token_scores(
+    model: nn.Module, head: nn.Linear, input_ids: Tensor, attention_mask: Tensor
+) -> Tensor:
+    """s = head(last hidden state at the last real token) per right-padded row: [B]."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    last = attention_mask.sum(dim=1) - 1
+    hidden = out.hidden_states[-1][torch.arange(input_ids.shape[0], device=last.device), last]
+    return head(hidden.float()).squeeze(-1)
+
+
+def save_reward_head(head: nn.Linear, directory: str | Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    meta = {
+        "format": "tether-reward-head",
+        "pooling": "last_token",
+        "hidden_size": str(head.in_features),
+    }
+    save_file(state, str(Path(directory) / REWARD_HEAD_FILE), metadata=meta)
+
+
+class RewardModelStage(_PairStream):
+    """A Bradley–Terry reward model: the trained model's body plus a scalar head (module
+    docstring). The head is the stage's parameter, in its state dict and in every checkpoint
+    folder as :data:`REWARD_HEAD_FILE`."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        tokenizer: PreTrainedTokenizerBase,
+        model: PreTrainedModel,
+        device: torch.device,
+    ) -> None:
+        super().__init__(recipe, tokenizer, device)
+        self.head = nn.Linear(model.config.hidden_size, 1).to(device)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def save_extra(self, folder: Path) -> None:
+        """Called by the loop for every checkpoint (and ``model/``) while the folder is still
+        temporary, so the head lands atomically with the weights."""
+        save_reward_head(self.head, folder)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "head": self.head.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.head.load_state_dict(state["head"])  # in place: the optimizer keeps the tensors
+
+    def next_batch(self) -> PreferenceBatch:
+        return PreferenceBatch(self.draw_pairs())
+
+    def loss(self, model: nn.Module, batch: PreferenceBatch) -> tuple[Tensor, dict[str, float]]:
+        tokens, b = batch.tokens, batch.pairs
+        scores = last_token_scores(model, self.head, tokens.input_ids, tokens.attention_mask)
+        loss, stats = bradley_terry_loss(scores[:b], scores[b:])
+        stats["chosen_score"] = float(scores[:b].detach().mean())
+        stats["rejected_score"] = float(scores[b:].detach().mean())
+        return loss, stats
+
+
+class RewardModel(nn.Module):
+    """A trained reward model: the checkpoint's causal LM body plus its scalar head."""
+
+    def __init__(self, lm: PreTrainedModel, head: nn.Linear, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.lm = lm
+        self.head = head
+        self.tokenizer = tokenizer
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Scores [B] of right-padded rows (prompt + response + EOS, as in training)."""
+        return last_token_scores(self.lm, self.head, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+        """Scores [B] of responses to prompts, formatted and tokenised as in training."""
+        tokens = collate_pairs(
+            self.tokenizer, [prompt_text(self.tokenizer, p) for p in prompts], responses
+        ).to(self.head.weight.device)
+        return self.forward(tokens.input_ids, tokens.attention_mask)
+
+
+def load_reward_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> RewardModel:
+    """Load a ``train.stage: reward-model`` checkpoint (or run directory): the causal LM with
+    ``from_pretrained`` and its head from :data:`REWARD_HEAD_FILE`, in eval mode. Raises
+    :class:`~tether.models.ModelLoadError` for a checkpoint without a head."""
+    path = resolve_checkpoint(str(name_or_path))
+    head_file = path / REWARD_HEAD_FILE
+    if not head_file.is_file():
+        raise ModelLoadError(
+            f"checkpoint {str(path)!r}: no {REWARD_HEAD_FILE} (not a reward-model checkpoint)"
+        )
+    lm, tokenizer = load_model_and_tokenizer(str(path), device=device)
+    state = load_file(str(head_file))
+    head = nn.Linear(state["weight"].shape[1], 1).to(device)
+    head.load_state_dict(state)
+    return RewardModel(lm, head, tokenizer).eval()
