@@ -273,6 +273,18 @@ def test_reward_model_learns_a_planted_preference(tmp_path):
     rejected = reward.score(prompts, [r["rejected"] for r in held_out])
     accuracy = (chosen > rejected).float().mean().item()
     assert accuracy > 0.9
+    # the loop's own evaluation judges the reward model by its scores, not by generation
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval/pair_accuracy"] > 0.9 and "eval/acc_rl" not in summary
+
+
+def test_dpo_evaluation_reports_pairwise_accuracy(tiny_checkpoint, tmp_path):
+    recipe = _dpo(tiny_checkpoint, "train.steps=2", "train.eval_every=1", "eval.n=6")
+    train(recipe, tmp_path / "run", progress=False)
+    evals = [r for r in metrics(tmp_path / "run") if "eval/pair_accuracy" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all("eval/acc_rl" in r for r in evals)  # the policy still generates
+    assert all(0.0 <= r["eval/pair_accuracy"] <= 1.0 for r in evals)
 
 
 def test_reward_model_resume_restores_the_head(tmp_path, monkeypatch):
@@ -354,7 +366,8 @@ def test_tether_train_runs_each_preference_stage(tmp_path, tiny_checkpoint, stag
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"].startswith("kept 12 of 13 rows")
     assert "same_response (line 13)" in summary["data"]
-    assert 0.0 <= summary["eval/score"] <= 1.0
+    assert 0.0 <= summary["eval/pair_accuracy"] <= 1.0
+    assert ("eval/score" in summary) == (stage == "dpo")  # a reward model does not generate
     logged = [r for r in metrics(out) if "loss" in r]
     assert len(logged) == 3
     key = "reward_accuracy" if stage == "dpo" else "accuracy"

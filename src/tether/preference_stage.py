@@ -100,11 +100,42 @@ class _PairStream:
         self.task = task_from_config(recipe.task, recipe.seed)
         self.rng = random.Random(recipe.seed)
 
-    def draw_pairs(self) -> TokenBatch:
-        problems = [self.task.pretrain_problem(self.rng) for _ in range(self.batch_size)]
+        self.eval_n = recipe.eval.n
+        self.eval_seed = recipe.seed
+
+    def _collate(self, problems: list[Any]) -> TokenBatch:
+        """The chosen rows, then the rejected rows of the same prompts."""
         prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
         responses = [p.chosen for p in problems] + [p.rejected for p in problems]
         return collate_pairs(self.tokenizer, prompts + prompts, responses).to(self.device)
+
+    def draw_pairs(self) -> TokenBatch:
+        return self._collate([self.task.pretrain_problem(self.rng) for _ in range(self.batch_size)])
+
+    def eval_pairs(self) -> TokenBatch:
+        """The same ``eval.n`` pairs at every evaluation (fresh problems for generated tasks
+        and ``task.train_size`` pools; rows of the file itself for ``prefs-jsonl``)."""
+        rng = random.Random(f"tether-eval-pairs/{self.eval_seed}")
+        return self._collate([self.task.rl_problem(rng) for _ in range(self.eval_n)])
+
+    def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Pairwise accuracy on the evaluation pairs: how often the chosen response scores
+        above the rejected one (DPO: the implicit reward β·h; reward model: its score)."""
+        was_training = model.training
+        model.eval()
+        tokens = self.eval_pairs()
+        scores = self.pair_scores(model, tokens)
+        model.train(was_training)
+        b = scores.shape[0] // 2
+        margin = scores[:b] - scores[b:]
+        return {
+            "eval/pair_accuracy": float((margin > 0).float().mean()),
+            "eval/pair_margin": float(margin.mean()),
+        }
 
 
 # ----------------------------------------------------------------------------- DPO / IPO
@@ -141,6 +172,18 @@ class DPOStage(_PairStream):
         tokens = self.draw_pairs()
         logits = self.reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         return PreferenceBatch(tokens, shifted_token_logprobs(logits.logits, tokens.input_ids))
+
+    def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:
+        """The implicit reward β·h(x, y) of every row."""
+        ref = self.reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        pol = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        h = sequence_logratios(
+            shifted_token_logprobs(pol.logits, tokens.input_ids),
+            shifted_token_logprobs(ref.logits, tokens.input_ids),
+            tokens.loss_mask,
+            average=self.cfg.length_normalize,
+        )
+        return self.cfg.beta * h
 
     def loss(self, model: nn.Module, batch: PreferenceBatch) -> tuple[Tensor, dict[str, float]]:
         assert batch.ref_logp is not None
@@ -214,8 +257,14 @@ class RewardModelStage(_PairStream):
         self.rng.setstate(state["rng"])
         self.head.load_state_dict(state["head"])  # in place: the optimizer keeps the tensors
 
+    # the LM head of a reward model is never trained: judge it by its scores alone
+    generation_eval = False
+
     def next_batch(self) -> PreferenceBatch:
         return PreferenceBatch(self.draw_pairs())
+
+    def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:
+        return last_token_scores(model, self.head, tokens.input_ids, tokens.attention_mask)
 
     def loss(self, model: nn.Module, batch: PreferenceBatch) -> tuple[Tensor, dict[str, float]]:
         tokens, b = batch.tokens, batch.pairs

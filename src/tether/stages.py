@@ -43,7 +43,9 @@ class Stage(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    # optional: ``save_extra(folder)`` writes files that belong beside each checkpoint's weights
+    # optional: ``save_extra(folder)`` writes files that belong beside each checkpoint's weights;
+    # ``evaluate(model) -> dict`` adds the stage's own figures to each evaluation, and
+    # ``generation_eval = False`` turns off the task's generation-based evaluation
 
 
 @dataclass

@@ -413,6 +413,16 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     }
     n_params = sum(p.numel() for p in model.parameters())
 
+    def evaluate() -> dict[str, float]:
+        """The task's evaluation (generation), plus the stage's own figures where it has
+        them (preference stages: pairwise accuracy); a reward model has only its own."""
+        unwrapped = accelerator.unwrap_model(model)
+        figures: dict[str, float] = {}
+        if getattr(stage, "generation_eval", True):
+            figures = evaluate_during_training(unwrapped, tokenizer, recipe, stage.task)
+        own = getattr(stage, "evaluate", None)
+        return {**figures, **(own(unwrapped) if own is not None else {})}
+
     first_step = 1
     # figures that outlive a step and must survive a resume
     carried: dict[str, Any] = {"last": {}, "last_eval": {}, "elapsed_s": 0.0, "skipped": 0}
@@ -421,9 +431,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         truncate_metrics(out / "metrics.jsonl", done)
         first_step = done + 1
     elif recipe.train.stage == "rl":  # the starting model's figures at step 0
-        carried["last_eval"] = evaluate_during_training(
-            accelerator.unwrap_model(model), tokenizer, recipe, stage.task
-        )
+        carried["last_eval"] = evaluate()
         log.log(0, carried["last_eval"])
 
     def checkpoint(step: int) -> Path:
@@ -490,9 +498,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
                 log.log(step, carried["last"])
                 bar.set_postfix(loss=f"{carried['last']['loss']:.4f}")
             if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
-                carried["last_eval"] = evaluate_during_training(
-                    accelerator.unwrap_model(model), tokenizer, recipe, stage.task
-                )
+                carried["last_eval"] = evaluate()
                 log.log(step, carried["last_eval"])
                 t_since = time.perf_counter()  # evaluation time is not training throughput
             if step == recipe.train.steps:
