@@ -211,7 +211,7 @@ def bench_imitation(
     assert isinstance(batch, DemoBatch)
     times: dict[str, list[float]] = {"mle": [], "iqlearn": []}
     for i in range(steps + 2):
-        for name, stage, b in (("mle", mle_stage, batch.tokens), ("iqlearn", iq_stage, batch)):
+        for name, stage, b in (("mle", mle_stage, batch), ("iqlearn", iq_stage, batch)):
             t0 = time.perf_counter()
             loss, _ = stage.loss(model, b)
             loss.backward()

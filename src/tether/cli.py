@@ -160,10 +160,15 @@ def eval_(
     """Accuracy per digit length (addition) or accuracy and score (other tasks), with 95%
     intervals; optionally a diversity sweep over temperatures and the extracted rewards."""
     from tether import evaluate
-    from tether.models import checkpoint_max_digits, load_model_and_tokenizer, resolve_checkpoint
+    from tether.models import (
+        checkpoint_max_digits,
+        checkpoint_task,
+        load_model_and_tokenizer,
+        resolve_checkpoint,
+    )
 
     path = resolve_checkpoint(checkpoint)
-    trained_on = _checkpoint_task(path)
+    trained_on = checkpoint_task(path)
     task = task or trained_on.get("name", "addition")
     if task != "addition" or temperatures or rewards:
         _eval_samples(path, task, trained_on, n, temperature, temperatures, k, rewards, seed, json_)
@@ -196,12 +201,6 @@ def eval_(
     typer.echo(evaluate.accuracy_table(result["accuracy"]))
     if certainty:
         typer.echo("\n" + evaluate.certainty_table(result["certainty"]))
-
-
-def _checkpoint_task(path: Path) -> dict[str, Any]:
-    """The ``task`` section a tether checkpoint was trained with (``tether.json``), if any."""
-    meta = path / "tether.json"
-    return dict(json.loads(meta.read_text()).get("task", {})) if meta.is_file() else {}
 
 
 def _parse_temperatures(text: str) -> list[float]:

@@ -124,19 +124,6 @@ def _check(problems: Sequence[Any], k: int, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def _token_rows(out: SampleOutput, pad_id: int) -> TokenBatch:
-    """The sampler's left-padded prompts and right-padded completions as training rows:
-    prompt ids then completion ids, no padding in between, padded on the right."""
-    prompts = [
-        row[m.bool()].tolist() for row, m in zip(out.prompt_ids, out.prompt_mask, strict=True)
-    ]
-    completions = [
-        row[m.bool()].tolist()
-        for row, m in zip(out.completion_ids, out.completion_mask, strict=True)
-    ]
-    return collate_token_rows(prompts, completions, pad_id).to(out.prompt_ids.device)
-
-
 def _draw(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -166,7 +153,7 @@ def _draw(
         batch_size=batch_size,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = _token_rows(out, int(pad))
+    batch = collate_token_rows(*out.token_rows(), int(pad)).to(out.prompt_ids.device)
     terminated = torch.tensor(out.finished, dtype=torch.bool, device=batch.input_ids.device)
     lengths = [int(n) for n in out.completion_mask.sum(1).tolist()]
     return _Samples(out, batch, terminated, index, lengths)

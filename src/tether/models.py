@@ -139,13 +139,17 @@ def prompt_text(tokenizer: Any, prompt: str) -> str:
     return prompt
 
 
+def checkpoint_task(path: Path) -> dict[str, Any]:
+    """The ``task`` section a tether checkpoint was trained with (its ``tether.json``); empty
+    for checkpoints written elsewhere."""
+    meta = path / "tether.json"
+    return dict(json.loads(meta.read_text()).get("task", {})) if meta.is_file() else {}
+
+
 def checkpoint_max_digits(path: Path) -> int | None:
     """N (``task.max_digits``) recorded in a tether checkpoint's ``tether.json``, if any."""
-    meta = path / "tether.json"
-    if meta.is_file():
-        value = json.loads(meta.read_text()).get("task", {}).get("max_digits")
-        return int(value) if value is not None else None
-    return None
+    value = checkpoint_task(path).get("max_digits")
+    return int(value) if value is not None else None
 
 
 class ModelLoadError(ValueError):
@@ -212,3 +216,12 @@ def load_model_and_tokenizer(
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer  # type: ignore[return-value]
+
+
+def load_frozen_reference(name_or_path: str, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """The reference policy of a KL-tethered stage: loaded like any checkpoint, in eval mode,
+    with every parameter frozen."""
+    model, _ = load_model_and_tokenizer(name_or_path, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -52,6 +52,7 @@ from tether.config import Recipe
 from tether.data import TokenBatch, collate_pairs
 from tether.models import (
     ModelLoadError,
+    load_frozen_reference,
     load_model_and_tokenizer,
     prompt_text,
     resolve_checkpoint,
@@ -154,9 +155,7 @@ class DPOStage(_PairStream):
         assert recipe.model.init is not None  # the recipe validator says so
         super().__init__(recipe, tokenizer, device)
         self.cfg = recipe.preference
-        self.reference, _ = load_model_and_tokenizer(recipe.model.init, device=device)
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
+        self.reference = load_frozen_reference(recipe.model.init, device=device)
 
     def parameters(self) -> list[nn.Parameter]:
         return []

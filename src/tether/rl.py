@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import Recipe
-from tether.models import load_model_and_tokenizer
+from tether.models import load_frozen_reference
 from tether.objectives import (
     discounted_returns,
     entropy_bonus,
@@ -107,9 +107,7 @@ class RLStage:
         self.task = task_from_config(recipe.task, recipe.seed)
         self.rng = random.Random(recipe.seed)
         self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
-        self.reference, _ = load_model_and_tokenizer(recipe.model.init, device=device)
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
+        self.reference = load_frozen_reference(recipe.model.init, device=device)
         self.value_head: nn.Linear | None = None
         if self.cfg.algorithm in ("a2c", "ppo"):
             self.value_head = nn.Linear(policy.config.hidden_size, 1).to(device)

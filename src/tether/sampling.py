@@ -84,6 +84,18 @@ class SampleOutput:
     texts: list[str]
     finished: list[bool]  # True if ended by EOS or a stop string; False if cut by max_new_tokens
 
+    def token_rows(self) -> tuple[list[list[int]], list[list[int]]]:
+        """The real prompt ids and the real completion ids of each row, padding removed (what
+        :func:`tether.data.collate_token_rows` takes to score the samples as training rows)."""
+        prompts = [
+            row[m.bool()].tolist() for row, m in zip(self.prompt_ids, self.prompt_mask, strict=True)
+        ]
+        completions = [
+            row[m.bool()].tolist()
+            for row, m in zip(self.completion_ids, self.completion_mask, strict=True)
+        ]
+        return prompts, completions
+
 
 @torch.no_grad()
 def sample(

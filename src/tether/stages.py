@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import Recipe
-from tether.data import TokenBatch, collate_pairs, collate_token_rows
+from tether.data import TokenBatch, collate_token_rows
 from tether.models import prompt_text
 from tether.objectives import (
     iqlearn_loss,
@@ -106,22 +106,19 @@ class ImitationStage:
         self.generator.set_state(state["generator"])
         self.step = state["step"]
 
-    def next_batch(self) -> DemoBatch | TokenBatch:
+    def next_batch(self) -> DemoBatch:
         self.step += 1
         problems = [self.task.pretrain_problem(self.rng) for _ in range(self.batch_size)]
         prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
         n_expert = self.batch_size - self.n_policy
-        if self.method == "mle":
-            targets = [p.target for p in problems]
-            return collate_pairs(self.tokenizer, prompts, targets).to(self.device)
         prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        completions = self.tokenizer(
-            [p.target for p in problems[:n_expert]], add_special_tokens=False
-        )["input_ids"]
-        completions = [c + [eos] for c in completions]
-        terminated = [True] * n_expert
-        if self.n_policy:
+        targets = [p.target for p in problems[:n_expert]]
+        eos = [self.tokenizer.eos_token_id]
+        completions = [
+            c + eos for c in self.tokenizer(targets, add_special_tokens=False)["input_ids"]
+        ]
+        terminated = [True] * n_expert  # demonstrations end with EOS
+        if self.n_policy:  # online IQLearn: the rest of the batch is sampled from the policy
             was_training = self.model.training
             self.model.eval()
             out = sample(
@@ -133,11 +130,8 @@ class ImitationStage:
                 generator=self.generator,
             )
             self.model.train(was_training)
-            for row, mask, ended in zip(
-                out.completion_ids.tolist(), out.completion_mask.tolist(), out.finished, strict=True
-            ):
-                completions.append([t for t, m in zip(row, mask, strict=True) if m])
-                terminated.append(bool(ended))
+            completions += out.token_rows()[1]
+            terminated += out.finished
         tokens = collate_token_rows(prompt_ids, completions, self.tokenizer.pad_token_id or 0)
         is_expert = None
         if self.n_policy:
@@ -147,9 +141,9 @@ class ImitationStage:
         )
 
     def loss(
-        self, model: PreTrainedModel, batch: DemoBatch | TokenBatch
+        self, model: PreTrainedModel, batch: DemoBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        tokens = batch.tokens if isinstance(batch, DemoBatch) else batch
+        tokens = batch.tokens
         logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
         if self.method == "mle":
             if self.cfg.entropy_coef > 0:
@@ -158,7 +152,6 @@ class ImitationStage:
                 )
             logprobs = shifted_token_logprobs(logits, tokens.input_ids)
             return mle_loss(logprobs, tokens.loss_mask)
-        assert isinstance(batch, DemoBatch)
         lam = lambda_schedule(self.step, self.cfg.lam, self.cfg.lam_warmup_steps)
         loss, stats = iqlearn_loss(
             logits,

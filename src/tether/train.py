@@ -10,6 +10,7 @@ per logged step, always with ``step``), ``summary.json`` (final figures, written
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -463,7 +464,15 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
                 fault = None if bool(torch.isfinite(loss)) else f"the loss ({loss.item()})"
                 if fault is None:
                     accelerator.backward(loss)
-                    fault = nonfinite_gradient(named)
+                    # one pass over the gradients: the total norm (clipping, when on, returns
+                    # it); only a non-finite norm sends us looking for the parameter to name
+                    if recipe.optim.grad_clip is not None:
+                        clip = recipe.optim.grad_clip
+                        grad_norm = float(accelerator.clip_grad_norm_(trainable, clip))
+                    else:
+                        grad_norm = gradient_norm(trainable)
+                    if not math.isfinite(grad_norm):
+                        fault = nonfinite_gradient(named) or f"the gradient norm ({grad_norm})"
                 if fault is not None:
                     optimizer.zero_grad(set_to_none=True)
                     if recipe.train.on_nonfinite == "stop":
@@ -476,9 +485,6 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
                         )
                     carried["skipped"] += 1
                     break
-                grad_norm = gradient_norm(trainable)
-                if recipe.optim.grad_clip is not None:
-                    accelerator.clip_grad_norm_(trainable, recipe.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
