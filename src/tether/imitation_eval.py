@@ -62,6 +62,7 @@ import torch  # noqa: E402
 from tether.data import TokenBatch, collate_pairs, collate_token_rows  # noqa: E402
 from tether.diversity import mean_distinct_n, mean_self_bleu, mean_token_entropy  # noqa: E402
 from tether.evaluate import _chunks, _eval_mode, _model_device, bootstrap_ci  # noqa: E402
+from tether.models import prompt_text  # noqa: E402
 from tether.report import _mean_ci  # noqa: E402
 from tether.rewards import model_returns, spearman, token_rewards  # noqa: E402
 from tether.sampling import SampleOutput, sample  # noqa: E402
@@ -146,7 +147,7 @@ def _draw(
     out = sample(
         model,
         tokenizer,
-        [problems[i].prompt for i in index],
+        [prompt_text(tokenizer, problems[i].prompt) for i in index],
         max_new_tokens=budget,
         temperature=temperature,
         generator=generator,
@@ -387,7 +388,9 @@ def per_token_rewards(
 ) -> list[tuple[str, float]]:
     """r̂_t for each completion token of one example: ``[(token text, r̂), ...]``.
 
-    The pair is tokenised with :func:`tether.data.collate_pairs` (prompt and completion
+    The prompt is formatted as in training (:func:`tether.models.prompt_text`: the chat
+    template where the tokenizer has one). The pair is tokenised with
+    :func:`tether.data.collate_pairs` (prompt and completion
     separately, no special tokens); ``add_eos`` appends EOS and makes the row terminated
     (V = 0 after it), as for a sample that ``finished``; without it the row is truncated and
     its last reward keeps the γ·V boundary term. The returns of :func:`reward_correlation` come
@@ -395,7 +398,8 @@ def per_token_rewards(
     here sum (γ = 1) to that sample's return.
     """
     device = _model_device(model)
-    batch = collate_pairs(tokenizer, [prompt], [completion], add_eos=add_eos).to(device)
+    text = prompt_text(tokenizer, prompt)
+    batch = collate_pairs(tokenizer, [text], [completion], add_eos=add_eos).to(device)
     terminated = torch.tensor([add_eos], dtype=torch.bool, device=device)
     with _eval_mode(model):
         rewards = token_rewards(model, batch, terminated, gamma)[0].cpu()
