@@ -32,3 +32,14 @@ def tiny_checkpoint(tmp_path_factory):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``):
+    its models are tiny, and two threads on a busy two-core machine run many times slower
+    than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -442,3 +442,37 @@ def test_win_rate_exact_of_a_model_against_itself_is_one_half():
     for n in (1, 2, 5):
         for mode in ("best", "worst"):
             assert float(win_rate_exact(p, p, r, n, mode)) == pytest.approx(0.5, abs=1e-15)
+
+
+# ---------------------------------------------------------------- the tilted optimum
+
+
+def test_tilted_optimum_limits_and_a_hand_computed_case():
+    from tether.infalign import tilted_optimum
+
+    r = torch.tensor([[0.0, 1.0]])
+    # β → ∞: the reference itself (KL 0, win rate ½)
+    far = tilted_optimum(r, r, 1e9, n=1)
+    assert far.kl == pytest.approx(0.0, abs=1e-9) and far.win_rate == pytest.approx(0.5)
+    # β = 1/log 3: weights (1/4, 3/4); win rate against (½, ½): ¾·(½ + ½·½) + ¼·(½·½) = 5/8
+    opt = tilted_optimum(r, r, 1 / math.log(3), n=1)
+    assert opt.win_rate == pytest.approx(5 / 8)
+    assert opt.kl == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    assert opt.mean_reward == pytest.approx(0.75)
+    # best-of-2 of both: π* picks 1 w.p. 1 − (1/4)², the reference w.p. 3/4
+    opt2 = tilted_optimum(r, r, 1 / math.log(3), n=2)
+    p, q = 15 / 16, 3 / 4
+    assert opt2.win_rate == pytest.approx(p * (1 - q) + 0.5 * (p * q + (1 - p) * (1 - q)))
+
+
+def test_log_calibrated_tilt_is_the_best_of_n_distribution():
+    """Distinct rewards, Φ = log C (mid-ranks), β = 1/(N − 1): the tilt is ∝ C^{N−1}, which
+    tends to best-of-N; its standard win rate approaches best-of-N's against π_ref."""
+    from tether.infalign import calibrate, tilted_optimum
+
+    m, n = 4000, 4
+    r = torch.rand(1, m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    c = calibrate(r, r)
+    opt = tilted_optimum(r, torch.log(c), 1 / (n - 1), n=1)
+    # the best of N uniforms beats a uniform with probability N/(N + 1)
+    assert opt.win_rate == pytest.approx(n / (n + 1), abs=2e-3)

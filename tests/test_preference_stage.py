@@ -34,14 +34,7 @@ from tether.train import TrainingInterrupted, build_policy, train
 TIMING = {"tokens_per_s", "elapsed_s"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these models are tiny, and two threads on a busy two-core machine
-    run many times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def metrics(run):

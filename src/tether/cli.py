@@ -279,6 +279,233 @@ def _eval_samples(
             typer.echo(f"\n{ex['prompt']}\n  {ex['tokens']}")
 
 
+def _parse_ns(text: str) -> list[int]:
+    """``1,2,4,8`` -> [1, 2, 4, 8] (sorted, no repeats); a one-line error for anything else."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--n {text!r}: expected positive integers separated by commas, e.g. 1,2,4,8"
+        ) from None
+    if any(v < 1 for v in values):
+        raise UsageError(f"--n {text!r}: every N must be a positive integer (1 = plain sampling)")
+    return sorted(set(values))
+
+
+def _first_error(err: Exception) -> str:
+    """The first message of a pydantic ValidationError (else the first line), without the
+    "Value error, " prefix."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        message = str(first.get("msg", "")).removeprefix("Value error, ")
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        return f"{loc}: {message}" if loc and not message.startswith(loc) else message
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+@app.command()
+@friendly_errors
+def winrate(
+    policy: Annotated[
+        str, typer.Argument(help="the policy: shipped model name, checkpoint or run directory")
+    ],
+    reference: Annotated[
+        str | None,
+        typer.Option(help="π_ref (default: the model the policy was trained from, its init)"),
+    ] = None,
+    ns: Annotated[
+        str, typer.Option("--n", help="comma-separated N of best/worst-of-N decoding")
+    ] = "1,2,4,8,16",
+    mode: Annotated[str, typer.Option(help="best (best-of-N) or worst (worst-of-N)")] = "best",
+    prompts: Annotated[int, typer.Option(min=2, help="prompts drawn from the task")] = 64,
+    samples: Annotated[int, typer.Option(min=1, help="samples per prompt and model (M)")] = 32,
+    temperature: Annotated[float, typer.Option(help="sampling temperature, > 0")] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    reward: Annotated[
+        str | None,
+        typer.Option(
+            "--reward",
+            help="checker, graded, python or model (default: the policy's reward section)",
+        ),
+    ] = None,
+    reward_function: Annotated[
+        str | None, typer.Option(help="python reward: 'package.module:name' or 'file.py:name'")
+    ] = None,
+    reward_model: Annotated[
+        str | None, typer.Option(help="model reward: a reward-model checkpoint or run directory")
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option(help="the task (default: the one the policy was trained on)")
+    ] = None,
+    max_digits: Annotated[
+        int | None, typer.Option(min=1, max=18, help="the task's max_digits")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="default: the task's budget")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="rows sampled at once")] = 64,
+    json_: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    plot: Annotated[Path | None, typer.Option(help="write a PNG of win rate against N")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads")] = None,
+) -> None:
+    """InfAlign's inference-time win rate: the policy's best-of-N (or worst-of-N) against the
+    reference decoded the same way, judged by the reward, for each N; with KL(policy||reference)."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from tether.config import Recipe, RewardConfig, TaskConfig
+    from tether.models import ModelLoadError, load_model_and_tokenizer, resolve_checkpoint
+    from tether.reward_functions import RewardError, build_reward
+    from tether.tasks import task_from_config
+    from tether.winrate import evaluate_winrate, plot_winrate
+
+    n_values = _parse_ns(ns)
+    if mode not in ("best", "worst"):
+        raise UsageError(f"--mode {mode!r}: choose best or worst")
+    if not temperature > 0:
+        raise UsageError(f"--temperature {temperature}: must be > 0 (best-of-N needs samples)")
+    if threads:
+        torch.set_num_threads(threads)
+
+    path = resolve_checkpoint(policy)
+    meta_file = path / "tether.json"
+    meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    reference_name = reference or meta.get("init")
+    if not reference_name:
+        raise UsageError(
+            f"{policy}: no reference model recorded in its tether.json (no init): pass "
+            "--reference REF (the model it was trained from)"
+        )
+
+    trained_on = dict(meta.get("task") or {})
+    task_name = task or trained_on.get("name", "addition")
+    fields: dict[str, Any] = {"name": task_name}
+    if task_name == trained_on.get("name"):
+        fields = {**trained_on, "train_size": None}
+    if max_digits is not None:
+        fields["max_digits"] = max_digits
+    try:
+        task_cfg = TaskConfig.model_validate(fields)
+        task_obj = task_from_config(task_cfg)
+    except ValueError as err:
+        raise UsageError(f"--task {task_name!r}: {_first_error(err)}") from None
+
+    saved = dict(meta.get("reward") or {})
+    kind = reward or (
+        "python" if reward_function else "model" if reward_model else saved.get("kind", "checker")
+    )
+    if kind not in ("checker", "graded", "python", "model"):
+        raise UsageError(f"--reward {kind!r}: choose checker, graded, python or model")
+    if reward_function and kind != "python":
+        raise UsageError(f"--reward-function is for --reward python (the reward is {kind})")
+    if reward_model and kind != "model":
+        raise UsageError(f"--reward-model is for --reward model (the reward is {kind})")
+    function = reward_function or (saved.get("function") if kind == "python" else None)
+    model_path = reward_model or (saved.get("model") if kind == "model" else None)
+    if kind == "python" and not function:
+        raise UsageError("--reward python needs --reward-function 'module:name' or 'file.py:name'")
+    if kind == "model" and not model_path:
+        raise UsageError("--reward model needs --reward-model PATH (a reward-model checkpoint)")
+    try:
+        # the raw reward only: calibration is a monotone map per prompt, the win rate ignores it
+        reward_cfg = RewardConfig(kind=kind, function=function, model=model_path)
+        reward_fn = build_reward(Recipe(task=task_cfg, reward=reward_cfg), task_obj)
+    except RewardError as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:
+        raise UsageError(f"--reward {kind}: {_first_error(err)}") from None
+
+    policy_model, tokenizer = load_model_and_tokenizer(str(path))
+    try:
+        reference_model, reference_tokenizer = load_model_and_tokenizer(reference_name)
+    except ModelLoadError as err:
+        if reference:
+            raise
+        raise UsageError(
+            f"the reference recorded as the policy's init cannot be loaded ({err}): "
+            "pass --reference REF"
+        ) from None
+    if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UsageError(
+            f"the reference {reference_name!r} has a different tokenizer from the policy: "
+            "the KL and a fair comparison need the same one"
+        )
+
+    try:
+        report = evaluate_winrate(
+            policy_model,
+            reference_model,
+            tokenizer,
+            task_obj,
+            reward_fn,
+            ns=n_values,
+            mode=mode,  # type: ignore[arg-type]
+            prompts=prompts,
+            samples=samples,
+            temperature=temperature,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            progress=not json_,
+            batch_size=batch_size,
+        )
+    except RewardError as err:
+        raise UsageError(str(err)) from None
+    report.label = policy
+    report.info = {
+        "policy": str(path),
+        "reference": str(reference_name),
+        "task": task_cfg.model_dump(exclude_defaults=True) | {"name": task_cfg.name},
+        "reward": {
+            k: v for k, v in reward_cfg.model_dump().items() if k in ("kind", "function", "model")
+        },
+    }
+    if plot is not None:
+        report.info["plot"] = str(plot_winrate(report, plot))
+    if json_:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+
+    console = Console(highlight=False)
+    console.print(
+        f"policy {path}\nreference {reference_name}\n"
+        f"task {task_cfg.name}, reward {kind}, T={temperature:g}, "
+        f"{prompts} prompts x {samples} samples per model",
+        soft_wrap=True,
+    )
+    table = Table(title=f"win rate, {mode}-of-N vs {mode}-of-N")
+    table.add_column("N", justify="right")
+    table.add_column("from CDFs ± se", justify="right")
+    table.add_column("Monte Carlo ± se", justify="right")
+    table.add_column("games", justify="right")
+    for p in report.points:
+        mc = "-" if p.mc is None else f"{p.mc.rate:.3f} ± {p.mc.stderr:.3f}"
+        games = "-" if p.mc is None else str(p.mc.games)
+        table.add_row(str(p.n), f"{p.cdf.mean:.3f} ± {p.cdf.stderr:.3f}", mc, games)
+    console.print(table)
+    r = report
+    console.print(
+        f"KL(policy || reference) at T={temperature:g}: {r.kl.mean:.4g} ± {r.kl.stderr:.2g} nats "
+        "per sequence (k1 estimate)\n"
+        f"standard win rate (N = 1): {r.standard.mean:.3f} ± {r.standard.stderr:.3f}\n"
+        f"mean reward: policy {r.reward_policy.mean:.4g} ± {r.reward_policy.stderr:.2g}, "
+        f"reference {r.reward_reference.mean:.4g} ± {r.reward_reference.stderr:.2g}\n"
+        f"accuracy: policy {r.accuracy_policy.mean:.1%} ± {r.accuracy_policy.stderr:.1%}, "
+        f"reference {r.accuracy_reference.mean:.1%} ± {r.accuracy_reference.stderr:.1%}",
+        soft_wrap=True,
+    )
+    if r.truncated_policy or r.truncated_reference:
+        console.print(
+            f"cut at max_new_tokens ({r.max_new_tokens}): policy {r.truncated_policy:.1%}, "
+            f"reference {r.truncated_reference:.1%}",
+            soft_wrap=True,
+        )
+    if plot is not None:
+        console.print(f"plot: {report.info['plot']}", soft_wrap=True)
+
+
 @app.command()
 @friendly_errors
 def sample(
@@ -530,6 +757,84 @@ def study_imitation(
         echo=lambda m: typer.echo(m, err=True),
     ):
         typer.echo(report.read_text())
+
+
+def _floats(option: str, text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected comma-separated numbers") from None
+    if not values or any(not v >= 0 for v in values):
+        raise UsageError(f"{option} {text!r}: expected non-negative numbers, e.g. 0.3,1,3")
+    return values
+
+
+@study_app.command("ctrl")
+@friendly_errors
+def study_ctrl(
+    out: Annotated[Path, typer.Option(help="study folder")] = Path("runs/ctrl"),
+    kl_coefs: Annotated[str, typer.Option(help="rl.kl_coef values, comma-separated")] = "0.3,1,3",
+    seeds: Annotated[int, typer.Option(min=1)] = 1,
+    first_seed: Annotated[int, typer.Option(min=0, help="seeds first_seed..+seeds-1")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="training steps per run")] = None,
+    prompts: Annotated[int, typer.Option(min=2, help="held-out prompts per evaluation")] = 64,
+    samples: Annotated[int, typer.Option(min=1, help="samples per prompt and model")] = 16,
+    frontier_samples: Annotated[
+        int, typer.Option(min=2, help="reference samples per prompt for the optimum frontier")
+    ] = 64,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key in every run: a.b=value")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """KL-RL on the raw reward vs the calibrated reward vs CTRL's best-of-4 transform on
+    4-digit addition: best-of-N win rate against the reference, at matched KL."""
+    from tether.study_preferences import run_ctrl_study
+
+    report = run_ctrl_study(
+        out,
+        _floats("--kl-coefs", kl_coefs),
+        seeds=seeds,
+        first_seed=first_seed,
+        steps=steps,
+        prompts=prompts,
+        samples=samples,
+        overrides=set_ or [],
+        progress=not quiet,
+        echo=lambda m: typer.echo(m, err=True),
+        frontier_samples=frontier_samples,
+    )
+    typer.echo(report.read_text())
+
+
+@study_app.command("xpo")
+@friendly_errors
+def study_xpo(
+    out: Annotated[Path, typer.Option(help="study folder")] = Path("runs/xpo"),
+    alphas: Annotated[str, typer.Option(help="XPO α values, comma-separated")] = "0.001,0.01",
+    seeds: Annotated[int, typer.Option(min=1)] = 2,
+    first_seed: Annotated[int, typer.Option(min=0, help="seeds first_seed..+seeds-1")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="training steps per run")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key in every run: a.b=value")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Online DPO vs XPO on 4-digit addition at T = 1.5, where the reference rarely solves a
+    problem: on-policy accuracy against samples drawn."""
+    from tether.study_preferences import run_xpo_study
+
+    report = run_xpo_study(
+        out,
+        _floats("--alphas", alphas),
+        seeds=seeds,
+        first_seed=first_seed,
+        steps=steps,
+        overrides=set_ or [],
+        progress=not quiet,
+        echo=lambda m: typer.echo(m, err=True),
+    )
+    typer.echo(report.read_text())
 
 
 def main() -> None:

@@ -97,7 +97,7 @@ class OptimConfig(Strict):
 
 
 class TrainConfig(Strict):
-    stage: Literal["mle", "iqlearn", "rl", "dpo", "reward-model"] = "mle"
+    stage: Literal["mle", "iqlearn", "rl", "dpo", "online-dpo", "xpo", "reward-model"] = "mle"
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1, le=65536)
     log_every: int = Field(10, ge=1)
@@ -143,6 +143,13 @@ class RLConfig(Strict):
     entropy_coef: float = Field(0.001, ge=0.0)
     ppo_epochs: int = Field(4, ge=1)
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
+    prompt_pool: int | None = Field(
+        None,
+        ge=1,
+        description="draw RL prompts from a fixed set of this many (seeded); null = fresh "
+        "prompts every step. With reward.calibrate each pooled prompt costs K reference "
+        "samples once",
+    )
 
     @model_validator(mode="after")
     def _rloo_needs_a_group(self) -> RLConfig:
@@ -169,10 +176,12 @@ class ImitationConfig(Strict):
 
 
 class PreferenceConfig(Strict):
-    """Offline preference learning (METHODS.md §7) on a preference task (``multistep-prefs``
+    """Preference learning (METHODS.md §7). Offline, on a preference task (``multistep-prefs``
     or ``prefs-jsonl``): ``train.stage: dpo`` (DPO with ``loss: sigmoid``, IPO with
     ``loss: ipo``; the reference is the frozen ``model.init``) and ``train.stage:
-    reward-model`` (a Bradley–Terry scalar head, which uses none of these keys)."""
+    reward-model`` (a Bradley–Terry scalar head, which uses none of these keys). Online, on
+    any task with a reward (the ``reward`` section labels the pairs): ``train.stage:
+    online-dpo`` and ``train.stage: xpo`` (online DPO plus α·log π(ỹ), ỹ ∼ π_ref)."""
 
     loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: DPO or IPO")
     beta: float = Field(0.1, gt=0.0, description="β: the KL strength (IPO's τ)")
@@ -182,11 +191,72 @@ class PreferenceConfig(Strict):
     length_normalize: bool = Field(
         False, description="log-ratios averaged over response tokens instead of summed"
     )
+    alpha: float = Field(
+        1e-3, ge=0.0, description="xpo: α, weight of the exploration bonus α·log π_θ(ỹ|x)"
+    )
+    pair_with: Literal["reference", "policy"] = Field(
+        "reference",
+        description="online-dpo: the second response of each pair, ỹ ∼ π_ref (as XPO) or a "
+        "second policy sample; xpo always uses the reference",
+    )
+    ties: Literal["policy", "drop"] = Field(
+        "policy",
+        description="online pairs with equal rewards: the policy sample is chosen (XPO) or "
+        "the pair is left out of the loss",
+    )
+    temperature: float = Field(1.0, gt=0.0, description="online: sampling temperature")
+    max_new_tokens: int | None = Field(None, ge=1, description="online: default from the task")
 
     @model_validator(mode="after")
     def _smoothing_is_for_sigmoid(self) -> PreferenceConfig:
         if self.loss == "ipo" and self.label_smoothing:
             raise ValueError("label_smoothing applies to loss sigmoid only, not ipo")
+        return self
+
+
+class RewardConfig(Strict):
+    """The reward of sampled completions (``tether.reward_functions``), for ``rl``,
+    ``online-dpo``, ``xpo`` and ``tether winrate``; optionally calibrated and transformed as
+    in InfAlign's CTRL (METHODS.md §8)."""
+
+    kind: Literal["checker", "graded", "python", "model"] = Field(
+        "checker",
+        description="checker: rl.reward_correct/reward_wrong; graded: the task's score in "
+        "[0, 1]; python: reward.function; model: a reward-model checkpoint",
+    )
+    function: str | None = Field(
+        None, description="python: 'package.module:name' or 'file.py:name', (prompt, completion)"
+    )
+    model: str | None = Field(None, description="model: a train.stage reward-model checkpoint")
+    calibrate: bool = Field(
+        False, description="CTRL: the reward becomes its mid-rank among K reference samples"
+    )
+    reference_samples: int = Field(16, ge=1, le=4096, description="K, per prompt, cached")
+    transform: Literal["identity", "log", "exp", "neg_exp"] = Field(
+        "identity",
+        description="Φ(C): identity, log (best-of-N with kl_coef 1/(N−1)), exp(t·C) "
+        "(best-of-N), −exp(−t·C) (worst-of-N)",
+    )
+    t: float | Literal["optimise"] | None = Field(
+        None,
+        description="exp, neg_exp: t > 0; null = 2N − 1; optimise = the t that maximises the "
+        "best/worst-of-N win rate near π_ref in the calibrated model",
+    )
+    n: int = Field(4, ge=1, description="N of the decoding aimed at (for the default t)")
+
+    @model_validator(mode="after")
+    def _needs(self) -> RewardConfig:
+        if self.kind == "python" and not self.function:
+            raise ValueError("reward.function is required when reward.kind is python")
+        if self.kind == "model" and not self.model:
+            raise ValueError("reward.model is required when reward.kind is model")
+        if isinstance(self.t, float) and not self.t > 0:
+            raise ValueError(f"reward.t must be > 0 or optimise, got {self.t}")
+        if self.transform != "identity" and not self.calibrate:
+            raise ValueError(
+                f"reward.transform {self.transform} acts on calibrated rewards: "
+                "set reward.calibrate: true"
+            )
         return self
 
 
@@ -219,12 +289,13 @@ class Recipe(Strict):
     rl: RLConfig = Field(default_factory=RLConfig)
     imitation: ImitationConfig = Field(default_factory=ImitationConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _rl_needs_a_reference(self) -> Recipe:
-        if self.train.stage in ("rl", "dpo") and self.model.init is None:
+        if self.train.stage in ("rl", "dpo", "online-dpo", "xpo") and self.model.init is None:
             raise ValueError(
                 f"model.init is required when train.stage is {self.train.stage} "
                 "(it is the reference)"
@@ -234,6 +305,11 @@ class Recipe(Strict):
             raise ValueError(
                 f"train.stage {self.train.stage} needs preference pairs: task.name "
                 f"multistep-prefs or prefs-jsonl (got {self.task.name})"
+            )
+        if self.reward.calibrate and self.train.stage != "rl":
+            raise ValueError(
+                "reward.calibrate (CTRL) applies to train.stage rl only; online preference "
+                f"pairs are labelled by the raw reward (got train.stage {self.train.stage})"
             )
         return self
 

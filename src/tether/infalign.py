@@ -557,3 +557,50 @@ def optimise_t(
     )
     t_star = float(result.x)
     return t_star if objective(t_star) <= values[best] else float(ts[best])
+
+
+# ----------------------------------------------------------------------------- the KL-RL optimum
+
+
+class TiltedOptimum(NamedTuple):
+    """The KL-RL optimum over a reference's empirical samples, at one β (:func:`tilted_optimum`)."""
+
+    win_rate: float  # decoded win rate against the reference, mean over prompts, ties ½
+    kl: float  # KL(π*‖π̂_ref) per prompt, mean over prompts, nats
+    mean_reward: float  # E_π*[r], mean over prompts
+
+
+def tilted_optimum(
+    rewards: Tensor, phi: Tensor, beta: float, n: int, mode: DecodeMode = "best"
+) -> TiltedOptimum:
+    """The KL-RL optimum π* ∝ π̂_ref·exp(Φ/β) on the support of a reference's samples, judged
+    by the raw reward.
+
+    ``rewards`` [P, M]: raw rewards of M reference samples for each of P prompts (π̂_ref puts
+    1/M on each); ``phi`` [P, M]: the reward RL would maximise on the same samples (the raw
+    reward, its calibration, a transform of it). The optimum of E_π[Φ] − β·KL(π‖π̂_ref) over
+    distributions on those samples is the tilt w_i ∝ exp(Φ_i/β), exactly (the Gibbs
+    variational principle), so the figures are those of a perfectly trained policy with no
+    optimisation noise, for this reference and reward: the decoded win rate (best/worst of
+    N, from the two weighted CDFs, exact) and KL(π*‖π̂_ref) = Σ w·log(M·w). Sweeping β traces
+    the win-rate-vs-KL frontier that each choice of Φ can reach.
+    """
+    n = _check_n(n)
+    _check_mode(mode)
+    if rewards.dim() != 2 or rewards.shape != phi.shape:
+        raise ValueError(
+            f"rewards and phi must both be [prompts, samples], got {tuple(rewards.shape)} "
+            f"and {tuple(phi.shape)}"
+        )
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    _no_nan(rewards, phi)
+    r = rewards.detach().to(torch.float64)
+    log_w = torch.log_softmax(phi.detach().to(torch.float64) / beta, dim=-1)
+    w = log_w.exp()
+    m = r.shape[-1]
+    kl = (w * (log_w + math.log(m))).sum(-1)
+    win = _win_rate_weighted(r, w, r, torch.ones_like(r), n, mode)
+    return TiltedOptimum(
+        win_rate=float(win.mean()), kl=float(kl.mean()), mean_reward=float((w * r).sum(-1).mean())
+    )

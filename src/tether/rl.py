@@ -9,6 +9,12 @@ same tokens under the frozen reference at the same temperature, then
          − c_H · entropy + c_V · value loss (A2C, PPO)
 
 with w_t = 1 (standard KL) or w_t = Ĵ_ref(s_t)^β_c (prioritised KL on critical tokens).
+
+The reward is the recipe's ``reward`` section (:mod:`tether.reward_functions`): the task's
+checker by default, or its graded score, a Python function of your own or a learned reward
+model. With ``reward.calibrate`` it is InfAlign's CTRL reward Φ(C) (METHODS.md §8): K reference
+samples per prompt, drawn at the RL temperature with their own seeded generator and cached
+(``rl.prompt_pool`` makes the prompts a fixed set, so the cache is filled once, up front).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import Recipe
-from tether.models import load_frozen_reference
+from tether.models import load_frozen_reference, prompt_text
 from tether.objectives import (
     discounted_returns,
     entropy_bonus,
@@ -40,6 +46,7 @@ from tether.objectives import (
     token_logprobs,
     value_loss,
 )
+from tether.reward_functions import CalibratedReward, RewardFunction, build_reward
 from tether.sampling import sample
 from tether.tasks import task_from_config
 
@@ -59,6 +66,7 @@ class Rollout:
     kl_weights: Tensor | None
     seq_rewards: Tensor  # [B]
     correct: Tensor  # [B] bool
+    reward_stats: dict[str, float] | None = None  # raw and calibrated means under CTRL
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +124,40 @@ class RLStage:
         self.epochs_per_batch = self.cfg.ppo_epochs if self.cfg.algorithm == "ppo" else 1
         self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
         self.last_timing: dict[str, float] = {}
+        self.pool: list[Any] | None = None
+        if self.cfg.prompt_pool is not None:
+            pool_rng = random.Random(f"tether-rl-pool/{recipe.seed}")
+            self.pool = [self.task.rl_problem(pool_rng) for _ in range(self.cfg.prompt_pool)]
+        self.reward: RewardFunction = build_reward(recipe, self.task, device)
+        self.calibrated: CalibratedReward | None = None
+        if recipe.reward.calibrate:
+            rc = recipe.reward
+            self.ref_generator = torch.Generator(device=device).manual_seed(recipe.seed + 7919)
+            self.calibrated = CalibratedReward(
+                self.reward, self._sample_reference, rc.reference_samples, rc.transform, rc.t, rc.n
+            )
+            self.reward = self.calibrated
+            if self.pool is not None:
+                self.calibrated.warm(self.pool, progress=True)
+
+    @torch.no_grad()
+    def _sample_reference(self, prompts: list[str], k: int) -> list[str]:
+        """k completions per prompt from the frozen reference at the RL temperature."""
+        out = sample(
+            self.reference,
+            self.tokenizer,
+            [prompt_text(self.tokenizer, p) for p in prompts for _ in range(k)],
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.cfg.temperature,
+            generator=self.ref_generator,
+            batch_size=256,
+        )
+        return out.texts
+
+    def _draw(self) -> Any:
+        if self.pool is not None:
+            return self.pool[self.rng.randrange(len(self.pool))]
+        return self.task.rl_problem(self.rng)
 
     def parameters(self) -> list[nn.Parameter]:
         """Trainable parameters besides the policy's (the value head)."""
@@ -123,24 +165,31 @@ class RLStage:
 
     def state_dict(self) -> dict[str, Any]:
         """The prompt stream, the sampling generator and the value head (for ``--resume``)."""
-        return {
+        state = {
             "rng": self.rng.getstate(),
             "generator": self.generator.get_state(),
             "value_head": None if self.value_head is None else self.value_head.state_dict(),
         }
+        if self.calibrated is not None:
+            state["calibration"] = self.calibrated.state_dict()
+            state["ref_generator"] = self.ref_generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.setstate(state["rng"])
         self.generator.set_state(state["generator"])
         if self.value_head is not None:
             self.value_head.load_state_dict(state["value_head"])
+        if self.calibrated is not None:
+            self.calibrated.load_state_dict(state["calibration"])
+            self.ref_generator.set_state(state["ref_generator"])
 
     # ------------------------------------------------------------------ rollout
 
     @torch.no_grad()
     def next_batch(self) -> Rollout:
         cfg = self.cfg
-        problems = [self.task.rl_problem(self.rng) for _ in range(cfg.prompts_per_step)]
+        problems = [self._draw() for _ in range(cfg.prompts_per_step)]
         problems = [p for p in problems for _ in range(cfg.group_size)]
         was_training = self.policy.training
         self.policy.eval()
@@ -148,7 +197,7 @@ class RLStage:
         out = sample(
             self.policy,
             self.tokenizer,
-            [p.prompt for p in problems],
+            [prompt_text(self.tokenizer, p.prompt) for p in problems],
             max_new_tokens=self.max_new_tokens,
             temperature=cfg.temperature,
             generator=self.generator,
@@ -158,9 +207,16 @@ class RLStage:
         correct = torch.tensor(
             [self.task.is_correct(p, t) for p, t in zip(problems, out.texts, strict=True)]
         )
-        seq_rewards = (
-            torch.where(correct, cfg.reward_correct, cfg.reward_wrong).float().to(self.device)
-        )
+        reward_stats = None
+        if self.calibrated is not None:
+            parts = self.calibrated.details(problems, out.texts)
+            seq_rewards = parts["reward"].to(self.device)
+            reward_stats = {
+                "reward_raw": float(parts["raw"].mean()),
+                "reward_calibrated": float(parts["calibrated"].mean()),
+            }
+        else:
+            seq_rewards = self.reward(problems, out.texts).float().to(self.device)
         completion_ids = out.completion_ids.to(self.device)
         input_ids = torch.cat([out.prompt_ids.to(self.device), completion_ids], dim=1)
         attention_mask = torch.cat([out.prompt_mask, out.completion_mask], dim=1).to(self.device)
@@ -191,6 +247,7 @@ class RLStage:
             kl_weights=kl_weights,
             seq_rewards=seq_rewards,
             correct=correct,
+            reward_stats=reward_stats,
         )
         # where a step's time goes (read by `tether bench rl`)
         self.last_timing = {
@@ -281,6 +338,9 @@ class RLStage:
                 }
             )
             stats["kl_exact"] = float(masked_mean(exact.detach(), mask))
+            stats["kl_sequence"] = float(((logp - rollout.ref_logp) * mask).sum(1).mean())
+            if rollout.reward_stats:
+                stats.update(rollout.reward_stats)
             if rollout.kl_weights is not None:
                 stats["kl_weight_mean"] = float(masked_mean(rollout.kl_weights, mask))
                 stats["kl_weight_below_half"] = float(

@@ -113,7 +113,8 @@ def evaluate_during_training(
     task: Task | None = None,
 ) -> dict[str, float]:
     """Figures logged at each evaluation: for addition, greedy accuracy per length (the
-    ``eval.digits`` table), for RL the accuracy on the RL and pre-training distributions, and
+    ``eval.digits`` table), for the sampling stages (RL, online DPO, XPO) the accuracy on the RL
+    and pre-training distributions, and
     the critical-token probe; for other tasks, accuracy on the RL distribution."""
     from tether.evaluate import addition_accuracy, critical_token_probabilities
 
@@ -134,7 +135,7 @@ def evaluate_during_training(
         for kind in ("identical", "varying"):
             for d, cell in result[kind].items():
                 flat[f"eval/acc_{kind}_{d}"] = cell["accuracy"]
-    if recipe.train.stage == "rl" or recipe.task.name != "addition":
+    if recipe.train.stage in ("rl", "online-dpo", "xpo") or recipe.task.name != "addition":
         rng = random.Random(f"tether-eval/{recipe.seed}")
         problems = [task.rl_problem(rng) for _ in range(recipe.eval.n)]
         flat["eval/acc_rl"], score = task_accuracy(model, tokenizer, task, problems, recipe)
@@ -411,6 +412,9 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         "recipe": recipe.name,
         "task": recipe.task.model_dump(),
         "seed": recipe.seed,
+        "stage": recipe.train.stage,
+        "init": recipe.model.init,  # the reference of a KL-tethered stage
+        "reward": recipe.reward.model_dump(),
     }
     n_params = sum(p.numel() for p in model.parameters())
 

@@ -50,7 +50,8 @@ class AdditionTask:
         return addition.is_correct(problem, completion)
 
     def score(self, problem: addition.Problem, completion: str) -> float:
-        return float(self.is_correct(problem, completion))
+        """The share of answer digits that are right (:func:`addition.digit_score`)."""
+        return addition.digit_score(problem, completion)
 
     def max_new_tokens(self) -> int:
         return addition.max_completion_tokens(self.max_digits + 1)

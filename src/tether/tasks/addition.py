@@ -124,6 +124,23 @@ def is_correct(problem: Problem, completion: object) -> bool:
     return parse_answer(completion) == problem.answer
 
 
+def digit_score(problem: Problem, completion: object) -> float:
+    """A graded score in [0, 1]: the share of answer digits that are right, aligned from the
+    units digit, over the longer of the written and the true answer; 0 without an answer
+    line, 1 exactly when :func:`is_correct`. Never raises.
+
+    E.g. for 1234 + 4321 = 5555: "5 5 5 5" scores 1, "5 5 4 5" 0.75, "5 5 5" 0.75 (three of
+    four places right), "1 5 5 5 5" 0.8 (an extra digit counts as a wrong place).
+    """
+    written = parse_answer(completion)
+    if written is None:
+        return 0.0
+    pred, true = str(written), str(problem.answer)
+    width = max(len(pred), len(true))
+    pred, true = pred.rjust(width, " "), true.rjust(width, " ")
+    return sum(a == b for a, b in zip(pred, true, strict=True)) / width
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
