@@ -179,6 +179,10 @@ def make_stage(
         from tether.preference_stage import DPOStage
 
         return DPOStage(recipe, tokenizer, model, device)
+    if recipe.train.stage == "dpg":
+        from tether.dpg_stage import DPGStage
+
+        return DPGStage(recipe, tokenizer, model, device)
     if recipe.train.stage == "reward-model":
         from tether.preference_stage import RewardModelStage
 
