@@ -155,10 +155,24 @@ def eval_(
     rewards: Annotated[
         bool, typer.Option(help="IQLearn reward extraction: returns vs task score (Spearman)")
     ] = False,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            help="enumerable task: exact KL to the target p* ∝ π_ref·exp(r/β), entropy, reward"
+        ),
+    ] = False,
+    reference: Annotated[
+        str | None, typer.Option(help="--exact: π_ref (default: the checkpoint's init)")
+    ] = None,
+    beta: Annotated[
+        float | None, typer.Option(help="--exact: β of the target (default: the dpg.beta used)")
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
     """Accuracy per digit length (addition) or accuracy and score (other tasks), with 95%
-    intervals; optionally a diversity sweep over temperatures and the extracted rewards."""
+    intervals; optionally a diversity sweep over temperatures and the extracted rewards.
+    With --exact (enumerable task): every response enumerated, exact figures against the
+    target p* ∝ π_ref·exp(r/β) for the policy, the reference and the target itself."""
     from tether import evaluate
     from tether.models import (
         checkpoint_max_digits,
@@ -170,6 +184,11 @@ def eval_(
     path = resolve_checkpoint(checkpoint)
     trained_on = checkpoint_task(path)
     task = task or trained_on.get("name", "addition")
+    if exact:
+        _eval_exact(path, task, trained_on, reference, beta, json_)
+        return
+    if reference is not None or beta is not None:
+        raise UsageError("--reference and --beta go with --exact")
     if task != "addition" or temperatures or rewards:
         _eval_samples(path, task, trained_on, n, temperature, temperatures, k, rewards, seed, json_)
         return
@@ -506,6 +525,139 @@ def winrate(
         console.print(f"plot: {report.info['plot']}", soft_wrap=True)
 
 
+def _exact_setup(
+    path: Path,
+    task_name: str,
+    trained_on: dict[str, Any],
+    reference: str | None,
+    beta: float | None,
+) -> tuple[Any, str, float | None]:
+    """The task, the reference's name and β (None: the hard-constraint target) for --exact,
+    from the options or else from the checkpoint's tether.json; UsageError saying what is
+    missing."""
+    from pydantic import ValidationError
+
+    from tether.config import TaskConfig
+    from tether.tasks import task_from_config
+
+    if task_name != "enumerable":
+        raise UsageError(
+            f"--exact lists every response, which only the enumerable task allows; "
+            f"{path} is evaluated on {task_name} (train on task.name enumerable, or pass "
+            "--task enumerable)"
+        )
+    fields = {**trained_on, "train_size": None} if trained_on.get("name") == task_name else {}
+    try:
+        task = task_from_config(TaskConfig.model_validate({**fields, "name": task_name}))
+    except ValidationError as err:
+        message = err.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UsageError(f"--exact: {message}") from None
+    meta_file = path / "tether.json"
+    meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    reference = reference or meta.get("init")
+    if reference is None:
+        raise UsageError(
+            f"--exact: {path} records no reference (no init in its tether.json): "
+            "give --reference REF"
+        )
+    recorded = dict(meta.get("dpg") or {})
+    if beta is not None:
+        if not beta > 0:
+            raise UsageError(f"--beta {beta}: must be > 0")
+    elif recorded.get("target") != "constraint":
+        beta = recorded.get("beta")
+        if beta is None:
+            raise UsageError(
+                f"--exact: give --beta B, the target's temperature ({path} was not trained "
+                "by the dpg stage, which records it)"
+            )
+    return task, reference, beta
+
+
+def _eval_exact(
+    path: Path,
+    task_name: str,
+    trained_on: dict[str, Any],
+    reference: str | None,
+    beta: float | None,
+    json_: bool,
+) -> None:
+    """Exact figures of the policy, the reference and the target over the enumerated space."""
+    from tether.exact_eval import (
+        ExactTarget,
+        NotEnumerableError,
+        exact_figures,
+        exact_space,
+        top_responses,
+    )
+    from tether.models import ModelLoadError, load_model_and_tokenizer
+
+    task, ref_name, beta = _exact_setup(path, task_name, trained_on, reference, beta)
+    model, tokenizer = load_model_and_tokenizer(str(path))
+    try:
+        ref_model, _ = load_model_and_tokenizer(ref_name)
+    except ModelLoadError as err:
+        source = "--reference" if reference else "the checkpoint's init; give --reference"
+        raise UsageError(f"reference ({source}): {err}") from None
+    try:
+        space = exact_space(task, tokenizer)
+    except NotEnumerableError as err:
+        raise UsageError(f"--exact: {err}") from None
+    target = ExactTarget.build(space, space.distribution(ref_model).log_probs, beta)
+    log_pi = space.distribution(model).log_probs
+    columns = {"policy": log_pi, "reference": target.log_ref, "target": target.log_target}
+    figures = {name: exact_figures(lp, space, target) for name, lp in columns.items()}
+    result: dict[str, Any] = {
+        "checkpoint": str(path),
+        "reference": ref_name,
+        "task": {"name": task_name, "max_digits": task.max_digits},
+        "responses": len(space),
+        "target": "reward" if beta is not None else "constraint",
+        "beta": beta,
+        "log_z": target.log_z,
+        "figures": figures,
+        "top_responses": top_responses(log_pi, space, target),
+    }
+    if json_:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    form = f"π_ref·exp(r/β), β = {beta:g}" if beta is not None else "π_ref·[correct]"
+    typer.echo(
+        f"{path} on enumerable: all {len(space)} responses to {task.prompt!r} "
+        f"(0-{task.max_digits} digits from {task.vocabulary} then EOS, or {task.max_len} cut "
+        "at the limit)\n"
+        f"reference: {ref_name}\ntarget: p* ∝ {form}, log Z = {target.log_z:.4f}\n"
+    )
+    rows = [
+        ("kl_target_policy", "KL(p*‖π)"),
+        ("kl_policy_target", "KL(π‖p*)"),
+        ("kl_policy_ref", "KL(π‖π_ref)"),
+        ("tv", "TV(π, p*)"),
+        ("js", "JS(π, p*)"),
+        ("entropy", "entropy H(π)"),
+        ("reward", "E_π[r]"),
+        ("accuracy", "π(r = 1)"),
+        ("objective", "J = E[r] − β·KL(π‖π_ref)"),
+    ]
+    typer.echo(f"{'π =':<26}{'policy':>10}{'reference':>11}{'target':>10}")
+    for key, label in rows:
+        if key not in figures["target"]:
+            continue
+        cells = "".join(
+            f"{figures[name].get(key, float('inf')):>{w}.4f}"
+            for name, w in (("policy", 10), ("reference", 11), ("target", 10))
+        )
+        typer.echo(f"{label:<26}{cells}")
+    typer.echo(
+        f"\nmost probable under the policy:\n{'response':<12}{'π':>8}{'p*':>8}{'π_ref':>8}{'r':>6}"
+    )
+    for row in result["top_responses"]:
+        typer.echo(
+            f"{row['response']:<12}{row['policy']:>8.4f}{row['target']:>8.4f}"
+            f"{row['reference']:>8.4f}{row['reward']:>6.2f}"
+        )
+
+
 @app.command()
 @friendly_errors
 def sample(
@@ -830,6 +982,34 @@ def study_xpo(
         seeds=seeds,
         first_seed=first_seed,
         steps=steps,
+        overrides=set_ or [],
+        progress=not quiet,
+        echo=lambda m: typer.echo(m, err=True),
+    )
+    typer.echo(report.read_text())
+
+
+@study_app.command("collapse")
+@friendly_errors
+def study_collapse(
+    out: Annotated[Path, typer.Option(help="study folder")] = Path("runs/collapse"),
+    steps: Annotated[int, typer.Option(min=1, help="training steps per arm")] = 300,
+    eval_every: Annotated[int, typer.Option(min=1, help="steps between exact evaluations")] = 25,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key in every arm: a.b=value")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Distribution collapse on the enumerable task: reward maximisation, KL-RL at several β,
+    DPG and f-DPG (JS), all judged exactly against the same target p* ∝ π_ref·exp(r/0.1)."""
+    from tether.study_bayes import run_collapse_study
+
+    report = run_collapse_study(
+        out,
+        steps=steps,
+        eval_every=eval_every,
+        seed=seed,
         overrides=set_ or [],
         progress=not quiet,
         echo=lambda m: typer.echo(m, err=True),

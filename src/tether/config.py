@@ -24,14 +24,20 @@ class Strict(BaseModel):
 
 class TaskConfig(Strict):
     name: Literal[
-        "addition", "first-digit", "multistep", "jsonl", "multistep-prefs", "prefs-jsonl"
+        "addition",
+        "first-digit",
+        "multistep",
+        "jsonl",
+        "multistep-prefs",
+        "prefs-jsonl",
+        "enumerable",
     ] = "addition"
     max_digits: int = Field(
         3,
         ge=1,
         le=18,
         description="addition: N (pre-training covers 1..N digits); multistep, multistep-prefs: "
-        "the longest operand",
+        "the longest operand; enumerable: the longest answer (341 responses at 3, at most 7)",
     )
     long_fraction: float = Field(
         0.0,
@@ -67,6 +73,10 @@ class TaskConfig(Strict):
             raise ValueError(
                 "task.prompt_field, chosen_field and rejected_field must be three different names"
             )
+        if self.name == "enumerable":
+            from tether.tasks.enumerable import check_space
+
+            check_space(self.max_digits)
         return self
 
 
@@ -97,7 +107,9 @@ class OptimConfig(Strict):
 
 
 class TrainConfig(Strict):
-    stage: Literal["mle", "iqlearn", "rl", "dpo", "online-dpo", "xpo", "reward-model"] = "mle"
+    stage: Literal["mle", "iqlearn", "rl", "dpo", "online-dpo", "xpo", "reward-model", "dpg"] = (
+        "mle"
+    )
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1, le=65536)
     log_every: int = Field(10, ge=1)
@@ -260,6 +272,61 @@ class RewardConfig(Strict):
         return self
 
 
+class DPGConfig(Strict):
+    """Distribution matching toward the target EBM P = π_ref·exp(r/β) (METHODS.md §5), with
+    ``train.stage: dpg``. The reference π_ref is the frozen ``model.init``; r is the task's
+    graded score in [0, 1]. ``divergence`` picks the gradient: ``forward_kl`` is DPG (KL(p‖π),
+    mass-covering), ``reverse_kl`` is KL(π‖p), which *is* KL-RL with kl_coef β, ``js`` and ``tv``
+    are f-DPG's bounded alternatives (JS is its recommended default)."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "js", "tv"] = Field(
+        "forward_kl", description="forward_kl = DPG; reverse_kl = KL-RL; js, tv = f-DPG"
+    )
+    target: Literal["reward", "constraint"] = Field(
+        "reward",
+        description="reward: P = π_ref·exp(r/β); constraint: P = π_ref·[task.is_correct] "
+        "(π_ref conditioned on success, no β)",
+    )
+    beta: float = Field(0.25, gt=0.0, description="β, the target's temperature (KL-RL's kl_coef)")
+    prompts_per_step: int = Field(1, ge=1, description="prompts drawn per step")
+    samples_per_step: int = Field(
+        64, ge=2, description="responses per step, split evenly over the prompts"
+    )
+    proposal: Literal["policy", "adaptive"] = Field(
+        "policy",
+        description="policy: on-policy samples; adaptive: off-policy from a frozen copy of the "
+        "policy, replaced when the policy is closer to the target (GDC++)",
+    )
+    baseline: bool = Field(
+        True,
+        description="forward_kl: the GDC++ baseline; others: the leave-one-out baseline",
+    )
+    log_z: Literal["running", "batch", "exact"] = Field(
+        "running",
+        description="log Z: mean P/q over every sample of the prompt so far (running), over "
+        "this step's (batch), or enumerated (exact; task enumerable only)",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, description="sampling temperature; samples are importance-weighted to π"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPGConfig:
+        if self.samples_per_step % self.prompts_per_step:
+            raise ValueError(
+                f"samples_per_step ({self.samples_per_step}) must be a multiple of "
+                f"prompts_per_step ({self.prompts_per_step})"
+            )
+        if self.samples_per_step // self.prompts_per_step < 2:
+            raise ValueError("each prompt needs at least 2 samples per step (samples_per_step)")
+        if self.target == "constraint" and self.divergence == "reverse_kl":
+            raise ValueError(
+                "divergence reverse_kl is infinite for a hard constraint (P = 0 where it fails): "
+                "use forward_kl, js or tv"
+            )
+        return self
+
+
 class EvalConfig(Strict):
     digits: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], description="[] = no table")
     n: int = Field(100, ge=1, description="problems per digit length and kind")
@@ -290,12 +357,16 @@ class Recipe(Strict):
     imitation: ImitationConfig = Field(default_factory=ImitationConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    dpg: DPGConfig = Field(default_factory=DPGConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _rl_needs_a_reference(self) -> Recipe:
-        if self.train.stage in ("rl", "dpo", "online-dpo", "xpo") and self.model.init is None:
+        if (
+            self.train.stage in ("rl", "dpo", "online-dpo", "xpo", "dpg")
+            and self.model.init is None
+        ):
             raise ValueError(
                 f"model.init is required when train.stage is {self.train.stage} "
                 "(it is the reference)"
@@ -310,6 +381,16 @@ class Recipe(Strict):
             raise ValueError(
                 "reward.calibrate (CTRL) applies to train.stage rl only; online preference "
                 f"pairs are labelled by the raw reward (got train.stage {self.train.stage})"
+            )
+        if self.train.stage == "dpg" and preference_task:
+            raise ValueError(
+                f"train.stage dpg samples and scores responses: task.name {self.task.name} "
+                "holds preference pairs, not a reward"
+            )
+        if self.dpg.log_z == "exact" and self.task.name != "enumerable":
+            raise ValueError(
+                f"dpg.log_z exact needs task.name enumerable (got {self.task.name}): "
+                "use running or batch"
             )
         return self
 

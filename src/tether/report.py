@@ -6,7 +6,8 @@ into ``out``:
 
 - ``training.png``: every numeric key that is not an evaluation (loss, lr, grad_norm, ...), one
   panel per key, runs overlaid, x = step;
-- ``eval.png``: every key starting with ``eval/``, laid out the same way;
+- ``eval.png``: every key starting with ``eval/`` (or ``exact/``, the DPG stage's exact figures),
+  laid out the same way;
 - ``report.md``: one row per run with the union of the numeric summary figures (nested dicts
   flattened with ``/``), to 4 significant digits, and the figures embedded by relative link.
 
@@ -26,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-EVAL_PREFIX = "eval/"
+EVAL_PREFIX = ("eval/", "exact/")  # evaluations: sampled, and exact (enumerable task)
 TRAINING_PNG = "training.png"
 EVAL_PNG = "eval.png"
 

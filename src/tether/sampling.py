@@ -110,6 +110,7 @@ def sample(
     batch_size: int | None = None,
     fast: bool = True,
     ignore_eos: bool = False,
+    allowed_token_ids: Sequence[int] | None = None,
 ) -> SampleOutput:
     """Complete each prompt with up to ``max_new_tokens`` tokens.
 
@@ -122,6 +123,12 @@ def sample(
     ``fast=False`` forces the generic path (the model's own ``forward``) even for GPT-2 and
     Llama; ``ignore_eos=True`` never stops at EOS (benchmarks: every row runs the full
     ``max_new_tokens``). The model must be in eval mode.
+
+    ``allowed_token_ids`` restricts every draw to those tokens: the logits of all others are
+    set to −inf before the softmax, so tokens come from the model's next-token distribution
+    renormalised over the allowed set, and ``logprobs`` are under that distribution. It is the
+    restricted policy π_V of :mod:`tether.exact` (the enumerable task samples from exactly the
+    distribution it enumerates). None (the default) leaves the vocabulary whole.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -136,6 +143,7 @@ def sample(
         raise ValueError("stop strings must be non-empty")
 
     device = next(model.parameters()).device
+    allowed = _allowed_ids(model, allowed_token_ids, device)
     pad_id = _pad_id(tokenizer)
     eos_id = None if ignore_eos else tokenizer.eos_token_id
     encoded = _encode(tokenizer, prompts)
@@ -156,6 +164,7 @@ def sample(
                     eos_id=eos_id,
                     checker=checker,
                     fast=fast,
+                    allowed=allowed,
                     device=device,
                 )
             )
@@ -207,6 +216,27 @@ def _encode(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
         if not row:
             raise ValueError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens")
     return [list(row) for row in ids]
+
+
+def _allowed_ids(
+    model: Any, allowed_token_ids: Sequence[int] | None, device: torch.device
+) -> torch.Tensor | None:
+    """The allowed token ids as a tensor on ``device`` (unique, order kept), checked against
+    the model's vocabulary; None when there is no restriction."""
+    if allowed_token_ids is None:
+        return None
+    ids = list(dict.fromkeys(int(t) for t in allowed_token_ids))
+    vocab = int(model.config.vocab_size)
+    if not ids or any(not 0 <= t < vocab for t in ids):
+        raise ValueError(f"allowed_token_ids must be token ids in [0, {vocab}), got {ids}")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """fp32 logits with every column outside ``allowed`` set to −inf."""
+    out = torch.full_like(logits, -math.inf, dtype=torch.float32)
+    out[:, allowed] = logits[:, allowed].float()
+    return out
 
 
 def _pad_to(x: torch.Tensor, width: int, left: bool, value: float) -> torch.Tensor:
@@ -307,6 +337,7 @@ def _sample_chunk(
     checker: _StopChecker | None,
     fast: bool,
     device: torch.device,
+    allowed: torch.Tensor | None = None,
 ) -> _Chunk:
     B = len(encoded)
     lens = [len(row) for row in encoded]
@@ -336,6 +367,7 @@ def _sample_chunk(
             generator,
             eos_id,
             checker,
+            allowed,
         )
 
     T = max(lengths, default=0)
@@ -363,6 +395,7 @@ def _decode(
     generator: torch.Generator | None,
     eos_id: int | None,
     checker: _StopChecker | None,
+    allowed: torch.Tensor | None = None,
 ) -> None:
     """The shared loop: pick, record, retire finished rows, step. Fills the buffers in place."""
     B, max_new = tokens.shape
@@ -370,6 +403,8 @@ def _decode(
     rows_t: torch.Tensor | None = None  # the same as a tensor; None while rows == all rows
     gen: list[list[int]] = [[] for _ in range(B)] if checker else []
     for t in range(max_new):
+        if allowed is not None:
+            logits = _restrict(logits, allowed)
         nxt, lp = _pick(logits, temperature, generator)
         if rows_t is None:
             tokens[:, t] = nxt

@@ -183,6 +183,10 @@ def make_stage(
         from tether.online_preference import OnlinePreferenceStage
 
         return OnlinePreferenceStage(recipe, tokenizer, model, device)
+    if recipe.train.stage == "dpg":
+        from tether.dpg_stage import DPGStage
+
+        return DPGStage(recipe, tokenizer, model, device)
     if recipe.train.stage == "reward-model":
         from tether.preference_stage import RewardModelStage
 

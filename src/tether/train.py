@@ -415,6 +415,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         "stage": recipe.train.stage,
         "init": recipe.model.init,  # the reference of a KL-tethered stage
         "reward": recipe.reward.model_dump(),
+        **({"dpg": recipe.dpg.model_dump()} if recipe.train.stage == "dpg" else {}),
     }
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -435,7 +436,12 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         done, carried = restore_training(resume_from, model, optimizer, scheduler, stage)
         truncate_metrics(out / "metrics.jsonl", done)
         first_step = done + 1
-    elif recipe.train.stage == "rl":  # the starting model's figures at step 0
+    elif recipe.train.stage in (
+        "rl",
+        "dpg",
+        "online-dpo",
+        "xpo",
+    ):  # the starting model's figures at step 0
         carried["last_eval"] = evaluate()
         log.log(0, carried["last_eval"])
 

@@ -114,21 +114,34 @@ class MultistepTask:
         return multistep.max_completion_tokens(self.max_digits, self.max_operands)
 
 
-TASK_NAMES = ("addition", "first-digit", "multistep", "jsonl", "multistep-prefs", "prefs-jsonl")
+TASK_NAMES = (
+    "addition",
+    "first-digit",
+    "multistep",
+    "jsonl",
+    "multistep-prefs",
+    "prefs-jsonl",
+    "enumerable",
+)
 # tasks whose problems are preference pairs (.prompt, .chosen, .rejected): dpo, reward-model
 PREFERENCE_TASKS = ("multistep-prefs", "prefs-jsonl")
 
 
 def get_task(name: str, max_digits: int, long_fraction: float = 0.0) -> Task:
     """The task called ``name``. ``max_digits`` is N for ``addition`` and the largest operand
-    length for ``multistep`` and ``multistep-prefs`` (2 is their intended setting); ``long_fraction`` applies to
-    ``addition`` only. ``first-digit`` ignores both."""
+    length for ``multistep`` and ``multistep-prefs`` (2 is their intended setting) and the longest
+    answer for ``enumerable``; ``long_fraction`` applies to ``addition`` only. ``first-digit``
+    ignores both."""
     if name == "addition":
         return AdditionTask(max_digits, long_fraction)
     if name == "first-digit":
         return FirstDigitTask()
     if name == "multistep":
         return MultistepTask(max_digits)
+    if name == "enumerable":
+        from tether.tasks.enumerable import EnumerableTask
+
+        return EnumerableTask(max_digits)
     if name == "multistep-prefs":
         from tether.tasks.preferences import MultistepPrefsTask
 
