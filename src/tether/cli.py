@@ -1017,6 +1017,67 @@ def study_collapse(
     typer.echo(report.read_text())
 
 
+def _ints(option: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected comma-separated integers") from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{option} {text!r}: expected positive integers, e.g. 8,32,128")
+    return values
+
+
+@study_app.command("demo-rl")
+@friendly_errors
+def study_demo_rl(
+    out: Annotated[Path, typer.Option(help="study folder")] = Path("runs/demo-rl"),
+    num_demos: Annotated[
+        str, typer.Option(help="N_E values (demonstrations), comma-separated")
+    ] = "8,32,128,512",
+    betas: Annotated[
+        str, typer.Option(help="KL coefficients β, comma-separated")
+    ] = "0.01,0.03,0.1,0.3,1",
+    expert_shares: Annotated[
+        str, typer.Option(help="the expert's share of best answers, comma-separated")
+    ] = "0.9,0.6",
+    seeds: Annotated[int, typer.Option(min=1, help="demonstration draws (one clone each)")] = 4,
+    rl_seeds: Annotated[int, typer.Option(min=1, help="KL-RL runs per clone and β")] = 3,
+    smoothing: Annotated[
+        float, typer.Option(min=0.0, max=0.99, help="label smoothing ε of the cloning")
+    ] = 0.05,
+    bc_steps: Annotated[int, typer.Option(min=1, help="behaviour-cloning steps")] = 200,
+    rl_steps: Annotated[int, typer.Option(min=1, help="KL-RL steps (the RL budget)")] = 40,
+    samples: Annotated[int, typer.Option(min=2, help="KL-RL samples per step")] = 4,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key in every run: a.b=value")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Demonstration-regularised RL on the enumerable task: label-smoothed behaviour cloning on
+    N_E expert answers, then KL-RL toward the clone, swept over N_E and β; the best β per N_E."""
+    from tether.study_demo_rl import Grid, run_demo_rl_study
+
+    grid = Grid(
+        num_demos=tuple(_ints("--num-demos", num_demos)),
+        betas=tuple(_floats("--betas", betas)),
+        expert_shares=tuple(_floats("--expert-shares", expert_shares)),
+        seeds=seeds,
+        rl_seeds=rl_seeds,
+        smoothing=smoothing,
+        bc_steps=bc_steps,
+        rl_steps=rl_steps,
+        samples=samples,
+    )
+    report = run_demo_rl_study(
+        out,
+        grid,
+        overrides=set_ or [],
+        progress=not quiet,
+        echo=lambda m: typer.echo(m, err=True),
+    )
+    typer.echo(report.read_text())
+
+
 def main() -> None:
     app()
 

@@ -61,6 +61,18 @@ class TaskConfig(Strict):
     strict: bool = Field(
         False, description="jsonl, prefs-jsonl: any bad row is an error, not a counted skip"
     )
+    demonstrations: Literal["uniform", "expert"] = Field(
+        "uniform",
+        description="enumerable: who writes the MLE answers: uniform random strings, or a good "
+        "but imperfect expert (best answers with probability expert_share, else uniform ones; "
+        "METHODS.md §6)",
+    )
+    expert_share: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="demonstrations expert: the expert's share of best answers (null = 0.9)",
+    )
 
     @model_validator(mode="after")
     def _files_need_a_path(self) -> TaskConfig:
@@ -77,6 +89,16 @@ class TaskConfig(Strict):
             from tether.tasks.enumerable import check_space
 
             check_space(self.max_digits)
+        elif self.demonstrations != "uniform":
+            raise ValueError(
+                f"task.demonstrations {self.demonstrations} needs task.name enumerable "
+                f"(got {self.name})"
+            )
+        if self.expert_share is not None and self.demonstrations != "expert":
+            raise ValueError(
+                "task.expert_share applies to task.demonstrations expert only "
+                f"(got {self.demonstrations})"
+            )
         return self
 
 
@@ -175,6 +197,13 @@ class ImitationConfig(Strict):
     entropy bonus) or ``train.stage: iqlearn``, offline or online."""
 
     entropy_coef: float = Field(0.0, ge=0.0, description="mle: the MLE + entropy-bonus baseline")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="mle: ε, cross-entropy against (1−ε)·onehot + ε·uniform, so every token keeps "
+        "a floor of probability (demonstration-regularised RL's behaviour cloning)",
+    )
     lam: float = Field(0.1, ge=0.0, description="iqlearn: λ, weight of the TD term r̂²")
     lam_warmup_steps: int = Field(0, ge=0, description="iqlearn: λ rises linearly from 0")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="iqlearn: discount of r̂ = Q − γV′")
@@ -282,10 +311,19 @@ class DPGConfig(Strict):
     divergence: Literal["forward_kl", "reverse_kl", "js", "tv"] = Field(
         "forward_kl", description="forward_kl = DPG; reverse_kl = KL-RL; js, tv = f-DPG"
     )
-    target: Literal["reward", "constraint"] = Field(
+    target: Literal["reward", "constraint", "moments"] = Field(
         "reward",
         description="reward: P = π_ref·exp(r/β); constraint: P = π_ref·[task.is_correct] "
-        "(π_ref conditioned on success, no β)",
+        "(π_ref conditioned on success, no β); moments: P = π_ref·exp(λ·φ) with the feature "
+        "means of dpg.moments, λ fitted by SNIS on reference samples (no β)",
+    )
+    moments: dict[str, float] = Field(
+        default_factory=dict,
+        description="moments: feature name -> target mean, e.g. {'contains:1': 0.5, 'length': 2} "
+        "(tether.features)",
+    )
+    moment_samples: int = Field(
+        4096, ge=16, description="moments: reference samples for fitting λ (once, at the start)"
     )
     beta: float = Field(0.25, gt=0.0, description="β, the target's temperature (KL-RL's kl_coef)")
     prompts_per_step: int = Field(1, ge=1, description="prompts drawn per step")
@@ -324,6 +362,19 @@ class DPGConfig(Strict):
                 "divergence reverse_kl is infinite for a hard constraint (P = 0 where it fails): "
                 "use forward_kl, js or tv"
             )
+        if (self.target == "moments") != bool(self.moments):
+            raise ValueError(
+                "dpg.moments (feature -> target mean) is required with dpg.target moments, "
+                "and only then"
+            )
+        if self.moments:
+            from tether.features import FeatureError, feature_function
+
+            for name in self.moments:
+                try:
+                    feature_function(name)
+                except FeatureError as err:
+                    raise ValueError(f"dpg.moments: {err}") from None
         return self
 
 
@@ -391,6 +442,20 @@ class Recipe(Strict):
             raise ValueError(
                 f"dpg.log_z exact needs task.name enumerable (got {self.task.name}): "
                 "use running or batch"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _smoothing_is_for_mle(self) -> Recipe:
+        if self.imitation.label_smoothing and self.train.stage != "mle":
+            raise ValueError(
+                "imitation.label_smoothing applies to train.stage mle only "
+                f"(got train.stage {self.train.stage})"
+            )
+        if self.imitation.label_smoothing and self.imitation.entropy_coef:
+            raise ValueError(
+                "imitation.label_smoothing and imitation.entropy_coef: set one of the two "
+                "(both spread the clone's mass)"
             )
         return self
 

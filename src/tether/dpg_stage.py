@@ -47,13 +47,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.bayes import (
     constraint_log_target,
+    fit_moments,
     kl_policy_ref,
     kl_target_policy,
+    moment_log_target,
     reward_log_target,
 )
 from tether.config import Recipe, RecipeError
 from tether.exact_eval import ExactSpace, ExactTarget, NotEnumerableError, exact_figures
 from tether.exact_eval import exact_space as build_exact_space
+from tether.features import feature_matrix
 from tether.models import load_frozen_reference, prompt_text
 from tether.objectives import (
     FDivergence,
@@ -161,7 +164,10 @@ class DPGStage:
         self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
         self.reference = load_frozen_reference(recipe.model.init, device=device)
         self.divergence = DIVERGENCES[self.cfg.divergence]
-        self.beta = None if self.cfg.target == "constraint" else self.cfg.beta
+        self.beta = self.cfg.beta if self.cfg.target == "reward" else None
+        self.moment_names = list(self.cfg.moments)
+        self.lam: Tensor | None = None  # λ of a moment-constraint target, fitted below
+        self.moment_fit: dict[str, float] = {}
         self.group_size = self.cfg.samples_per_step // self.cfg.prompts_per_step
         self.max_new_tokens = self.task.max_new_tokens()
 
@@ -174,9 +180,18 @@ class DPGStage:
                 self.space = build_exact_space(self.task, tokenizer)
             except NotEnumerableError as err:
                 raise RecipeError(f"task.name enumerable: {err}") from None
-            log_ref = self.space.distribution(self.reference).log_probs
-            self.target = ExactTarget.build(self.space, log_ref, self.beta)
             self.allowed = torch.tensor(self.space.vocab_ids, device=device)
+        if self.cfg.target == "moments":
+            self.lam = self._fit_moments(recipe.seed)
+        if self.space is not None:
+            log_ref = self.space.distribution(self.reference).log_probs
+            if self.lam is not None:
+                phi = feature_matrix(self.moment_names, self.space.texts)
+                self.target = ExactTarget.from_log_target(
+                    log_ref, moment_log_target(log_ref, phi, self.lam)
+                )
+            else:
+                self.target = ExactTarget.build(self.space, log_ref, self.beta)
         # exact figures replace the generation-based evaluation (which samples unrestricted)
         self.generation_eval = self.space is None
 
@@ -191,6 +206,38 @@ class DPGStage:
 
     def parameters(self) -> list[nn.Parameter]:
         return []
+
+    @torch.no_grad()
+    def _fit_moments(self, seed: int) -> Tensor:
+        """λ of P = π_ref·exp(λ·φ) whose feature means are ``dpg.moments``, by SNIS on
+        ``dpg.moment_samples`` reference samples of one prompt (its own seeded generator)."""
+        problem = self.task.rl_problem(random.Random(f"tether-moments/{seed}"))
+        out = sample(
+            self.reference,
+            self.tokenizer,
+            [prompt_text(self.tokenizer, problem.prompt)] * self.cfg.moment_samples,
+            max_new_tokens=self.max_new_tokens,
+            temperature=1.0,
+            generator=torch.Generator(device=self.device).manual_seed(seed + 104729),
+            batch_size=1024,
+            allowed_token_ids=None if self.allowed is None else self.allowed.tolist(),
+        )
+        phi = feature_matrix(self.moment_names, out.texts)
+        targets = torch.tensor(list(self.cfg.moments.values()), dtype=torch.float64)
+        try:
+            fit = fit_moments(phi, targets)
+        except ValueError as err:
+            raise RecipeError(f"dpg.moments: {err}") from None
+        if not fit.converged:
+            raise RecipeError(
+                f"dpg.moments: the reference samples cannot reach these means (max error "
+                f"{fit.max_error:.3g}); move the targets inside the range the reference covers"
+            )
+        self.moment_fit = {
+            "lambda/" + n: float(v) for n, v in zip(self.moment_names, fit.lam, strict=True)
+        }
+        self.moment_fit["moment_fit_ess"] = fit.effective_sample_size
+        return fit.lam.to(torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
         """The prompt stream, the sampling generator, the running log Z and the proposal."""
@@ -263,7 +310,10 @@ class DPGStage:
         correct = torch.tensor([self.task.is_correct(p, t) for p, t in judged], device=self.device)
         proposal_logp = sequence_logprobs(out.logprobs.to(self.device), responses.mask).double()
         ref_logp = self._sequence_logprobs(self.reference, responses).double()
-        if self.beta is None:
+        if self.lam is not None:
+            phi = feature_matrix(self.moment_names, out.texts).to(self.device)
+            log_P = moment_log_target(ref_logp, phi, self.lam.to(self.device))
+        elif self.beta is None:
             log_P = constraint_log_target(ref_logp, correct)
         else:
             log_P = reward_log_target(ref_logp, reward, self.beta)
@@ -384,4 +434,11 @@ class DPGStage:
         log_pi = self.space.distribution(model).log_probs
         model.train(was_training)
         figures = exact_figures(log_pi, self.space, self.target)
+        if self.lam is not None:  # the feature means under π, to compare with dpg.moments
+            phi = feature_matrix(self.moment_names, self.space.texts)
+            means = log_pi.detach().double().exp() @ phi
+            figures.update(
+                {f"moment/{n}": float(m) for n, m in zip(self.moment_names, means, strict=True)}
+            )
+            figures.update(self.moment_fit)
         return {f"exact/{key}": value for key, value in figures.items()}

@@ -10,7 +10,10 @@ constraint), every figure the Bayesian view talks about is a finite sum (METHODS
 - ``kl_policy_ref`` KL(π‖π_ref): how far the tether has been stretched;
 - ``tv`` and ``js``: total variation and Jensen–Shannon between π and p*;
 - ``entropy`` H(π) (nats), ``reward`` E_π[r], ``accuracy`` π(r is the top level);
-- ``objective`` J(π) = E_π[r] − β·KL(π‖π_ref), ``log_z`` log Z (reward target only for J).
+- ``objective`` J(π) = E_π[r] − β·KL(π‖π_ref), ``log_z`` log Z (reward target only for J);
+- ``rejection_acceptance``: how often exact rejection sampling of p* accepts a sample of π
+  (quasi-rejection sampling at β_qrs = max p*/π, :func:`tether.exact.qrs_acceptance_rate`):
+  1 when π = p*, and a measure of how usable π is as a proposal for the target.
 
 Used by the DPG stage's ``evaluate`` (logged as ``exact/...``) and by
 ``tether eval CHECKPOINT --exact``. Both π and π_ref are the restricted policies of
@@ -135,6 +138,18 @@ class ExactTarget:
             log_p = target_distribution(log_ref, space.reward, beta)
         return cls(log_ref=log_ref, log_target=log_p, log_z=float(log_z), beta=beta)
 
+    @classmethod
+    def from_log_target(cls, log_ref: Tensor, log_P: Tensor) -> ExactTarget:
+        """p* = P/Z from any unnormalised log P over the space (a moment-constraint EBM)."""
+        log_P = log_P.detach().to(torch.float64)
+        log_z = torch.logsumexp(log_P, 0)
+        return cls(
+            log_ref=log_ref.detach().to(torch.float64),
+            log_target=log_P - log_z,
+            log_z=float(log_z),
+            beta=None,
+        )
+
     def unnormalised(self, space: ExactSpace) -> Tensor:
         """log P = log p* + log Z for every response."""
         return self.log_target + self.log_z
@@ -155,6 +170,9 @@ def exact_figures(log_pi: Tensor, space: ExactSpace, target: ExactTarget) -> dic
         "reward": float(expectation(lp, space.reward)),
         "accuracy": float(expectation(lp, space.correct.to(torch.float64))),
         "log_z": target.log_z,
+        # exact rejection sampling of p* with π as the proposal (QRS at β = max p*/π):
+        # the share of π's samples accepted, 1 / max_y p*(y)/π(y)
+        "rejection_acceptance": float(torch.exp(-(log_p - lp).max())),
     }
     if target.beta is not None:
         figures["objective"] = figures["reward"] - target.beta * figures["kl_policy_ref"]

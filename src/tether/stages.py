@@ -19,6 +19,7 @@ from tether.data import TokenBatch, collate_token_rows
 from tether.models import prompt_text
 from tether.objectives import (
     iqlearn_loss,
+    label_smoothed_mle_loss,
     lambda_schedule,
     mle_entropy_loss,
     mle_loss,
@@ -64,7 +65,9 @@ class DemoBatch:
 class ImitationStage:
     """Learning from the task's demonstrations (METHODS.md §4), one batch source for three
     objectives: ``train.stage: mle`` (completion-only maximum likelihood, plus an entropy
-    bonus when ``imitation.entropy_coef`` > 0) and ``train.stage: iqlearn`` (TD-regularised
+    bonus when ``imitation.entropy_coef`` > 0, or label-smoothed when
+    ``imitation.label_smoothing`` > 0: the support-preserving behaviour cloning of
+    demonstration-regularised RL, METHODS.md §6) and ``train.stage: iqlearn`` (TD-regularised
     MLE; online when ``imitation.online_fraction`` > 0: that share of each batch is completions
     sampled from the policy for fresh prompts). Problems are drawn fresh from the task's
     generator every step, or from its fixed pool with ``task.train_size``."""
@@ -146,6 +149,10 @@ class ImitationStage:
         tokens = batch.tokens
         logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
         if self.method == "mle":
+            if self.cfg.label_smoothing > 0:  # support-preserving behaviour cloning
+                return label_smoothed_mle_loss(
+                    logits, tokens.input_ids, tokens.loss_mask, self.cfg.label_smoothing
+                )
             if self.cfg.entropy_coef > 0:
                 return mle_entropy_loss(
                     logits, tokens.input_ids, tokens.loss_mask, self.cfg.entropy_coef

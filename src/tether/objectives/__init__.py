@@ -28,7 +28,7 @@ from tether.objectives.kl import (
     kl_penalty,
     prioritized_kl_weights,
 )
-from tether.objectives.mle import mle_loss
+from tether.objectives.mle import label_smoothed_mle_loss, mle_loss, smoothed_token_loss
 from tether.objectives.policy_gradient import (
     discounted_returns,
     entropy_bonus,
@@ -82,6 +82,7 @@ __all__ = [
     "kl_adaptive_proposal_update",
     "kl_estimate",
     "kl_penalty",
+    "label_smoothed_mle_loss",
     "lambda_schedule",
     "masked_mean",
     "mle_entropy_loss",
@@ -96,6 +97,7 @@ __all__ = [
     "sequence_logratios",
     "shape_rewards_with_kl",
     "shifted_token_logprobs",
+    "smoothed_token_loss",
     "soft_values",
     "terminal_rewards",
     "terminated_from_eos",

@@ -127,11 +127,18 @@ TASK_NAMES = (
 PREFERENCE_TASKS = ("multistep-prefs", "prefs-jsonl")
 
 
-def get_task(name: str, max_digits: int, long_fraction: float = 0.0) -> Task:
+def get_task(
+    name: str,
+    max_digits: int,
+    long_fraction: float = 0.0,
+    demonstrations: str = "uniform",
+    expert_share: float | None = None,
+) -> Task:
     """The task called ``name``. ``max_digits`` is N for ``addition`` and the largest operand
     length for ``multistep`` and ``multistep-prefs`` (2 is their intended setting) and the longest
-    answer for ``enumerable``; ``long_fraction`` applies to ``addition`` only. ``first-digit``
-    ignores both."""
+    answer for ``enumerable``; ``long_fraction`` applies to ``addition`` only, ``demonstrations``
+    (uniform or expert answers for MLE) and ``expert_share`` (None: the default) to
+    ``enumerable`` only. ``first-digit`` ignores them."""
     if name == "addition":
         return AdditionTask(max_digits, long_fraction)
     if name == "first-digit":
@@ -139,9 +146,10 @@ def get_task(name: str, max_digits: int, long_fraction: float = 0.0) -> Task:
     if name == "multistep":
         return MultistepTask(max_digits)
     if name == "enumerable":
-        from tether.tasks.enumerable import EnumerableTask
+        from tether.tasks.enumerable import EXPERT_BEST_SHARE, EnumerableTask
 
-        return EnumerableTask(max_digits)
+        share = EXPERT_BEST_SHARE if expert_share is None else expert_share
+        return EnumerableTask(max_digits, demonstrations, share)
     if name == "multistep-prefs":
         from tether.tasks.preferences import MultistepPrefsTask
 
@@ -204,7 +212,9 @@ def task_from_config(cfg: Any, seed: int = 0) -> Task:
             strict=cfg.strict,
         )
     else:
-        task = get_task(cfg.name, cfg.max_digits, cfg.long_fraction)
+        task = get_task(
+            cfg.name, cfg.max_digits, cfg.long_fraction, cfg.demonstrations, cfg.expert_share
+        )
     if cfg.train_size is not None:
         task = FixedPool.draw(task, cfg.train_size, seed)
     return task
