@@ -638,6 +638,7 @@ def _eval_exact(
         ("reward", "E_π[r]"),
         ("accuracy", "π(r = 1)"),
         ("objective", "J = E[r] − β·KL(π‖π_ref)"),
+        ("rejection_acceptance", "accepted, sampling p*"),
     ]
     typer.echo(f"{'π =':<26}{'policy':>10}{'reference':>11}{'target':>10}")
     for key, label in rows:
