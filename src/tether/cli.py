@@ -912,14 +912,27 @@ def study_imitation(
         typer.echo(report.read_text())
 
 
-def _floats(option: str, text: str) -> list[float]:
+def _number_list(
+    option: str, text: str, kind: type, noun: str, lowest: float, example: str
+) -> list:
+    """``0.3,1,3`` -> [0.3, 1.0, 3.0] as ``kind`` (float or int), each at least ``lowest``;
+    a one-line error naming the option otherwise."""
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"{option} {text!r}: expected comma-separated numbers") from None
-    if not values or any(not v >= 0 for v in values):
-        raise UsageError(f"{option} {text!r}: expected non-negative numbers, e.g. 0.3,1,3")
+        raise UsageError(f"{option} {text!r}: expected comma-separated {noun}") from None
+    if not values or any(not v >= lowest for v in values):
+        adjective = "non-negative" if lowest == 0 else "positive"
+        raise UsageError(f"{option} {text!r}: expected {adjective} {noun}, e.g. {example}")
     return values
+
+
+def _floats(option: str, text: str) -> list[float]:
+    return _number_list(option, text, float, "numbers", 0, "0.3,1,3")
+
+
+def _ints(option: str, text: str) -> list[int]:
+    return _number_list(option, text, int, "integers", 1, "8,32,128")
 
 
 @study_app.command("ctrl")
@@ -1016,16 +1029,6 @@ def study_collapse(
         echo=lambda m: typer.echo(m, err=True),
     )
     typer.echo(report.read_text())
-
-
-def _ints(option: str, text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{option} {text!r}: expected comma-separated integers") from None
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"{option} {text!r}: expected positive integers, e.g. 8,32,128")
-    return values
 
 
 @study_app.command("demo-rl")

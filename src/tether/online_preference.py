@@ -45,7 +45,7 @@ from tether.objectives import (
     shifted_token_logprobs,
 )
 from tether.reward_functions import build_reward
-from tether.sampling import SampleOutput, sample
+from tether.sampling import SampleOutput, pad_id, sample
 from tether.tasks import task_from_config
 
 
@@ -139,8 +139,8 @@ class OnlinePreferenceStage:
         pairs = preference_pairs(reward_a, reward_b, policy_sample="a")
         prompt_a, comp_a = ours.token_rows()
         prompt_b, comp_b = theirs.token_rows()
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        tokens = collate_token_rows(prompt_a + prompt_b, comp_a + comp_b, pad).to(self.device)
+        rows = collate_token_rows(prompt_a + prompt_b, comp_a + comp_b, pad_id(self.tokenizer))
+        tokens = rows.to(self.device)
         ref = self.reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         correct = torch.tensor(
             [self.task.is_correct(p, t) for p, t in zip(problems, ours.texts, strict=True)]

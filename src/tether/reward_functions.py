@@ -163,7 +163,6 @@ class CalibratedReward:
         kind: str = "identity",
         t: float | str | None = None,
         n: int = 4,
-        mode: str = "best",
     ):
         if k < 1:
             raise RewardError(f"reward.reference_samples must be >= 1, got {k}")
@@ -178,7 +177,6 @@ class CalibratedReward:
             t = optimise_t(n, mode_of)  # near π_ref: ≈ 2N, about a second
         self.t = None if t is None else float(t)
         self.cache: dict[str, Tensor] = {}
-        self.mode = mode
 
     def reference_rewards(self, problems: Sequence[Any]) -> Tensor:
         """[B, K] cached reference rewards, sampling K completions for unseen prompts."""

@@ -144,7 +144,7 @@ def sample(
 
     device = next(model.parameters()).device
     allowed = _allowed_ids(model, allowed_token_ids, device)
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     eos_id = None if ignore_eos else tokenizer.eos_token_id
     encoded = _encode(tokenizer, prompts)
     checker = _StopChecker(tokenizer, stops) if stops else None
@@ -160,7 +160,7 @@ def sample(
                     max_new_tokens=max_new_tokens,
                     temperature=temperature,
                     generator=generator,
-                    pad_id=pad_id,
+                    pad_id=pad,
                     eos_id=eos_id,
                     checker=checker,
                     fast=fast,
@@ -179,7 +179,7 @@ def sample(
             return torch.zeros(0, width, dtype=dtype, device=device)
         return torch.cat([_pad_to(getattr(p, name), width, left, value) for p in parts])
 
-    completion_ids = cat("completion_ids", T, False, pad_id, torch.long)
+    completion_ids = cat("completion_ids", T, False, pad, torch.long)
     completion_mask = cat("completion_mask", T, False, 0, torch.long)
     lengths = completion_mask.sum(1).tolist()
     finished = [f for p in parts for f in p.finished]
@@ -188,7 +188,7 @@ def sample(
     if stops:
         texts = [_cut_at_stop(t, stops) if f else t for t, f in zip(texts, finished, strict=True)]
     return SampleOutput(
-        prompt_ids=cat("prompt_ids", P, True, pad_id, torch.long),
+        prompt_ids=cat("prompt_ids", P, True, pad, torch.long),
         prompt_mask=cat("prompt_mask", P, True, 0, torch.long),
         completion_ids=completion_ids,
         completion_mask=completion_mask,
@@ -201,7 +201,8 @@ def sample(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads rows: the tokenizer's pad token, else EOS, else 0."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)

@@ -29,8 +29,9 @@ from typing import Any
 from tether.config import load_recipe
 from tether.exact_eval import ExactTarget, exact_figures, exact_space
 from tether.models import load_model_and_tokenizer
+from tether.study_common import finished, stem, train_once
 from tether.tasks import task_from_config
-from tether.train import step_checkpoints, train
+from tether.train import step_checkpoints
 
 TARGET_BETA = 0.1
 
@@ -48,11 +49,6 @@ COLLAPSE_ARMS: dict[str, list[str]] = {
     "f-DPG JS β=0.1": ["dpg.divergence=js", f"dpg.beta={TARGET_BETA}"],
 }
 FIGURES = ("kl_target_policy", "kl_policy_target", "entropy", "reward", "accuracy")
-
-
-def _stem(text: str) -> str:
-    keep = "".join(c if c.isalnum() or c in ".-" else "-" for c in text.lower())
-    return "-".join(p for p in keep.split("-") if p)
 
 
 def curve(run: Path, reference: Path, beta: float = TARGET_BETA) -> list[dict[str, float]]:
@@ -90,13 +86,13 @@ def run_collapse_study(
     exactly, write ``out/report.md`` with ``collapse.png``."""
     t0 = time.perf_counter()
     ref_run = out / "reference"
-    if not (ref_run / "summary.json").is_file():
+    if not finished(ref_run):
         echo(f"[{time.perf_counter() - t0:6.0f}s] collapse: the reference")
-        train(load_recipe("enumerable-reference", [f"seed={seed}"]), ref_run, progress=progress)
+        train_once(load_recipe("enumerable-reference", [f"seed={seed}"]), ref_run, progress)
     curves: dict[str, list[dict[str, float]]] = {}
     for arm, arm_overrides in COLLAPSE_ARMS.items():
-        run = out / _stem(arm)
-        if not (run / "summary.json").is_file():
+        run = out / stem(arm)
+        if not finished(run):
             echo(f"[{time.perf_counter() - t0:6.0f}s] collapse: {arm}")
             recipe = load_recipe(
                 "dpg-enumerable",
@@ -111,7 +107,7 @@ def run_collapse_study(
                     *arm_overrides,
                 ],
             )
-            train(recipe, run, progress=progress)
+            train_once(recipe, run, progress)
         curves[arm] = curve(run, ref_run / "model")
     report = write_collapse_report(out, curves, steps)
     echo(f"[{time.perf_counter() - t0:6.0f}s] collapse: report in {report}")

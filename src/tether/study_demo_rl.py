@@ -36,9 +36,9 @@ from typing import Any
 from tether.config import Recipe, RecipeError, load_recipe
 from tether.exact_eval import ExactSpace, ExactTarget, exact_figures, exact_space
 from tether.models import load_model_and_tokenizer
+from tether.study_common import finished, train_once
 from tether.tasks import get_task
 from tether.tasks.enumerable import expert_distribution, expert_reward, space_size
-from tether.train import train
 
 NUM_DEMOS = (8, 32, 128, 512)
 BETAS = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -173,12 +173,12 @@ def run_demo_rl_study(
             for seed in range(grid.seeds):
                 folder = clone_folder(out, share, n, seed)
                 recipe = bc_recipe(grid, n, share, seed, overrides)
-                if not (folder / "bc" / "summary.json").is_file():
+                if not finished(folder / "bc"):
                     echo(
                         f"[{time.perf_counter() - t0:6.0f}s] demo-rl: clone, share {share:g}, "
                         f"N_E {n}, seed {seed}"
                     )
-                    train(recipe, folder / "bc", progress=progress)
+                    train_once(recipe, folder / "bc", progress)
                 space, log_bc, figures = judge_clone(
                     folder / "bc" / "model", recipe.task.max_digits, share
                 )
@@ -186,10 +186,10 @@ def run_demo_rl_study(
                 for beta in grid.betas:
                     for r in range(grid.rl_seeds):
                         run = folder / f"rl-b{beta:g}-r{r}"
-                        if not (run / "summary.json").is_file():
+                        if not finished(run):
                             rl_seed = 1000 * (r + 1) + seed  # its own stream, not the clone's
                             rl = rl_recipe(grid, folder / "bc" / "model", beta, rl_seed, overrides)
-                            train(rl, run, progress=progress)
+                            train_once(rl, run, progress)
                         runs.append(
                             {
                                 "share": share,

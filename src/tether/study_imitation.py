@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,9 @@ from tether.imitation_eval import (
 from tether.models import load_model_and_tokenizer
 from tether.objectives import mle_loss, shifted_token_logprobs
 from tether.report import _mean_ci
+from tether.study_common import finished, stem, train_once
 from tether.tasks import FixedPool, Task, task_from_config
-from tether.train import step_checkpoints, task_accuracy, train
+from tether.train import task_accuracy
 
 RECIPE = "imitation-multistep"
 IQ = ["train.stage=iqlearn"]
@@ -57,11 +57,6 @@ SMALL_DATA_ARMS: dict[str, list[str]] = {
 }
 PARTS = ("tradeoff", "small-data")
 TEMPERATURES = (0.25, 0.5, 0.75, 1.0)
-
-
-def _stem(arm: str) -> str:
-    keep = "".join(c if c.isalnum() or c in ".-" else "-" for c in arm.lower())
-    return "-".join(p for p in keep.split("-") if p)
 
 
 @torch.no_grad()
@@ -144,7 +139,7 @@ def run_imitation_study(
         results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
         for seed in range(seeds):
             for arm, arm_overrides in arms.items():
-                run = out / part / f"{_stem(arm)}-seed{seed}"
+                run = out / part / f"{stem(arm)}-seed{seed}"
                 recipe = load_recipe(
                     RECIPE,
                     [
@@ -155,14 +150,9 @@ def run_imitation_study(
                         *arm_overrides,
                     ],
                 )
-                if not (run / "summary.json").is_file():
+                if not finished(run):
                     echo(f"[{time.perf_counter() - t0:6.0f}s] {part}: {arm}, seed {seed}")
-                    if run.exists() and step_checkpoints(run):  # interrupted: continue it
-                        train(recipe, run, progress=progress, resume=True)
-                    else:
-                        if run.exists():  # stopped before its first checkpoint
-                            shutil.rmtree(run)
-                        train(recipe, run, progress=progress)
+                    train_once(recipe, run, progress)
                 cached = run / "imitation_eval.json"
                 if cached.is_file():
                     results[arm].append(json.loads(cached.read_text()))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,10 +28,11 @@ import torch
 
 from tether.config import Recipe, load_recipe
 from tether.models import load_frozen_reference, load_model_and_tokenizer, prompt_text
-from tether.report import _mean_ci
+from tether.report import _mean_ci, read_metrics
 from tether.reward_functions import build_reward
+from tether.study_common import stem, train_once
 from tether.tasks import task_from_config
-from tether.train import evaluate_during_training, step_checkpoints, train
+from tether.train import evaluate_during_training
 
 CTRL_RECIPE = "ctrl-addition"
 XPO_RECIPE = "xpo-addition"
@@ -48,28 +48,15 @@ TARGET_N = 4
 XPO_ALPHAS = (0.01,)
 
 
-def _stem(text: str) -> str:
-    keep = "".join(c if c.isalnum() or c in ".-" else "-" for c in text.lower())
-    return "-".join(p for p in keep.split("-") if p)
-
-
-def _train_once(recipe: Recipe, run: Path, progress: bool) -> None:
-    """Train unless ``run`` has finished; continue it from its last checkpoint if it has one."""
-    if (run / "summary.json").is_file():
-        return
-    if run.exists() and step_checkpoints(run):
-        train(recipe, run, progress=progress, resume=True)
-        return
-    if run.exists():  # stopped before its first checkpoint
-        shutil.rmtree(run)
-    train(recipe, run, progress=progress)
-
-
-def _metrics(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 # ----------------------------------------------------------------------------- CTRL
+
+
+def raw_reward(recipe: Recipe, task: Any) -> Any:
+    """The recipe's reward before calibration: what win rates are judged by."""
+    raw = recipe.model_copy(
+        update={"reward": recipe.reward.model_copy(update={"calibrate": False})}
+    )
+    return build_reward(raw, task)
 
 
 def evaluate_ctrl_run(
@@ -86,15 +73,12 @@ def evaluate_ctrl_run(
     policy, tokenizer = load_model_and_tokenizer(str(run / "model"))
     reference = load_frozen_reference(recipe.model.init)
     task = task_from_config(recipe.task, recipe.seed)
-    raw = recipe.model_copy(
-        update={"reward": recipe.reward.model_copy(update={"calibrate": False})}
-    )
     report = evaluate_winrate(
         policy.eval(),
         reference,
         tokenizer,
         task,
-        build_reward(raw, task),
+        raw_reward(recipe, task),
         ns=WIN_NS,
         prompts=prompts,
         samples=samples,
@@ -131,7 +115,7 @@ def run_ctrl_study(
     for seed in range(first_seed, first_seed + seeds):
         for coef in kl_coefs:
             for arm, arm_overrides in CTRL_ARMS.items():
-                run = out / f"{_stem(arm)}-kl{coef:g}-seed{seed}"
+                run = out / f"{stem(arm)}-kl{coef:g}-seed{seed}"
                 recipe = load_recipe(
                     CTRL_RECIPE,
                     [
@@ -145,9 +129,9 @@ def run_ctrl_study(
                 echo(
                     f"[{time.perf_counter() - t0:6.0f}s] ctrl: {arm}, kl_coef {coef:g}, seed {seed}"
                 )
-                _train_once(recipe, run, progress)
+                train_once(recipe, run, progress)
                 result = evaluate_ctrl_run(run, recipe, prompts, samples)
-                rows = [r for r in _metrics(run) if "reward" in r]
+                rows = [r for r in read_metrics(run / "metrics.jsonl") if "reward" in r]
                 result["train_kl_sequence"] = float(np.mean([r["kl_sequence"] for r in rows[-10:]]))
                 result["seed"] = seed
                 results[arm].append(result)
@@ -212,10 +196,7 @@ def reference_rewards(recipe: Recipe, out: Path, prompts: int, samples: int) -> 
     task = task_from_config(recipe.task, recipe.seed)
     rng = random.Random("tether-study/ctrl-frontier")
     problems = [task.rl_problem(rng) for _ in range(prompts)]
-    raw = recipe.model_copy(
-        update={"reward": recipe.reward.model_copy(update={"calibrate": False})}
-    )
-    reward = build_reward(raw, task)
+    reward = raw_reward(recipe, task)
     generator = torch.Generator().manual_seed(12345)
     rows = []
     for p in problems:
@@ -437,7 +418,7 @@ def run_xpo_study(
     results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     for seed in range(first_seed, first_seed + seeds):
         for arm, arm_overrides in arms.items():
-            run = out / f"{_stem(arm)}-seed{seed}"
+            run = out / f"{stem(arm)}-seed{seed}"
             recipe = load_recipe(
                 XPO_RECIPE,
                 [
@@ -448,8 +429,8 @@ def run_xpo_study(
                 ],
             )
             echo(f"[{time.perf_counter() - t0:6.0f}s] xpo: {arm}, seed {seed}")
-            _train_once(recipe, run, progress)
-            rows = _metrics(run)
+            train_once(recipe, run, progress)
+            rows = read_metrics(run / "metrics.jsonl")
             steps_rows = [r for r in rows if "accuracy" in r]
             summary = json.loads((run / "summary.json").read_text())
             if "eval/acc_rl" not in summary:  # runs from before online stages logged it

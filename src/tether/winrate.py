@@ -57,7 +57,7 @@ from tether.infalign import (
 )
 from tether.models import prompt_text
 from tether.objectives.common import shifted_token_logprobs
-from tether.sampling import sample
+from tether.sampling import pad_id, sample
 
 __all__ = [
     "Estimate",
@@ -244,13 +244,6 @@ def _stream_seed(seed: int, side: str) -> int:
 
 def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
 
 
 @dataclass
@@ -444,7 +437,7 @@ def evaluate_winrate(
                 model,
                 pol.prompt_rows,
                 pol.completion_rows,
-                pad_id=_pad_id(tokenizer),
+                pad_id=pad_id(tokenizer),
                 temperature=temperature,
                 batch_size=batch_size,
                 bar=bar,
