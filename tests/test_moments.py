@@ -96,3 +96,19 @@ def test_rejection_acceptance_is_one_at_the_target_and_matches_qrs(tiny_checkpoi
     expected = qrs_acceptance_rate(target.log_target, log_pi, ratio_max)
     got = exact_figures(log_pi, space, target)["rejection_acceptance"]
     assert got == pytest.approx(float(expected), rel=1e-9) and 0 < got < 1
+
+
+def test_eval_exact_judges_a_moment_run_against_its_own_target(tiny_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from tether.cli import app
+
+    train(_recipe(tiny_checkpoint, "train.steps=20", "train.eval_every=20"), tmp_path / "r", False)
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "r"), "--exact", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output[result.output.index("{") :])
+    assert out["target"] == "moments" and out["moments"] == {"contains:1": 0.6, "length": 2.0}
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "exact/kl_target_policy" in r][-1]["exact/kl_target_policy"]
+    # the run's own target used SNIS λ from 2048 samples; the exact λ differs a little
+    assert out["figures"]["policy"]["kl_target_policy"] == pytest.approx(logged, abs=0.05)

@@ -531,10 +531,11 @@ def _exact_setup(
     trained_on: dict[str, Any],
     reference: str | None,
     beta: float | None,
-) -> tuple[Any, str, float | None]:
-    """The task, the reference's name and β (None: the hard-constraint target) for --exact,
-    from the options or else from the checkpoint's tether.json; UsageError saying what is
-    missing."""
+) -> tuple[Any, str, float | None, dict[str, float]]:
+    """The task, the reference's name, β (None: a hard-constraint or moment target) and the
+    moment targets (empty unless the run used dpg.target moments and no --beta is given) for
+    --exact, from the options or else from the checkpoint's tether.json; UsageError saying
+    what is missing."""
     from pydantic import ValidationError
 
     from tether.config import TaskConfig
@@ -561,6 +562,8 @@ def _exact_setup(
             "give --reference REF"
         )
     recorded = dict(meta.get("dpg") or {})
+    if beta is None and recorded.get("target") == "moments":
+        return task, reference, None, dict(recorded["moments"])
     if beta is not None:
         if not beta > 0:
             raise UsageError(f"--beta {beta}: must be > 0")
@@ -571,7 +574,7 @@ def _exact_setup(
                 f"--exact: give --beta B, the target's temperature ({path} was not trained "
                 "by the dpg stage, which records it)"
             )
-    return task, reference, beta
+    return task, reference, beta, {}
 
 
 def _eval_exact(
@@ -592,7 +595,7 @@ def _eval_exact(
     )
     from tether.models import ModelLoadError, load_model_and_tokenizer
 
-    task, ref_name, beta = _exact_setup(path, task_name, trained_on, reference, beta)
+    task, ref_name, beta, moments = _exact_setup(path, task_name, trained_on, reference, beta)
     model, tokenizer = load_model_and_tokenizer(str(path))
     try:
         ref_model, _ = load_model_and_tokenizer(ref_name)
@@ -603,7 +606,19 @@ def _eval_exact(
         space = exact_space(task, tokenizer)
     except NotEnumerableError as err:
         raise UsageError(f"--exact: {err}") from None
-    target = ExactTarget.build(space, space.distribution(ref_model).log_probs, beta)
+    log_ref = space.distribution(ref_model).log_probs
+    if moments:  # the run's moment target, with λ solved exactly over the enumerated space
+        import torch
+
+        from tether.bayes import fit_moments, moment_log_target
+        from tether.features import feature_matrix
+
+        phi = feature_matrix(list(moments), space.texts)
+        targets = torch.tensor(list(moments.values()), dtype=torch.float64)
+        lam = fit_moments(phi, targets, log_weights=log_ref.detach().double()).lam
+        target = ExactTarget.from_log_target(log_ref, moment_log_target(log_ref, phi, lam))
+    else:
+        target = ExactTarget.build(space, log_ref, beta)
     log_pi = space.distribution(model).log_probs
     columns = {"policy": log_pi, "reference": target.log_ref, "target": target.log_target}
     figures = {name: exact_figures(lp, space, target) for name, lp in columns.items()}
@@ -612,7 +627,8 @@ def _eval_exact(
         "reference": ref_name,
         "task": {"name": task_name, "max_digits": task.max_digits},
         "responses": len(space),
-        "target": "reward" if beta is not None else "constraint",
+        "target": "moments" if moments else "reward" if beta is not None else "constraint",
+        "moments": moments or None,
         "beta": beta,
         "log_z": target.log_z,
         "figures": figures,
@@ -621,7 +637,12 @@ def _eval_exact(
     if json_:
         typer.echo(json.dumps(result, indent=2))
         return
-    form = f"π_ref·exp(r/β), β = {beta:g}" if beta is not None else "π_ref·[correct]"
+    if moments:
+        form = "π_ref·exp(λ·φ) with means " + ", ".join(f"{k} = {v:g}" for k, v in moments.items())
+    elif beta is not None:
+        form = f"π_ref·exp(r/β), β = {beta:g}"
+    else:
+        form = "π_ref·[correct]"
     typer.echo(
         f"{path} on enumerable: all {len(space)} responses to {task.prompt!r} "
         f"(0-{task.max_digits} digits from {task.vocabulary} then EOS, or {task.max_len} cut "
