@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tether import distributed
 from tether.bayes import (
     constraint_log_target,
     fit_moments,
@@ -161,7 +162,9 @@ class DPGStage:
         self.device = device
         self.task = task_from_config(recipe.task, recipe.seed)
         self.rng = random.Random(recipe.seed)
-        self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
+        self.generator = torch.Generator(device=device).manual_seed(
+            distributed.rank_seed(recipe.seed)
+        )
         self.reference = load_frozen_reference(recipe.model.init, device=device)
         self.divergence = DIVERGENCES[self.cfg.divergence]
         self.beta = self.cfg.beta if self.cfg.target == "reward" else None
@@ -270,22 +273,33 @@ class DPGStage:
         return restricted_sequence_logprobs(logits, completion_ids, r.mask, self.allowed)
 
     def _running_log_z(self, prompts: list[str], log_P: Tensor, log_q: Tensor) -> Tensor:
-        """Add this step's P/q to each prompt's running sum; the log of the running means."""
+        """Add this step's P/q to each prompt's running sum; the log of the running means.
+        Across processes every process adds every process's sums, in rank order, so the
+        running table is the same everywhere (a prompt may come back on another process)."""
+        sums = [
+            (prompt, float(torch.logsumexp(log_P[rows].double() - log_q[rows].double(), 0)))
+            for prompt, rows in zip(prompts, self._group_rows(len(prompts)), strict=True)
+        ]
         out = []
-        for g, prompt in enumerate(prompts):
-            rows = slice(g * self.group_size, (g + 1) * self.group_size)
-            log_sum = float(torch.logsumexp(log_P[rows].double() - log_q[rows].double(), 0))
-            total, count = self.running.get(prompt, [-math.inf, 0.0])
-            total = float(np.logaddexp(total, log_sum))  # fp64
-            count += self.group_size
-            self.running[prompt] = [total, count]
-            out.append(total - math.log(count))
+        mine = distributed.rank() if distributed.active() else 0
+        for r, share in enumerate(distributed.gather_objects(sums)):
+            for prompt, log_sum in share:
+                total, count = self.running.get(prompt, [-math.inf, 0.0])
+                total = float(np.logaddexp(total, log_sum))  # fp64
+                count += self.group_size
+                self.running[prompt] = [total, count]
+                if r == mine:
+                    out.append(total - math.log(count))
         return torch.tensor(out, dtype=torch.float64, device=log_P.device)
+
+    def _group_rows(self, n_prompts: int) -> list[slice]:
+        return [slice(g * self.group_size, (g + 1) * self.group_size) for g in range(n_prompts)]
 
     @torch.no_grad()
     def next_batch(self) -> DPGBatch:
         cfg = self.cfg
         problems = [self.task.rl_problem(self.rng) for _ in range(cfg.prompts_per_step)]
+        problems = distributed.shard(problems, "dpg.prompts_per_step")
         prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
         sampler = self.proposal if self.proposal is not None else self.policy
         was_training = sampler.training
@@ -354,8 +368,18 @@ class DPGStage:
                     batch.log_P[rows], batch.proposal_logp[rows], policy_logp[rows], log_z
                 )[1]
             )
-        kl_pi = sum(s["kl_target_policy"] for s in kls) / len(kls)
-        kl_q = sum(s["kl_target_proposal"] for s in kls) / len(kls)
+        # averaged over every process's prompts: all processes take the same decision
+        sums = distributed.all_sum(
+            torch.tensor(
+                [
+                    sum(s["kl_target_policy"] for s in kls),
+                    sum(s["kl_target_proposal"] for s in kls),
+                ],
+                dtype=torch.float64,
+            )
+        )
+        n = len(kls) * distributed.world_size() if distributed.active() else len(kls)
+        kl_pi, kl_q = float(sums[0]) / n, float(sums[1]) / n
         update = kl_pi < kl_q  # a NaN (no sample inside a hard constraint) keeps q
         if update:
             self.proposal.load_state_dict(self.policy.state_dict())

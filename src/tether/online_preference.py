@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tether import distributed
 from tether.config import Recipe
 from tether.data import TokenBatch, collate_token_rows
 from tether.models import load_frozen_reference, prompt_text
@@ -88,8 +89,9 @@ class OnlinePreferenceStage:
         self.batch_size = recipe.train.batch_size
         self.task = task_from_config(recipe.task, recipe.seed)
         self.rng = random.Random(recipe.seed)
-        self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
-        self.ref_generator = torch.Generator(device=device).manual_seed(recipe.seed + 7919)
+        seed = distributed.rank_seed(recipe.seed)  # each process samples its own share
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.ref_generator = torch.Generator(device=device).manual_seed(seed + 7919)
         self.reference = load_frozen_reference(recipe.model.init, device=device)
         self.reward = build_reward(recipe, self.task, device)
         self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
@@ -128,6 +130,7 @@ class OnlinePreferenceStage:
     @torch.no_grad()
     def next_batch(self) -> OnlinePairBatch:
         problems = [self.task.rl_problem(self.rng) for _ in range(self.batch_size)]
+        problems = distributed.shard(problems, "train.batch_size")
         prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
         ours = self._sample(self.policy, prompts, self.generator)
         if self.pair_with == "reference":

@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tether import distributed
 from tether.config import Recipe
 from tether.data import TokenBatch, collate_pairs
 from tether.models import (
@@ -111,7 +112,9 @@ class _PairStream:
         return collate_pairs(self.tokenizer, prompts + prompts, responses).to(self.device)
 
     def draw_pairs(self) -> TokenBatch:
-        return self._collate([self.task.pretrain_problem(self.rng) for _ in range(self.batch_size)])
+        """The global batch's pairs, this process's share of them (tether.distributed)."""
+        problems = [self.task.pretrain_problem(self.rng) for _ in range(self.batch_size)]
+        return self._collate(distributed.shard(problems, "train.batch_size"))
 
     def eval_pairs(self) -> TokenBatch:
         """The same ``eval.n`` pairs at every evaluation (fresh problems for generated tasks

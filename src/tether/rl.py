@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tether import distributed
 from tether.config import Recipe
 from tether.models import load_frozen_reference, prompt_text
 from tether.objectives import (
@@ -114,7 +115,9 @@ class RLStage:
         self.device = device
         self.task = task_from_config(recipe.task, recipe.seed)
         self.rng = random.Random(recipe.seed)
-        self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
+        self.generator = torch.Generator(device=device).manual_seed(
+            distributed.rank_seed(recipe.seed)
+        )
         self.reference = load_frozen_reference(recipe.model.init, device=device)
         self.value_head: nn.Linear | None = None
         if self.cfg.algorithm in ("a2c", "ppo"):
@@ -132,7 +135,9 @@ class RLStage:
         self.calibrated: CalibratedReward | None = None
         if recipe.reward.calibrate:
             rc = recipe.reward
-            self.ref_generator = torch.Generator(device=device).manual_seed(recipe.seed + 7919)
+            self.ref_generator = torch.Generator(device=device).manual_seed(
+                distributed.rank_seed(recipe.seed + 7919)
+            )
             self.calibrated = CalibratedReward(
                 self.reward, self._sample_reference, rc.reference_samples, rc.transform, rc.t, rc.n
             )
@@ -189,7 +194,9 @@ class RLStage:
     @torch.no_grad()
     def next_batch(self) -> Rollout:
         cfg = self.cfg
+        # every process draws the global prompts and samples only its share of them
         problems = [self._draw() for _ in range(cfg.prompts_per_step)]
+        problems = distributed.shard(problems, "rl.prompts_per_step")
         problems = [p for p in problems for _ in range(cfg.group_size)]
         was_training = self.policy.training
         self.policy.eval()
@@ -300,7 +307,10 @@ class RLStage:
         stats: dict[str, float] = {}
         if cfg.algorithm == "reinforce":
             returns = discounted_returns(token_rewards, mask, cfg.gamma)
-            baseline = masked_mean(returns, mask)
+            # the batch's mean return over every process's tokens (a constant, no gradient)
+            real = torch.where(mask > 0, returns, torch.zeros_like(returns)).detach()
+            total, count = distributed.all_sum((real * mask).sum()), distributed.all_sum(mask.sum())
+            baseline = total / count.clamp_min(1.0)
             pg, stats = reinforce_loss(logp, (returns - baseline).detach(), mask)
         elif cfg.algorithm == "rloo":
             seq_return = (token_rewards * mask).sum(1)

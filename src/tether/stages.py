@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tether import distributed
 from tether.config import Recipe
 from tether.data import TokenBatch, collate_token_rows
 from tether.models import prompt_text
@@ -88,7 +89,9 @@ class ImitationStage:
         self.batch_size = recipe.train.batch_size
         self.task = task_from_config(recipe.task, recipe.seed)
         self.rng = random.Random(recipe.seed)
-        self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
+        self.generator = torch.Generator(device=device).manual_seed(
+            distributed.rank_seed(recipe.seed)
+        )
         self.device = device
         self.step = 0  # batches drawn: drives the λ warm-up
         online = self.cfg.online_fraction if self.method == "iqlearn" else 0.0
@@ -112,8 +115,14 @@ class ImitationStage:
     def next_batch(self) -> DemoBatch:
         self.step += 1
         problems = [self.task.pretrain_problem(self.rng) for _ in range(self.batch_size)]
-        prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
+        # across processes each keeps its share of the demonstrations and of the policy rows
         n_expert = self.batch_size - self.n_policy
+        experts = distributed.shard(problems[:n_expert], "train.batch_size (demonstrations)")
+        policy_rows = distributed.shard(
+            problems[n_expert:], "imitation.online_fraction × train.batch_size (policy rows)"
+        )
+        problems, n_expert = experts + policy_rows, len(experts)
+        prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
         prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         targets = [p.target for p in problems[:n_expert]]
         eos = [self.tokenizer.eos_token_id]
@@ -138,7 +147,7 @@ class ImitationStage:
         tokens = collate_token_rows(prompt_ids, completions, self.tokenizer.pad_token_id or 0)
         is_expert = None
         if self.n_policy:
-            is_expert = torch.arange(self.batch_size, device=self.device) < n_expert
+            is_expert = torch.arange(len(problems), device=self.device) < n_expert
         return DemoBatch(
             tokens.to(self.device), torch.tensor(terminated, device=self.device), is_expert
         )

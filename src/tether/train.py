@@ -32,7 +32,8 @@ from transformers import (
     get_cosine_with_min_lr_schedule_with_warmup,
 )
 
-from tether.config import Recipe, dump_recipe
+from tether import distributed
+from tether.config import Recipe, RecipeError, dump_recipe
 from tether.models import build_model, char_tokenizer, load_model_and_tokenizer, prompt_text
 from tether.sampling import sample
 from tether.stages import make_stage
@@ -83,14 +84,18 @@ def save_checkpoint(
 
 
 class MetricsLog:
-    """metrics.jsonl always; accelerate trackers too when configured."""
+    """metrics.jsonl always; accelerate trackers too when configured. Across processes only
+    the main one writes."""
 
     def __init__(self, path: Path, accelerator: Accelerator):
         self.path = path
         self.accelerator = accelerator
         self.trackers = bool(accelerator.log_with)
+        self.enabled = accelerator.is_main_process
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, **values}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -238,22 +243,31 @@ def prune_checkpoints(out: Path, keep: int | None) -> None:
             shutil.rmtree(path)
 
 
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
 def training_state(
     step: int, optimizer: Any, scheduler: Any, stage: Any, carried: dict[str, Any]
 ) -> dict[str, Any]:
-    """Everything besides the weights that makes a resumed run continue bit for bit."""
-    return {
+    """Everything besides the weights that makes a resumed run continue bit for bit. Across
+    processes (every one calls this) ``ranks`` holds each process's stage and RNG states: its
+    share of the prompts is sampled with its own generator."""
+    state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "stage": stage.state_dict(),
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-        },
+        "rng": rng_state(),
         "carried": carried,
     }
+    if distributed.active():
+        state["ranks"] = distributed.gather_objects({"stage": state["stage"], "rng": state["rng"]})
+    return state
 
 
 def check_resumable(out: Path) -> Path:
@@ -278,12 +292,21 @@ def restore_training(
     model.load_state_dict(saved.state_dict())  # in place: the optimizer keeps its parameters
     # our own file, written by save_checkpoint: it holds Python and NumPy RNG tuples
     state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
+    saved_world = len(state.get("ranks", [None]))
+    world = distributed.world_size() if distributed.active() else 1
+    if saved_world != world:
+        raise RunDirError(
+            f"--resume {str(checkpoint)!r}: written by {saved_world} process(es), resumed with "
+            f"{world}; resume with {saved_world} (each process's prompt share and sampling "
+            "generator are part of the state)"
+        )
+    own = state["ranks"][distributed.rank()] if world > 1 else state
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    stage.load_state_dict(state["stage"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    stage.load_state_dict(own["stage"])
+    random.setstate(own["rng"]["python"])
+    np.random.set_state(own["rng"]["numpy"])
+    torch.set_rng_state(own["rng"]["torch"])
     return int(state["step"]), state["carried"]
 
 
@@ -365,6 +388,31 @@ def gradient_norm(params: list[torch.nn.Parameter]) -> float:
 # ---------------------------------------------------------------- the loop
 
 
+def samples_from_policy(recipe: Recipe) -> bool:
+    """The stage samples from the policy while it trains (so it needs its whole weights)."""
+    stage = recipe.train.stage
+    online_iq = stage == "iqlearn" and recipe.imitation.online_fraction > 0
+    return stage in ("rl", "online-dpo", "xpo", "dpg") or online_iq
+
+
+def check_sharded_weights(accelerator: Accelerator, recipe: Recipe) -> None:
+    """FSDP and ZeRO-3 shard the weights across processes; tether's samplers read the whole
+    weights of the policy, so the sampling stages run under DDP or ZeRO-2 only."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    sharded = kind == DistributedType.FSDP or (
+        kind == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+    )
+    if sharded and samples_from_policy(recipe):
+        raise RecipeError(
+            f"train.stage {recipe.train.stage}: samples from the policy while training, which "
+            "needs its whole weights on every process; launch it with DDP "
+            "(configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2, not FSDP or ZeRO-3"
+        )
+
+
 def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Run a recipe into ``out``; returns the summary (also written to summary.json).
 
@@ -374,23 +422,34 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     (or skips the batch, by ``train.on_nonfinite``). ``summary.json`` is written only when the
     run completes, so a run directory without it is unfinished.
     """
+    # launched with `accelerate launch` or `torchrun`, this joins the process group (DDP);
+    # the scheduler steps once per optimizer step, as in one process (every process sees
+    # a share of the same global batch, not a batch of its own)
+    accelerator = Accelerator(
+        log_with=recipe.tracking.trackers or None,
+        project_dir=str(out),
+        step_scheduler_with_optimizer=False,
+        cpu=distributed.launched_on_cpu(),  # accelerate sets up gloo DDP on CPUs only if asked
+    )
+    main = accelerator.is_main_process
+    check_sharded_weights(accelerator, recipe)
     resume_from = check_resumable(out) if resume else None
     if resume_from is None:
         check_new_run_dir(out)
+    distributed.barrier()  # every process has checked before the main one writes
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.seed)
 
-    accelerator = Accelerator(log_with=recipe.tracking.trackers or None, project_dir=str(out))
     model, tokenizer = build_policy(recipe)
     model.to(accelerator.device)
     stage = make_stage(recipe, tokenizer, model, accelerator.device)
-    if resume_from is None:  # written only once the models load: a bad path leaves no folder
+    if resume_from is None and main:  # written once the models load: a bad path leaves no folder
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_recipe(recipe))
     extra = getattr(stage, "save_extra", None)  # optional: files beside each checkpoint
     data_report = getattr(stage.task, "report", None)  # a JSONL file: rows kept and skipped
-    if data_report is not None:
+    if data_report is not None and main:
         tqdm.write(f"data: {data_report.summary()}", file=sys.stderr)
     if recipe.tracking.trackers:
         accelerator.init_trackers(recipe.name, config=tracker_config(recipe))
@@ -424,17 +483,19 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         them (preference stages: pairwise accuracy); a reward model has only its own."""
         unwrapped = accelerator.unwrap_model(model)
         figures: dict[str, float] = {}
-        if getattr(stage, "generation_eval", True):
-            figures = evaluate_during_training(unwrapped, tokenizer, recipe, stage.task)
-        own = getattr(stage, "evaluate", None)
-        return {**figures, **(own(unwrapped) if own is not None else {})}
+        with distributed.local():  # every process evaluates alone; the main one logs
+            if getattr(stage, "generation_eval", True):
+                figures = evaluate_during_training(unwrapped, tokenizer, recipe, stage.task)
+            own = getattr(stage, "evaluate", None)
+            return {**figures, **(own(unwrapped) if own is not None else {})}
 
     first_step = 1
     # figures that outlive a step and must survive a resume
     carried: dict[str, Any] = {"last": {}, "last_eval": {}, "elapsed_s": 0.0, "skipped": 0}
     if resume_from is not None:
         done, carried = restore_training(resume_from, model, optimizer, scheduler, stage)
-        truncate_metrics(out / "metrics.jsonl", done)
+        if main:
+            truncate_metrics(out / "metrics.jsonl", done)
         first_step = done + 1
     elif recipe.train.stage in (
         "rl",
@@ -448,11 +509,12 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     def checkpoint(step: int) -> Path:
         path = out / "checkpoints" / f"step-{step:06d}"
         carried["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
-        state = training_state(step, optimizer, scheduler, stage, carried)
-        save_checkpoint(
-            accelerator.unwrap_model(model), tokenizer, path, {**meta, "step": step}, state, extra
-        )
-        prune_checkpoints(out, recipe.train.keep_checkpoints)
+        state = training_state(step, optimizer, scheduler, stage, carried)  # every process
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            save_checkpoint(unwrapped, tokenizer, path, {**meta, "step": step}, state, extra)
+            prune_checkpoints(out, recipe.train.keep_checkpoints)
+        distributed.barrier()
         return path
 
     elapsed_before = float(carried["elapsed_s"])
@@ -461,7 +523,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     bar = tqdm(
         range(first_step, recipe.train.steps + 1),
         desc=recipe.name,
-        disable=not progress,
+        disable=not progress or not main,
         dynamic_ncols=True,
         initial=first_step - 1,
         total=recipe.train.steps,
@@ -471,9 +533,13 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
             batch = stage.next_batch()
             for _ in range(stage.epochs_per_batch):  # PPO: several updates on one rollout
                 loss, stats = stage.loss(model, batch)
-                fault = None if bool(torch.isfinite(loss)) else f"the loss ({loss.item()})"
+                finite = bool(torch.isfinite(loss))
+                fault = None
+                if not distributed.all_true(finite):  # every process skips, or none does
+                    fault = f"the loss ({loss.item()})" if not finite else "another process's loss"
                 if fault is None:
                     accelerator.backward(loss)
+                    distributed.average_gradients(stage.parameters())  # DDP holds the model's
                     # one pass over the gradients: the total norm (clipping, when on, returns
                     # it); only a non-finite norm sends us looking for the parameter to name
                     if recipe.optim.grad_clip is not None:
@@ -502,6 +568,8 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
 
             if step % recipe.train.log_every == 0 or step == recipe.train.steps:
                 now = time.perf_counter()
+                stats = distributed.mean_stats(stats)  # the global batch's figures
+                tokens_since = int(distributed.all_sum(torch.tensor(tokens_since)))
                 carried["last"] = {
                     **stats,
                     "lr": scheduler.get_last_lr()[0],
@@ -519,14 +587,19 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
                 t_since = time.perf_counter()  # evaluation time is not training throughput
             if step == recipe.train.steps:
                 break
+            stop = distributed.any_true(stops.signum is not None)  # one stops, all stop
+            signum = stops.signum or signal.SIGTERM
             if step % recipe.train.checkpoint_every == 0:
                 saved = checkpoint(step)
-                if stops.signum is not None:
-                    raise TrainingInterrupted(out, step, stops.signum, saved)
-            elif stops.signum is not None:
-                raise TrainingInterrupted(out, step, stops.signum, checkpoint(step))
+                if stop:
+                    raise TrainingInterrupted(out, step, signum, saved)
+            elif stop:
+                raise TrainingInterrupted(out, step, signum, checkpoint(step))
     bar.close()
 
+    if not main:
+        distributed.barrier()  # the main process writes the model and the summary
+        return json.loads((out / "summary.json").read_text())
     save_checkpoint(
         accelerator.unwrap_model(model),
         tokenizer,
@@ -548,4 +621,5 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if recipe.tracking.trackers:
         accelerator.end_training()
+    distributed.barrier()
     return summary

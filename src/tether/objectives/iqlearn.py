@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from tether.distributed import mean_count
 from tether.objectives.common import at_least_fp32
 
 
@@ -143,7 +144,7 @@ def soft_values(
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Σ m·x / Σ m with padding replaced by 0 first (so garbage there cannot leak)."""
     on_real = torch.where(mask > 0, values, torch.zeros_like(values))
-    return (on_real * mask).sum() / mask.sum().clamp_min(1.0)
+    return (on_real * mask).sum() / mean_count(mask.sum()).clamp_min(1.0)
 
 
 def iqlearn_online_term(
@@ -226,7 +227,7 @@ def iqlearn_loss(
     if is_expert is not None:
         expert = _as_row_flag(is_expert, mask.shape[0], mask.device)
         mask = mask * expert.unsqueeze(1).to(mask.dtype)
-    n = mask.sum().clamp_min(1.0)
+    n = mean_count(mask.sum()).clamp_min(1.0)  # N / W across processes
     real = mask > 0
     zero = torch.zeros_like(sv.logp)
     # −Σ m·log π / Σ m, as mle_loss computes it (the where only guards garbage at padding)
@@ -289,7 +290,7 @@ def mle_entropy_loss(
     mask = loss_mask.to(x.dtype).clone()
     mask[:, 0] = 0.0
     real = mask > 0
-    n = mask.sum().clamp_min(1.0)
+    n = mean_count(mask.sum()).clamp_min(1.0)  # N / W across processes
     nll = -(torch.where(real, logp, torch.zeros_like(logp)) * mask).sum() / n
 
     p = torch.exp(states - lse.unsqueeze(-1))

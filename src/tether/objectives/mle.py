@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tether.distributed import mean_count
 from tether.objectives.common import at_least_fp32, shifted_token_logprobs
 
 
@@ -15,7 +16,7 @@ def mle_loss(
 
     ``logprobs`` and ``loss_mask`` are aligned [B, L] (see ``shifted_token_logprobs``).
     """
-    n = loss_mask.sum().clamp_min(1.0)
+    n = mean_count(loss_mask.sum()).clamp_min(1.0)  # N / W across processes (tether.distributed)
     loss = -(logprobs * loss_mask).sum() / n
     return loss, {"loss": loss.item(), "tokens": float(n.item())}
 
@@ -58,7 +59,7 @@ def label_smoothed_mle_loss(
     log_p = x - torch.logsumexp(x, dim=-1, keepdim=True)
     uniform = torch.nn.functional.pad(-log_p.mean(dim=-1), (1, 0))  # aligned with input_ids
     mask = loss_mask.to(uniform.dtype)
-    n = mask.sum().clamp_min(1.0)
+    n = mean_count(mask.sum()).clamp_min(1.0)
     uniform_ce = (uniform * mask).sum() / n
     loss = (1.0 - epsilon) * nll + epsilon * uniform_ce
     return loss, {

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tether.distributed import mean_count
 from tether.objectives.common import at_least_fp32
 from tether.objectives.kl import kl_estimate
 
@@ -35,7 +36,9 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Σ_{b,t} m_bt·x_bt / Σ_{b,t} m_bt: the mean over all real tokens of the batch (0 if none)."""
     values = at_least_fp32(values)
     mask = mask.to(values.dtype)
-    return (_on_real(values, mask) * mask).sum() / mask.sum().clamp_min(1.0)
+    # across processes the denominator is N / W (tether.distributed): DDP's gradient average
+    # then equals the global mean's
+    return (_on_real(values, mask) * mask).sum() / mean_count(mask.sum()).clamp_min(1.0)
 
 
 # ----------------------------------------------------------------------------- rewards

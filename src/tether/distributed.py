@@ -1,0 +1,160 @@
+"""Many processes, one global batch: the few collectives the stages and the loop need.
+
+Launched by ``accelerate launch`` or ``torchrun``, every process runs the same loop. The
+stages draw the *global* batch's problems with the same seeded RNG on every process (so the
+prompt stream does not depend on the number of processes) and keep a contiguous share of
+them: sampling, reward scoring and reference passes run only on that share (rollouts are
+sharded, not duplicated). DDP averages gradients over processes, so a loss that is a mean over
+the global batch must be written as
+
+    loss_r = Σ_{i ∈ share r} x_i / (N / W)        (N: global count, W: processes)
+
+whose average over ``r`` is Σ_i x_i / N. :func:`mean_count` gives N / W. A loss that is a
+mean over equal shares (sequences, pairs, prompt groups) needs nothing: the shares are equal
+by construction (:func:`shard` refuses a batch that does not divide).
+
+With one process (or no process group) every function here is the identity, with no cost.
+Evaluation runs on every process alone: :func:`local` turns the collectives off inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+_local_depth = 0  # > 0 inside `local()`: collectives are off
+
+
+def active() -> bool:
+    """True when a process group with more than one process is live and not inside ``local``."""
+    return (
+        _local_depth == 0
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    )
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def launched_on_cpu() -> bool:
+    """Launched as several processes (``torchrun``, ``accelerate launch``) on a machine with
+    no CUDA device: accelerate must be told to use the CPU to set up DDP over gloo."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Inside: every process computes on its own (no collectives), e.g. evaluation."""
+    global _local_depth
+    _local_depth += 1
+    try:
+        yield
+    finally:
+        _local_depth -= 1
+
+
+def shard(items: Sequence[T], what: str, unit: int = 1) -> list[T]:
+    """This process's contiguous share of a global batch. ``unit`` rows stay together (the
+    samples of one prompt, say); the number of units must divide by the number of processes,
+    else a ValueError that names ``what`` (the config field that sets the batch)."""
+    if not active():
+        return list(items)
+    world, r = dist.get_world_size(), dist.get_rank()
+    units = len(items) // unit
+    if len(items) % unit or units % world:
+        raise ValueError(
+            f"{what}: {units} per step does not divide among {world} processes; "
+            f"use a multiple of {world}"
+        )
+    per = units // world * unit
+    return list(items[r * per : (r + 1) * per])
+
+
+def rank_seed(seed: int) -> int:
+    """The sampling seed of this process: ``seed`` itself on rank 0 (a one-process run is
+    unchanged), a distinct derived seed on the others (their samples must differ)."""
+    r = rank() if active() else 0
+    return seed if r == 0 else seed + 1_000_003 * r
+
+
+def mean_count(count: torch.Tensor) -> torch.Tensor:
+    """The mean over processes of a count (N / W), without gradient: the denominator that
+    makes DDP's gradient average equal the gradient of the global mean."""
+    if not active():
+        return count
+    total = count.detach().clone().to(torch.float64)
+    dist.all_reduce(total)
+    return (total / dist.get_world_size()).to(count.dtype)
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ over processes of a tensor, without gradient (a copy)."""
+    total = x.detach().clone()
+    if active():
+        dist.all_reduce(total)
+    return total
+
+
+def all_true(flag: bool) -> bool:
+    """True on every process iff ``flag`` is true on every process."""
+    if not active():
+        return flag
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def any_true(flag: bool) -> bool:
+    if not active():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item()) > 0
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (picklable objects; small ones only)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_stats(stats: dict[str, float]) -> dict[str, float]:
+    """The per-key mean over processes of the step's figures (keys any process has)."""
+    if not active():
+        return stats
+    every = gather_objects(stats)
+    keys = dict.fromkeys(k for s in every for k in s)
+    return {k: sum(s[k] for s in every if k in s) / sum(k in s for s in every) for k in keys}
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """Average the gradients of parameters that DDP does not hold (a stage's value head)."""
+    if not active():
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
