@@ -177,7 +177,7 @@ class DPGStage:
         self.allowed: Tensor | None = None
         if recipe.task.name == "enumerable":
             try:
-                self.space = build_exact_space(self.task, tokenizer)
+                self.space = build_exact_space(self.task, tokenizer).to(device)
             except NotEnumerableError as err:
                 raise RecipeError(f"task.name enumerable: {err}") from None
             self.allowed = torch.tensor(self.space.vocab_ids, device=device)
@@ -186,7 +186,7 @@ class DPGStage:
         if self.space is not None:
             log_ref = self.space.distribution(self.reference).log_probs
             if self.lam is not None:
-                phi = feature_matrix(self.moment_names, self.space.texts)
+                phi = feature_matrix(self.moment_names, self.space.texts).to(device)
                 self.target = ExactTarget.from_log_target(
                     log_ref, moment_log_target(log_ref, phi, self.lam)
                 )
@@ -237,7 +237,7 @@ class DPGStage:
             "lambda/" + n: float(v) for n, v in zip(self.moment_names, fit.lam, strict=True)
         }
         self.moment_fit["moment_fit_ess"] = fit.effective_sample_size
-        return fit.lam.to(torch.float64)
+        return fit.lam.to(self.device, torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
         """The prompt stream, the sampling generator, the running log Z and the proposal."""
@@ -312,7 +312,7 @@ class DPGStage:
         ref_logp = self._sequence_logprobs(self.reference, responses).double()
         if self.lam is not None:
             phi = feature_matrix(self.moment_names, out.texts).to(self.device)
-            log_P = moment_log_target(ref_logp, phi, self.lam.to(self.device))
+            log_P = moment_log_target(ref_logp, phi, self.lam)
         elif self.beta is None:
             log_P = constraint_log_target(ref_logp, correct)
         else:
@@ -322,7 +322,9 @@ class DPGStage:
             log_z = self._running_log_z(prompts, log_P, proposal_logp)
         elif cfg.log_z == "exact":
             assert self.target is not None
-            log_z = torch.full((len(prompts),), self.target.log_z, dtype=torch.float64)
+            log_z = torch.full(
+                (len(prompts),), self.target.log_z, dtype=torch.float64, device=self.device
+            )
         batch = DPGBatch(
             responses=responses,
             group_size=self.group_size,
@@ -435,7 +437,7 @@ class DPGStage:
         model.train(was_training)
         figures = exact_figures(log_pi, self.space, self.target)
         if self.lam is not None:  # the feature means under π, to compare with dpg.moments
-            phi = feature_matrix(self.moment_names, self.space.texts)
+            phi = feature_matrix(self.moment_names, self.space.texts).to(log_pi.device)
             means = log_pi.detach().double().exp() @ phi
             figures.update(
                 {f"moment/{n}": float(m) for n, m in zip(self.moment_names, means, strict=True)}

@@ -143,13 +143,14 @@ class OnlinePreferenceStage:
         tokens = rows.to(self.device)
         ref = self.reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         correct = torch.tensor(
-            [self.task.is_correct(p, t) for p, t in zip(problems, ours.texts, strict=True)]
+            [self.task.is_correct(p, t) for p, t in zip(problems, ours.texts, strict=True)],
+            device=self.device,
         )
         return OnlinePairBatch(
             tokens=tokens,
             ref_logp=shifted_token_logprobs(ref.logits, tokens.input_ids),
             pairs=PreferencePairs(pairs.a_is_chosen.to(self.device), pairs.tie.to(self.device)),
-            rewards=torch.cat([reward_a, reward_b]),
+            rewards=torch.cat([reward_a, reward_b]).to(self.device),
             correct=correct,
         )
 

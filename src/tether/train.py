@@ -251,6 +251,7 @@ def training_state(
             "python": random.getstate(),
             "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
         "carried": carried,
     }
@@ -284,6 +285,8 @@ def restore_training(
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"].get("cuda") and torch.cuda.is_available():  # dropout on the GPU
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return int(state["step"]), state["carried"]
 
 
