@@ -64,9 +64,9 @@ from tether.objectives import (
     f_dpg_loss,
     kl_adaptive_proposal_update,
     sequence_logprobs,
-    token_logprobs,
 )
 from tether.rl import completion_logits
+from tether.rollout import make_rollouts, restricted_token_logprobs
 from tether.sampling import SampleOutput, sample
 from tether.tasks import task_from_config
 
@@ -85,13 +85,7 @@ def restricted_sequence_logprobs(
     """log π(y) = Σ_t log π_V(y_t|s_t) per row, [B, T, V] → [B], where π_V is the next-token
     distribution renormalised over the ``allowed`` ids (all of them when None): logits outside
     the set are −inf, as the sampler draws them and as :mod:`tether.exact` enumerates them."""
-    if allowed is not None:
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        keep[allowed] = True
-        logits = logits.masked_fill(~keep, -math.inf)
-        # padding holds a token outside the set: give it an allowed one (masked out anyway)
-        tokens = torch.where(mask.bool(), tokens, allowed[0])
-    return sequence_logprobs(token_logprobs(logits, tokens), mask)
+    return sequence_logprobs(restricted_token_logprobs(logits, tokens, mask, allowed), mask)
 
 
 @dataclass
@@ -170,6 +164,7 @@ class DPGStage:
         self.moment_fit: dict[str, float] = {}
         self.group_size = self.cfg.samples_per_step // self.cfg.prompts_per_step
         self.max_new_tokens = self.task.max_new_tokens()
+        self.rollouts = make_rollouts(recipe, policy, tokenizer, device)  # train.sampler
 
         # the enumerable task: a restricted vocabulary, and exact figures at each evaluation
         self.space: ExactSpace | None = None
@@ -288,18 +283,14 @@ class DPGStage:
         problems = [self.task.rl_problem(self.rng) for _ in range(cfg.prompts_per_step)]
         prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
         sampler = self.proposal if self.proposal is not None else self.policy
-        was_training = sampler.training
-        sampler.eval()
-        out = sample(
+        out = self.rollouts(
             sampler,
-            self.tokenizer,
             [p for p in prompts for _ in range(self.group_size)],
             max_new_tokens=self.max_new_tokens,
             temperature=cfg.temperature,
             generator=self.generator,
             allowed_token_ids=None if self.allowed is None else self.allowed.tolist(),
         )
-        sampler.train(was_training)
 
         responses = Responses.from_sample(out, self.device)
         problem_of = [p for p in problems for _ in range(self.group_size)]

@@ -45,7 +45,8 @@ from tether.objectives import (
     shifted_token_logprobs,
 )
 from tether.reward_functions import build_reward
-from tether.sampling import SampleOutput, pad_id, sample
+from tether.rollout import HFRollouts, make_rollouts
+from tether.sampling import SampleOutput, pad_id
 from tether.tasks import task_from_config
 
 
@@ -93,6 +94,8 @@ class OnlinePreferenceStage:
         self.reference = load_frozen_reference(recipe.model.init, device=device)
         self.reward = build_reward(recipe, self.task, device)
         self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
+        self.rollouts = make_rollouts(recipe, policy, tokenizer, device)  # train.sampler
+        self.reference_rollouts = HFRollouts(tokenizer)  # the frozen reference: hf always
 
     def parameters(self) -> list[nn.Parameter]:
         return []
@@ -112,18 +115,14 @@ class OnlinePreferenceStage:
     # ------------------------------------------------------------------ rollout
 
     def _sample(self, model: nn.Module, prompts: list[str], generator: Any) -> SampleOutput:
-        was_training = model.training
-        model.eval()
-        out = sample(
+        rollouts = self.rollouts if model is self.policy else self.reference_rollouts
+        return rollouts(
             model,
-            self.tokenizer,
             prompts,
             max_new_tokens=self.max_new_tokens,
             temperature=self.cfg.temperature,
             generator=generator,
         )
-        model.train(was_training)
-        return out
 
     @torch.no_grad()
     def next_batch(self) -> OnlinePairBatch:

@@ -34,6 +34,7 @@ from transformers import (
 
 from tether.config import Recipe, dump_recipe
 from tether.models import build_model, char_tokenizer, load_model_and_tokenizer, prompt_text
+from tether.precision import autocast_forward, check_precision, frozen_models
 from tether.sampling import sample
 from tether.stages import make_stage
 from tether.tasks import AdditionTask, Task, task_from_config
@@ -385,9 +386,14 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     seed_everything(recipe.seed)
 
     accelerator = Accelerator(log_with=recipe.tracking.trackers or None, project_dir=str(out))
+    check_precision(recipe.train.precision, accelerator.device)
     model, tokenizer = build_policy(recipe)
     model.to(accelerator.device)
     stage = make_stage(recipe, tokenizer, model, accelerator.device)
+    # train.precision bf16: the forward passes of the policy and of the stage's frozen models
+    # under autocast, everything after them in fp32 (tether.precision says why not accelerate's)
+    for scored in (model, *frozen_models(stage)):
+        autocast_forward(scored, recipe.train.precision, accelerator.device)
     if resume_from is None:  # written only once the models load: a bad path leaves no folder
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_recipe(recipe))
