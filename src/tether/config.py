@@ -146,6 +146,35 @@ class TrainConfig(Strict):
         "the batch and count it",
     )
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: the forward passes in the losses (policy and reference scoring) run "
+        "under torch.autocast(bfloat16); log-probs, KL and losses stay fp32, and so do the "
+        "weights and the optimizer state (tether.precision)",
+    )
+    sampler: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="who draws the policy's rollouts (rl, online-dpo, xpo, dpg, online "
+        "iqlearn): hf, the built-in KV-cache sampler, or vllm, a vllm.LLM whose weights follow "
+        "the policy; log-probs are recomputed by the policy either way (tether.vllm_backend)",
+    )
+    vllm_gpu_memory: float = Field(
+        0.3,
+        gt=0.0,
+        le=1.0,
+        description="sampler vllm: the share of GPU memory vLLM takes (weights and KV cache); "
+        "the rest is left to training",
+    )
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _known_precision(cls, value: Any) -> Any:
+        if value not in ("fp32", "bf16"):
+            raise ValueError(
+                "must be fp32 or bf16 (bf16: forward passes under autocast, log-probs and "
+                "losses in fp32; fp16 is not supported, it would need loss scaling)"
+            )
+        return value
 
 
 class RLConfig(Strict):
@@ -442,6 +471,19 @@ class Recipe(Strict):
             raise ValueError(
                 f"dpg.log_z exact needs task.name enumerable (got {self.task.name}): "
                 "use running or batch"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_needs_policy_samples(self) -> Recipe:
+        sampling = self.train.stage in ("rl", "online-dpo", "xpo", "dpg") or (
+            self.train.stage == "iqlearn" and self.imitation.online_fraction > 0
+        )
+        if self.train.sampler == "vllm" and not sampling:
+            raise ValueError(
+                f"train.sampler vllm: train.stage {self.train.stage} draws no samples from the "
+                "policy (vllm serves rl, online-dpo, xpo, dpg and iqlearn with "
+                "imitation.online_fraction > 0); use train.sampler hf"
             )
         return self
 

@@ -65,9 +65,9 @@ from tether.objectives import (
     f_dpg_loss,
     kl_adaptive_proposal_update,
     sequence_logprobs,
-    token_logprobs,
 )
 from tether.rl import completion_logits
+from tether.rollout import make_rollouts, restricted_token_logprobs
 from tether.sampling import SampleOutput, sample
 from tether.tasks import task_from_config
 
@@ -86,13 +86,7 @@ def restricted_sequence_logprobs(
     """log π(y) = Σ_t log π_V(y_t|s_t) per row, [B, T, V] → [B], where π_V is the next-token
     distribution renormalised over the ``allowed`` ids (all of them when None): logits outside
     the set are −inf, as the sampler draws them and as :mod:`tether.exact` enumerates them."""
-    if allowed is not None:
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        keep[allowed] = True
-        logits = logits.masked_fill(~keep, -math.inf)
-        # padding holds a token outside the set: give it an allowed one (masked out anyway)
-        tokens = torch.where(mask.bool(), tokens, allowed[0])
-    return sequence_logprobs(token_logprobs(logits, tokens), mask)
+    return sequence_logprobs(restricted_token_logprobs(logits, tokens, mask, allowed), mask)
 
 
 @dataclass
@@ -173,6 +167,7 @@ class DPGStage:
         self.moment_fit: dict[str, float] = {}
         self.group_size = self.cfg.samples_per_step // self.cfg.prompts_per_step
         self.max_new_tokens = self.task.max_new_tokens()
+        self.rollouts = make_rollouts(recipe, policy, tokenizer, device)  # train.sampler
 
         # the enumerable task: a restricted vocabulary, and exact figures at each evaluation
         self.space: ExactSpace | None = None
@@ -180,7 +175,7 @@ class DPGStage:
         self.allowed: Tensor | None = None
         if recipe.task.name == "enumerable":
             try:
-                self.space = build_exact_space(self.task, tokenizer)
+                self.space = build_exact_space(self.task, tokenizer).to(device)
             except NotEnumerableError as err:
                 raise RecipeError(f"task.name enumerable: {err}") from None
             self.allowed = torch.tensor(self.space.vocab_ids, device=device)
@@ -189,7 +184,7 @@ class DPGStage:
         if self.space is not None:
             log_ref = self.space.distribution(self.reference).log_probs
             if self.lam is not None:
-                phi = feature_matrix(self.moment_names, self.space.texts)
+                phi = feature_matrix(self.moment_names, self.space.texts).to(device)
                 self.target = ExactTarget.from_log_target(
                     log_ref, moment_log_target(log_ref, phi, self.lam)
                 )
@@ -240,7 +235,7 @@ class DPGStage:
             "lambda/" + n: float(v) for n, v in zip(self.moment_names, fit.lam, strict=True)
         }
         self.moment_fit["moment_fit_ess"] = fit.effective_sample_size
-        return fit.lam.to(torch.float64)
+        return fit.lam.to(self.device, torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
         """The prompt stream, the sampling generator, the running log Z and the proposal."""
@@ -302,18 +297,14 @@ class DPGStage:
         problems = distributed.shard(problems, "dpg.prompts_per_step")
         prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
         sampler = self.proposal if self.proposal is not None else self.policy
-        was_training = sampler.training
-        sampler.eval()
-        out = sample(
+        out = self.rollouts(
             sampler,
-            self.tokenizer,
             [p for p in prompts for _ in range(self.group_size)],
             max_new_tokens=self.max_new_tokens,
             temperature=cfg.temperature,
             generator=self.generator,
             allowed_token_ids=None if self.allowed is None else self.allowed.tolist(),
         )
-        sampler.train(was_training)
 
         responses = Responses.from_sample(out, self.device)
         problem_of = [p for p in problems for _ in range(self.group_size)]
@@ -326,7 +317,7 @@ class DPGStage:
         ref_logp = self._sequence_logprobs(self.reference, responses).double()
         if self.lam is not None:
             phi = feature_matrix(self.moment_names, out.texts).to(self.device)
-            log_P = moment_log_target(ref_logp, phi, self.lam.to(self.device))
+            log_P = moment_log_target(ref_logp, phi, self.lam)
         elif self.beta is None:
             log_P = constraint_log_target(ref_logp, correct)
         else:
@@ -336,7 +327,9 @@ class DPGStage:
             log_z = self._running_log_z(prompts, log_P, proposal_logp)
         elif cfg.log_z == "exact":
             assert self.target is not None
-            log_z = torch.full((len(prompts),), self.target.log_z, dtype=torch.float64)
+            log_z = torch.full(
+                (len(prompts),), self.target.log_z, dtype=torch.float64, device=self.device
+            )
         batch = DPGBatch(
             responses=responses,
             group_size=self.group_size,
@@ -459,7 +452,7 @@ class DPGStage:
         model.train(was_training)
         figures = exact_figures(log_pi, self.space, self.target)
         if self.lam is not None:  # the feature means under π, to compare with dpg.moments
-            phi = feature_matrix(self.moment_names, self.space.texts)
+            phi = feature_matrix(self.moment_names, self.space.texts).to(log_pi.device)
             means = log_pi.detach().double().exp() @ phi
             figures.update(
                 {f"moment/{n}": float(m) for n, m in zip(self.moment_names, means, strict=True)}

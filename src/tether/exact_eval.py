@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -65,6 +65,10 @@ class ExactSpace:
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def to(self, device: str | torch.device) -> ExactSpace:
+        """The same space with its rewards and checks on ``device`` (a run's device)."""
+        return replace(self, reward=self.reward.to(device), correct=self.correct.to(device))
 
     def distribution(self, model: Any, requires_grad: bool = False) -> ExactDistribution:
         """π(·|prompt) of ``model`` over the space (restricted to the vocabulary, T = 1)."""

@@ -46,7 +46,8 @@ from tether.objectives import (
     shifted_token_logprobs,
 )
 from tether.reward_functions import build_reward
-from tether.sampling import SampleOutput, pad_id, sample
+from tether.rollout import HFRollouts, make_rollouts
+from tether.sampling import SampleOutput, pad_id
 from tether.tasks import task_from_config
 
 
@@ -95,6 +96,8 @@ class OnlinePreferenceStage:
         self.reference = load_frozen_reference(recipe.model.init, device=device)
         self.reward = build_reward(recipe, self.task, device)
         self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
+        self.rollouts = make_rollouts(recipe, policy, tokenizer, device)  # train.sampler
+        self.reference_rollouts = HFRollouts(tokenizer)  # the frozen reference: hf always
 
     def parameters(self) -> list[nn.Parameter]:
         return []
@@ -114,18 +117,14 @@ class OnlinePreferenceStage:
     # ------------------------------------------------------------------ rollout
 
     def _sample(self, model: nn.Module, prompts: list[str], generator: Any) -> SampleOutput:
-        was_training = model.training
-        model.eval()
-        out = sample(
+        rollouts = self.rollouts if model is self.policy else self.reference_rollouts
+        return rollouts(
             model,
-            self.tokenizer,
             prompts,
             max_new_tokens=self.max_new_tokens,
             temperature=self.cfg.temperature,
             generator=generator,
         )
-        model.train(was_training)
-        return out
 
     @torch.no_grad()
     def next_batch(self) -> OnlinePairBatch:
@@ -146,13 +145,14 @@ class OnlinePreferenceStage:
         tokens = rows.to(self.device)
         ref = self.reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         correct = torch.tensor(
-            [self.task.is_correct(p, t) for p, t in zip(problems, ours.texts, strict=True)]
+            [self.task.is_correct(p, t) for p, t in zip(problems, ours.texts, strict=True)],
+            device=self.device,
         )
         return OnlinePairBatch(
             tokens=tokens,
             ref_logp=shifted_token_logprobs(ref.logits, tokens.input_ids),
             pairs=PreferencePairs(pairs.a_is_chosen.to(self.device), pairs.tie.to(self.device)),
-            rewards=torch.cat([reward_a, reward_b]),
+            rewards=torch.cat([reward_a, reward_b]).to(self.device),
             correct=correct,
         )
 

@@ -48,6 +48,7 @@ from tether.objectives import (
     value_loss,
 )
 from tether.reward_functions import CalibratedReward, RewardFunction, build_reward
+from tether.rollout import make_rollouts
 from tether.sampling import sample
 from tether.tasks import task_from_config
 
@@ -132,6 +133,7 @@ class RLStage:
             pool_rng = random.Random(f"tether-rl-pool/{recipe.seed}")
             self.pool = [self.task.rl_problem(pool_rng) for _ in range(self.cfg.prompt_pool)]
         self.reward: RewardFunction = build_reward(recipe, self.task, device)
+        self.rollouts = make_rollouts(recipe, policy, tokenizer, device)  # train.sampler
         self.calibrated: CalibratedReward | None = None
         if recipe.reward.calibrate:
             rc = recipe.reward
@@ -198,21 +200,18 @@ class RLStage:
         problems = [self._draw() for _ in range(cfg.prompts_per_step)]
         problems = distributed.shard(problems, "rl.prompts_per_step")
         problems = [p for p in problems for _ in range(cfg.group_size)]
-        was_training = self.policy.training
-        self.policy.eval()
         t0 = time.perf_counter()
-        out = sample(
+        out = self.rollouts(
             self.policy,
-            self.tokenizer,
             [prompt_text(self.tokenizer, p.prompt) for p in problems],
             max_new_tokens=self.max_new_tokens,
             temperature=cfg.temperature,
             generator=self.generator,
         )
-        self.policy.train(was_training)
         t_sampled = time.perf_counter()
         correct = torch.tensor(
-            [self.task.is_correct(p, t) for p, t in zip(problems, out.texts, strict=True)]
+            [self.task.is_correct(p, t) for p, t in zip(problems, out.texts, strict=True)],
+            device=self.device,
         )
         reward_stats = None
         if self.calibrated is not None:

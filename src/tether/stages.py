@@ -26,7 +26,7 @@ from tether.objectives import (
     mle_loss,
     shifted_token_logprobs,
 )
-from tether.sampling import sample
+from tether.rollout import make_rollouts
 from tether.tasks import Task, task_from_config
 
 
@@ -96,6 +96,7 @@ class ImitationStage:
         self.step = 0  # batches drawn: drives the λ warm-up
         online = self.cfg.online_fraction if self.method == "iqlearn" else 0.0
         self.n_policy = min(round(online * self.batch_size), self.batch_size - 1)
+        self.rollouts = make_rollouts(recipe, model, tokenizer, device) if self.n_policy else None
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return []
@@ -130,18 +131,14 @@ class ImitationStage:
             c + eos for c in self.tokenizer(targets, add_special_tokens=False)["input_ids"]
         ]
         terminated = [True] * n_expert  # demonstrations end with EOS
-        if self.n_policy:  # online IQLearn: the rest of the batch is sampled from the policy
-            was_training = self.model.training
-            self.model.eval()
-            out = sample(
+        if self.rollouts is not None:  # online IQLearn: the rest of the batch is policy samples
+            out = self.rollouts(
                 self.model,
-                self.tokenizer,
                 prompts[n_expert:],
                 max_new_tokens=self.task.max_new_tokens(),
                 temperature=self.cfg.online_temperature,
                 generator=self.generator,
             )
-            self.model.train(was_training)
             completions += out.token_rows()[1]
             terminated += out.finished
         tokens = collate_token_rows(prompt_ids, completions, self.tokenizer.pad_token_id or 0)

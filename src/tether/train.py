@@ -35,6 +35,7 @@ from transformers import (
 from tether import distributed
 from tether.config import Recipe, RecipeError, dump_recipe
 from tether.models import build_model, char_tokenizer, load_model_and_tokenizer, prompt_text
+from tether.precision import autocast_forward, check_precision, frozen_models
 from tether.sampling import sample
 from tether.stages import make_stage
 from tether.tasks import AdditionTask, Task, task_from_config
@@ -248,6 +249,7 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
@@ -307,6 +309,8 @@ def restore_training(
     random.setstate(own["rng"]["python"])
     np.random.set_state(own["rng"]["numpy"])
     torch.set_rng_state(own["rng"]["torch"])
+    if own["rng"].get("cuda") and torch.cuda.is_available():  # dropout on the GPU
+        torch.cuda.set_rng_state_all(own["rng"]["cuda"])
     return int(state["step"]), state["carried"]
 
 
@@ -441,9 +445,14 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.seed)
 
+    check_precision(recipe.train.precision, accelerator.device)
     model, tokenizer = build_policy(recipe)
     model.to(accelerator.device)
     stage = make_stage(recipe, tokenizer, model, accelerator.device)
+    # train.precision bf16: the forward passes of the policy and of the stage's frozen models
+    # under autocast, everything after them in fp32 (tether.precision says why not accelerate's)
+    for scored in (model, *frozen_models(stage)):
+        autocast_forward(scored, recipe.train.precision, accelerator.device)
     if resume_from is None and main:  # written once the models load: a bad path leaves no folder
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_recipe(recipe))
