@@ -35,7 +35,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import Recipe
 from tether.data import TokenBatch, collate_token_rows
-from tether.models import load_frozen_reference, prompt_text
+from tether.lora import reference_policy
+from tether.models import prompt_text
 from tether.objectives import (
     PreferencePairs,
     preference_loss,
@@ -90,7 +91,7 @@ class OnlinePreferenceStage:
         self.rng = random.Random(recipe.seed)
         self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
         self.ref_generator = torch.Generator(device=device).manual_seed(recipe.seed + 7919)
-        self.reference = load_frozen_reference(recipe.model.init, device=device)
+        self.reference = reference_policy(recipe, policy, device)
         self.reward = build_reward(recipe, self.task, device)
         self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
 

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import Recipe
-from tether.models import load_frozen_reference, prompt_text
+from tether.lora import reference_policy
+from tether.models import prompt_text
 from tether.objectives import (
     discounted_returns,
     entropy_bonus,
@@ -115,7 +116,7 @@ class RLStage:
         self.task = task_from_config(recipe.task, recipe.seed)
         self.rng = random.Random(recipe.seed)
         self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
-        self.reference = load_frozen_reference(recipe.model.init, device=device)
+        self.reference = reference_policy(recipe, policy, device)
         self.value_head: nn.Linear | None = None
         if self.cfg.algorithm in ("a2c", "ppo"):
             self.value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
