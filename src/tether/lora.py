@@ -308,7 +308,8 @@ def save_model(model: Any, folder: Path) -> None:
         model.save_pretrained(folder)
         return
     plain_model(model).save_pretrained(folder)
-    model.save_pretrained(folder / ADAPTER_DIR)
+    # the embeddings never carry adapters here (targets are linear layers): save none of them
+    model.save_pretrained(folder / ADAPTER_DIR, save_embedding_layers=False)
 
 
 def load_adapter(model: Any, checkpoint: Path) -> None:
