@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from test_preference_stage import interrupt_at
+from test_reliability import assert_resume_is_exact
 from tether.cli import app
 from tether.config import RecipeError, load_recipe
 from tether.dpg_stage import DPGStage
@@ -22,7 +22,7 @@ from tether.objectives import reinforce_loss, rloo_baseline
 from tether.sampling import sample
 from tether.tasks import get_task
 from tether.tasks.enumerable import EnumerableTask, space_size
-from tether.train import TrainingInterrupted, train
+from tether.train import train
 
 TIMING = {"tokens_per_s", "elapsed_s"}
 
@@ -298,15 +298,9 @@ def test_resume_is_exact(tiny_checkpoint, tmp_path, monkeypatch):
         "train.eval_every=2",
         "train.checkpoint_every=100",
     ]
-    train(_recipe(tiny_checkpoint, *overrides), tmp_path / "whole", progress=False)
-    interrupt_at(monkeypatch, DPGStage, 3)
-    with pytest.raises(TrainingInterrupted):
-        train(_recipe(tiny_checkpoint, *overrides), tmp_path / "cut", progress=False)
-    monkeypatch.undo()
-    train(load_recipe(tmp_path / "cut" / "config.yaml"), tmp_path / "cut", False, resume=True)
-    whole = metrics(tmp_path / "whole")
-    assert metrics(tmp_path / "cut") == whole
-    assert any(r.get("proposal_updated") == 1.0 for r in whole)  # the proposal did move
+    recipe = _recipe(tiny_checkpoint, *overrides)
+    _, whole = assert_resume_is_exact(recipe, DPGStage, tmp_path, monkeypatch)
+    assert any(r.get("proposal_updated") == 1.0 for r in metrics(whole))  # the proposal moved
 
 
 # ---------------------------------------------------------------- recipes

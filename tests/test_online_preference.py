@@ -9,7 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from test_preference_stage import interrupt_at, metrics
+from test_preference_stage import metrics
+from test_reliability import assert_resume_is_exact
 from tether.cli import app
 from tether.config import RecipeError, load_recipe
 from tether.objectives import (
@@ -19,7 +20,7 @@ from tether.objectives import (
     xpo_loss,
 )
 from tether.online_preference import OnlinePreferenceStage
-from tether.train import TrainingInterrupted, build_policy, train
+from tether.train import build_policy, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,13 +151,8 @@ def test_the_policy_learns_a_rule_based_reward(tiny_checkpoint, tmp_path, stage)
 
 def test_xpo_resume_is_exact(tiny_checkpoint, tmp_path, monkeypatch):
     overrides = ["train.steps=5", "train.checkpoint_every=2", "train.batch_size=8"]
-    train(_recipe(tiny_checkpoint, "xpo", *overrides), tmp_path / "whole", progress=False)
-    interrupt_at(monkeypatch, OnlinePreferenceStage, 3)
-    with pytest.raises(TrainingInterrupted):
-        train(_recipe(tiny_checkpoint, "xpo", *overrides), tmp_path / "cut", progress=False)
-    monkeypatch.undo()
-    train(load_recipe(tmp_path / "cut" / "config.yaml"), tmp_path / "cut", False, resume=True)
-    assert metrics(tmp_path / "cut") == metrics(tmp_path / "whole")
+    recipe = _recipe(tiny_checkpoint, "xpo", *overrides)
+    assert_resume_is_exact(recipe, OnlinePreferenceStage, tmp_path, monkeypatch)
 
 
 def test_recipes_check_the_online_keys(tiny_checkpoint):

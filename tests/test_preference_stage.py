@@ -4,14 +4,13 @@ preference files fail in one line and skip bad rows, and `tether train` runs bot
 
 import json
 import math
-import os
 import random
-import signal
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from test_reliability import assert_resume_is_exact
 from tether.cli import app
 from tether.config import RecipeError, load_recipe
 from tether.preference_stage import (
@@ -29,7 +28,7 @@ from tether.tasks.preferences import (
     load_preference_dataset,
     slipped_solution,
 )
-from tether.train import TrainingInterrupted, build_policy, train
+from tether.train import build_policy, train
 
 TIMING = {"tokens_per_s", "elapsed_s"}
 
@@ -40,21 +39,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def metrics(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
-
-
-def interrupt_at(monkeypatch, stage_cls, step):
-    """SIGINT to this process while the stage draws batch number ``step`` (as in
-    test_reliability): the loop checkpoints after that step and stops."""
-    original = stage_cls.next_batch
-    calls = {"n": 0}
-
-    def next_batch(self):
-        calls["n"] += 1
-        if calls["n"] == step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self)
-
-    monkeypatch.setattr(stage_cls, "next_batch", next_batch)
 
 
 TINY = [
@@ -213,14 +197,9 @@ def test_length_normalised_log_ratios_run(tiny_checkpoint):
 
 def test_dpo_resume_is_exact(tiny_checkpoint, tmp_path, monkeypatch):
     overrides = ["train.steps=6", "train.eval_every=3", "train.checkpoint_every=2"]
-    train(_dpo(tiny_checkpoint, *overrides), tmp_path / "whole", progress=False)
-    interrupt_at(monkeypatch, DPOStage, 3)
-    with pytest.raises(TrainingInterrupted):
-        train(_dpo(tiny_checkpoint, *overrides), tmp_path / "cut", progress=False)
-    monkeypatch.undo()
-    train(load_recipe(tmp_path / "cut" / "config.yaml"), tmp_path / "cut", False, resume=True)
-    assert metrics(tmp_path / "cut") == metrics(tmp_path / "whole")
-    rows = [r for r in metrics(tmp_path / "whole") if "loss" in r]
+    recipe = _dpo(tiny_checkpoint, *overrides)
+    _, whole = assert_resume_is_exact(recipe, DPOStage, tmp_path, monkeypatch)
+    rows = [r for r in metrics(whole) if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2)) and "reward_accuracy" in rows[0]
 
 
@@ -290,16 +269,10 @@ def test_reward_model_resume_restores_the_head(tmp_path, monkeypatch):
         "train.eval_every=1000",
         "train.checkpoint_every=2",
     ]
-    train(load_recipe(None, overrides), tmp_path / "whole", progress=False)
-    interrupt_at(monkeypatch, RewardModelStage, 3)
-    with pytest.raises(TrainingInterrupted):
-        train(load_recipe(None, overrides), tmp_path / "cut", progress=False)
-    monkeypatch.undo()
-    cut = tmp_path / "cut"
+    recipe = load_recipe(None, overrides)
+    cut, whole = assert_resume_is_exact(recipe, RewardModelStage, tmp_path, monkeypatch)
     assert (cut / "checkpoints" / "step-000003" / REWARD_HEAD_FILE).is_file()
-    train(load_recipe(cut / "config.yaml"), cut, False, resume=True)
-    assert metrics(cut) == metrics(tmp_path / "whole")
-    a, b = load_reward_model(cut).head, load_reward_model(tmp_path / "whole").head
+    a, b = load_reward_model(cut).head, load_reward_model(whole).head
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
 
 

@@ -63,6 +63,22 @@ def interrupt_at(monkeypatch, stage_cls, step, signum=signal.SIGINT):
     monkeypatch.setattr(stage_cls, "next_batch", next_batch)
 
 
+def assert_resume_is_exact(recipe, stage_cls, tmp_path, monkeypatch, step=3, signum=signal.SIGINT):
+    """Train ``recipe`` into tmp_path/whole, and into tmp_path/cut stopped by a real signal
+    while the stage draws batch ``step``, then resumed: the two runs log the same metrics.
+    Returns the two run directories (cut, whole) for further checks."""
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    train(recipe, whole, progress=False)
+    interrupt_at(monkeypatch, stage_cls, step, signum)
+    with pytest.raises(TrainingInterrupted) as err:
+        train(recipe, cut, progress=False)
+    assert err.value.exit_code == 128 + signum
+    monkeypatch.undo()
+    train(load_recipe(cut / "config.yaml"), cut, progress=False, resume=True)
+    assert metrics(cut) == metrics(whole)
+    return cut, whole
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run = tmp_path_factory.mktemp("mle") / "run"
@@ -98,33 +114,27 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+RL = [
+    "task.name=first-digit",
+    "train.stage=rl",
+    "rl.prompts_per_step=8",
+    "rl.temperature=1.0",
+    "rl.ppo_epochs=2",
+    "train.steps=6",
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.checkpoint_every=2",
+    "optim.warmup_steps=0",
+    "eval.n=8",
+]
+
+
 @pytest.mark.parametrize("algorithm", ["a2c", "ppo"])  # value head and several epochs
 def test_rl_resume_is_exact(tiny_checkpoint, tmp_path, monkeypatch, algorithm):
-    overrides = [
-        "task.name=first-digit",
-        f"model.init={tiny_checkpoint}",
-        "train.stage=rl",
-        f"rl.algorithm={algorithm}",
-        "rl.prompts_per_step=8",
-        "rl.temperature=1.0",
-        "rl.ppo_epochs=2",
-        "train.steps=6",
-        "train.log_every=1",
-        "train.eval_every=3",
-        "train.checkpoint_every=2",
-        "optim.warmup_steps=0",
-        "eval.n=8",
-    ]
-    train(load_recipe(None, overrides), tmp_path / "whole", progress=False)
     from tether.rl import RLStage
 
-    interrupt_at(monkeypatch, RLStage, 3, signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 3") as err:
-        train(load_recipe(None, overrides), tmp_path / "cut", progress=False)
-    assert err.value.exit_code == 143
-    monkeypatch.undo()
-    train(load_recipe(tmp_path / "cut" / "config.yaml"), tmp_path / "cut", False, resume=True)
-    assert metrics(tmp_path / "cut") == metrics(tmp_path / "whole")
+    recipe = load_recipe(None, [*RL, f"model.init={tiny_checkpoint}", f"rl.algorithm={algorithm}"])
+    assert_resume_is_exact(recipe, RLStage, tmp_path, monkeypatch, signum=signal.SIGTERM)
 
 
 def test_resume_refuses_finished_and_foreign_directories(uninterrupted, tmp_path):
@@ -309,12 +319,8 @@ def test_online_iqlearn_resume_is_exact(tmp_path, monkeypatch):
         "train.checkpoint_every=2",
         "eval.n=4",
     ]
-    train(load_recipe(None, overrides), tmp_path / "whole", progress=False)
-    interrupt_at(monkeypatch, ImitationStage, 3)
-    with pytest.raises(TrainingInterrupted):
-        train(load_recipe(None, overrides), tmp_path / "cut", progress=False)
-    monkeypatch.undo()
-    train(load_recipe(tmp_path / "cut" / "config.yaml"), tmp_path / "cut", False, resume=True)
-    assert metrics(tmp_path / "cut") == metrics(tmp_path / "whole")
-    lambdas = [r["lambda"] for r in metrics(tmp_path / "whole") if "lambda" in r]
+    _, whole = assert_resume_is_exact(
+        load_recipe(None, overrides), ImitationStage, tmp_path, monkeypatch
+    )
+    lambdas = [r["lambda"] for r in metrics(whole) if "lambda" in r]
     assert lambdas == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])

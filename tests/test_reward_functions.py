@@ -289,15 +289,7 @@ def test_a_prompt_pool_fills_the_cache_once_up_front(tiny_checkpoint, monkeypatc
 
 
 def test_rl_with_ctrl_resumes_exactly(tiny_checkpoint, tmp_path, monkeypatch):
-    from test_preference_stage import interrupt_at, metrics
+    from test_reliability import assert_resume_is_exact
     from tether.rl import RLStage
-    from tether.train import TrainingInterrupted
 
-    recipe = _ctrl_recipe(tiny_checkpoint)
-    train(recipe, tmp_path / "whole", progress=False)
-    interrupt_at(monkeypatch, RLStage, 3)
-    with pytest.raises(TrainingInterrupted):
-        train(_ctrl_recipe(tiny_checkpoint), tmp_path / "cut", progress=False)
-    monkeypatch.undo()
-    train(load_recipe(tmp_path / "cut" / "config.yaml"), tmp_path / "cut", False, resume=True)
-    assert metrics(tmp_path / "cut") == metrics(tmp_path / "whole")
+    assert_resume_is_exact(_ctrl_recipe(tiny_checkpoint), RLStage, tmp_path, monkeypatch)

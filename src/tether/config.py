@@ -8,7 +8,7 @@ is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -102,6 +102,33 @@ class TaskConfig(Strict):
         return self
 
 
+class LoraConfig(Strict):
+    """Low-rank adapters (LoRA, via ``peft``) on ``model.init``: only the adapters train, and
+    the reference of a KL-tethered stage is the same model with its adapters switched off."""
+
+    r: int = Field(8, ge=1, le=4096, description="the adapters' rank")
+    alpha: float = Field(16.0, gt=0.0, description="scale: the update is (alpha / r) * B A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    target_modules: list[str] | None = Field(
+        None,
+        description="module names (or name endings, e.g. q_proj, attn.c_attn) that get "
+        "adapters; null = every linear layer of the transformer blocks (not the LM head)",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        if not names:
+            raise ValueError("give at least one module name, or null for every linear layer")
+        if any(not n.strip() for n in names):
+            raise ValueError("module names must be non-empty")
+        if len(set(names)) != len(names):
+            raise ValueError("module names must not repeat")
+        return names
+
+
 class ModelConfig(Strict):
     init: str | None = Field(None, description="shipped model name or checkpoint path; none = new")
     arch: Literal["gpt2", "llama"] = "llama"
@@ -110,11 +137,19 @@ class ModelConfig(Strict):
     n_embd: int = Field(128, ge=8, le=8192)
     max_positions: int = Field(1024, ge=16, le=65536)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora: LoraConfig | None = Field(
+        None, description="train low-rank adapters on model.init instead of every weight"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.lora is not None and self.init is None:
+            raise ValueError(
+                "model.lora needs model.init: adapters are trained on a checkpoint "
+                "(set model.init, or model.lora: null to train a new model)"
+            )
         return self
 
 
@@ -511,6 +546,8 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = field.annotation if field else None
+        # an optional section (``LoraConfig | None``): its keys are the section's
+        ann = next((a for a in get_args(ann) if a is not type(None)), ann)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann

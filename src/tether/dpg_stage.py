@@ -58,7 +58,8 @@ from tether.config import Recipe, RecipeError
 from tether.exact_eval import ExactSpace, ExactTarget, NotEnumerableError, exact_figures
 from tether.exact_eval import exact_space as build_exact_space
 from tether.features import feature_matrix
-from tether.models import load_frozen_reference, prompt_text
+from tether.lora import frozen_copy, reference_policy
+from tether.models import prompt_text
 from tether.objectives import (
     FDivergence,
     dpg_loss,
@@ -159,7 +160,7 @@ class DPGStage:
         self.generator = torch.Generator(device=device).manual_seed(
             distributed.rank_seed(recipe.seed)
         )
-        self.reference = load_frozen_reference(recipe.model.init, device=device)
+        self.reference = reference_policy(recipe, policy, device)
         self.divergence = DIVERGENCES[self.cfg.divergence]
         self.beta = self.cfg.beta if self.cfg.target == "reward" else None
         self.moment_names = list(self.cfg.moments)
@@ -193,11 +194,10 @@ class DPGStage:
         # exact figures replace the generation-based evaluation (which samples unrestricted)
         self.generation_eval = self.space is None
 
-        self.proposal: PreTrainedModel | None = None
+        # a frozen copy of the policy (under LoRA, of its adapters alone)
+        self.proposal: nn.Module | None = None
         if self.cfg.proposal == "adaptive":
-            self.proposal = copy.deepcopy(policy).eval()
-            for p in self.proposal.parameters():
-                p.requires_grad_(False)
+            self.proposal = frozen_copy(policy)
         self.proposal_updates = 0
         # running log Z per prompt: [log Σ_i P_i/q_i, number of samples]
         self.running: dict[str, list[float]] = {}

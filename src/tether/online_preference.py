@@ -36,7 +36,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tether import distributed
 from tether.config import Recipe
 from tether.data import TokenBatch, collate_token_rows
-from tether.models import load_frozen_reference, prompt_text
+from tether.lora import reference_policy
+from tether.models import prompt_text
 from tether.objectives import (
     PreferencePairs,
     preference_loss,
@@ -93,7 +94,7 @@ class OnlinePreferenceStage:
         seed = distributed.rank_seed(recipe.seed)  # each process samples its own share
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.ref_generator = torch.Generator(device=device).manual_seed(seed + 7919)
-        self.reference = load_frozen_reference(recipe.model.init, device=device)
+        self.reference = reference_policy(recipe, policy, device)
         self.reward = build_reward(recipe, self.task, device)
         self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
         self.rollouts = make_rollouts(recipe, policy, tokenizer, device)  # train.sampler

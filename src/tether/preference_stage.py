@@ -6,7 +6,8 @@ responses first and then the B rejected ones of the same prompts (EOS appended t
 response, as in MLE). No sampling: the data are the pairs.
 
 **DPO** (``train.stage: dpo``). With token log-probs of the trainable policy π_θ and of the
-frozen reference π_ref (``model.init``, loaded a second time, like the RL stage's reference):
+frozen reference π_ref (``model.init``, loaded a second time, like the RL stage's reference;
+under ``model.lora`` the policy with its adapters off):
 
     h(x, y) = Σ_t m_t·(log π_θ(y_t|s_t) − log π_ref(y_t|s_t))      (÷ Σ_t m_t if length_normalize)
     sigmoid:  L = −(1 − ε)·log σ(β·(h_w − h_l)) − ε·log σ(−β·(h_w − h_l))
@@ -51,9 +52,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tether import distributed
 from tether.config import Recipe
 from tether.data import TokenBatch, collate_pairs
+from tether.lora import reference_policy
 from tether.models import (
     ModelLoadError,
-    load_frozen_reference,
     load_model_and_tokenizer,
     prompt_text,
     resolve_checkpoint,
@@ -158,7 +159,7 @@ class DPOStage(_PairStream):
         assert recipe.model.init is not None  # the recipe validator says so
         super().__init__(recipe, tokenizer, device)
         self.cfg = recipe.preference
-        self.reference = load_frozen_reference(recipe.model.init, device=device)
+        self.reference = reference_policy(recipe, policy, device)
 
     def parameters(self) -> list[nn.Parameter]:
         return []

@@ -30,7 +30,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
 from tether.config import Recipe
-from tether.models import load_frozen_reference, prompt_text
+from tether.lora import reference_policy
+from tether.models import prompt_text
 from tether.objectives import (
     discounted_returns,
     entropy_bonus,
@@ -119,7 +120,7 @@ class RLStage:
         self.generator = torch.Generator(device=device).manual_seed(
             distributed.rank_seed(recipe.seed)
         )
-        self.reference = load_frozen_reference(recipe.model.init, device=device)
+        self.reference = reference_policy(recipe, policy, device)
         self.value_head: nn.Linear | None = None
         if self.cfg.algorithm in ("a2c", "ppo"):
             self.value_head = nn.Linear(policy.config.hidden_size, 1).to(device)

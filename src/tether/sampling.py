@@ -64,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
+from tether.lora import plain_model
+
 __all__ = ["SampleOutput", "sample"]
 
 
@@ -142,6 +144,8 @@ def sample(
     if any(not s for s in stops):
         raise ValueError("stop strings must be non-empty")
 
+    if fast:  # a LoRA policy or reference: the plain model the fast runners can read
+        model = plain_model(model)
     device = next(model.parameters()).device
     allowed = _allowed_ids(model, allowed_token_ids, device)
     pad = pad_id(tokenizer)

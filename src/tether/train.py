@@ -34,6 +34,7 @@ from transformers import (
 
 from tether import distributed
 from tether.config import Recipe, RecipeError, dump_recipe
+from tether.lora import is_lora, load_adapter, save_model, with_adapters
 from tether.models import build_model, char_tokenizer, load_model_and_tokenizer, prompt_text
 from tether.precision import autocast_forward, check_precision, frozen_models
 from tether.sampling import sample
@@ -72,7 +73,7 @@ def save_checkpoint(
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    save_model(model, tmp)  # LoRA: the merged weights, and the adapter in adapter/
     tokenizer.save_pretrained(tmp)
     if state is not None:
         torch.save(state, tmp / TRAINER_STATE)
@@ -190,6 +191,8 @@ def task_accuracy(
 def build_policy(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if recipe.model.init is not None:
         model, tokenizer = load_model_and_tokenizer(recipe.model.init)
+        if recipe.model.lora is not None:  # frozen weights, trainable low-rank adapters
+            model = with_adapters(model, recipe.model.lora)
         model.train()
         return model, tokenizer
     tokenizer = char_tokenizer(model_max_length=recipe.model.max_positions)
@@ -290,8 +293,11 @@ def restore_training(
     """Load weights, optimizer, scheduler, the stage's data position and every RNG."""
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
-    model.load_state_dict(saved.state_dict())  # in place: the optimizer keeps its parameters
+    if is_lora(model):  # the base weights are model.init's: only the adapter was trained
+        load_adapter(model, checkpoint)
+    else:
+        saved = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
+        model.load_state_dict(saved.state_dict())  # in place: the optimizer keeps its parameters
     # our own file, written by save_checkpoint: it holds Python and NumPy RNG tuples
     state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
     saved_world = len(state.get("ranks", [None]))
@@ -484,8 +490,10 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         "init": recipe.model.init,  # the reference of a KL-tethered stage
         "reward": recipe.reward.model_dump(),
         **({"dpg": recipe.dpg.model_dump()} if recipe.train.stage == "dpg" else {}),
+        **({"lora": recipe.model.lora.model_dump()} if recipe.model.lora is not None else {}),
     }
     n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in trainable)
 
     def evaluate() -> dict[str, float]:
         """The task's evaluation (generation), plus the stage's own figures where it has
@@ -502,7 +510,9 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     # figures that outlive a step and must survive a resume
     carried: dict[str, Any] = {"last": {}, "last_eval": {}, "elapsed_s": 0.0, "skipped": 0}
     if resume_from is not None:
-        done, carried = restore_training(resume_from, model, optimizer, scheduler, stage)
+        done, carried = restore_training(
+            resume_from, accelerator.unwrap_model(model), optimizer, scheduler, stage
+        )
         if main:
             truncate_metrics(out / "metrics.jsonl", done)
         first_step = done + 1
@@ -621,6 +631,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         "name": recipe.name,
         "steps": recipe.train.steps,
         "parameters": n_params,
+        "trainable_parameters": n_trained,
         "train_time_s": round(elapsed_before + time.perf_counter() - t_start, 2),
         "final_loss": last.get("loss"),
         "skipped_batches": carried["skipped"],
