@@ -4,7 +4,8 @@ same parameters as 1 process on the same global batch, and rollouts are sharded.
 Tolerance: the processes sum their shares in another order than one process sums the whole
 batch, so gradients differ in the last bits; after three AdamW steps every parameter agrees
 within 1e-5 (absolute). Measured (``pytest -s`` prints them): mle 2.4e-8, iqlearn 3.7e-9,
-dpo 6.2e-8, reward-model 3.2e-7, RL with A2C (value head) 1.2e-6.
+dpo 6.2e-8, reward-model 3.2e-7, dpo with LoRA 1.5e-8, RL with A2C (value head)
+1.2e-6.
 """
 
 import json
@@ -46,6 +47,13 @@ STAGES = {
     "iqlearn": ["task.name=multistep", "task.max_digits=1", "model.max_positions=128"],
     "dpo": ["task.name=multistep-prefs", "task.max_digits=1", "train.stage=dpo"],
     "reward-model": ["task.name=multistep-prefs", "task.max_digits=1"],
+    # LoRA under DDP: only the adapters train, the reference is the policy with them off
+    "dpo-lora": [
+        "task.name=multistep-prefs",
+        "task.max_digits=1",
+        "train.stage=dpo",
+        "model.lora.r=4",
+    ],
 }
 
 
@@ -87,7 +95,7 @@ def test_two_processes_end_where_one_does(stage, tiny_checkpoint, tmp_path):
     overrides = [*TINY, *STAGES[stage]]
     if stage in ("iqlearn", "reward-model"):
         overrides.append(f"train.stage={stage}")
-    if stage in ("dpo",):
+    if stage in ("dpo", "dpo-lora"):
         overrides.append(f"model.init={tiny_checkpoint}")
     one = tmp_path / "one"
     train(load_recipe(None, overrides), one, progress=False)
