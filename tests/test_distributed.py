@@ -10,6 +10,7 @@ dpo 6.2e-8, reward-model 3.2e-7, dpo with LoRA 1.5e-8, RL with A2C (value head)
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,34 @@ def test_one_process_shards_nothing():
     assert distributed.rank_seed(5) == 5 and not distributed.active()
     count = torch.tensor(7.0)
     assert distributed.mean_count(count) is count
+
+
+def test_a_two_process_rl_run_resumes_exactly(tiny_checkpoint, tmp_path):
+    """Each process's prompt stream and sampling generator come back from the checkpoint:
+    resuming from step 4 with two processes repeats the uninterrupted run's step 5 exactly."""
+    overrides = [
+        *TINY,
+        "task.name=first-digit",
+        f"model.init={tiny_checkpoint}",
+        "train.stage=rl",
+        "rl.algorithm=a2c",
+        "rl.prompts_per_step=4",
+        "train.steps=5",
+        "train.checkpoint_every=2",
+        "train.eval_every=5",
+    ]
+    run = tmp_path / "run"
+    torchrun(train_args(run, overrides), tmp_path)
+    whole = (run / "metrics.jsonl").read_text().splitlines()
+    final = weights(run)
+    # the run as if stopped after its step-4 checkpoint
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "model")
+    torchrun(["train", "--resume", str(run), "--quiet"], tmp_path)
+    timing = ("tokens_per_s", "elapsed_s")
+
+    def rows(lines):
+        return [{k: v for k, v in json.loads(r).items() if k not in timing} for r in lines]
+
+    assert rows((run / "metrics.jsonl").read_text().splitlines()) == rows(whole)
+    assert max_difference(final, weights(run)) == 0.0
