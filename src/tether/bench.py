@@ -131,25 +131,29 @@ def bench_tether(job: RLJob) -> dict[str, Any]:
     policy.train()
     stage = RLStage(recipe, tokenizer, policy, torch.device("cpu"))
     optimizer = make_optimizer(policy, recipe, stage.parameters())
+    params = list(policy.parameters())
     split = {"sample_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
-    elapsed = 0.0
+    elapsed = cpu = 0.0
     for step in range(job.steps + 1):  # step 0 warms up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rollout = stage.next_batch()
         t1 = time.perf_counter()
         loss, _ = stage.loss(policy, rollout)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # as the loop (grad_clip 1) and TRL do
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         if step:
             elapsed += t2 - t0
+            cpu += time.process_time() - c0
             split["sample_s"] += stage.last_timing["sample_s"]
             split["reference_s"] += stage.last_timing["reference_s"]
             split["update_s"] += t2 - t1
     return {
         "completions_per_s": job.completions / elapsed,
         "seconds": elapsed,
+        "cpu_s": cpu,
         "split": {k: v / elapsed for k, v in split.items()},
     }
 

@@ -592,6 +592,8 @@ def bench_trl(
             "tether": ours,
             "trl": theirs,
             "ratio": ours["examples_per_s"] / theirs["examples_per_s"],
+            # the same with CPU seconds: steadier on a shared machine at one thread
+            "cpu_ratio": theirs["cpu_s"] / ours["cpu_s"],
         }
     out["trl_trainers"] = {"sft": "SFTTrainer", "rl": "GRPOTrainer", "dpo": "DPOTrainer"}
     out["kl"] = f"rl: k3 in the loss, coefficient {KL_COEF}"
