@@ -74,20 +74,28 @@ def _single_pass_only(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
+def logits_of(model: nn.Module) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """The default pass of :func:`bucketed`: the model's logits."""
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+
+
 def bucketed(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
     fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     pass_cost: int | None = None,
+    forward: Callable[[Tensor, Tensor | None], Tensor] | None = None,
 ) -> Tensor:
     """``fn(logits, input_ids)`` of every row ([B, L, ...], aligned with ``input_ids``; 0 at
     padded positions), computed group by group (module docstring). ``fn=None`` returns the
-    logits themselves. For a batch that is not right-padded: one masked pass, unchanged."""
+    logits themselves; ``forward(ids, mask)`` replaces the pass that gives them (default
+    :func:`logits_of`; the mask is None in groups). For a batch that is not right-padded:
+    one masked pass, unchanged."""
     apply = fn if fn is not None else (lambda logits, _: logits)
+    run = forward if forward is not None else logits_of(model)
     if not right_padded(attention_mask):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return apply(logits, input_ids)
+        return apply(run(input_ids, attention_mask), input_ids)
     lengths = attention_mask.sum(dim=1).tolist()
     batch, width = input_ids.shape
     if _single_pass_only(model):
@@ -96,18 +104,47 @@ def bucketed(
         groups = length_buckets(lengths, pass_cost)
     if len(groups) == 1:
         longest = max(lengths)
-        out = apply(model(input_ids=input_ids[:, :longest]).logits, input_ids[:, :longest])
+        out = apply(run(input_ids[:, :longest], None), input_ids[:, :longest])
         return _real_only(_pad_to(out, width), attention_mask)
     parts, rows = [], []
     for group in groups:
         index = torch.tensor(group, device=input_ids.device)
         longest = max(lengths[i] for i in group)
         ids = input_ids.index_select(0, index)[:, :longest]
-        parts.append(_pad_to(apply(model(input_ids=ids).logits, ids), width))
+        parts.append(_pad_to(apply(run(ids, None), ids), width))
         rows.append(index)
     inverse = torch.empty(batch, dtype=torch.long, device=input_ids.device)
     inverse[torch.cat(rows)] = torch.arange(batch, device=input_ids.device)
     return _real_only(torch.cat(parts).index_select(0, inverse), attention_mask)
+
+
+def left_to_right_padded(
+    input_ids: Tensor, attention_mask: Tensor, prompt_len: int, pad_id: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sampler rows (prompt left-padded in the first ``prompt_len`` columns, completion
+    right-padded after them) as right-padded rows: each row's real tokens moved to its start.
+    Returns the ids and mask [B, W] and ``starts`` [B], the column of each row's first
+    completion token (its real prompt length). Positions are 0.. in both layouts."""
+    batch, width = input_ids.shape
+    pads = prompt_len - attention_mask[:, :prompt_len].sum(dim=1)  # left pads of each row
+    source = torch.arange(width, device=input_ids.device) + pads[:, None]
+    inside = source < width
+    source = source.clamp(max=width - 1)
+    ids = torch.where(inside, input_ids.gather(1, source), pad_id)
+    mask = torch.where(inside, attention_mask.gather(1, source), 0)
+    return ids, mask, prompt_len - pads
+
+
+def completion_window(values: Tensor, starts: Tensor, length: int) -> Tensor:
+    """``values`` [B, W, ...] at the positions that predict each completion token of
+    right-padded rows whose completions begin at ``starts`` [B]: [B, length, ...], row b's
+    entry j taken from position starts[b] − 1 + j."""
+    steps = torch.arange(length, device=values.device)
+    index = (starts[:, None] - 1 + steps).clamp(max=values.shape[1] - 1)
+    index = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand(
+        -1, -1, *values.shape[2:]
+    )
+    return values.gather(1, index)
 
 
 def _pad_to(values: Tensor, width: int) -> Tensor:
