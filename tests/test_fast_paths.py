@@ -116,55 +116,36 @@ def test_grouped_completion_logits_equal_the_masked_pass(tiny_checkpoint, hidden
     )
 
 
-def _counting_reference(stage):
+def _reference_passes(overrides):
+    """Reference passes while drawing one batch, and while taking every update on it (the PPO
+    epochs), each noted True where gradients (or inference mode) were on; and the batch."""
+    recipe = load_recipe(None, overrides)
+    model, tokenizer = build_policy(recipe)
+    stage = make_stage(recipe, tokenizer, model, torch.device("cpu"))
     calls = []
     stage.reference.register_forward_hook(
         lambda *_: calls.append(torch.is_grad_enabled() or torch.is_inference_mode_enabled())
     )
-    return calls
+    batch = stage.next_batch()
+    drawing = list(calls)
+    for _ in range(stage.epochs_per_batch):
+        stage.loss(model, batch)[0].backward()
+    return drawing, calls[len(drawing) :], batch
 
 
 def test_ppo_scores_the_reference_once_per_rollout_without_gradients(tiny_checkpoint):
-    recipe = load_recipe(
-        None,
-        [
-            "task.name=first-digit",
-            f"model.init={tiny_checkpoint}",
-            "train.stage=rl",
-            "rl.algorithm=ppo",
-            "rl.ppo_epochs=3",
-            "rl.prompts_per_step=4",
-            "rl.kl_estimator=exact",
-        ],
+    ppo = ["train.stage=rl", "rl.algorithm=ppo", "rl.ppo_epochs=3", "rl.prompts_per_step=4"]
+    drawing, updating, rollout = _reference_passes(
+        ["task.name=first-digit", f"model.init={tiny_checkpoint}", *ppo, "rl.kl_estimator=exact"]
     )
-    model, tokenizer = build_policy(recipe)
-    stage = make_stage(recipe, tokenizer, model, torch.device("cpu"))
-    calls = _counting_reference(stage)
-    rollout = stage.next_batch()
-    passes = len(calls)
-    for _ in range(stage.epochs_per_batch):
-        loss, _ = stage.loss(model, rollout)
-        loss.backward()
-    assert passes >= 1 and len(calls) == passes  # no reference pass inside the PPO epochs
-    assert not any(calls)  # every one under no_grad, none in inference mode either
+    # scored when the rollout is drawn (a pass per length group), under no_grad; never again
+    assert drawing and not any(drawing) and updating == []
     assert not rollout.ref_logp.requires_grad and not rollout.ref_log_softmax.requires_grad
 
 
 def test_dpo_scores_the_reference_once_per_batch_without_gradients(tiny_checkpoint):
-    recipe = load_recipe(
-        None,
-        [
-            "task.name=multistep-prefs",
-            "task.max_digits=1",
-            f"model.init={tiny_checkpoint}",
-            "train.stage=dpo",
-            "train.batch_size=4",
-        ],
+    pairs = ["task.name=multistep-prefs", "task.max_digits=1", "train.batch_size=4"]
+    drawing, updating, _ = _reference_passes(
+        [*pairs, f"model.init={tiny_checkpoint}", "train.stage=dpo"]
     )
-    model, tokenizer = build_policy(recipe)
-    stage = make_stage(recipe, tokenizer, model, torch.device("cpu"))
-    calls = _counting_reference(stage)
-    batch = stage.next_batch()
-    passes = len(calls)
-    stage.loss(model, batch)[0].backward()
-    assert passes >= 1 and len(calls) == passes and not any(calls)
+    assert drawing and not any(drawing) and updating == []
