@@ -44,6 +44,8 @@ def test_bench_steps_isolated_stage_and_profile():
     shares = mle["profile"]
     parts = ("matmul", "attention", "other_ops", "python_and_overhead")
     assert sum(shares[k] for k in parts) == pytest.approx(1.0) and shares["matmul"] > 0
+    assert shares["matmul_peak_fraction"] > 0 and shares["attention_peak_fraction"] > 0
+    assert 0 < mle["attention_flops_share"] < 1
 
 
 def test_bench_steps_rejects_an_unknown_stage():

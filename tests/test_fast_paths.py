@@ -149,3 +149,32 @@ def test_dpo_scores_the_reference_once_per_batch_without_gradients(tiny_checkpoi
         [*pairs, f"model.init={tiny_checkpoint}", "train.stage=dpo"]
     )
     assert drawing and not any(drawing) and updating == []
+
+
+@pytest.mark.slow  # compiling takes about half a minute on two CPU cores
+def test_train_compile_gives_the_eager_loss_and_gradients(tiny_checkpoint):
+    from tether.train import compile_models
+
+    recipe = load_recipe(
+        None,
+        [
+            "task.name=multistep-prefs",
+            "task.max_digits=1",
+            f"model.init={tiny_checkpoint}",
+            "train.stage=dpo",
+            "train.batch_size=4",
+        ],
+    )
+    model, tokenizer = build_policy(recipe)
+    stage = make_stage(recipe, tokenizer, model, torch.device("cpu"))
+    batch = stage.next_batch()
+    params = list(model.parameters())
+    eager_loss, _ = stage.loss(model, batch)
+    eager_grads = _grads(eager_loss, params)
+    compile_models(model, stage)
+    loss, _ = stage.loss(model, stage.next_batch())  # compiles, reference included
+    loss, _ = stage.loss(model, batch)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)  # no retain: compiled backward
+    _assert_close_all(grads, eager_grads, atol=1e-5, rtol=1e-4)
+    assert type(model).__name__ == "LlamaForCausalLM"  # compiled in place: still the HF model

@@ -60,13 +60,13 @@ def rl_overrides(
     ]
 
 
-def trl_args(job: Any) -> dict[str, Any]:
-    """TrainingArguments every TRL side shares: ``job.steps`` timed steps after a warm-up
-    step, on the CPU, in fp32 without gradient checkpointing (tether's way; TRL's defaults
+def trl_args(job: Any, warmup: int = 1) -> dict[str, Any]:
+    """TrainingArguments every TRL side shares: ``job.steps`` timed steps after ``warmup``
+    steps, on the CPU, in fp32 without gradient checkpointing (tether's way; TRL's defaults
     are bf16 autocast and recomputation), the examples in order, no logging or saving."""
     return dict(
         output_dir="/tmp/tether-bench-trl",
-        max_steps=job.steps + 1,
+        max_steps=job.steps + warmup,
         use_cpu=True,
         bf16=False,
         gradient_checkpointing=False,
@@ -103,14 +103,14 @@ def step_timer() -> Any:
     return StepTimer()
 
 
-def run_trl(trainer: Any, timer: Any) -> dict[str, float]:
+def run_trl(trainer: Any, timer: Any, warmup: int = 1) -> dict[str, float]:
     """Train, with TRL's printed metrics sent to stderr (stdout carries ours); wall-clock and
-    CPU seconds of the steps after the first (the warm-up)."""
+    CPU seconds of the steps after the first ``warmup``."""
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
     return {
-        "seconds": timer.ends[-1] - timer.starts[1],
-        "cpu_s": timer.cpu_ends[-1] - timer.cpu_starts[1],
+        "seconds": timer.ends[-1] - timer.starts[warmup],
+        "cpu_s": timer.cpu_ends[-1] - timer.cpu_starts[warmup],
     }
 
 

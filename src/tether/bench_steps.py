@@ -63,6 +63,13 @@ class StepsJob:
     threads: int = 2
     seed: int = 0
     device: str = "cpu"
+    compile: bool = False  # train.compile: the policy and the reference through torch.compile
+
+
+def warmup_steps(job: StepsJob) -> int:
+    """Untimed steps first: one, or two when compiling (dynamo compiles a second graph for
+    another class of shapes, past a size guard, on an early step)."""
+    return 2 if job.compile else 1
 
 
 def stage_recipe(stage: str, job: StepsJob) -> Recipe:
@@ -114,7 +121,7 @@ class StageRun:
 
 def build_stage_run(stage: str, job: StepsJob) -> StageRun:
     from tether.stages import make_stage
-    from tether.train import build_policy, make_optimizer
+    from tether.train import build_policy, compile_models, make_optimizer
 
     recipe = stage_recipe(stage, job)
     device = torch.device(job.device)
@@ -123,6 +130,8 @@ def build_stage_run(stage: str, job: StepsJob) -> StageRun:
     model.to(device)
     model.train()
     runner = make_stage(recipe, tokenizer, model, device)
+    if job.compile:
+        compile_models(model, runner)
     optimizer = make_optimizer(model, recipe, runner.parameters())
     params = [p for p in model.parameters() if p.requires_grad] + list(runner.parameters())
     return StageRun(model, runner, optimizer, params, recipe.optim.grad_clip, device)
@@ -162,12 +171,23 @@ def _register_cpu_attention_flops() -> None:
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Matrix-multiply FLOPs of ``fn()`` (forward and backward) and its result."""
+    kinds, result = count_flops_by_kind(fn)
+    return sum(kinds.values()), result
+
+
+def count_flops_by_kind(fn: Callable[[], Any]) -> tuple[dict[str, int], Any]:
+    """:func:`count_flops` split into ``attention`` (SDPA kernels, forward and backward) and
+    ``matmul`` (every other counted op: the linear layers' mm/addmm, bmm)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     _register_cpu_attention_flops()
     with FlopCounterMode(display=False) as counter:
         result = fn()
-    return int(counter.get_total_flops()), result
+    kinds = {"matmul": 0, "attention": 0}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        kind = "attention" if "attention" in str(op) else "matmul"
+        kinds[kind] += int(flops)
+    return kinds, result
 
 
 def llama_flops(config: Any, rows: int, length: int, training: bool = False) -> int:
@@ -275,16 +295,17 @@ class MemoryProbe:
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
 
 
-def profile_breakdown(fn: Callable[[], Any]) -> dict[str, float]:
+def profile_breakdown(fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
     """Where one call of ``fn`` spends its wall time, from ``torch.profiler``: the self time
     of matrix multiplies, of attention kernels, of every other aten op (elementwise,
-    reductions, copies, indexing), and the rest (Python, dispatch, the profiler's own cost),
-    as fractions of the profiled wall time."""
+    reductions, copies, indexing), and the rest (Python, dispatch, the profiler's own cost;
+    under torch.compile also the fused kernels, which the profiler does not see as ops), as
+    fractions of the profiled wall time; and the result of ``fn``."""
     from torch.profiler import ProfilerActivity, profile
 
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
+        result = fn()
     wall = time.perf_counter() - t0
     parts = {"matmul": 0.0, "attention": 0.0, "other_ops": 0.0}
     for event in prof.key_averages():
@@ -300,7 +321,7 @@ def profile_breakdown(fn: Callable[[], Any]) -> dict[str, float]:
     shares = {k: v / wall for k, v in parts.items()}
     shares["python_and_overhead"] = max(0.0, 1.0 - sum(shares.values()))
     shares["profiled_wall_s"] = wall
-    return shares
+    return shares, result
 
 
 # ---------------------------------------------------------------- one stage's job
@@ -314,7 +335,10 @@ def run_stage(
     honest peak memory (:func:`bench_steps` does)."""
     torch.set_num_threads(job.threads)
     run = build_stage_run(stage, job)
-    run.step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(warmup_steps(job)):
+        run.step()
+    warmup = time.perf_counter() - t0
     probe = MemoryProbe(run.device)
     if memory:
         probe.start()
@@ -342,21 +366,31 @@ def run_stage(
         "cpu_s": sum(cpu),
         "tokens_per_s": sum(tokens) / elapsed,
         "threads": job.threads,
+        "warmup_s": warmup,
     }
     if stage == "rl":
         result["split"] = {k: v / elapsed for k, v in split.items()}
     if memory:
         result["memory"] = probe.stop()
-    if flops:
-        counted, batch = count_flops(run.step)
+    if flops or profile:
+        kinds, batch = count_flops_by_kind(run.step)
+        counted = sum(kinds.values())
         per_token = counted / batch.num_tokens
         result.update(
             flops_per_step=counted,
             flops_per_token=per_token,
             flops_per_s=per_token * result["tokens_per_s"],
+            attention_flops_share=kinds["attention"] / counted,
         )
     if profile:
-        result["profile"] = profile_breakdown(run.step)
+        shares, batch = profile_breakdown(run.step)
+        # FLOP/s inside each kind of kernel: its FLOPs (per token, from the counted step,
+        # times this step's tokens) over its self time in the profile
+        for kind, flops in kinds.items():
+            seconds = shares[kind] * shares["profiled_wall_s"]
+            share_per_token = flops / counted * per_token
+            shares[f"{kind}_flops_per_s"] = share_per_token * batch.num_tokens / seconds
+        result["profile"] = shares
     return result
 
 
@@ -425,6 +459,10 @@ def bench_steps(
     peak = peak_matmul(job.threads, job.device, peak_sizes)
     for r in results:
         r["peak_fraction"] = r["flops_per_s"] / peak["flops_per_s"]
+        if "profile" in r:
+            for kind in ("matmul", "attention"):
+                rate = r["profile"][f"{kind}_flops_per_s"]
+                r["profile"][f"{kind}_peak_fraction"] = rate / peak["flops_per_s"]
     return {
         "job": {**dataclasses.asdict(job), "torch": torch.__version__},
         "peak_matmul": peak,
@@ -496,12 +534,13 @@ def _problems(stage: str, job: StepsJob) -> tuple[Any, list[Any]]:
     _, tokenizer = load_model_and_tokenizer(job.model)
     task = task_from_config(recipe.task, recipe.seed)
     rng = random.Random(recipe.seed)  # the stage's own stream
-    problems = [task.pretrain_problem(rng) for _ in range(job.batch_size * (job.steps + 1))]
+    steps = job.steps + warmup_steps(job)
+    problems = [task.pretrain_problem(rng) for _ in range(job.batch_size * steps)]
     return tokenizer, [(prompt_text(tokenizer, p.prompt), p) for p in problems]
 
 
 def _trl_timed(trainer: Any, timer: Any, job: StepsJob) -> dict[str, Any]:
-    timed = run_trl(trainer, timer)
+    timed = run_trl(trainer, timer, warmup_steps(job))
     return {"examples_per_s": job.batch_size * job.steps / timed["seconds"], **timed}
 
 
@@ -519,7 +558,12 @@ def trl_sft(job: StepsJob) -> dict[str, Any]:
         {"prompt": [p for p, _ in problems], "completion": [x.target for _, x in problems]}
     )
     timer = step_timer()
-    config = SFTConfig(**trl_args(job), per_device_train_batch_size=job.batch_size, max_length=None)
+    config = SFTConfig(
+        **trl_args(job, warmup_steps(job)),
+        per_device_train_batch_size=job.batch_size,
+        max_length=None,
+        torch_compile=job.compile,
+    )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(resolve_checkpoint(job.model)),
         args=config,
@@ -549,7 +593,11 @@ def trl_dpo(job: StepsJob) -> dict[str, Any]:
     )
     timer = step_timer()
     config = DPOConfig(
-        **trl_args(job), per_device_train_batch_size=job.batch_size, max_length=None, beta=0.1
+        **trl_args(job, warmup_steps(job)),
+        per_device_train_batch_size=job.batch_size,
+        max_length=None,
+        beta=0.1,
+        torch_compile=job.compile,
     )
     path = resolve_checkpoint(job.model)
     trainer = DPOTrainer(
@@ -595,6 +643,7 @@ def bench_trl(
             # the same with CPU seconds: steadier on a shared machine at one thread
             "cpu_ratio": theirs["cpu_s"] / ours["cpu_s"],
         }
+    out["compiled"] = [n for n in jobs if n != "rl"] if job.compile else []  # RL: eager
     out["trl_trainers"] = {"sft": "SFTTrainer", "rl": "GRPOTrainer", "dpo": "DPOTrainer"}
     out["kl"] = f"rl: k3 in the loss, coefficient {KL_COEF}"
     return out
@@ -612,23 +661,19 @@ def print_steps(result: dict[str, Any]) -> None:
     table = Table(
         title=f"tether bench steps: {job['model']}, {job['threads']} thread(s), {job['device']}"
     )
-    for name in ("stage", "batch", "tok/step", "step", "tok/s", "GFLOP", "GFLOP/s", "peak"):
-        table.add_column(name, justify="right")
-    for name in ("memory", "+step"):
+    for name in ("stage", "rows×len", "tokens/s", "step", "GFLOP/s", "of peak", "memory", "+step"):
         table.add_column(name, justify="right")
     for r in result["stages"]:
         mem = r.get("memory", {})
         table.add_row(
             r["stage"],
             f"{r['rows']}×{r['padded_length']:.0f}",
-            f"{r['tokens_per_step']:.0f}",
-            f"{r['step_s'] * 1e3:.0f} ms",
             f"{r['tokens_per_s']:,.0f}",
-            f"{r['flops_per_step'] / 1e9:.2f}",
+            f"{r['step_s']:.2f} s",
             f"{r['flops_per_s'] / 1e9:.1f}",
             f"{r['peak_fraction']:.0%}",
-            f"{mem['peak_mb']:.0f}M" if mem else "",
-            f"{mem['step_mb']:.0f}M" if mem else "",
+            f"{mem['peak_mb']:,.0f} MB" if mem else "",
+            f"{mem['step_mb']:,.0f} MB" if mem else "",
         )
     console = Console()
     console.print(table)
@@ -638,8 +683,8 @@ def print_steps(result: dict[str, Any]) -> None:
         f"matrices (GFLOP/s by n: {sizes}) at {peak['threads']} thread(s)"
     )
     console.print(
-        "tok: real tokens (prompt + completion); GFLOP: per step; peak: share of the peak "
-        f"matmul FLOP/s; FLOPs: {result['flops']}"
+        "tokens: real tokens (prompt + completion) of whole steps; of peak: GFLOP/s over the "
+        f"peak matmul FLOP/s; FLOPs: {result['flops']}"
     )
     memories = {r["memory"]["method"] for r in result["stages"] if "memory" in r}
     for method in sorted(memories):
@@ -654,9 +699,10 @@ def print_steps(result: dict[str, Any]) -> None:
         if "profile" in r:
             p = r["profile"]
             console.print(
-                f"{r['stage']} profile: matmul {p['matmul']:.0%}, attention {p['attention']:.0%}, "
-                f"other ops {p['other_ops']:.0%}, Python and overhead "
-                f"{p['python_and_overhead']:.0%}"
+                f"{r['stage']} profile: matmul {p['matmul']:.0%} of the step (at "
+                f"{p['matmul_peak_fraction']:.0%} of peak), attention {p['attention']:.0%} (at "
+                f"{p['attention_peak_fraction']:.0%}), other ops {p['other_ops']:.0%}, Python "
+                f"and overhead {p['python_and_overhead']:.0%}"
             )
 
 

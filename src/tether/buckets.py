@@ -104,13 +104,14 @@ def bucketed(
         groups = length_buckets(lengths, pass_cost)
     if len(groups) == 1:
         longest = max(lengths)
-        out = apply(run(input_ids[:, :longest], None), input_ids[:, :longest])
+        ids = input_ids[:, :longest].contiguous()  # one layout: a compiled model's guards hold
+        out = apply(run(ids, None), ids)
         return _real_only(_pad_to(out, width), attention_mask)
     parts, rows = [], []
     for group in groups:
         index = torch.tensor(group, device=input_ids.device)
         longest = max(lengths[i] for i in group)
-        ids = input_ids.index_select(0, index)[:, :longest]
+        ids = input_ids.index_select(0, index)[:, :longest].contiguous()
         parts.append(_pad_to(apply(run(ids, None), ids), width))
         rows.append(index)
     inverse = torch.empty(batch, dtype=torch.long, device=input_ids.device)

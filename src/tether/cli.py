@@ -897,6 +897,9 @@ BenchMaxNew = Annotated[int, typer.Option(min=1, help="RL: completion length")]
 BenchSteps = Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")]
 BenchThreads = Annotated[int, typer.Option(min=1, help="torch threads")]
 JsonOnly = Annotated[bool, typer.Option("--json", help="print the figures as JSON only")]
+BenchCompile = Annotated[
+    bool, typer.Option("--compile", help="train.compile: torch.compile, two warm-up steps")
+]
 
 
 @bench_app.command("steps")
@@ -929,6 +932,7 @@ def bench_steps(
     profile: Annotated[
         bool, typer.Option(help="also profile one step: time in matmuls, attention, the rest")
     ] = False,
+    compile_: BenchCompile = False,
     json_: JsonOnly = False,
 ) -> None:
     """One whole training step of each stage (MLE, IQLearn, RL with sampling and reference
@@ -939,7 +943,9 @@ def bench_steps(
 
     stages = _choices("--stage", stage, STAGES)
     with bench_model(model, width, layers) as path:
-        job = StepsJob(path, batch_size, group, max_new_tokens, steps, threads, 0, _device(device))
+        job = StepsJob(
+            path, batch_size, group, max_new_tokens, steps, threads, 0, _device(device), compile_
+        )
         try:
             result = run_bench(job, stages, isolate=isolate, profile=profile)
         except ValueError as err:
@@ -968,6 +974,12 @@ def bench_trl(
     max_new_tokens: BenchMaxNew = 300,
     steps: BenchSteps = 3,
     threads: BenchThreads = 2,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile", help="SFT and DPO: torch.compile on both sides (TRL's torch_compile)"
+        ),
+    ] = False,
     json_: JsonOnly = False,
 ) -> None:
     """tether against TRL on the same jobs, one side right after the other: SFT (SFTTrainer
@@ -982,7 +994,7 @@ def bench_trl(
     from tether.bench_steps import bench_trl as run_bench
 
     jobs = _choices("--job", job, TRL_JOBS)
-    spec = StepsJob(model, batch_size, group, max_new_tokens, steps, threads)
+    spec = StepsJob(model, batch_size, group, max_new_tokens, steps, threads, compile=compile_)
     result = run_bench(spec, jobs, prompts=prompts, group=group, max_new_tokens=max_new_tokens)
     if json_:
         typer.echo(json.dumps(result, indent=2))

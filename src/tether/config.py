@@ -146,6 +146,12 @@ class TrainConfig(Strict):
         "the batch and count it",
     )
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads")
+    compile: bool = Field(
+        False,
+        description="torch.compile the policy and the frozen reference (dynamic shapes): "
+        "steps about 15% faster on CPU after about a minute of compiling (a C++ compiler is "
+        "needed); for long runs",
+    )
 
 
 class RLConfig(Strict):
