@@ -16,8 +16,9 @@ from test_rl_stage import _recipe as rl_recipe
 from tether.config import RecipeError, load_recipe
 from tether.models import load_frozen_reference, load_model_and_tokenizer
 from tether.objectives import token_logprobs
+from tether.objectives.common import log_softmax_and_token_logprobs
 from tether.precision import autocast_forward
-from tether.rl import RLStage, completion_logits
+from tether.rl import RLStage, grouped_completion_logits
 from tether.tasks import AdditionTask
 from tether.train import TRAINER_STATE, train
 
@@ -106,15 +107,15 @@ def test_bf16_rl_rollout_logprobs_are_the_losses_own(tiny_checkpoint):
     for model in (policy, stage.reference):
         autocast_forward(model, "bf16", CPU)
     rollout = stage.next_batch()
-    logits = completion_logits(
+    logits = grouped_completion_logits(
         policy,
         rollout.input_ids,
         rollout.attention_mask,
-        rollout.position_ids,
         rollout.prompt_len,
         recipe.rl.temperature,
     )
-    logp = token_logprobs(logits, rollout.input_ids[:, rollout.prompt_len :]) * rollout.mask
+    completion_ids = rollout.input_ids[:, rollout.prompt_len :]
+    logp = log_softmax_and_token_logprobs(logits, completion_ids)[1] * rollout.mask
     assert rollout.old_logp.dtype == rollout.ref_logp.dtype == torch.float32
     assert torch.equal(rollout.old_logp, logp)
     assert torch.equal(rollout.ref_logp * rollout.mask, logp)

@@ -43,6 +43,77 @@ class RLJob:
         return self.steps * self.prompts_per_step * self.group
 
 
+def rl_overrides(
+    prompts_per_step: int, group: int, max_new_tokens: int, temperature: float
+) -> list[str]:
+    """The RL stage as the TRL comparison runs it: RLOO over groups, k3 KL in the loss."""
+    return [
+        "train.stage=rl",
+        "rl.algorithm=rloo",
+        f"rl.group_size={group}",
+        f"rl.prompts_per_step={prompts_per_step}",
+        f"rl.max_new_tokens={max_new_tokens}",
+        f"rl.temperature={temperature}",
+        "rl.kl_estimator=k3",
+        f"rl.kl_coef={KL_COEF}",
+        "rl.entropy_coef=0.0",
+    ]
+
+
+def trl_args(job: Any, warmup: int = 1) -> dict[str, Any]:
+    """TrainingArguments every TRL side shares: ``job.steps`` timed steps after ``warmup``
+    steps, on the CPU, in fp32 without gradient checkpointing (tether's way; TRL's defaults
+    are bf16 autocast and recomputation), the examples in order, no logging or saving."""
+    return dict(
+        output_dir="/tmp/tether-bench-trl",
+        max_steps=job.steps + warmup,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        seed=job.seed,
+        learning_rate=3e-4,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+    )
+
+
+def step_timer() -> Any:
+    """A TRL ``TrainerCallback`` that notes wall-clock and CPU time at the start and end of
+    every training step (``starts``, ``ends``, ``cpu_starts``, ``cpu_ends``)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+            self.ends: list[float] = []
+            self.cpu_starts: list[float] = []
+            self.cpu_ends: list[float] = []
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.starts.append(time.perf_counter())
+            self.cpu_starts.append(time.process_time())
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.ends.append(time.perf_counter())
+            self.cpu_ends.append(time.process_time())
+
+    return StepTimer()
+
+
+def run_trl(trainer: Any, timer: Any, warmup: int = 1) -> dict[str, float]:
+    """Train, with TRL's printed metrics sent to stderr (stdout carries ours); wall-clock and
+    CPU seconds of the steps after the first ``warmup``."""
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.train()
+    return {
+        "seconds": timer.ends[-1] - timer.starts[warmup],
+        "cpu_s": timer.cpu_ends[-1] - timer.cpu_starts[warmup],
+    }
+
+
 def bench_tether(job: RLJob) -> dict[str, Any]:
     from tether.rl import RLStage
     from tether.train import build_policy, make_optimizer
@@ -52,14 +123,7 @@ def bench_tether(job: RLJob) -> dict[str, Any]:
         [
             f"model.init={job.model}",
             f"seed={job.seed}",
-            "rl.algorithm=rloo",
-            f"rl.group_size={job.group}",
-            f"rl.prompts_per_step={job.prompts_per_step}",
-            f"rl.max_new_tokens={job.max_new_tokens}",
-            f"rl.temperature={job.temperature}",
-            "rl.kl_estimator=k3",
-            f"rl.kl_coef={KL_COEF}",
-            "rl.entropy_coef=0.0",
+            *rl_overrides(job.prompts_per_step, job.group, job.max_new_tokens, job.temperature),
         ],
     )
     torch.manual_seed(job.seed)
@@ -67,32 +131,36 @@ def bench_tether(job: RLJob) -> dict[str, Any]:
     policy.train()
     stage = RLStage(recipe, tokenizer, policy, torch.device("cpu"))
     optimizer = make_optimizer(policy, recipe, stage.parameters())
+    params = list(policy.parameters())
     split = {"sample_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
-    elapsed = 0.0
+    elapsed = cpu = 0.0
     for step in range(job.steps + 1):  # step 0 warms up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rollout = stage.next_batch()
         t1 = time.perf_counter()
         loss, _ = stage.loss(policy, rollout)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # as the loop (grad_clip 1) and TRL do
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         if step:
             elapsed += t2 - t0
+            cpu += time.process_time() - c0
             split["sample_s"] += stage.last_timing["sample_s"]
             split["reference_s"] += stage.last_timing["reference_s"]
             split["update_s"] += t2 - t1
     return {
         "completions_per_s": job.completions / elapsed,
         "seconds": elapsed,
+        "cpu_s": cpu,
         "split": {k: v / elapsed for k, v in split.items()},
     }
 
 
 def bench_trl(job: RLJob) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from tether.models import checkpoint_max_digits, resolve_checkpoint
@@ -116,31 +184,14 @@ def bench_trl(job: RLJob) -> dict[str, Any]:
             for p, c in zip(prompts, completions, strict=True)
         ]
 
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.starts: list[float] = []
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.starts.append(time.perf_counter())
-
-    timer = StepTimer()
+    timer = step_timer()
     config = GRPOConfig(
-        output_dir="/tmp/tether-bench-trl",
+        **trl_args(job),
         per_device_train_batch_size=job.prompts_per_step * job.group,
         num_generations=job.group,
         max_completion_length=job.max_new_tokens,
         temperature=job.temperature,
         beta=KL_COEF,
-        max_steps=job.steps + 1,
-        use_cpu=True,
-        bf16=False,  # TRL defaults to bf16 autocast; tether trains in fp32, so compare fp32
-        gradient_checkpointing=False,  # TRL's default recomputes activations; tether does not
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        seed=job.seed,
-        learning_rate=3e-4,
-        dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(path),
@@ -150,10 +201,8 @@ def bench_trl(job: RLJob) -> dict[str, Any]:
         processing_class=AutoTokenizer.from_pretrained(path),
         callbacks=[timer],
     )
-    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its metrics: keep stdout for ours
-        trainer.train()
-    elapsed = time.perf_counter() - timer.starts[1]  # from the second step: the first warms up
-    return {"completions_per_s": job.completions / elapsed, "seconds": elapsed}
+    timed = run_trl(trainer, timer)
+    return {"completions_per_s": job.completions / timed["seconds"], **timed}
 
 
 def bench_rl(job: RLJob) -> dict[str, Any]:

@@ -871,6 +871,139 @@ def bench_rl(
     )
 
 
+def _choices(option: str, given: list[str] | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    for name in given or []:
+        if name not in allowed:
+            raise UsageError(f"{option} {name!r}: choose from {', '.join(allowed)}")
+    return tuple(given or allowed)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return name
+
+
+# options `bench steps` and `bench trl` share
+BenchModel = Annotated[str, typer.Option(help="checkpoint of the policy and reference")]
+BenchGroup = Annotated[int, typer.Option(min=2, help="RL: completions per prompt")]
+BenchMaxNew = Annotated[int, typer.Option(min=1, help="RL: completion length")]
+BenchSteps = Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")]
+BenchThreads = Annotated[int, typer.Option(min=1, help="torch threads")]
+JsonOnly = Annotated[bool, typer.Option("--json", help="print the figures as JSON only")]
+BenchCompile = Annotated[
+    bool, typer.Option("--compile", help="train.compile: torch.compile, two warm-up steps")
+]
+
+
+@bench_app.command("steps")
+@friendly_errors
+def bench_steps(
+    stage: Annotated[
+        list[str] | None, typer.Option(help="mle, iqlearn, rl or dpo; repeat it (default all)")
+    ] = None,
+    model: BenchModel = "addition-n3",
+    width: Annotated[
+        int | None,
+        typer.Option(min=8, help="a random Llama of this width instead of --model"),
+    ] = None,
+    layers: Annotated[int, typer.Option(min=1, help="with --width: its layers")] = 4,
+    batch_size: Annotated[
+        int, typer.Option(min=2, help="sequences per step (RL: completions; DPO: pairs)")
+    ] = 64,
+    group: BenchGroup = 4,
+    max_new_tokens: BenchMaxNew = 300,
+    steps: BenchSteps = 3,
+    threads: BenchThreads = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    isolate: Annotated[
+        bool,
+        typer.Option(
+            "--isolate/--in-process",
+            help="each stage in a fresh process (honest peak memory) or all in this one",
+        ),
+    ] = True,
+    profile: Annotated[
+        bool, typer.Option(help="also profile one step: time in matmuls, attention, the rest")
+    ] = False,
+    compile_: BenchCompile = False,
+    json_: JsonOnly = False,
+) -> None:
+    """One whole training step of each stage (MLE, IQLearn, RL with sampling and reference
+    scoring, DPO): tokens/s, achieved matmul FLOP/s (FlopCounterMode), its share of this
+    machine's measured peak fp32 matmul FLOP/s at the same thread count, and peak memory."""
+    from tether.bench_steps import STAGES, StepsJob, bench_model
+    from tether.bench_steps import bench_steps as run_bench
+
+    stages = _choices("--stage", stage, STAGES)
+    with bench_model(model, width, layers) as path:
+        job = StepsJob(
+            path, batch_size, group, max_new_tokens, steps, threads, 0, _device(device), compile_
+        )
+        try:
+            result = run_bench(job, stages, isolate=isolate, profile=profile)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    result["job"]["model"] = (
+        model if width is None else f"random llama, width {width}, {layers} layers"
+    )
+    if json_:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from tether.bench_steps import print_steps
+
+    print_steps(result)
+
+
+@bench_app.command("trl")
+@friendly_errors
+def bench_trl(
+    job: Annotated[
+        list[str] | None, typer.Option(help="sft, rl or dpo; repeat it (default all three)")
+    ] = None,
+    model: BenchModel = "addition-n3",
+    batch_size: Annotated[int, typer.Option(min=2, help="SFT: sequences, DPO: pairs")] = 64,
+    prompts: Annotated[int, typer.Option(min=1, help="RL: prompts per step")] = 8,
+    group: BenchGroup = 4,
+    max_new_tokens: BenchMaxNew = 300,
+    steps: BenchSteps = 3,
+    threads: BenchThreads = 2,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile", help="SFT and DPO: torch.compile on both sides (TRL's torch_compile)"
+        ),
+    ] = False,
+    json_: JsonOnly = False,
+) -> None:
+    """tether against TRL on the same jobs, one side right after the other: SFT (SFTTrainer
+    vs the mle stage), RL (GRPOTrainer vs the rl stage with RLOO, as `bench rl`) and DPO
+    (DPOTrainer vs the dpo stage). Same model, examples, order and batch; fp32, no gradient
+    checkpointing. Prints examples/s of whole steps and the ratio tether / TRL."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise UsageError("tether bench trl needs TRL: pip install 'tether[bench]'") from None
+    from tether.bench_steps import TRL_JOBS, StepsJob
+    from tether.bench_steps import bench_trl as run_bench
+
+    jobs = _choices("--job", job, TRL_JOBS)
+    spec = StepsJob(model, batch_size, group, max_new_tokens, steps, threads, compile=compile_)
+    result = run_bench(spec, jobs, prompts=prompts, group=group, max_new_tokens=max_new_tokens)
+    if json_:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from tether.bench_steps import print_trl
+
+    print_trl(result)
+
+
 @app.command()
 @friendly_errors
 def models(json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:

@@ -211,6 +211,13 @@ class TrainConfig(Strict):
             )
         return value
 
+    compile: bool = Field(
+        False,
+        description="torch.compile the policy and the frozen reference (dynamic shapes): "
+        "steps about 15% faster on CPU after about a minute of compiling (a C++ compiler is "
+        "needed); for long runs",
+    )
+
 
 class RLConfig(Strict):
     """KL-regularised RL on the task's RL distribution (METHODS.md §2–3).

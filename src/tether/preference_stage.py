@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
+from tether.buckets import bucketed
 from tether.config import Recipe
 from tether.data import TokenBatch, collate_pairs
 from tether.lora import reference_policy
@@ -173,8 +174,10 @@ class DPOStage(_PairStream):
     @torch.no_grad()
     def next_batch(self) -> PreferenceBatch:
         tokens = self.draw_pairs()
-        logits = self.reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        return PreferenceBatch(tokens, shifted_token_logprobs(logits.logits, tokens.input_ids))
+        ref_logp = bucketed(
+            self.reference, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs
+        )  # once per batch, rows in length groups (tether.buckets)
+        return PreferenceBatch(tokens, ref_logp)
 
     def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:
         """The implicit reward β·h(x, y) of every row."""
@@ -191,8 +194,7 @@ class DPOStage(_PairStream):
     def loss(self, model: nn.Module, batch: PreferenceBatch) -> tuple[Tensor, dict[str, float]]:
         assert batch.ref_logp is not None
         tokens, b = batch.tokens, batch.pairs
-        logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
-        logp = shifted_token_logprobs(logits, tokens.input_ids)
+        logp = bucketed(model, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs)
         mask = tokens.loss_mask
         h = sequence_logratios(logp, batch.ref_logp, mask, average=self.cfg.length_normalize)
         loss, stats = preference_loss(

@@ -29,15 +29,17 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
+from tether.buckets import bucketed, completion_window, left_to_right_padded
 from tether.config import Recipe
 from tether.lora import reference_policy
 from tether.models import prompt_text
 from tether.objectives import (
     discounted_returns,
-    entropy_bonus,
-    exact_kl,
+    entropy_from_log_softmax,
+    exact_kl_from_log_softmax,
     gae,
     kl_penalty,
+    log_softmax_and_token_logprobs,
     masked_mean,
     ppo_clip_loss,
     prioritized_kl_weights,
@@ -45,7 +47,6 @@ from tether.objectives import (
     rloo_baseline,
     shape_rewards_with_kl,
     terminal_rewards,
-    token_logprobs,
     value_loss,
 )
 from tether.reward_functions import CalibratedReward, RewardFunction, build_reward
@@ -65,7 +66,7 @@ class Rollout:
     mask: Tensor  # completion tokens
     old_logp: Tensor  # sampling policy's log-probs at temperature T
     ref_logp: Tensor
-    ref_logits: Tensor  # [B, T, V] at temperature T: the exact KL, logged every step
+    ref_log_softmax: Tensor  # [B, T, V] log π_ref(·|s) at temperature T: the exact KL
     kl_weights: Tensor | None
     seq_rewards: Tensor  # [B]
     correct: Tensor  # [B] bool
@@ -98,6 +99,36 @@ def completion_logits(
     if hidden:
         return logits, out.hidden_states[-1][:, p - 1 : p + t - 1]
     return logits
+
+
+def grouped_completion_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    temperature: float,
+    hidden: bool = False,
+) -> Any:
+    """:func:`completion_logits` with the rows made right-padded and run in length groups
+    without a mask (:mod:`tether.buckets`): the same values at real completion tokens, up to
+    float rounding, for less work (no pass over most padding, no [B, 1, L, L] mask); zeros at
+    completion padding. With ``hidden`` also the last hidden states there, as fp32."""
+    ids, mask, starts = left_to_right_padded(input_ids, attention_mask, prompt_len)
+    forward, vocab = None, None
+    if hidden:
+
+        def forward(x: Tensor, m: Tensor | None) -> Tensor:
+            nonlocal vocab
+            out = model(input_ids=x, attention_mask=m, output_hidden_states=True)
+            vocab = out.logits.shape[-1]
+            return torch.cat([out.logits.float(), out.hidden_states[-1].float()], dim=-1)
+
+    values = bucketed(model, ids, mask, forward=forward)
+    window = completion_window(values, starts, input_ids.shape[1] - prompt_len)
+    logits = window[..., :vocab].float() if hidden else window.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return (logits, window[..., vocab:]) if hidden else logits
 
 
 class RLStage:
@@ -230,8 +261,9 @@ class RLStage:
         position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
         prompt_len = out.prompt_ids.shape[1]
         t_scored = time.perf_counter()
-        ref_logits = completion_logits(
-            self.reference, input_ids, attention_mask, position_ids, prompt_len, cfg.temperature
+        # once per batch, reused by every PPO epoch; right-padded rows in length groups
+        ref_logits = grouped_completion_logits(
+            self.reference, input_ids, attention_mask, prompt_len, cfg.temperature
         )
         kl_weights = None
         if cfg.certainty_exponent is not None:
@@ -242,6 +274,8 @@ class RLStage:
                 cfg.certainty_form,
                 cfg.certainty_temperature,
             )
+        # normalised once here: the loss reads the reference's log-probs, never its logits
+        ref_log_softmax, ref_logp = log_softmax_and_token_logprobs(ref_logits, completion_ids)
         rollout = Rollout(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -249,8 +283,8 @@ class RLStage:
             prompt_len=prompt_len,
             mask=out.completion_mask.float().to(self.device),
             old_logp=out.logprobs.to(self.device),
-            ref_logp=token_logprobs(ref_logits, completion_ids),
-            ref_logits=ref_logits,  # small vocabularies: the exact KL is cheap
+            ref_logp=ref_logp,
+            ref_log_softmax=ref_log_softmax,  # small vocabularies: the exact KL is cheap
             kl_weights=kl_weights,
             seq_rewards=seq_rewards,
             correct=correct,
@@ -270,11 +304,10 @@ class RLStage:
         mask = rollout.mask
         completion_ids = rollout.input_ids[:, rollout.prompt_len :]
         need_values = self.value_head is not None
-        scored = completion_logits(
+        scored = grouped_completion_logits(
             model,
             rollout.input_ids,
             rollout.attention_mask,
-            rollout.position_ids,
             rollout.prompt_len,
             cfg.temperature,
             hidden=need_values,
@@ -285,11 +318,13 @@ class RLStage:
             values = self.value_head(hidden.float()).squeeze(-1)
         else:
             logits = scored
-        logp = token_logprobs(logits, completion_ids)
+        # one fp32 log-softmax over the vocabulary serves log π of the sampled tokens, the
+        # exact KL and the entropy
+        log_p, logp = log_softmax_and_token_logprobs(logits, completion_ids)
 
         # full-vocabulary KL per position: the penalty with the exact estimator, a metric always
-        exact = exact_kl(
-            logits if cfg.kl_estimator == "exact" else logits.detach(), rollout.ref_logits
+        exact = exact_kl_from_log_softmax(
+            log_p if cfg.kl_estimator == "exact" else log_p.detach(), rollout.ref_log_softmax
         )
         if cfg.kl_estimator == "exact":
             per_token_kl = torch.where(mask > 0, exact, torch.zeros_like(exact))
@@ -329,8 +364,12 @@ class RLStage:
         loss = pg
         if cfg.kl_placement == "loss":
             loss = loss + cfg.kl_coef * kl_mean
-        entropy = entropy_bonus(logits, mask)
-        loss = loss - cfg.entropy_coef * entropy
+        if cfg.entropy_coef > 0:
+            entropy = masked_mean(entropy_from_log_softmax(log_p), mask)
+            loss = loss - cfg.entropy_coef * entropy
+        else:  # a metric only: no backward pass through it
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_log_softmax(log_p.detach()), mask)
 
         with torch.no_grad():
             sampled_kl = masked_mean(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tether.objectives import token_logprobs
+from tether.objectives.common import log_softmax_and_token_logprobs
 from tether.sampling import SampleOutput, sample
 
 
@@ -51,9 +51,8 @@ def rescore(
     """[B, T] fp32 log-probs of ``out``'s completion tokens under ``model`` at ``temperature``
     (1 for greedy, as :func:`~tether.sampling.sample` reports them), renormalised over
     ``allowed_token_ids`` when given, 0 at padding: one forward pass over prompt + completion,
-    laid out as the stages score rollouts (left-padded prompts, positions from the first real
-    token)."""
-    from tether.rl import completion_logits  # rl imports this module
+    laid out as the stages score rollouts."""
+    from tether.rl import grouped_completion_logits  # rl imports this module
 
     device = next(model.parameters()).device
     completion_ids = out.completion_ids.to(device)
@@ -62,11 +61,10 @@ def rescore(
         return torch.zeros(completion_ids.shape, dtype=torch.float32, device=device)
     input_ids = torch.cat([out.prompt_ids.to(device), completion_ids], dim=1)
     attention_mask = torch.cat([out.prompt_mask.to(device), mask], dim=1)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
     t = temperature if temperature > 0 else 1.0
-    logits = completion_logits(
-        model, input_ids, attention_mask, position_ids, out.prompt_ids.shape[1], t
-    )
+    # the pass the stages' losses use (length groups, tether.buckets): the same arithmetic, so
+    # an unchanged policy gives a PPO ratio of exactly 1
+    logits = grouped_completion_logits(model, input_ids, attention_mask, out.prompt_ids.shape[1], t)
     allowed = None
     if allowed_token_ids is not None:
         allowed = torch.tensor(list(allowed_token_ids), dtype=torch.long, device=device)
@@ -85,7 +83,8 @@ def restricted_token_logprobs(
         logits = logits.masked_fill(~keep, -torch.inf)
         # padding holds a token outside the set: give it an allowed one (masked out anyway)
         tokens = torch.where(mask.bool(), tokens, allowed[0])
-    return token_logprobs(logits, tokens)
+    # the normalisation the losses use (one log-softmax), so rescored and scored log-probs agree
+    return log_softmax_and_token_logprobs(logits, tokens)[1]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
+from tether.buckets import bucketed
 from tether.config import Recipe
 from tether.data import TokenBatch, collate_token_rows
 from tether.models import prompt_text
@@ -153,18 +154,21 @@ class ImitationStage:
         self, model: PreTrainedModel, batch: DemoBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         tokens = batch.tokens
-        logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
+        ids, attention = tokens.input_ids, tokens.attention_mask
+        plain = self.cfg.label_smoothing == 0 and self.cfg.entropy_coef == 0
+        if self.method == "mle" and plain:  # log-probs group by group: no [B, L, V] copy
+            return mle_loss(
+                bucketed(model, ids, attention, shifted_token_logprobs), tokens.loss_mask
+            )
+        logits = bucketed(model, ids, attention)  # rows in length groups (tether.buckets)
         if self.method == "mle":
             if self.cfg.label_smoothing > 0:  # support-preserving behaviour cloning
                 return label_smoothed_mle_loss(
                     logits, tokens.input_ids, tokens.loss_mask, self.cfg.label_smoothing
                 )
-            if self.cfg.entropy_coef > 0:
-                return mle_entropy_loss(
-                    logits, tokens.input_ids, tokens.loss_mask, self.cfg.entropy_coef
-                )
-            logprobs = shifted_token_logprobs(logits, tokens.input_ids)
-            return mle_loss(logprobs, tokens.loss_mask)
+            return mle_entropy_loss(
+                logits, tokens.input_ids, tokens.loss_mask, self.cfg.entropy_coef
+            )
         lam = lambda_schedule(self.step, self.cfg.lam, self.cfg.lam_warmup_steps)
         loss, stats = iqlearn_loss(
             logits,

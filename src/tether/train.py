@@ -203,6 +203,16 @@ def build_policy(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     return model, tokenizer
 
 
+def compile_models(model: torch.nn.Module, stage: Any, backend: str = "inductor") -> None:
+    """``train.compile``: compile the policy and the stage's frozen reference, if it has one,
+    in place (``nn.Module.compile``: the modules, their names and state dicts stay as they
+    are), with dynamic shapes, as batches change length from step to step."""
+    model.compile(dynamic=True, backend=backend)
+    reference = getattr(stage, "reference", None)
+    if isinstance(reference, torch.nn.Module):
+        reference.compile(dynamic=True, backend=backend)
+
+
 def make_optimizer(
     model: torch.nn.Module, recipe: Recipe, extra: list[torch.nn.Parameter] | None = None
 ) -> torch.optim.Optimizer:
@@ -459,6 +469,8 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     # under autocast, everything after them in fp32 (tether.precision says why not accelerate's)
     for scored in (model, *frozen_models(stage)):
         autocast_forward(scored, recipe.train.precision, accelerator.device)
+    if recipe.train.compile:
+        compile_models(model, stage)
     if resume_from is None and main:  # written once the models load: a bad path leaves no folder
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_recipe(recipe))

@@ -1,6 +1,12 @@
 """Objectives: pure functions of token tensors, testable with no model at all."""
 
-from tether.objectives.common import certainty, shifted_token_logprobs, token_logprobs
+from tether.objectives.common import (
+    certainty,
+    entropy_from_log_softmax,
+    log_softmax_and_token_logprobs,
+    shifted_token_logprobs,
+    token_logprobs,
+)
 from tether.objectives.dpg import (
     F_DIVERGENCES,
     FDPG_BASELINES,
@@ -24,6 +30,7 @@ from tether.objectives.kl import (
     KL_ESTIMATORS,
     KLEstimator,
     exact_kl,
+    exact_kl_from_log_softmax,
     kl_estimate,
     kl_penalty,
     prioritized_kl_weights,
@@ -72,7 +79,9 @@ __all__ = [
     "dpg_loss",
     "dpo_loss",
     "entropy_bonus",
+    "entropy_from_log_softmax",
     "exact_kl",
+    "exact_kl_from_log_softmax",
     "f_dpg_loss",
     "f_dpg_pseudo_reward",
     "gae",
@@ -84,6 +93,7 @@ __all__ = [
     "kl_penalty",
     "label_smoothed_mle_loss",
     "lambda_schedule",
+    "log_softmax_and_token_logprobs",
     "masked_mean",
     "mle_entropy_loss",
     "mle_loss",

@@ -30,6 +30,27 @@ def token_logprobs(
     return picked - torch.logsumexp(scaled, dim=-1)
 
 
+def log_softmax_and_token_logprobs(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The full fp32 log π(·|s) = log_softmax(ℓ/T) [..., V] and log π(a|s) of ``tokens`` [...]
+    from one normalisation over the vocabulary. Where a step needs more than the sampled
+    tokens' log-probs (entropy, exact KL), they all read this one tensor
+    (:func:`entropy_from_log_softmax`, :func:`tether.objectives.kl.exact_kl_from_log_softmax`)
+    instead of each normalising the logits again. Equal to :func:`token_logprobs` up to float
+    rounding, in value and gradient."""
+    x = at_least_fp32(logits)
+    log_p = torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+    return log_p, log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_log_softmax(log_p: Tensor) -> Tensor:
+    """H = −Σ_a π(a)·log π(a) per position from log π [..., V], with 0·log 0 = 0 for tokens
+    of probability 0 (logit −inf), in the value and in the gradient."""
+    p = log_p.exp()
+    return -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(dim=-1)
+
+
 def shifted_token_logprobs(
     logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:

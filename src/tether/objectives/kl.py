@@ -55,6 +55,12 @@ def exact_kl(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Te
         raise ValueError(f"temperature must be > 0, got {temperature}")
     log_p = torch.log_softmax(at_least_fp32(logits) / temperature, dim=-1)
     log_q = torch.log_softmax(at_least_fp32(ref_logits) / temperature, dim=-1)
+    return exact_kl_from_log_softmax(log_p, log_q)
+
+
+def exact_kl_from_log_softmax(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """:func:`exact_kl` from log π and log π_ref [..., V] already normalised (log-softmax), so
+    a step that has them does not normalise the logits again. Differentiable w.r.t. both."""
     p = log_p.exp()
     # 0·log 0 = 0: zero the log-ratio where π(a) = 0 so neither the value nor its gradient is NaN
     log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))

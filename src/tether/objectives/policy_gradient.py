@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tether.distributed import mean_count
-from tether.objectives.common import at_least_fp32
+from tether.objectives.common import at_least_fp32, entropy_from_log_softmax
 from tether.objectives.kl import kl_estimate
 
 
@@ -232,7 +232,4 @@ def entropy_bonus(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Ten
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     log_p = torch.log_softmax(at_least_fp32(logits) / temperature, dim=-1)
-    p = log_p.exp()
-    # 0·log 0 = 0 for masked-out (−inf) logits, in the value and in the gradient
-    entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(dim=-1)
-    return masked_mean(entropy, mask)
+    return masked_mean(entropy_from_log_softmax(log_p), mask)  # 0·log 0 = 0 at −inf logits

@@ -1,0 +1,85 @@
+"""`tether bench steps` and `tether bench trl` at the tiniest settings, and the FLOP count
+they rest on checked against analytic counts. No timed assertions."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tether.bench_steps import count_flops, llama_flops
+from tether.cli import app
+from tether.models import build_model, char_tokenizer
+
+runner = CliRunner()
+TINY = ["--width", "32", "--layers", "1", "--batch-size", "4", "--group", "2"]
+TINY += ["--max-new-tokens", "8", "--steps", "1", "--threads", "1"]
+
+
+def _run(*args):
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # one JSON document, nothing else
+
+
+def test_bench_steps_json_every_stage_in_process():
+    doc = _run("steps", *TINY, "--in-process", "--json")
+    assert [r["stage"] for r in doc["stages"]] == ["mle", "iqlearn", "rl", "dpo"]
+    peak = doc["peak_matmul"]["flops_per_s"]
+    for r in doc["stages"]:
+        assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0
+        assert r["flops_per_s"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"])
+        assert r["peak_fraction"] == pytest.approx(r["flops_per_s"] / peak)
+        assert r["memory"]["peak_mb"] >= r["memory"]["before_mb"] > 0
+    rl = next(r for r in doc["stages"] if r["stage"] == "rl")
+    assert rl["rows"] == 4 and 0 < rl["split"]["sample_s"] < 1
+    dpo = next(r for r in doc["stages"] if r["stage"] == "dpo")
+    assert dpo["rows"] == 8  # 4 pairs, chosen and rejected rows
+
+
+def test_bench_steps_isolated_stage_and_profile():
+    doc = _run("steps", *TINY, "--stage", "mle", "--profile", "--json")
+    (mle,) = doc["stages"]
+    assert "fresh process" in mle["memory"]["method"]
+    shares = mle["profile"]
+    parts = ("matmul", "attention", "other_ops", "python_and_overhead")
+    assert sum(shares[k] for k in parts) == pytest.approx(1.0) and shares["matmul"] > 0
+    assert shares["matmul_peak_fraction"] > 0 and shares["attention_peak_fraction"] > 0
+    assert 0 < mle["attention_flops_share"] < 1
+
+
+def test_bench_steps_rejects_an_unknown_stage():
+    result = runner.invoke(app, ["bench", "steps", "--stage", "ppo"])
+    assert result.exit_code == 2 and "--stage 'ppo'" in result.output
+
+
+def test_flop_count_of_a_linear_layer_forward_and_backward():
+    layer = torch.nn.Linear(24, 40, bias=True)
+    x = torch.randn(7, 24, requires_grad=True)
+    flops, _ = count_flops(lambda: layer(x).sum().backward())
+    # forward, gradient of the input, gradient of the weight: 2·B·in·out each
+    assert flops == 3 * 2 * 7 * 24 * 40
+
+
+def test_flop_count_of_a_llama_training_step_matches_the_analytic_count():
+    torch.manual_seed(0)
+    model = build_model(char_tokenizer(), "llama", n_layer=2, n_head=4, n_embd=32)
+    ids = torch.randint(3, 90, (3, 17))
+
+    def step():
+        model(input_ids=ids).logits.logsumexp(-1).sum().backward()
+
+    flops, _ = count_flops(step)
+    # attention included: without the CPU attention formulas the count would fall short
+    assert flops == llama_flops(model.config, 3, 17, training=True)
+
+
+def test_bench_trl_tiny_jobs_report_ratios():
+    pytest.importorskip("trl")
+    args = ["--batch-size", "2", "--prompts", "1", "--group", "2", "--max-new-tokens", "8"]
+    doc = _run("trl", *args, "--steps", "1", "--threads", "1", "--json")
+    assert set(doc["results"]) == {"sft", "rl", "dpo"}
+    for r in doc["results"].values():
+        assert r["ratio"] == pytest.approx(
+            r["tether"]["examples_per_s"] / r["trl"]["examples_per_s"]
+        )

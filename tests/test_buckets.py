@@ -1,0 +1,125 @@
+"""Length buckets (tether.buckets) give the values and gradients of one masked pass."""
+
+import pytest
+import torch
+
+from tether.buckets import bucketed, length_buckets, right_padded
+from tether.models import build_model, char_tokenizer
+from tether.objectives import iqlearn_loss, mle_loss, shifted_token_logprobs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _batch(lengths, width=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = width or max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, 90, (n,), generator=g)
+        mask[i, :n] = 1
+    loss_mask = mask.float()
+    loss_mask[:, :2] = 0  # a two-token "prompt"
+    return ids, mask, loss_mask
+
+
+def _model(arch):
+    torch.manual_seed(0)
+    return build_model(char_tokenizer(), arch, n_layer=2, n_head=2, n_embd=32, max_positions=64)
+
+
+def test_length_buckets_cover_every_row_once_and_cut_only_where_it_pays():
+    lengths = [50, 3, 48, 4, 49, 5, 2, 47]
+    groups = length_buckets(lengths, pass_cost=20)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[47, 48, 49, 50], [2, 3, 4, 5]]
+    assert length_buckets(lengths, pass_cost=10**6) == [[0, 4, 2, 7, 5, 3, 1, 6]]
+    assert length_buckets([7] * 5) == [[0, 1, 2, 3, 4]]
+    assert length_buckets([]) == []
+
+
+def test_right_padded_spots_left_padding_and_gaps():
+    assert right_padded(torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert not right_padded(torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    assert not right_padded(torch.tensor([[1, 0, 1], [1, 1, 1]]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bucketed_log_probs_and_gradients_equal_one_masked_pass(arch):
+    model = _model(arch)
+    ids, mask, loss_mask = _batch([40, 6, 38, 5, 39, 7, 21, 40])
+
+    def loss_and_grads(logp):
+        loss, _ = mle_loss(logp, loss_mask)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return logp.detach(), loss.detach(), grads
+
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    ref_logp, ref_loss, ref_grads = loss_and_grads(shifted_token_logprobs(plain, ids))
+    assert len(length_buckets(mask.sum(1).tolist(), pass_cost=20)) > 1
+    got = bucketed(model, ids, mask, shifted_token_logprobs, pass_cost=20)
+    logp, loss, grads = loss_and_grads(got)
+    real = mask.bool()
+    torch.testing.assert_close(logp[real], ref_logp[real], atol=2e-5, rtol=1e-5)
+    assert bool((logp[~real] == 0).all())
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_bucketed_logits_feed_iqlearn_as_the_full_logits_do():
+    model = _model("llama")
+    ids, mask, loss_mask = _batch([30, 4, 29, 6, 12, 30])
+    terminated = torch.tensor([True, False, True, True, False, True])
+
+    def run(logits):
+        loss, _ = iqlearn_loss(logits, ids, loss_mask, terminated, lam=0.5, gamma=1.0)
+        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+    ref_loss, ref_grads = run(model(input_ids=ids, attention_mask=mask).logits)
+    loss, grads = run(bucketed(model, ids, mask, pass_cost=10))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_a_left_padded_batch_takes_the_plain_masked_pass():
+    model = _model("llama")
+    ids, mask, _ = _batch([9, 5, 9])
+    ids, mask = ids.flip(1), mask.flip(1)  # left padding
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(bucketed(model, ids, mask), plain)
+
+
+def test_the_mle_and_dpo_stages_compute_the_plain_loss(tiny_checkpoint, monkeypatch):
+    import tether.buckets
+    from tether.config import load_recipe
+    from tether.stages import make_stage
+    from tether.train import build_policy
+
+    for overrides in (
+        ["train.stage=mle", "task.name=multistep"],
+        ["train.stage=dpo", "task.name=multistep-prefs"],
+    ):
+        recipe = load_recipe(
+            None, [f"model.init={tiny_checkpoint}", "train.batch_size=16", *overrides]
+        )
+        model, tokenizer = build_policy(recipe)
+        stage = make_stage(recipe, tokenizer, model, torch.device("cpu"))
+        monkeypatch.setattr(tether.buckets, "PASS_COST_POSITIONS", 1)  # many groups
+        batch = stage.next_batch()
+        tokens = batch.tokens
+        assert len(length_buckets(tokens.attention_mask.sum(1).tolist())) > 1
+        loss, _ = stage.loss(model, batch)
+        logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
+        logp = shifted_token_logprobs(logits, tokens.input_ids)
+        if recipe.train.stage == "mle":
+            expected, _ = mle_loss(logp, tokens.loss_mask)
+        else:
+            ref = stage.reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+            ref_logp = shifted_token_logprobs(ref.logits, tokens.input_ids)
+            torch.testing.assert_close(
+                batch.ref_logp * tokens.loss_mask, ref_logp * tokens.loss_mask
+            )
+            expected, _ = stage.loss(model, type(batch)(tokens, ref_logp))
+        torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)

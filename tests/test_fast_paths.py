@@ -1,0 +1,180 @@
+"""The faster paths of the RL and DPO steps equal the plain computations (values and
+gradients), and the frozen reference is scored once per batch, without gradients."""
+
+import pytest
+import torch
+
+from tether.buckets import completion_window, left_to_right_padded
+from tether.config import load_recipe
+from tether.objectives import (
+    entropy_bonus,
+    entropy_from_log_softmax,
+    exact_kl,
+    exact_kl_from_log_softmax,
+    log_softmax_and_token_logprobs,
+    masked_mean,
+    token_logprobs,
+)
+from tether.rl import completion_logits, grouped_completion_logits
+from tether.stages import make_stage
+from tether.train import build_policy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _grads(value, params):
+    return torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
+
+
+def _assert_close_all(got, expected, **tol):
+    for g, e in zip(got, expected, strict=True):
+        if e is None:
+            assert g is None or bool((g == 0).all())
+        else:
+            torch.testing.assert_close(g, e, **tol)
+
+
+def test_one_log_softmax_gives_the_token_log_probs_entropy_and_exact_kl():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    mask = (torch.rand(3, 5, generator=g) > 0.3).double()
+    for temperature in (1.0, 0.7):
+        log_p, logp = log_softmax_and_token_logprobs(logits, tokens, temperature)
+        log_q = torch.log_softmax(ref / temperature, -1)
+        fused = [
+            logp,
+            masked_mean(entropy_from_log_softmax(log_p), mask),
+            exact_kl_from_log_softmax(log_p, log_q),
+        ]
+        plain = [
+            token_logprobs(logits, tokens, temperature),
+            entropy_bonus(logits, mask, temperature),
+            exact_kl(logits, ref, temperature),
+        ]
+        for f, p in zip(fused, plain, strict=True):
+            torch.testing.assert_close(f, p)
+            torch.testing.assert_close(_grads(f.sum(), [logits]), _grads(p.sum(), [logits]))
+
+
+def test_entropy_from_log_softmax_is_zero_safe_at_minus_infinity():
+    logits = torch.tensor([[0.0, float("-inf"), 1.0]], requires_grad=True)
+    log_p, _ = log_softmax_and_token_logprobs(logits, torch.tensor([0]))
+    h = entropy_from_log_softmax(log_p)
+    (grad,) = _grads(h.sum(), [logits])
+    assert torch.isfinite(h).all() and torch.isfinite(grad).all()
+
+
+def _sampler_rows():
+    """Two prompts left-padded to 4 columns, completions right-padded to 5."""
+    ids = torch.tensor(
+        [[0, 0, 5, 6, 7, 8, 9, 0, 0], [3, 4, 5, 6, 10, 11, 12, 13, 14]], dtype=torch.long
+    )
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    return ids, mask, 4
+
+
+def test_sampler_rows_become_right_padded_and_the_window_finds_the_completion():
+    ids, mask, prompt_len = _sampler_rows()
+    packed, packed_mask, starts = left_to_right_padded(ids, mask, prompt_len)
+    assert packed.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0, 0], [3, 4, 5, 6, 10, 11, 12, 13, 14]]
+    assert packed_mask.sum(1).tolist() == [5, 9] and starts.tolist() == [2, 4]
+    # the positions that predict completion token j are starts - 1 + j
+    window = completion_window(packed, starts, 5)
+    assert window[0, :3].tolist() == [6, 7, 8] and window[1].tolist() == [6, 10, 11, 12, 13]
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_grouped_completion_logits_equal_the_masked_pass(tiny_checkpoint, hidden, monkeypatch):
+    import tether.buckets
+
+    monkeypatch.setattr(tether.buckets, "PASS_COST_POSITIONS", 1)  # a group per length
+    model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
+    g = torch.Generator().manual_seed(1)
+    prompt_lens, completion_lens, P, T = [3, 7, 5, 7], [9, 2, 6, 9], 7, 9
+    ids = torch.zeros(4, P + T, dtype=torch.long)
+    mask = torch.zeros(4, P + T, dtype=torch.long)
+    for i, (p, t) in enumerate(zip(prompt_lens, completion_lens, strict=True)):
+        ids[i, P - p : P + t] = torch.randint(3, 90, (p + t,), generator=g)
+        mask[i, P - p : P + t] = 1
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    real = mask[:, P:].bool()
+    params = list(model.parameters())
+
+    def value(out):
+        logits, h = out if hidden else (out, None)
+        total = (token_logprobs(logits, ids[:, P:]) * real).sum()
+        return total + (h.sum(-1) * real).sum() if hidden else total
+
+    plain = completion_logits(model, ids, mask, position_ids, P, 0.8, hidden=hidden)
+    grouped = grouped_completion_logits(model, ids, mask, P, 0.8, hidden=hidden)
+    for a, b in zip(plain if hidden else [plain], grouped if hidden else [grouped], strict=True):
+        torch.testing.assert_close(b[real], a[real].float(), atol=2e-5, rtol=1e-5)
+    _assert_close_all(
+        _grads(value(grouped), params), _grads(value(plain), params), atol=2e-5, rtol=1e-4
+    )
+
+
+def _reference_passes(overrides):
+    """Reference passes while drawing one batch, and while taking every update on it (the PPO
+    epochs), each noted True where gradients (or inference mode) were on; and the batch."""
+    recipe = load_recipe(None, overrides)
+    model, tokenizer = build_policy(recipe)
+    stage = make_stage(recipe, tokenizer, model, torch.device("cpu"))
+    calls = []
+    stage.reference.register_forward_hook(
+        lambda *_: calls.append(torch.is_grad_enabled() or torch.is_inference_mode_enabled())
+    )
+    batch = stage.next_batch()
+    drawing = list(calls)
+    for _ in range(stage.epochs_per_batch):
+        stage.loss(model, batch)[0].backward()
+    return drawing, calls[len(drawing) :], batch
+
+
+def test_ppo_scores_the_reference_once_per_rollout_without_gradients(tiny_checkpoint):
+    ppo = ["train.stage=rl", "rl.algorithm=ppo", "rl.ppo_epochs=3", "rl.prompts_per_step=4"]
+    drawing, updating, rollout = _reference_passes(
+        ["task.name=first-digit", f"model.init={tiny_checkpoint}", *ppo, "rl.kl_estimator=exact"]
+    )
+    # scored when the rollout is drawn (a pass per length group), under no_grad; never again
+    assert drawing and not any(drawing) and updating == []
+    assert not rollout.ref_logp.requires_grad and not rollout.ref_log_softmax.requires_grad
+
+
+def test_dpo_scores_the_reference_once_per_batch_without_gradients(tiny_checkpoint):
+    pairs = ["task.name=multistep-prefs", "task.max_digits=1", "train.batch_size=4"]
+    drawing, updating, _ = _reference_passes(
+        [*pairs, f"model.init={tiny_checkpoint}", "train.stage=dpo"]
+    )
+    assert drawing and not any(drawing) and updating == []
+
+
+@pytest.mark.slow  # compiling takes about half a minute on two CPU cores
+def test_train_compile_gives_the_eager_loss_and_gradients(tiny_checkpoint):
+    from tether.train import compile_models
+
+    recipe = load_recipe(
+        None,
+        [
+            "task.name=multistep-prefs",
+            "task.max_digits=1",
+            f"model.init={tiny_checkpoint}",
+            "train.stage=dpo",
+            "train.batch_size=4",
+        ],
+    )
+    model, tokenizer = build_policy(recipe)
+    stage = make_stage(recipe, tokenizer, model, torch.device("cpu"))
+    batch = stage.next_batch()
+    params = list(model.parameters())
+    eager_loss, _ = stage.loss(model, batch)
+    eager_grads = _grads(eager_loss, params)
+    compile_models(model, stage)
+    loss, _ = stage.loss(model, stage.next_batch())  # compiles, reference included
+    loss, _ = stage.loss(model, batch)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)  # no retain: compiled backward
+    _assert_close_all(grads, eager_grads, atol=1e-5, rtol=1e-4)
+    assert type(model).__name__ == "LlamaForCausalLM"  # compiled in place: still the HF model
