@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -105,12 +106,14 @@ def step_timer() -> Any:
 
 def run_trl(trainer: Any, timer: Any, warmup: int = 1) -> dict[str, float]:
     """Train, with TRL's printed metrics sent to stderr (stdout carries ours); wall-clock and
-    CPU seconds of the steps after the first ``warmup``."""
+    CPU seconds of the steps after the first ``warmup``, and their median step."""
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
+    steps = [end - start for start, end in zip(timer.starts, timer.ends, strict=True)]
     return {
         "seconds": timer.ends[-1] - timer.starts[warmup],
         "cpu_s": timer.cpu_ends[-1] - timer.cpu_starts[warmup],
+        "median_step_s": statistics.median(steps[warmup:]),
     }
 
 
@@ -134,6 +137,7 @@ def bench_tether(job: RLJob) -> dict[str, Any]:
     params = list(policy.parameters())
     split = {"sample_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
     elapsed = cpu = 0.0
+    steps = []
     for step in range(job.steps + 1):  # step 0 warms up
         t0, c0 = time.perf_counter(), time.process_time()
         rollout = stage.next_batch()
@@ -145,6 +149,7 @@ def bench_tether(job: RLJob) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         if step:
+            steps.append(t2 - t0)
             elapsed += t2 - t0
             cpu += time.process_time() - c0
             split["sample_s"] += stage.last_timing["sample_s"]
@@ -154,6 +159,7 @@ def bench_tether(job: RLJob) -> dict[str, Any]:
         "completions_per_s": job.completions / elapsed,
         "seconds": elapsed,
         "cpu_s": cpu,
+        "median_step_s": statistics.median(steps),
         "split": {k: v / elapsed for k, v in split.items()},
     }
 

@@ -516,12 +516,11 @@ def bench_model(model: str, width: int | None, layers: int) -> Iterator[str]:
 
 def _tether_side(stage: str, job: StepsJob) -> dict[str, Any]:
     result = run_stage(stage, job, flops=False, memory=False)
-    rows = result["rows"] // (2 if stage == "dpo" else 1)  # DPO: rows are pairs
     return {
-        "examples_per_s": rows * job.steps / result["seconds"],
-        "tokens_per_s": result["tokens_per_s"],
+        "median_step_s": result["step_s"],
         "seconds": result["seconds"],
         "cpu_s": result["cpu_s"],
+        "tokens_per_s": result["tokens_per_s"],
     }
 
 
@@ -540,8 +539,7 @@ def _problems(stage: str, job: StepsJob) -> tuple[Any, list[Any]]:
 
 
 def _trl_timed(trainer: Any, timer: Any, job: StepsJob) -> dict[str, Any]:
-    timed = run_trl(trainer, timer, warmup_steps(job))
-    return {"examples_per_s": job.batch_size * job.steps / timed["seconds"], **timed}
+    return run_trl(trainer, timer, warmup_steps(job))
 
 
 def trl_sft(job: StepsJob) -> dict[str, Any]:
@@ -624,6 +622,7 @@ def bench_trl(
     torch.set_num_threads(job.threads)
     out: dict[str, Any] = {"job": {**dataclasses.asdict(job)}, "results": {}}
     for name in jobs:
+        examples = job.batch_size  # per step: sequences (SFT), pairs (DPO)
         if name == "sft":
             ours, theirs = _tether_side("mle", job), trl_sft(job)
         elif name == "dpo":
@@ -632,15 +631,19 @@ def bench_trl(
             rl = bench_rl(
                 RLJob(job.model, prompts, group, max_new_tokens, 1.0, job.steps, job.seed)
             )
-            ours = {"examples_per_s": rl["tether"]["completions_per_s"], **rl["tether"]}
-            theirs = {"examples_per_s": rl["trl_grpo"]["completions_per_s"], **rl["trl_grpo"]}
+            ours, theirs, examples = rl["tether"], rl["trl_grpo"], prompts * group
         else:
             raise ValueError(f"unknown TRL job {name!r}: choose from {', '.join(TRL_JOBS)}")
+        for side in (ours, theirs):
+            side["examples_per_s"] = examples / side["median_step_s"]
         out["results"][name] = {
             "tether": ours,
             "trl": theirs,
-            "ratio": ours["examples_per_s"] / theirs["examples_per_s"],
-            # the same with CPU seconds: steadier on a shared machine at one thread
+            # steady state: the median step, robust to one slow step (a recompile, a
+            # neighbour's burst on a shared machine)
+            "ratio": theirs["median_step_s"] / ours["median_step_s"],
+            # all timed steps: wall-clock, and CPU seconds (steadier at one thread when shared)
+            "total_ratio": theirs["seconds"] / ours["seconds"],
             "cpu_ratio": theirs["cpu_s"] / ours["cpu_s"],
         }
     out["compiled"] = [n for n in jobs if n != "rl"] if job.compile else []  # RL: eager
@@ -726,6 +729,7 @@ def print_trl(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     console.print(
-        "examples: sequences (SFT), completions (RL), pairs (DPO) per second of whole "
-        f"training steps after one warm-up step; {result['kl']}"
+        "examples: sequences (SFT), completions (RL), pairs (DPO) per second of the median "
+        "whole training step after the warm-up; ratio = TRL's median step / tether's; "
+        f"{result['kl']}"
     )
