@@ -214,8 +214,8 @@ class TrainConfig(Strict):
     compile: bool = Field(
         False,
         description="torch.compile the policy and the frozen reference (dynamic shapes): "
-        "steps about 15% faster on CPU after about a minute of compiling (a C++ compiler is "
-        "needed); for long runs",
+        "steps 0-16% faster on 2 CPU cores (docs/performance.md) after 20-30 s of compiling "
+        "(a C++ compiler is needed); for long runs",
     )
 
 
