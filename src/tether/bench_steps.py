@@ -127,7 +127,7 @@ def build_stage_run(stage: str, job: StepsJob) -> StageRun:
     device = torch.device(job.device)
     torch.manual_seed(job.seed)
     model, tokenizer = build_policy(recipe)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.train()
     runner = make_stage(recipe, tokenizer, model, device)
     if job.compile:
@@ -383,13 +383,14 @@ def run_stage(
             attention_flops_share=kinds["attention"] / counted,
         )
     if profile:
-        shares, batch = profile_breakdown(run.step)
+        profiled, batch = profile_breakdown(run.step)
+        shares: dict[str, Any] = dict(profiled)
         # FLOP/s inside each kind of kernel: its FLOPs (per token, from the counted step,
         # times this step's tokens) over its self time in the profile
-        for kind, flops in kinds.items():
-            seconds = shares[kind] * shares["profiled_wall_s"]
-            share_per_token = flops / counted * per_token
-            shares[f"{kind}_flops_per_s"] = share_per_token * batch.num_tokens / seconds
+        for kernel, kernel_flops in kinds.items():
+            seconds = shares[kernel] * shares["profiled_wall_s"]
+            share_per_token = kernel_flops / counted * per_token
+            shares[f"{kernel}_flops_per_s"] = share_per_token * batch.num_tokens / seconds
         result["profile"] = shares
     return result
 
@@ -412,7 +413,7 @@ def _fresh_processes() -> Iterator[Callable[..., Any]]:
     the libraries (no model loaded, no thread pool started), or spawned where there is no
     fork server. Yields ``call(fn, *args, **kwargs) -> fn(*args, **kwargs)``."""
     methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    ctx: Any = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["torch", "transformers", "tether.bench_steps"])
 
