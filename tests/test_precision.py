@@ -173,3 +173,18 @@ def test_bf16_mle_run_trains_like_fp32(tmp_path):
 def test_precision_recipe_errors_name_the_key():
     with pytest.raises(RecipeError, match=r"train\.precision: must be fp32 or bf16.*fp16"):
         load_recipe(None, ["train.precision=fp16"])
+
+
+def test_bf16_with_lora_starts_at_zero_kl_and_updates_the_adapters(tiny_checkpoint, tmp_path):
+    """LoRA's reference is the policy with its adapters off: under bf16 both go through the
+    same autocast forward, so the first step's sampled KL is exactly 0; the run then moves the
+    adapters (the merged model/ differs from model.init) with finite losses throughout."""
+    recipe = _rl_recipe(tiny_checkpoint, "rl.algorithm=rloo", *EASY, "model.lora.r=8")
+    train(recipe, tmp_path / "run", progress=False)
+    steps = [r for r in rows(tmp_path / "run") if "reward" in r]
+    assert steps[0]["kl_sampled"] == 0.0
+    assert all(math.isfinite(r["loss"]) for r in steps) and steps[-1]["kl_sampled"] != 0.0
+    trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    base = load_file(tiny_checkpoint / "model.safetensors")
+    moved = [k for k in base if "proj" in k and not torch.equal(base[k], trained[k])]
+    assert moved and all(trained[k].dtype == torch.float32 for k in trained)
