@@ -239,7 +239,6 @@ def bench_imitation(
     ``step``: whole training steps (batch drawing, and for online IQLearn the policy samples,
     forward, backward, AdamW) of each variant, median seconds per step.
     """
-    import statistics
 
     from tether.stages import DemoBatch, ImitationStage
     from tether.train import build_policy, make_optimizer

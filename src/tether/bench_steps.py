@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from tether.bench import KL_COEF, rl_overrides, run_trl, step_timer, trl_args
+from tether.bench import KL_COEF, RLJob, bench_rl, rl_overrides, run_trl, step_timer, trl_args
 from tether.config import Recipe, load_recipe
 
 STAGES = ("mle", "iqlearn", "rl", "dpo")
@@ -104,6 +104,8 @@ class StageRun:
 
     def step(self) -> Any:
         """One training step as :func:`tether.train.train` takes it; returns the batch."""
+        from tether.train import gradient_norm
+
         batch = self.stage.next_batch()
         for _ in range(self.stage.epochs_per_batch):
             loss, _ = self.stage.loss(self.model, batch)
@@ -111,7 +113,7 @@ class StageRun:
             if self.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
             else:
-                torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+                gradient_norm(self.params)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -185,7 +187,7 @@ def count_flops_by_kind(fn: Callable[[], Any]) -> tuple[dict[str, int], Any]:
         result = fn()
     kinds = {"matmul": 0, "attention": 0}
     for op, flops in counter.get_flop_counts().get("Global", {}).items():
-        kind = "attention" if "attention" in str(op) else "matmul"
+        kind = "attention" if is_attention(str(op)) else "matmul"
         kinds[kind] += int(flops)
     return kinds, result
 
@@ -295,6 +297,11 @@ class MemoryProbe:
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
 
 
+def is_attention(op_name: str) -> bool:
+    """An attention kernel (SDPA and its CPU/CUDA variants), by its op or profiler name."""
+    return "attention" in op_name or "scaled_dot_product" in op_name
+
+
 def profile_breakdown(fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
     """Where one call of ``fn`` spends its wall time, from ``torch.profiler``: the self time
     of matrix multiplies, of attention kernels, of every other aten op (elementwise,
@@ -312,7 +319,7 @@ def profile_breakdown(fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
         if not event.key.startswith("aten::"):
             continue
         seconds = event.self_cpu_time_total / 1e6
-        if "scaled_dot_product" in event.key:
+        if is_attention(event.key):
             parts["attention"] += seconds
         elif event.key in MATMUL_OPS:
             parts["matmul"] += seconds
@@ -480,9 +487,9 @@ def random_checkpoint(folder: Path, width: int, layers: int = 4) -> Path:
     the addition task (N = 3): ``addition-n3``'s shape at another width, to see how the
     FLOP/s fraction grows with the matrices. Heads of 64 dimensions from width 256 up,
     otherwise 4 heads."""
-    import json
 
     from tether.models import build_model, char_tokenizer
+    from tether.train import save_checkpoint
 
     heads = width // 64 if width >= 256 and width % 64 == 0 else 4
     if width % heads:
@@ -491,13 +498,11 @@ def random_checkpoint(folder: Path, width: int, layers: int = 4) -> Path:
     torch.manual_seed(0)
     model = build_model(tokenizer, "llama", layers, heads, width, 1024)
     path = folder / f"llama-w{width}-l{layers}"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
     meta = {
         "description": "random init (tether bench)",
         "task": {"name": "addition", "max_digits": 3},
     }
-    (path / "tether.json").write_text(json.dumps(meta))
+    save_checkpoint(model, tokenizer, path, meta)
     return path
 
 
@@ -539,10 +544,6 @@ def _problems(stage: str, job: StepsJob) -> tuple[Any, list[Any]]:
     return tokenizer, [(prompt_text(tokenizer, p.prompt), p) for p in problems]
 
 
-def _trl_timed(trainer: Any, timer: Any, job: StepsJob) -> dict[str, Any]:
-    return run_trl(trainer, timer, warmup_steps(job))
-
-
 def trl_sft(job: StepsJob) -> dict[str, Any]:
     """TRL's ``SFTTrainer`` on the mle stage's examples (prompt/completion, loss on the
     completion, EOS appended), in the same order and batches."""
@@ -570,7 +571,7 @@ def trl_sft(job: StepsJob) -> dict[str, Any]:
         processing_class=tokenizer,
         callbacks=[timer],
     )
-    return _trl_timed(trainer, timer, job)
+    return run_trl(trainer, timer, warmup_steps(job))
 
 
 def trl_dpo(job: StepsJob) -> dict[str, Any]:
@@ -607,19 +608,12 @@ def trl_dpo(job: StepsJob) -> dict[str, Any]:
         processing_class=tokenizer,
         callbacks=[timer],
     )
-    return _trl_timed(trainer, timer, job)
+    return run_trl(trainer, timer, warmup_steps(job))
 
 
-def bench_trl(
-    job: StepsJob,
-    jobs: tuple[str, ...] = TRL_JOBS,
-    prompts: int = 8,
-    group: int = 4,
-    max_new_tokens: int = 300,
-) -> dict[str, Any]:
-    """tether against TRL on SFT, RL and DPO, each side right after the other."""
-    from tether.bench import RLJob, bench_rl
-
+def bench_trl(job: StepsJob, jobs: tuple[str, ...] = TRL_JOBS, prompts: int = 8) -> dict[str, Any]:
+    """tether against TRL on SFT, RL and DPO, each side right after the other (RL: ``prompts``
+    prompts of ``job.group`` completions of up to ``job.max_new_tokens`` tokens)."""
     torch.set_num_threads(job.threads)
     out: dict[str, Any] = {"job": {**dataclasses.asdict(job)}, "results": {}}
     for name in jobs:
@@ -629,10 +623,11 @@ def bench_trl(
         elif name == "dpo":
             ours, theirs = _tether_side("dpo", job), trl_dpo(job)
         elif name == "rl":
-            rl = bench_rl(
-                RLJob(job.model, prompts, group, max_new_tokens, 1.0, job.steps, job.seed)
+            rl_job = RLJob(
+                job.model, prompts, job.group, job.max_new_tokens, 1.0, job.steps, job.seed
             )
-            ours, theirs, examples = rl["tether"], rl["trl_grpo"], prompts * group
+            rl = bench_rl(rl_job)
+            ours, theirs, examples = rl["tether"], rl["trl_grpo"], prompts * job.group
         else:
             raise ValueError(f"unknown TRL job {name!r}: choose from {', '.join(TRL_JOBS)}")
         for side in (ours, theirs):

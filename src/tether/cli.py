@@ -995,7 +995,7 @@ def bench_trl(
 
     jobs = _choices("--job", job, TRL_JOBS)
     spec = StepsJob(model, batch_size, group, max_new_tokens, steps, threads, compile=compile_)
-    result = run_bench(spec, jobs, prompts=prompts, group=group, max_new_tokens=max_new_tokens)
+    result = run_bench(spec, jobs, prompts=prompts)
     if json_:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -516,12 +516,17 @@ class Recipe(Strict):
             )
         return self
 
-    @model_validator(mode="after")
-    def _vllm_needs_policy_samples(self) -> Recipe:
-        sampling = self.train.stage in ("rl", "online-dpo", "xpo", "dpg") or (
+    @property
+    def samples_from_policy(self) -> bool:
+        """The stage samples from the policy while it trains (rollouts, online pairs, online
+        IQLearn's policy rows), so it needs the policy's whole weights at hand."""
+        return self.train.stage in ("rl", "online-dpo", "xpo", "dpg") or (
             self.train.stage == "iqlearn" and self.imitation.online_fraction > 0
         )
-        if self.train.sampler == "vllm" and not sampling:
+
+    @model_validator(mode="after")
+    def _vllm_needs_policy_samples(self) -> Recipe:
+        if self.train.sampler == "vllm" and not self.samples_from_policy:
             raise ValueError(
                 f"train.sampler vllm: train.stage {self.train.stage} draws no samples from the "
                 "policy (vllm serves rl, online-dpo, xpo, dpg and iqlearn with "

@@ -109,21 +109,19 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _count_true(flag: bool) -> int:
+    """On how many processes ``flag`` is true."""
+    return int(all_sum(torch.tensor(int(flag), dtype=torch.int64)))
+
+
 def all_true(flag: bool) -> bool:
     """True on every process iff ``flag`` is true on every process."""
-    if not active():
-        return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.int64)
-    dist.all_reduce(t)
-    return int(t.item()) == 0
+    return _count_true(flag) == (dist.get_world_size() if active() else 1)
 
 
 def any_true(flag: bool) -> bool:
-    if not active():
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.all_reduce(t)
-    return int(t.item()) > 0
+    """True on every process iff ``flag`` is true on some process."""
+    return _count_true(flag) > 0
 
 
 def gather_objects(obj: Any) -> list[Any]:

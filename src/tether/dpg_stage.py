@@ -59,7 +59,7 @@ from tether.exact_eval import ExactSpace, ExactTarget, NotEnumerableError, exact
 from tether.exact_eval import exact_space as build_exact_space
 from tether.features import feature_matrix
 from tether.lora import frozen_copy, reference_policy
-from tether.models import prompt_text
+from tether.models import eval_mode, prompt_text
 from tether.objectives import (
     FDivergence,
     dpg_loss,
@@ -349,10 +349,8 @@ class DPGStage:
         """GDC++: the policy becomes the proposal when KL(p‖π) < KL(p‖q) on these samples
         (averaged over prompts). The batch keeps the log q of the proposal that drew it."""
         assert self.proposal is not None
-        was_training = self.policy.training
-        self.policy.eval()
-        policy_logp = self._sequence_logprobs(self.policy, batch.responses)
-        self.policy.train(was_training)
+        with eval_mode(self.policy):
+            policy_logp = self._sequence_logprobs(self.policy, batch.responses)
         kls = []
         for g, rows in enumerate(batch.groups()):
             log_z = None if batch.log_z is None else batch.log_z[g]
@@ -362,17 +360,17 @@ class DPGStage:
                 )[1]
             )
         # averaged over every process's prompts: all processes take the same decision
-        sums = distributed.all_sum(
+        kl_pi_sum, kl_q_sum, n = distributed.all_sum(
             torch.tensor(
                 [
                     sum(s["kl_target_policy"] for s in kls),
                     sum(s["kl_target_proposal"] for s in kls),
+                    len(kls),
                 ],
                 dtype=torch.float64,
             )
-        )
-        n = len(kls) * distributed.world_size() if distributed.active() else len(kls)
-        kl_pi, kl_q = float(sums[0]) / n, float(sums[1]) / n
+        ).tolist()
+        kl_pi, kl_q = kl_pi_sum / n, kl_q_sum / n
         update = kl_pi < kl_q  # a NaN (no sample inside a hard constraint) keeps q
         if update:
             self.proposal.load_state_dict(self.policy.state_dict())
@@ -446,10 +444,8 @@ class DPGStage:
         """Exact figures on the enumerable task (``exact/...``); none on other tasks."""
         if self.space is None or self.target is None:
             return {}
-        was_training = model.training
-        model.eval()
-        log_pi = self.space.distribution(model).log_probs
-        model.train(was_training)
+        with eval_mode(model):
+            log_pi = self.space.distribution(model).log_probs
         figures = exact_figures(log_pi, self.space, self.target)
         if self.lam is not None:  # the feature means under π, to compare with dpg.moments
             phi = feature_matrix(self.moment_names, self.space.texts).to(log_pi.device)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tether.models import eval_mode
 from tether.objectives.common import (  # noqa: F401  (re-exported for users of evaluate)
     CERTAINTY_FORMS,
     DEFAULT_CERTAINTY_TEMPERATURE,
@@ -105,14 +106,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while evaluating; the caller's train/eval state is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
+    """Dropout off and no autograd while evaluating; the train/eval state is restored."""
+    with eval_mode(model), torch.inference_mode():
+        yield
 
 
 def _chunks(n: int, size: int) -> list[range]:

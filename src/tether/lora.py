@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from tether.config import LoraConfig, Recipe, RecipeError
-from tether.models import load_frozen_reference
+from tether.models import eval_mode, load_frozen_reference
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -149,13 +149,9 @@ class LoraReference(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         policy = self.policy
-        was_training = policy.training
-        policy.eval()  # a frozen reference never drops out
-        try:
-            with torch.no_grad(), policy.disable_adapter():
-                return policy(*args, **kwargs)
-        finally:
-            policy.train(was_training)
+        # a frozen reference never drops out
+        with eval_mode(policy), torch.no_grad(), policy.disable_adapter():
+            return policy(*args, **kwargs)
 
 
 def reference_policy(recipe: Recipe, policy: Any, device: torch.device) -> nn.Module:

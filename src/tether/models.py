@@ -3,7 +3,9 @@ models built from a ``transformers`` config, loading by path or by shipped name.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,17 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 CHARS = ["\n"] + [chr(i) for i in range(32, 127)]
 
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off inside; the caller's train/eval state is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def char_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerFast:

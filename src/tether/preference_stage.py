@@ -56,6 +56,7 @@ from tether.data import TokenBatch, collate_pairs
 from tether.lora import reference_policy
 from tether.models import (
     ModelLoadError,
+    eval_mode,
     load_model_and_tokenizer,
     prompt_text,
     resolve_checkpoint,
@@ -131,11 +132,8 @@ class _PairStream:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Pairwise accuracy on the evaluation pairs: how often the chosen response scores
         above the rejected one (DPO: the implicit reward β·h; reward model: its score)."""
-        was_training = model.training
-        model.eval()
-        tokens = self.eval_pairs()
-        scores = self.pair_scores(model, tokens)
-        model.train(was_training)
+        with eval_mode(model):
+            scores = self.pair_scores(model, self.eval_pairs())
         b = scores.shape[0] // 2
         margin = scores[:b] - scores[b:]
         return {

@@ -61,7 +61,6 @@ class Rollout:
 
     input_ids: Tensor
     attention_mask: Tensor
-    position_ids: Tensor
     prompt_len: int
     mask: Tensor  # completion tokens
     old_logp: Tensor  # sampling policy's log-probs at temperature T
@@ -258,7 +257,6 @@ class RLStage:
         completion_ids = out.completion_ids.to(self.device)
         input_ids = torch.cat([out.prompt_ids.to(self.device), completion_ids], dim=1)
         attention_mask = torch.cat([out.prompt_mask, out.completion_mask], dim=1).to(self.device)
-        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
         prompt_len = out.prompt_ids.shape[1]
         t_scored = time.perf_counter()
         # once per batch, reused by every PPO epoch; right-padded rows in length groups
@@ -279,7 +277,6 @@ class RLStage:
         rollout = Rollout(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
             prompt_len=prompt_len,
             mask=out.completion_mask.float().to(self.device),
             old_logp=out.logprobs.to(self.device),

@@ -18,27 +18,16 @@ not the loss's: always for vLLM (its kernels are not the trainer's), and for ``h
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from tether.models import eval_mode
 from tether.objectives.common import log_softmax_and_token_logprobs
 from tether.sampling import SampleOutput, sample
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off for the rollout; the caller's train/eval state is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -150,4 +139,14 @@ def make_rollouts(recipe: Any, policy: nn.Module, tokenizer: Any, device: torch.
         from tether.vllm_backend import VLLMRollouts
 
         return VLLMRollouts(recipe, policy, tokenizer, device)
-    return HFRollouts(tokenizer, rescore=recipe.train.precision != "fp32")
+    # bf16: the log-probs must be the losses' own (autocast) numbers, where a loss reads them
+    return HFRollouts(
+        tokenizer, rescore=recipe.train.precision != "fp32" and reads_logprobs(recipe)
+    )
+
+
+def reads_logprobs(recipe: Any) -> bool:
+    """The stage reads the sampler's log-probs: PPO's old log-probs, DPG's log q. The others
+    (REINFORCE, RLOO, A2C, online DPO/XPO, online IQLearn) use only the samples."""
+    stage = recipe.train.stage
+    return stage == "dpg" or (stage == "rl" and recipe.rl.algorithm == "ppo")

@@ -280,8 +280,10 @@ def training_state(
         "rng": rng_state(),
         "carried": carried,
     }
-    if distributed.active():
-        state["ranks"] = distributed.gather_objects({"stage": state["stage"], "rng": state["rng"]})
+    if distributed.active():  # each process's own, in place of the main process's alone
+        state["ranks"] = distributed.gather_objects(
+            {"stage": state.pop("stage"), "rng": state.pop("rng")}
+        )
     return state
 
 
@@ -408,13 +410,6 @@ def gradient_norm(params: list[torch.nn.Parameter]) -> float:
 # ---------------------------------------------------------------- the loop
 
 
-def samples_from_policy(recipe: Recipe) -> bool:
-    """The stage samples from the policy while it trains (so it needs its whole weights)."""
-    stage = recipe.train.stage
-    online_iq = stage == "iqlearn" and recipe.imitation.online_fraction > 0
-    return stage in ("rl", "online-dpo", "xpo", "dpg") or online_iq
-
-
 def check_sharded_weights(accelerator: Accelerator, recipe: Recipe) -> None:
     """FSDP and ZeRO-3 shard the weights across processes; tether's samplers read the whole
     weights of the policy, so the sampling stages run under DDP or ZeRO-2 only."""
@@ -425,7 +420,7 @@ def check_sharded_weights(accelerator: Accelerator, recipe: Recipe) -> None:
     sharded = kind == DistributedType.FSDP or (
         kind == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
     )
-    if sharded and samples_from_policy(recipe):
+    if sharded and recipe.samples_from_policy:
         raise RecipeError(
             f"train.stage {recipe.train.stage}: samples from the policy while training, which "
             "needs its whole weights on every process; launch it with DDP "
@@ -528,12 +523,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         if main:
             truncate_metrics(out / "metrics.jsonl", done)
         first_step = done + 1
-    elif recipe.train.stage in (
-        "rl",
-        "dpg",
-        "online-dpo",
-        "xpo",
-    ):  # the starting model's figures at step 0
+    elif recipe.train.stage in ("rl", "dpg", "online-dpo", "xpo"):  # the start's figures
         carried["last_eval"] = evaluate()
         log.log(0, carried["last_eval"])
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tether.config import RecipeError
+from tether.lora import is_lora
 from tether.rollout import Draw, Rollouts
 from tether.sampling import SampleOutput, _encode, pad_id
 
@@ -109,7 +110,7 @@ class VLLMRollouts(Rollouts):
 
     def __init__(self, recipe: Any, policy: nn.Module, tokenizer: Any, device: torch.device):
         vllm = import_vllm()
-        if getattr(policy, "peft_config", None) is not None:
+        if is_lora(policy):
             raise RecipeError(
                 "train.sampler vllm: a LoRA (PEFT) policy cannot be served yet; use "
                 "train.sampler hf"
