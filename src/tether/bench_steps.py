@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from tether.allocator import keep_freed_memory
 from tether.bench import KL_COEF, RLJob, bench_rl, rl_overrides, run_trl, step_timer, trl_args
 from tether.config import Recipe, load_recipe
 
@@ -406,6 +407,7 @@ def _child(
     send: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
     os.dup2(2, 1)  # a child's prints go to stderr: stdout carries the figures only
+    keep_freed_memory()  # as the tether command does (a fresh process, not its child)
     try:
         send.send(("ok", fn(*args, **kwargs)))
     except BaseException:  # the parent raises it with the child's traceback

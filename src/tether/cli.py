@@ -29,7 +29,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _before_every_command() -> None:
     from transformers.utils import logging as hf_logging
 
+    from tether.allocator import keep_freed_memory
+
     hf_logging.disable_progress_bar()  # no "Loading weights" bars around every command
+    keep_freed_memory()  # steps reuse freed pages instead of faulting new ones in
 
 
 class UsageError(ValueError):
