@@ -48,6 +48,15 @@ def test_bench_steps_isolated_stage_and_profile():
     assert 0 < mle["attention_flops_share"] < 1
 
 
+def test_bench_steps_bad_model_in_a_fresh_process_is_one_line(tmp_path):
+    # the stage is built in a child process; its input error still reaches the command line
+    result = runner.invoke(
+        app, ["bench", "steps", "--model", str(tmp_path / "none"), "--steps", "1"]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: checkpoint") and "Traceback" not in result.output
+
+
 def test_bench_steps_rejects_an_unknown_stage():
     result = runner.invoke(app, ["bench", "steps", "--stage", "ppo"])
     assert result.exit_code == 2 and "--stage 'ppo'" in result.output

@@ -44,7 +44,8 @@ import torch
 
 from tether.allocator import keep_freed_memory
 from tether.bench import KL_COEF, RLJob, bench_rl, rl_overrides, run_trl, step_timer, trl_args
-from tether.config import Recipe, load_recipe
+from tether.config import Recipe, RecipeError, load_recipe
+from tether.models import ModelLoadError
 
 STAGES = ("mle", "iqlearn", "rl", "dpo")
 TRL_JOBS = ("sft", "rl", "dpo")
@@ -410,6 +411,8 @@ def _child(
     keep_freed_memory()  # as the tether command does (a fresh process, not its child)
     try:
         send.send(("ok", fn(*args, **kwargs)))
+    except (ModelLoadError, RecipeError) as err:  # bad input: the parent raises it as it is
+        send.send(("input", err))
     except BaseException:  # the parent raises it with the child's traceback
         send.send(("error", traceback.format_exc()))
     finally:
@@ -441,6 +444,8 @@ def _fresh_processes() -> Iterator[Callable[..., Any]]:
         finally:
             recv.close()
         process.join()
+        if kind == "input":
+            raise value
         if kind == "error":
             raise RuntimeError(f"in the benchmark process:\n{value}")
         return value

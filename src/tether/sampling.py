@@ -237,11 +237,12 @@ def _allowed_ids(
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """fp32 logits with every column outside ``allowed`` set to −inf."""
-    out = torch.full_like(logits, -math.inf, dtype=torch.float32)
-    out[:, allowed] = logits[:, allowed].float()
-    return out
+def _vocab_bias(allowed: torch.Tensor, width: int) -> torch.Tensor:
+    """[width] fp32: 0 at the ``allowed`` ids, −inf elsewhere; added to fp32 logits it sets
+    every column outside ``allowed`` to −inf and leaves the others exactly as they were."""
+    bias = torch.full((width,), -math.inf, dtype=torch.float32, device=allowed.device)
+    bias[allowed] = 0.0
+    return bias
 
 
 def _pad_to(x: torch.Tensor, width: int, left: bool, value: float) -> torch.Tensor:
@@ -407,9 +408,10 @@ def _decode(
     rows = list(range(B))  # original row of each active row
     rows_t: torch.Tensor | None = None  # the same as a tensor; None while rows == all rows
     gen: list[list[int]] = [[] for _ in range(B)] if checker else []
+    bias = _vocab_bias(allowed, logits.shape[-1]) if allowed is not None else None
     for t in range(max_new):
-        if allowed is not None:
-            logits = _restrict(logits, allowed)
+        if bias is not None:
+            logits = logits.float() + bias
         nxt, lp = _pick(logits, temperature, generator)
         if rows_t is None:
             tokens[:, t] = nxt
