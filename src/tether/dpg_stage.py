@@ -67,7 +67,7 @@ from tether.objectives import (
     kl_adaptive_proposal_update,
     sequence_logprobs,
 )
-from tether.rl import completion_logits
+from tether.rl import grouped_completion_logits
 from tether.rollout import make_rollouts, restricted_token_logprobs
 from tether.sampling import SampleOutput, sample
 from tether.tasks import task_from_config
@@ -96,7 +96,6 @@ class Responses:
 
     input_ids: Tensor  # [B, P+T]
     attention_mask: Tensor
-    position_ids: Tensor
     prompt_len: int
     mask: Tensor  # [B, T] completion tokens (EOS included)
 
@@ -107,7 +106,6 @@ class Responses:
         return cls(
             input_ids=torch.cat([out.prompt_ids, out.completion_ids], dim=1).to(device),
             attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(1) - 1).clamp_min(0),
             prompt_len=out.prompt_ids.shape[1],
             mask=mask,
         )
@@ -261,9 +259,7 @@ class DPGStage:
         """log π(y) of each response under ``model`` at T = 1, restricted to the task's
         vocabulary: the policy and the reference as the target and the exact figures see them."""
         r = responses
-        logits = completion_logits(
-            model, r.input_ids, r.attention_mask, r.position_ids, r.prompt_len, 1.0
-        )
+        logits = grouped_completion_logits(model, r.input_ids, r.attention_mask, r.prompt_len, 1.0)
         completion_ids = r.input_ids[:, r.prompt_len :]
         return restricted_sequence_logprobs(logits, completion_ids, r.mask, self.allowed)
 

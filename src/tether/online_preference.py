@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
+from tether.buckets import bucketed
 from tether.config import Recipe
 from tether.data import TokenBatch, collate_token_rows
 from tether.lora import reference_policy
@@ -144,14 +145,17 @@ class OnlinePreferenceStage:
         prompt_b, comp_b = theirs.token_rows()
         rows = collate_token_rows(prompt_a + prompt_b, comp_a + comp_b, pad_id(self.tokenizer))
         tokens = rows.to(self.device)
-        ref = self.reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        # rows in length groups, without a mask (tether.buckets), as the loss scores them
+        ref_logp = bucketed(
+            self.reference, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs
+        )
         correct = torch.tensor(
             [self.task.is_correct(p, t) for p, t in zip(problems, ours.texts, strict=True)],
             device=self.device,
         )
         return OnlinePairBatch(
             tokens=tokens,
-            ref_logp=shifted_token_logprobs(ref.logits, tokens.input_ids),
+            ref_logp=ref_logp,
             pairs=PreferencePairs(pairs.a_is_chosen.to(self.device), pairs.tie.to(self.device)),
             rewards=torch.cat([reward_a, reward_b]).to(self.device),
             correct=correct,
@@ -161,8 +165,7 @@ class OnlinePreferenceStage:
 
     def loss(self, model: nn.Module, batch: OnlinePairBatch) -> tuple[Tensor, dict[str, float]]:
         tokens, b = batch.tokens, batch.tokens.input_ids.shape[0] // 2
-        logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
-        logp = shifted_token_logprobs(logits, tokens.input_ids)
+        logp = bucketed(model, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs)
         mask = tokens.loss_mask
         h = sequence_logratios(logp, batch.ref_logp, mask, average=self.cfg.length_normalize)
         chosen, rejected = batch.pairs.order(h[:b], h[b:])
