@@ -551,71 +551,55 @@ def _problems(stage: str, job: StepsJob) -> tuple[Any, list[Any]]:
     return tokenizer, [(prompt_text(tokenizer, p.prompt), p) for p in problems]
 
 
-def trl_sft(job: StepsJob) -> dict[str, Any]:
-    """TRL's ``SFTTrainer`` on the mle stage's examples (prompt/completion, loss on the
-    completion, EOS appended), in the same order and batches."""
+def _run_trl_job(
+    job: StepsJob, stage: str, columns: dict[str, Callable[[Any], str]], kind: str, **extra: Any
+) -> dict[str, Any]:
+    """TRL's ``{kind}Trainer`` (SFT or DPO) on ``stage``'s examples, in the same order and
+    batches: a dataset with one column per entry of ``columns`` (the prompt, then each
+    ``columns[name](problem)``), the shared TrainingArguments plus ``extra``, a policy (and
+    for DPO a frozen reference) loaded from the same checkpoint."""
+    import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
 
     from tether.models import resolve_checkpoint
 
-    tokenizer, problems = _problems("mle", job)
-    data = Dataset.from_dict(
-        {"prompt": [p for p, _ in problems], "completion": [x.target for _, x in problems]}
-    )
-    timer = step_timer()
-    config = SFTConfig(
+    tokenizer, problems = _problems(stage, job)
+    data = {"prompt": [p for p, _ in problems]}
+    data.update({name: [get(x) for _, x in problems] for name, get in columns.items()})
+    config = getattr(trl, f"{kind}Config")(
         **trl_args(job, warmup_steps(job)),
         per_device_train_batch_size=job.batch_size,
         max_length=None,
         torch_compile=job.compile,
+        **extra,
     )
-    trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(resolve_checkpoint(job.model)),
+    path = resolve_checkpoint(job.model)
+    models = {"model": AutoModelForCausalLM.from_pretrained(path)}
+    if kind == "DPO":
+        models["ref_model"] = AutoModelForCausalLM.from_pretrained(path)
+    timer = step_timer()
+    trainer = getattr(trl, f"{kind}Trainer")(
+        **models,
         args=config,
-        train_dataset=data,
+        train_dataset=Dataset.from_dict(data),
         processing_class=tokenizer,
         callbacks=[timer],
     )
     return run_trl(trainer, timer, warmup_steps(job))
+
+
+def trl_sft(job: StepsJob) -> dict[str, Any]:
+    """TRL's ``SFTTrainer`` on the mle stage's examples (prompt/completion, loss on the
+    completion, EOS appended), in the same order and batches."""
+    return _run_trl_job(job, "mle", {"completion": lambda x: x.target}, "SFT")
 
 
 def trl_dpo(job: StepsJob) -> dict[str, Any]:
     """TRL's ``DPOTrainer`` (sigmoid loss, β = 0.1, reference = a frozen copy of the same
     checkpoint, scored every step) on the dpo stage's pairs, in the same order and batches."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl import DPOConfig, DPOTrainer
-
-    from tether.models import resolve_checkpoint
-
-    tokenizer, problems = _problems("dpo", job)
-    data = Dataset.from_dict(
-        {
-            "prompt": [p for p, _ in problems],
-            "chosen": [x.chosen for _, x in problems],
-            "rejected": [x.rejected for _, x in problems],
-        }
-    )
-    timer = step_timer()
-    config = DPOConfig(
-        **trl_args(job, warmup_steps(job)),
-        per_device_train_batch_size=job.batch_size,
-        max_length=None,
-        beta=0.1,
-        torch_compile=job.compile,
-    )
-    path = resolve_checkpoint(job.model)
-    trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path),
-        ref_model=AutoModelForCausalLM.from_pretrained(path),
-        args=config,
-        train_dataset=data,
-        processing_class=tokenizer,
-        callbacks=[timer],
-    )
-    return run_trl(trainer, timer, warmup_steps(job))
+    columns = {"chosen": lambda x: x.chosen, "rejected": lambda x: x.rejected}
+    return _run_trl_job(job, "dpo", columns, "DPO", beta=0.1)
 
 
 def bench_trl(job: StepsJob, jobs: tuple[str, ...] = TRL_JOBS, prompts: int = 8) -> dict[str, Any]:
