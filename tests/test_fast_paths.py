@@ -15,11 +15,29 @@ from tether.objectives import (
     masked_mean,
     token_logprobs,
 )
-from tether.rl import completion_logits, grouped_completion_logits
+from tether.rl import grouped_completion_logits
 from tether.stages import make_stage
 from tether.train import build_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def completion_logits(
+    model, input_ids, attention_mask, position_ids, prompt_len, temperature, hidden=False
+):
+    """The plain computation grouped_completion_logits must equal: one masked pass with
+    explicit positions, the completion's window sliced out."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=hidden,
+    )
+    p, t = prompt_len, input_ids.shape[1] - prompt_len
+    logits = out.logits[:, p - 1 : p + t - 1].float() / temperature
+    if hidden:
+        return logits, out.hidden_states[-1][:, p - 1 : p + t - 1]
+    return logits
 
 
 def _grads(value, params):

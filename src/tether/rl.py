@@ -76,30 +76,6 @@ class Rollout:
         return int(self.attention_mask.sum())
 
 
-def completion_logits(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    position_ids: Tensor,
-    prompt_len: int,
-    temperature: float,
-    hidden: bool = False,
-) -> Any:
-    """Logits/T at the positions that predict each completion token, [B, T, V] (and hidden
-    states). Sequences are [B, P+T] with the prompt in the first ``prompt_len`` columns."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        output_hidden_states=hidden,
-    )
-    p, t = prompt_len, input_ids.shape[1] - prompt_len
-    logits = out.logits[:, p - 1 : p + t - 1].float() / temperature
-    if hidden:
-        return logits, out.hidden_states[-1][:, p - 1 : p + t - 1]
-    return logits
-
-
 def grouped_completion_logits(
     model: nn.Module,
     input_ids: Tensor,
@@ -108,10 +84,12 @@ def grouped_completion_logits(
     temperature: float,
     hidden: bool = False,
 ) -> Any:
-    """:func:`completion_logits` with the rows made right-padded and run in length groups
-    without a mask (:mod:`tether.buckets`): the same values at real completion tokens, up to
-    float rounding, for less work (no pass over most padding, no [B, 1, L, L] mask); zeros at
-    completion padding. With ``hidden`` also the last hidden states there, as fp32."""
+    """Logits/T at the positions that predict each completion token, [B, T, V] fp32, of rows
+    [B, P+T] with the prompt (left-padded) in the first ``prompt_len`` columns. The rows are
+    made right-padded and run in length groups without a mask (:mod:`tether.buckets`): the
+    values of one masked pass at real completion tokens, up to float rounding, for less work
+    (no pass over most padding, no [B, 1, L, L] mask); zeros at completion padding. With
+    ``hidden`` also the last hidden states there, as fp32."""
     ids, mask, starts = left_to_right_padded(input_ids, attention_mask, prompt_len)
     forward, vocab = None, None
     if hidden:
@@ -341,7 +319,7 @@ class RLStage:
             returns = discounted_returns(token_rewards, mask, cfg.gamma)
             # the batch's mean return over every process's tokens (a constant, no gradient)
             real = torch.where(mask > 0, returns, torch.zeros_like(returns)).detach()
-            total, count = distributed.all_sum((real * mask).sum()), distributed.all_sum(mask.sum())
+            total, count = distributed.all_sum(real.sum()), distributed.all_sum(mask.sum())
             baseline = total / count.clamp_min(1.0)
             pg, stats = reinforce_loss(logp, (returns - baseline).detach(), mask)
         elif cfg.algorithm == "rloo":

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from tether.models import eval_mode
 from tether.objectives.common import log_softmax_and_token_logprobs
-from tether.sampling import SampleOutput, sample
+from tether.sampling import SampleOutput, sample, vocab_bias
 
 
 @torch.no_grad()
@@ -67,9 +67,7 @@ def restricted_token_logprobs(
     renormalised over the ``allowed`` ids (all of them when None): logits outside the set are
     −inf, as the sampler draws them. Values at padding (``mask`` 0) are meaningless."""
     if allowed is not None:
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        keep[allowed] = True
-        logits = logits.masked_fill(~keep, -torch.inf)
+        logits = logits.float() + vocab_bias(allowed, logits.shape[-1])  # as the sampler does
         # padding holds a token outside the set: give it an allowed one (masked out anyway)
         tokens = torch.where(mask.bool(), tokens, allowed[0])
     # the normalisation the losses use (one log-softmax), so rescored and scored log-probs agree

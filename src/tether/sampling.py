@@ -237,7 +237,7 @@ def _allowed_ids(
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _vocab_bias(allowed: torch.Tensor, width: int) -> torch.Tensor:
+def vocab_bias(allowed: torch.Tensor, width: int) -> torch.Tensor:
     """[width] fp32: 0 at the ``allowed`` ids, −inf elsewhere; added to fp32 logits it sets
     every column outside ``allowed`` to −inf and leaves the others exactly as they were."""
     bias = torch.full((width,), -math.inf, dtype=torch.float32, device=allowed.device)
@@ -408,7 +408,7 @@ def _decode(
     rows = list(range(B))  # original row of each active row
     rows_t: torch.Tensor | None = None  # the same as a tensor; None while rows == all rows
     gen: list[list[int]] = [[] for _ in range(B)] if checker else []
-    bias = _vocab_bias(allowed, logits.shape[-1]) if allowed is not None else None
+    bias = vocab_bias(allowed, logits.shape[-1]) if allowed is not None else None
     for t in range(max_new):
         if bias is not None:
             logits = logits.float() + bias
