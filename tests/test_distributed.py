@@ -227,6 +227,22 @@ def test_one_process_shards_nothing():
     assert distributed.mean_count(count) is count
 
 
+def test_collectives_take_cpu_tensors_to_the_gpu_under_nccl(monkeypatch):
+    """NCCL, accelerate's backend on GPUs, refuses CPU tensors; the loop's own counts (the
+    non-finite check, tokens/s) are CPU tensors, so they travel to this process's GPU for the
+    collective. gloo takes them where they are. (tests/test_gpu.py runs a real NCCL group.)"""
+    from tether import distributed
+
+    x = torch.tensor(3)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda *a: "gloo")
+    assert distributed.collective_device(x) == torch.device("cpu")
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert distributed.collective_device(x) == torch.device("cuda", 1)
+    on_meta = torch.empty(2, device="meta")  # not a CPU tensor: stays where it is
+    assert distributed.collective_device(on_meta) == on_meta.device
+
+
 def test_a_two_process_rl_run_resumes_exactly(tiny_checkpoint, tmp_path):
     """Each process's prompt stream and sampling generator come back from the checkpoint:
     resuming from step 4 with two processes repeats the uninterrupted run's step 5 exactly."""

@@ -125,6 +125,29 @@ def vllm_checkpoint(tmp_path_factory):
     return path
 
 
+def test_collectives_under_nccl_take_cpu_and_cuda_tensors():
+    """A one-process NCCL group (accelerate's backend on GPUs): the loop's CPU counts and the
+    losses' CUDA counts both sum, and come back on the device they came from."""
+    import socket
+
+    import torch.distributed as dist
+
+    from tether import distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        on_cpu = distributed._summed(torch.tensor(3))
+        on_gpu = distributed._summed(torch.tensor([1.5, 2.0], device=CUDA))
+        assert on_cpu.device.type == "cpu" and int(on_cpu) == 3
+        assert on_gpu.device.type == "cuda" and on_gpu.tolist() == [1.5, 2.0]
+    finally:
+        dist.destroy_process_group()
+
+
 @needs_vllm
 def test_vllm_rollouts_follow_the_policy_weights(vllm_checkpoint):
     """Greedy vLLM completions equal the hf sampler's for the weights last synced, and change

@@ -96,17 +96,30 @@ def mean_count(count: torch.Tensor) -> torch.Tensor:
     makes DDP's gradient average equal the gradient of the global mean."""
     if not active():
         return count
-    total = count.detach().clone().to(torch.float64)
-    dist.all_reduce(total)
+    total = _summed(count.detach().to(torch.float64))
     return (total / dist.get_world_size()).to(count.dtype)
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """Σ over processes of a tensor, without gradient (a copy)."""
-    total = x.detach().clone()
-    if active():
-        dist.all_reduce(total)
-    return total
+    """Σ over processes of a tensor, without gradient (a copy, on ``x``'s device)."""
+    return _summed(x) if active() else x.detach().clone()
+
+
+def collective_device(x: torch.Tensor) -> torch.device:
+    """Where ``x`` must be for a collective of this process group: NCCL (accelerate's backend
+    on GPUs) takes CUDA tensors only, so a CPU tensor goes to this process's GPU; gloo takes
+    a tensor where it is."""
+    if x.device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return x.device
+
+
+def _summed(x: torch.Tensor) -> torch.Tensor:
+    """The all-reduce sum of ``x`` (a copy, without gradient), taken on the device the
+    backend needs (:func:`collective_device`) and returned on ``x``'s device."""
+    total = x.detach().to(collective_device(x), copy=True)
+    dist.all_reduce(total)
+    return total.to(x.device)
 
 
 def _count_true(flag: bool) -> int:
