@@ -92,3 +92,25 @@ def test_bench_trl_tiny_jobs_report_ratios():
         assert r["ratio"] == pytest.approx(
             r["tether"]["examples_per_s"] / r["trl"]["examples_per_s"]
         )
+        assert r["ratios"] == [r["ratio"]]
+
+
+def test_bench_trl_rounds_report_the_median_round(monkeypatch):
+    """--rounds N: every job N times; the reported round is the median one by ratio, whole
+    (its ratio is its own sides' ratio), and every round's ratio is listed, smallest first."""
+    from tether import bench_steps
+
+    times = iter([(1.0, 2.0), (1.0, 5.0), (2.0, 3.0)])  # (tether, TRL) median steps
+
+    def fake_round(name, job, prompts):
+        ours, theirs = next(times)
+        tether, trl = {"median_step_s": ours}, {"median_step_s": theirs}
+        return {"tether": tether, "trl": trl, "ratio": theirs / ours}
+
+    monkeypatch.setattr(bench_steps, "_trl_round", fake_round)
+    out = bench_steps.bench_trl(bench_steps.StepsJob(threads=1), ("sft",), rounds=3)
+    r = out["results"]["sft"]
+    assert r["ratios"] == [1.5, 2.0, 5.0] and out["job"]["rounds"] == 3
+    assert r["ratio"] == 2.0 and r["tether"]["median_step_s"] == 1.0
+    with pytest.raises(ValueError, match="rounds"):
+        bench_steps.bench_trl(bench_steps.StepsJob(threads=1), ("sft",), rounds=0)

@@ -602,41 +602,59 @@ def trl_dpo(job: StepsJob) -> dict[str, Any]:
     return _run_trl_job(job, "dpo", columns, "DPO", beta=0.1)
 
 
-def bench_trl(job: StepsJob, jobs: tuple[str, ...] = TRL_JOBS, prompts: int = 8) -> dict[str, Any]:
+def _trl_round(name: str, job: StepsJob, prompts: int) -> dict[str, Any]:
+    """One round of one job: tether's side, then TRL's, and their ratios."""
+    examples = job.batch_size  # per step: sequences (SFT), pairs (DPO)
+    if name == "sft":
+        ours, theirs = _tether_side("mle", job), trl_sft(job)
+    elif name == "dpo":
+        ours, theirs = _tether_side("dpo", job), trl_dpo(job)
+    elif name == "rl":
+        rl_job = RLJob(job.model, prompts, job.group, job.max_new_tokens, 1.0, job.steps, job.seed)
+        rl = bench_rl(rl_job)
+        ours, theirs, examples = rl["tether"], rl["trl_grpo"], prompts * job.group
+    else:
+        raise ValueError(f"unknown TRL job {name!r}: choose from {', '.join(TRL_JOBS)}")
+    for side in (ours, theirs):
+        side["examples_per_s"] = examples / side["median_step_s"]
+    return {
+        "tether": ours,
+        "trl": theirs,
+        # steady state: the median step, robust to one slow step (a recompile, a
+        # neighbour's burst on a shared machine)
+        "ratio": theirs["median_step_s"] / ours["median_step_s"],
+        # all timed steps: wall-clock, and CPU seconds (steadier at one thread when shared)
+        "total_ratio": theirs["seconds"] / ours["seconds"],
+        "cpu_ratio": theirs["cpu_s"] / ours["cpu_s"],
+    }
+
+
+def bench_trl(
+    job: StepsJob, jobs: tuple[str, ...] = TRL_JOBS, prompts: int = 8, rounds: int = 1
+) -> dict[str, Any]:
     """tether against TRL on SFT, RL and DPO, each side right after the other (RL: ``prompts``
-    prompts of ``job.group`` completions of up to ``job.max_new_tokens`` tokens)."""
+    prompts of ``job.group`` completions of up to ``job.max_new_tokens`` tokens).
+
+    ``rounds`` > 1 runs every job that many times, the two sides alternating, and reports the
+    median round (by ratio) with every round's ratio in ``ratios``, smallest first: on a shared machine the
+    load drifts between runs, and a ratio taken from two sides run one after the other is
+    steadier than either side's throughput."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     torch.set_num_threads(job.threads)
-    out: dict[str, Any] = {"job": {**dataclasses.asdict(job)}, "results": {}}
+    out: dict[str, Any] = {"job": {**dataclasses.asdict(job), "rounds": rounds}, "results": {}}
     for name in jobs:
-        examples = job.batch_size  # per step: sequences (SFT), pairs (DPO)
-        if name == "sft":
-            ours, theirs = _tether_side("mle", job), trl_sft(job)
-        elif name == "dpo":
-            ours, theirs = _tether_side("dpo", job), trl_dpo(job)
-        elif name == "rl":
-            rl_job = RLJob(
-                job.model, prompts, job.group, job.max_new_tokens, 1.0, job.steps, job.seed
-            )
-            rl = bench_rl(rl_job)
-            ours, theirs, examples = rl["tether"], rl["trl_grpo"], prompts * job.group
-        else:
-            raise ValueError(f"unknown TRL job {name!r}: choose from {', '.join(TRL_JOBS)}")
-        for side in (ours, theirs):
-            side["examples_per_s"] = examples / side["median_step_s"]
-        out["results"][name] = {
-            "tether": ours,
-            "trl": theirs,
-            # steady state: the median step, robust to one slow step (a recompile, a
-            # neighbour's burst on a shared machine)
-            "ratio": theirs["median_step_s"] / ours["median_step_s"],
-            # all timed steps: wall-clock, and CPU seconds (steadier at one thread when shared)
-            "total_ratio": theirs["seconds"] / ours["seconds"],
-            "cpu_ratio": theirs["cpu_s"] / ours["cpu_s"],
-        }
+        runs = sorted((_trl_round(name, job, prompts) for _ in range(rounds)), key=_by_ratio)
+        median = runs[(len(runs) - 1) // 2]  # the lower middle round when there are two
+        out["results"][name] = {**median, "ratios": [r["ratio"] for r in runs]}
     out["compiled"] = [n for n in jobs if n != "rl"] if job.compile else []  # RL: eager
     out["trl_trainers"] = {"sft": "SFTTrainer", "rl": "GRPOTrainer", "dpo": "DPOTrainer"}
     out["kl"] = f"rl: k3 in the loss, coefficient {KL_COEF}"
     return out
+
+
+def _by_ratio(round_: dict[str, Any]) -> float:
+    return float(round_["ratio"])
 
 
 # ---------------------------------------------------------------- printing
@@ -705,16 +723,26 @@ def print_trl(result: dict[str, Any]) -> None:
     table = Table(title=f"tether vs TRL: {job['model']}, {job['threads']} thread(s)")
     for name in ("job", "TRL trainer", "tether examples/s", "TRL examples/s", "ratio"):
         table.add_column(name, justify="right")
+    rounds = any(len(r.get("ratios", ())) > 1 for r in result["results"].values())
+    if rounds:
+        table.add_column("every round", justify="right")
     for name, r in result["results"].items():
-        table.add_row(
+        cells = [
             name,
             result["trl_trainers"][name],
             f"{r['tether']['examples_per_s']:.2f}",
             f"{r['trl']['examples_per_s']:.2f}",
             f"{r['ratio']:.2f}×",
-        )
+        ]
+        if rounds:
+            cells.append(" ".join(f"{x:.2f}×" for x in r["ratios"]))
+        table.add_row(*cells)
     console = Console()
     console.print(table)
+    if rounds:
+        console.print(
+            "with --rounds: the median round by ratio (the lower middle of an even count)"
+        )
     console.print(
         "examples: sequences (SFT), completions (RL), pairs (DPO) per second of the median "
         "whole training step after the warm-up; ratio = TRL's median step / tether's; "

@@ -983,12 +983,19 @@ def bench_trl(
             "--compile", help="SFT and DPO: torch.compile on both sides (TRL's torch_compile)"
         ),
     ] = False,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1, help="run each job this many times, the sides alternating; report the median"
+        ),
+    ] = 1,
     json_: JsonOnly = False,
 ) -> None:
     """tether against TRL on the same jobs, one side right after the other: SFT (SFTTrainer
     vs the mle stage), RL (GRPOTrainer vs the rl stage with RLOO, as `bench rl`) and DPO
     (DPOTrainer vs the dpo stage). Same model, examples, order and batch; fp32, no gradient
-    checkpointing. Prints examples/s of whole steps and the ratio tether / TRL."""
+    checkpointing. Prints examples/s of whole steps and the ratio tether / TRL (with
+    --rounds, the median round and every round's ratio)."""
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -998,7 +1005,7 @@ def bench_trl(
 
     jobs = _choices("--job", job, TRL_JOBS)
     spec = StepsJob(model, batch_size, group, max_new_tokens, steps, threads, compile=compile_)
-    result = run_bench(spec, jobs, prompts=prompts)
+    result = run_bench(spec, jobs, prompts=prompts, rounds=rounds)
     if json_:
         typer.echo(json.dumps(result, indent=2))
         return
