@@ -83,6 +83,24 @@ def test_bucketed_logits_feed_iqlearn_as_the_full_logits_do():
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("wrapper", ["FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"])
+def test_sharded_engines_get_one_mask_free_pass(wrapper):
+    """FSDP (1 and 2) and DeepSpeed wrap the model on GPUs; their gradient hooks are written
+    for one forward per backward, so a batch that would be cut into groups runs as one trimmed
+    pass, with the same log-probs."""
+    model = _model("llama")
+    ids, mask, _ = _batch([40, 6, 38, 5], width=44)
+    assert len(length_buckets(mask.sum(1).tolist(), pass_cost=20)) > 1
+    engine = type(wrapper, (torch.nn.Module,), {})  # the class name is what counts
+    sharded = type("Sharded", (engine,), {"forward": lambda self, **kw: model(**kw)})()
+    calls = []
+    sharded.register_forward_hook(lambda m, args, out: calls.append(m))
+    got = bucketed(sharded, ids, mask, shifted_token_logprobs, pass_cost=20)
+    assert len(calls) == 1
+    want = bucketed(model, ids, mask, shifted_token_logprobs, pass_cost=20)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
 def test_a_left_padded_batch_takes_the_plain_masked_pass():
     model = _model("llama")
     ids, mask, _ = _batch([9, 5, 9])

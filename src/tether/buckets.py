@@ -16,8 +16,8 @@ mask-free path (no [B, 1, L, L] mask built; SDPA with ``is_causal``). Positions 
 both. Outputs at padded positions are set to 0.
 
 Not for left-padded or gapped masks (the plain masked pass is used), nor under
-``DistributedDataParallel``, whose gradient hooks allow one forward pass per backward (one
-trimmed, mask-free pass is used).
+``DistributedDataParallel``, whose gradient hooks allow one forward pass per backward, nor
+under FSDP or DeepSpeed (one trimmed, mask-free pass is used).
 """
 
 from __future__ import annotations
@@ -70,8 +70,18 @@ def right_padded(attention_mask: Tensor) -> bool:
     return bool(((positions < lengths) == attention_mask.bool()).all())
 
 
+# Wrappers whose gradient hooks expect one forward pass per backward, by class name (FSDP2's
+# `fully_shard` makes the module's class a subclass of FSDPModule; DeepSpeed may not be
+# installed): the sharded engines the accelerate configurations of configs/accelerate set up.
+_SHARDING_WRAPPERS = {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"}
+
+
 def _single_pass_only(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
+    """DDP (its reducer refuses a second forward before the backward), FSDP and DeepSpeed
+    (their hooks are written for one; not testable without GPUs, so not risked)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return True
+    return any(c.__name__ in _SHARDING_WRAPPERS for c in type(model).__mro__)
 
 
 def logits_of(model: nn.Module) -> Callable[[Tensor, Tensor | None], Tensor]:
