@@ -636,9 +636,9 @@ def bench_trl(
     prompts of ``job.group`` completions of up to ``job.max_new_tokens`` tokens).
 
     ``rounds`` > 1 runs every job that many times, the two sides alternating, and reports the
-    median round (by ratio) with every round's ratio in ``ratios``, smallest first: on a shared machine the
-    load drifts between runs, and a ratio taken from two sides run one after the other is
-    steadier than either side's throughput."""
+    median round (by ratio) with every round's ratio in ``ratios``, smallest first: on a
+    shared machine the load drifts between runs, and a ratio taken from two sides run one
+    after the other is steadier than either side's throughput."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     torch.set_num_threads(job.threads)
