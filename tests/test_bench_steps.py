@@ -48,6 +48,24 @@ def test_bench_steps_isolated_stage_and_profile():
     assert 0 < mle["attention_flops_share"] < 1
 
 
+def test_bench_steps_bf16_runs_the_forward_passes_under_autocast():
+    """--precision bf16: the policy and the reference score under bf16 autocast (as
+    train.precision bf16 trains), and the peak they are held to is bf16's."""
+    from tether.bench_steps import StepsJob, build_stage_run, stage_recipe
+
+    job = StepsJob(threads=1, batch_size=2, precision="bf16")
+    assert stage_recipe("dpo", job).train.precision == "bf16"
+    run = build_stage_run("dpo", job)
+    ids = torch.tensor([[5, 6, 7]])
+    assert run.model(input_ids=ids).logits.dtype == torch.bfloat16
+    assert run.stage.reference(input_ids=ids).logits.dtype == torch.bfloat16
+    doc = _run("steps", *TINY, "--stage", "dpo", "--in-process", "--precision", "bf16", "--json")
+    assert doc["job"]["precision"] == "bf16" and doc["peak_matmul"]["dtype"] == "bfloat16"
+    assert doc["stages"][0]["tokens_per_s"] > 0
+    bad = runner.invoke(app, ["bench", "steps", "--precision", "fp16"])
+    assert bad.exit_code == 2 and "--precision 'fp16'" in bad.output
+
+
 def test_bench_steps_bad_model_in_a_fresh_process_is_one_line(tmp_path):
     # the stage is built in a child process; its input error still reaches the command line
     result = runner.invoke(

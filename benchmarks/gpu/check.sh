@@ -4,7 +4,8 @@
 # It installs the carried wheels beside the image's torch, transformers and accelerate, then
 #   1. the GPU tests: every stage on CUDA in fp32 and bf16, a real NCCL group's collectives,
 #      bf16 log-probs against fp32 (tests/test_gpu.py, tests/test_precision.py);
-#   2. `tether bench steps --device cuda`: tokens/s, FLOP/s and memory of each stage's step;
+#   2. `tether bench steps --device cuda`, in fp32 and in bf16: tokens/s, FLOP/s and memory
+#      of each stage's step;
 # and leaves its logs and figures in $OUT (the device tool brings that folder back).
 # vLLM is not checked: no wheel of it is in this workplace's package mirror, and its wheels
 # are larger than what a call can carry.
@@ -28,13 +29,16 @@ status=0
 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_precision.py \
   > "$OUT/pytest.log" 2>&1 || status=1
 tail -25 "$OUT/pytest.log"
-if "$PY" -m tether bench steps --device cuda --json > "$OUT/bench_steps_cuda.json" \
-  2> "$OUT/bench_steps_cuda.err"; then
-  "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); \
-[print(r['stage'], round(r['tokens_per_s']), 'tokens/s', round(r['step_s'], 3), 's') \
-for r in d['stages']]" "$OUT/bench_steps_cuda.json"
-else
-  status=1
-  tail -5 "$OUT/bench_steps_cuda.err"
-fi
+for precision in fp32 bf16; do
+  name=bench_steps_cuda_$precision
+  if "$PY" -m tether bench steps --device cuda --precision $precision --json \
+    > "$OUT/$name.json" 2> "$OUT/$name.err"; then
+    "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); \
+[print(sys.argv[2], r['stage'], round(r['tokens_per_s']), 'tokens/s', round(r['step_s'], 3), \
+'s', f\"{r['peak_fraction']:.0%} of peak\") for r in d['stages']]" "$OUT/$name.json" $precision
+  else
+    status=1
+    tail -5 "$OUT/$name.err"
+  fi
+done
 exit $status

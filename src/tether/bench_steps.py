@@ -66,6 +66,7 @@ class StepsJob:
     seed: int = 0
     device: str = "cpu"
     compile: bool = False  # train.compile: the policy and the reference through torch.compile
+    precision: str = "fp32"  # train.precision: bf16 runs the forward passes under autocast
 
 
 def warmup_steps(job: StepsJob) -> int:
@@ -78,6 +79,7 @@ def stage_recipe(stage: str, job: StepsJob) -> Recipe:
     """The recipe of one stage's job: the ``critical-tokens`` recipe (addition from
     ``job.model``, AdamW, gradient clipping at 1) with the stage's own settings."""
     common = [f"model.init={job.model}", f"seed={job.seed}", f"train.threads={job.threads}"]
+    common.append(f"train.precision={job.precision}")
     if stage in ("mle", "iqlearn"):
         extra = [f"train.stage={stage}", f"train.batch_size={job.batch_size}"]
     elif stage == "rl":
@@ -124,16 +126,20 @@ class StageRun:
 
 
 def build_stage_run(stage: str, job: StepsJob) -> StageRun:
+    from tether.precision import autocast_forward, check_precision, frozen_models
     from tether.stages import make_stage
     from tether.train import build_policy, compile_models, make_optimizer
 
     recipe = stage_recipe(stage, job)
     device = torch.device(job.device)
+    check_precision(recipe.train.precision, device)
     torch.manual_seed(job.seed)
     model, tokenizer = build_policy(recipe)
     model.to(device)  # type: ignore[arg-type]
     model.train()
     runner = make_stage(recipe, tokenizer, model, device)
+    for scored in [model, *frozen_models(runner)]:  # as tether.train does it
+        autocast_forward(scored, recipe.train.precision, device)
     if job.compile:
         compile_models(model, runner)
     optimizer = make_optimizer(model, recipe, runner.parameters())
@@ -218,15 +224,17 @@ def peak_matmul(
     device: str = "cpu",
     sizes: tuple[int, ...] = (512, 1024, 2048),
     seconds: float = 0.3,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """The best fp32 ``torch.mm`` FLOP/s of n×n matrices at this thread count: each size is
-    timed for about ``seconds`` in repeats of several products, and the best repeat counts."""
+    """The best ``torch.mm`` FLOP/s of n×n ``dtype`` matrices at this thread count: each size
+    is timed for about ``seconds`` in repeats of several products, and the best repeat counts."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
     by_size: dict[str, float] = {}
     for n in sizes:
-        a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-        out = torch.empty(n, n, device=dev)
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        out = torch.empty(n, n, device=dev, dtype=dtype)
         torch.mm(a, b, out=out)  # warm-up
         reps = max(1, int(2e8 / (2 * n**3)))  # about 0.2 GFLOP per repeat
         best, deadline = float("inf"), time.perf_counter() + seconds
@@ -238,7 +246,12 @@ def peak_matmul(
                 torch.cuda.synchronize(dev)
             best = min(best, (time.perf_counter() - t0) / reps)
         by_size[str(n)] = 2 * n**3 / best
-    return {"flops_per_s": max(by_size.values()), "by_size": by_size, "threads": threads}
+    return {
+        "flops_per_s": max(by_size.values()),
+        "by_size": by_size,
+        "threads": threads,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 # ---------------------------------------------------------------- memory
@@ -471,7 +484,9 @@ def bench_steps(
     else:
         for stage in stages:
             results.append(run_stage(stage, job, profile=profile))
-    peak = peak_matmul(job.threads, job.device, peak_sizes)
+    # bf16: the forward passes' matmuls run in bf16, so that is the peak they are held to
+    dtype = torch.bfloat16 if job.precision == "bf16" else torch.float32
+    peak = peak_matmul(job.threads, job.device, peak_sizes, dtype=dtype)
     for r in results:
         r["peak_fraction"] = r["flops_per_s"] / peak["flops_per_s"]
         if "profile" in r:
@@ -667,7 +682,8 @@ def print_steps(result: dict[str, Any]) -> None:
 
     job, peak = result["job"], result["peak_matmul"]
     table = Table(
-        title=f"tether bench steps: {job['model']}, {job['threads']} thread(s), {job['device']}"
+        title=f"tether bench steps: {job['model']}, {job['threads']} thread(s), {job['device']}, "
+        f"{job['precision']}"
     )
     for name in ("stage", "rows×len", "tokens/s", "step", "GFLOP/s", "of peak", "memory", "+step"):
         table.add_column(name, justify="right")
@@ -687,7 +703,7 @@ def print_steps(result: dict[str, Any]) -> None:
     console.print(table)
     sizes = ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in peak["by_size"].items())
     console.print(
-        f"peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s, the best fp32 torch.mm of n×n "
+        f"peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s, the best {peak['dtype']} torch.mm of n×n "
         f"matrices (GFLOP/s by n: {sizes}) at {peak['threads']} thread(s)"
     )
     console.print(

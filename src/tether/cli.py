@@ -936,18 +936,32 @@ def bench_steps(
         bool, typer.Option(help="also profile one step: time in matmuls, attention, the rest")
     ] = False,
     compile_: BenchCompile = False,
+    precision: Annotated[
+        str, typer.Option(help="fp32, or bf16: the forward passes under autocast")
+    ] = "fp32",
     json_: JsonOnly = False,
 ) -> None:
     """One whole training step of each stage (MLE, IQLearn, RL with sampling and reference
     scoring, DPO): tokens/s, achieved matmul FLOP/s (FlopCounterMode), its share of this
-    machine's measured peak fp32 matmul FLOP/s at the same thread count, and peak memory."""
+    machine's measured peak matmul FLOP/s (fp32, or bf16 with --precision bf16) at the same
+    thread count, and peak memory."""
     from tether.bench_steps import STAGES, StepsJob, bench_model
     from tether.bench_steps import bench_steps as run_bench
 
     stages = _choices("--stage", stage, STAGES)
+    (precision,) = _choices("--precision", [precision], ("fp32", "bf16"))
     with bench_model(model, width, layers) as path:
         job = StepsJob(
-            path, batch_size, group, max_new_tokens, steps, threads, 0, _device(device), compile_
+            path,
+            batch_size,
+            group,
+            max_new_tokens,
+            steps,
+            threads,
+            0,
+            _device(device),
+            compile_,
+            precision,
         )
         try:
             result = run_bench(job, stages, isolate=isolate, profile=profile)
