@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE, from the repository root, with the wheels of fetch_wheels.sh carried:
 #   device run, carry [".whl"], command: bash benchmarks/gpu/check.sh
+# (PART=tests or PART=bench runs one half, if the whole would pass a call's 10 minutes).
 # It installs the carried wheels beside the image's torch, transformers and accelerate, then
 #   1. the GPU tests: every stage on CUDA in fp32 and bf16, a real NCCL group's collectives,
 #      bf16 log-probs against fp32 (tests/test_gpu.py, tests/test_precision.py);
@@ -26,9 +27,13 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_DI
 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/env.txt"
 status=0
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_precision.py \
-  > "$OUT/pytest.log" 2>&1 || status=1
-tail -25 "$OUT/pytest.log"
+PART=${PART:-all}  # tests, bench or all: split the check if one call would pass 10 minutes
+if [ "$PART" != bench ]; then
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_precision.py \
+    > "$OUT/pytest.log" 2>&1 || status=1
+  tail -25 "$OUT/pytest.log"
+fi
+[ "$PART" = tests ] && exit $status
 for precision in fp32 bf16; do
   name=bench_steps_cuda_$precision
   if "$PY" -m tether bench steps --device cuda --precision $precision --json \
