@@ -79,7 +79,7 @@ def stage_recipe(stage: str, job: StepsJob) -> Recipe:
     """The recipe of one stage's job: the ``critical-tokens`` recipe (addition from
     ``job.model``, AdamW, gradient clipping at 1) with the stage's own settings."""
     common = [f"model.init={job.model}", f"seed={job.seed}", f"train.threads={job.threads}"]
-    common.append(f"train.precision={job.precision}")
+    common += [f"train.precision={job.precision}", f"train.compile={job.compile}"]
     if stage in ("mle", "iqlearn"):
         extra = [f"train.stage={stage}", f"train.batch_size={job.batch_size}"]
     elif stage == "rl":
@@ -126,9 +126,9 @@ class StageRun:
 
 
 def build_stage_run(stage: str, job: StepsJob) -> StageRun:
-    from tether.precision import autocast_forward, check_precision, frozen_models
+    from tether.precision import check_precision
     from tether.stages import make_stage
-    from tether.train import build_policy, compile_models, make_optimizer
+    from tether.train import build_policy, make_optimizer, prepare_models
 
     recipe = stage_recipe(stage, job)
     device = torch.device(job.device)
@@ -138,10 +138,7 @@ def build_stage_run(stage: str, job: StepsJob) -> StageRun:
     model.to(device)  # type: ignore[arg-type]
     model.train()
     runner = make_stage(recipe, tokenizer, model, device)
-    for scored in [model, *frozen_models(runner)]:  # as tether.train does it
-        autocast_forward(scored, recipe.train.precision, device)
-    if job.compile:
-        compile_models(model, runner)
+    prepare_models(model, runner, recipe, device)  # train.precision, train.compile
     optimizer = make_optimizer(model, recipe, runner.parameters())
     params = [p for p in model.parameters() if p.requires_grad] + list(runner.parameters())
     return StageRun(model, runner, optimizer, params, recipe.optim.grad_clip, device)
@@ -739,7 +736,7 @@ def print_trl(result: dict[str, Any]) -> None:
     table = Table(title=f"tether vs TRL: {job['model']}, {job['threads']} thread(s)")
     for name in ("job", "TRL trainer", "tether examples/s", "TRL examples/s", "ratio"):
         table.add_column(name, justify="right")
-    rounds = any(len(r.get("ratios", ())) > 1 for r in result["results"].values())
+    rounds = job.get("rounds", 1) > 1
     if rounds:
         table.add_column("every round", justify="right")
     for name, r in result["results"].items():

@@ -213,6 +213,16 @@ def compile_models(model: torch.nn.Module, stage: Any, backend: str = "inductor"
         reference.compile(dynamic=True, backend=backend)
 
 
+def prepare_models(model: torch.nn.Module, stage: Any, recipe: Recipe, device: Any) -> None:
+    """``train.precision`` and ``train.compile`` on the policy and the stage's frozen models,
+    in place: with bf16 their forward passes run under autocast and everything after them in
+    fp32 (:mod:`tether.precision` says why not accelerate's); then ``torch.compile``."""
+    for scored in (model, *frozen_models(stage)):
+        autocast_forward(scored, recipe.train.precision, device)
+    if recipe.train.compile:
+        compile_models(model, stage)
+
+
 def make_optimizer(
     model: torch.nn.Module, recipe: Recipe, extra: list[torch.nn.Parameter] | None = None
 ) -> torch.optim.Optimizer:
@@ -460,12 +470,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     model, tokenizer = build_policy(recipe)
     model.to(accelerator.device)
     stage = make_stage(recipe, tokenizer, model, accelerator.device)
-    # train.precision bf16: the forward passes of the policy and of the stage's frozen models
-    # under autocast, everything after them in fp32 (tether.precision says why not accelerate's)
-    for scored in (model, *frozen_models(stage)):
-        autocast_forward(scored, recipe.train.precision, accelerator.device)
-    if recipe.train.compile:
-        compile_models(model, stage)
+    prepare_models(model, stage, recipe, accelerator.device)
     if resume_from is None and main:  # written once the models load: a bad path leaves no folder
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_recipe(recipe))
