@@ -1,6 +1,8 @@
 # Two commands on a fresh machine:  `make demo` (the main job) and `make test` (the test suite).
-# Both create .venv on first use: the CPU build of torch (pinned here; the package itself accepts
-# a range), then tether with its dev extras.
+# Both create .venv on first use: torch (pinned here; the package itself accepts a range), then
+# tether with its dev extras. Pip takes the CPU build of torch where it finds one (this project's
+# machines keep it locally); elsewhere add its index to the pin:
+#   make test TORCH_PIN='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu'
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -1,4 +1,4 @@
-"""Targets, sample-based monitors and samplers of the Bayesian view (METHODS.md §5), by hand
+"""Targets, sample-based monitors and samplers of the Bayesian view (docs/methods.md §5), by hand
 and on a categorical toy whose every expectation is an exact sum: estimators within 4
 standard errors of the truth, QRS acceptance and output against their closed forms."""
 

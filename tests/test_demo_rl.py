@@ -1,4 +1,4 @@
-"""Demonstration-regularised RL (METHODS.md §6): the label-smoothed MLE against hand and
+"""Demonstration-regularised RL (docs/methods.md §6): the label-smoothed MLE against hand and
 closed-form values, the imitation stage unchanged at ε = 0, the enumerable task's expert, the
 recipe errors, and `tether study demo-rl` end to end at a toy size."""
 

@@ -1,4 +1,4 @@
-"""DPG, GDC++ and f-DPG (METHODS.md §5): pseudo-rewards by hand; every gradient estimator,
+"""DPG, GDC++ and f-DPG (docs/methods.md §5): pseudo-rewards by hand; every gradient estimator,
 averaged over many samples, against the exact gradient of its divergence on an enumerable
 space (within 4 standard errors); reverse-KL f-DPG is KL-RL, sample by sample and exactly."""
 

@@ -1,4 +1,4 @@
-"""Exact mode (METHODS.md §2, §5): the enumerated response space, its probabilities (against
+"""Exact mode (docs/methods.md §2, §5): the enumerated response space, its probabilities (against
 step-by-step hand computation and the sampler), the exact quantities by hand, and the
 identity J = E_π[r] − β·KL(π‖π_ref) = −β·KL(π‖p*) + β·log Z on a tiny language model."""
 

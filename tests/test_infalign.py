@@ -1,4 +1,4 @@
-"""InfAlign / CTRL (METHODS.md §8): calibration, transforms, best/worst-of-N distributions and
+"""InfAlign / CTRL (docs/methods.md §8): calibration, transforms, best/worst-of-N distributions and
 win rates, against hand computations, brute-force enumeration of every N-tuple, and closed
 forms."""
 

@@ -1,4 +1,4 @@
-"""IQLearn as TD-regularised MLE (METHODS.md §4) against hand computations."""
+"""IQLearn as TD-regularised MLE (docs/methods.md §4) against hand computations."""
 
 import math
 

@@ -1,5 +1,5 @@
 """KL estimators, exact KL and the prioritised-KL weights, against hand computations and an
-enumerable toy where every expectation is an exact sum (METHODS.md §1, §3)."""
+enumerable toy where every expectation is an exact sum (docs/methods.md §1, §3)."""
 
 import math
 

@@ -1,5 +1,5 @@
 """Returns, advantages (GAE, RLOO) and the policy-gradient losses against hand computations
-(METHODS.md §2). No model: every tensor is written out."""
+(docs/methods.md §2). No model: every tensor is written out."""
 
 import math
 

@@ -1,5 +1,5 @@
 """DPO, IPO, XPO and the Bradley–Terry reward-model loss: hand computations, finite-difference
-gradients, the XPO bonus's direction, and DPO's optimum on an enumerable toy (METHODS.md §7)."""
+gradients, the XPO bonus's direction, and DPO's optimum on an enumerable toy (docs/methods.md §7)."""
 
 import math
 
@@ -290,7 +290,7 @@ def test_bradley_terry_hand_computed_and_shift_invariant():
 def test_population_dpo_optimum_is_the_kl_rl_optimum():
     """On 4 outcomes with Bradley–Terry preferences P(i ≻ j) = σ(r_i − r_j), the expected DPO
     loss over all ordered pairs is minimised by π ∝ π_ref·exp(r/β): the KL-RL optimum of
-    METHODS.md §2 (β·h recovers r up to a constant)."""
+    docs/methods.md §2 (β·h recovers r up to a constant)."""
     beta = 0.5
     r = torch.tensor([0.0, 1.0, -0.5, 2.0], dtype=torch.float64)
     log_ref = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64).log()

@@ -1,5 +1,5 @@
 """The Bayesian view of KL-tethered fine-tuning: target distributions, and what samples say
-about them (METHODS.md §2, §5).
+about them (docs/methods.md §2, §5).
 
 Fine-tuning with a KL tether toward π_ref is inference toward a *target*, an energy-based
 model (EBM) known up to its normaliser:
@@ -42,7 +42,7 @@ def reward_log_target(log_ref: Tensor, reward: Tensor, beta: float) -> Tensor:
     """log P(y) = log π_ref(y) + r(y)/β: the EBM whose normalisation is KL-RL's optimum.
 
     J(π) = E_π[r] − β·KL(π‖π_ref) = −β·KL(π‖P/Z) + β·log Z, so the policy maximising J is
-    p* = P/Z (METHODS.md §2). β → ∞ gives π_ref, β → 0 collapses onto argmax r.
+    p* = P/Z (docs/methods.md §2). β → ∞ gives π_ref, β → 0 collapses onto argmax r.
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -88,7 +88,7 @@ def fit_moments(
     log_weights: Tensor | None = None,
     tol: float = 1e-9,
 ) -> MomentFit:
-    """λ such that P_λ ∝ π_ref·exp(λ·φ) has feature means ``targets`` (METHODS.md §5).
+    """λ such that P_λ ∝ π_ref·exp(λ·φ) has feature means ``targets`` (docs/methods.md §5).
 
     ``features`` [N, F] are φ(y_i) of samples y_i ∼ π_ref (``log_weights=None``), or of samples
     from a proposal q with ``log_weights`` = log π_ref(y_i) − log q(y_i). With
@@ -204,7 +204,7 @@ def snis_moments(features: Tensor, log_weights: Tensor) -> Tensor:
 def kl_target_policy(
     log_P: Tensor, log_q: Tensor, log_pi: Tensor, log_z: Tensor | float | None = None
 ) -> Tensor:
-    """KL(p‖π) from samples y_i ∼ q (METHODS.md §5):
+    """KL(p‖π) from samples y_i ∼ q (docs/methods.md §5):
 
         KL(p‖π) = E_p[log P − log π] − log Z
                 ≈ −log Ẑ + mean_i[(P/q)_i·(log P_i − log π_i)] / Ẑ.
@@ -230,7 +230,7 @@ def kl_policy_target(
 
     ``log_z`` must come from elsewhere (:func:`log_z_estimate` on samples of a proposal covering
     p): samples of π do not see the mass of p that π misses. Infinite if π puts mass where
-    P = 0. With the reward target, β·KL(π‖p*) = β·log Z − J(π) (METHODS.md §2).
+    P = 0. With the reward target, β·KL(π‖p*) = β·log Z − J(π) (docs/methods.md §2).
     """
     gap = log_pi.to(torch.float64) - log_P.to(torch.float64)
     lz = torch.as_tensor(log_z, dtype=torch.float64)
@@ -252,7 +252,7 @@ def kl_policy_ref(log_pi: Tensor, log_ref: Tensor, log_q: Tensor | None = None) 
 def tv_estimate(
     log_P: Tensor, log_q: Tensor, log_pi: Tensor, log_z: Tensor | float | None = None
 ) -> Tensor:
-    """TV(π, p) = ½·Σ_y |π(y) − p(y)| ≈ ½·mean_i |π_i/q_i − P_i/(Ẑ·q_i)|, y_i ∼ q (METHODS §5).
+    """TV(π, p) = ½·Σ_y |π(y) − p(y)| ≈ ½·mean_i |π_i/q_i − P_i/(Ẑ·q_i)|, y_i ∼ q (docs/methods.md §5).
 
     Unbiased with the true Z when q covers both π and p; ``log_z=None`` plugs in Ẑ.
     """

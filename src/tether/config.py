@@ -65,7 +65,7 @@ class TaskConfig(Strict):
         "uniform",
         description="enumerable: who writes the MLE answers: uniform random strings, or a good "
         "but imperfect expert (best answers with probability expert_share, else uniform ones; "
-        "METHODS.md §6)",
+        "docs/methods.md §6)",
     )
     expert_share: float | None = Field(
         None,
@@ -220,7 +220,7 @@ class TrainConfig(Strict):
 
 
 class RLConfig(Strict):
-    """KL-regularised RL on the task's RL distribution (METHODS.md §2–3).
+    """KL-regularised RL on the task's RL distribution (docs/methods.md §2–3).
 
     The reference is the frozen initial policy (``model.init``). Rewards are terminal:
     ``reward_correct`` / ``reward_wrong``. ``certainty_exponent`` switches the standard KL
@@ -264,7 +264,7 @@ class RLConfig(Strict):
 
 
 class ImitationConfig(Strict):
-    """Learning from demonstrations (METHODS.md §4): ``train.stage: mle`` (with an optional
+    """Learning from demonstrations (docs/methods.md §4): ``train.stage: mle`` (with an optional
     entropy bonus) or ``train.stage: iqlearn``, offline or online."""
 
     entropy_coef: float = Field(0.0, ge=0.0, description="mle: the MLE + entropy-bonus baseline")
@@ -288,7 +288,7 @@ class ImitationConfig(Strict):
 
 
 class PreferenceConfig(Strict):
-    """Preference learning (METHODS.md §7). Offline, on a preference task (``multistep-prefs``
+    """Preference learning (docs/methods.md §7). Offline, on a preference task (``multistep-prefs``
     or ``prefs-jsonl``): ``train.stage: dpo`` (DPO with ``loss: sigmoid``, IPO with
     ``loss: ipo``; the reference is the frozen ``model.init``) and ``train.stage:
     reward-model`` (a Bradley–Terry scalar head, which uses none of these keys). Online, on
@@ -329,7 +329,7 @@ class PreferenceConfig(Strict):
 class RewardConfig(Strict):
     """The reward of sampled completions (``tether.reward_functions``), for ``rl``,
     ``online-dpo``, ``xpo`` and ``tether winrate``; optionally calibrated and transformed as
-    in InfAlign's CTRL (METHODS.md §8)."""
+    in InfAlign's CTRL (docs/methods.md §8)."""
 
     kind: Literal["checker", "graded", "python", "model"] = Field(
         "checker",
@@ -373,7 +373,7 @@ class RewardConfig(Strict):
 
 
 class DPGConfig(Strict):
-    """Distribution matching toward the target EBM P = π_ref·exp(r/β) (METHODS.md §5), with
+    """Distribution matching toward the target EBM P = π_ref·exp(r/β) (docs/methods.md §5), with
     ``train.stage: dpg``. The reference π_ref is the frozen ``model.init``; r is the task's
     graded score in [0, 1]. ``divergence`` picks the gradient: ``forward_kl`` is DPG (KL(p‖π),
     mass-covering), ``reverse_kl`` is KL(π‖p), which *is* KL-RL with kl_coef β, ``js`` and ``tv``

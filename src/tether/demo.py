@@ -1,4 +1,4 @@
-"""``tether demo``: the critical-token experiment at a small scale (METHODS.md §3).
+"""``tether demo``: the critical-token experiment at a small scale (docs/methods.md §3).
 
 From the shipped pre-trained model, fine-tune on N+1-digit additions with the standard KL and
 with the prioritised KL (w = Ĵ_ref^β_c) at the same KL coefficient, over several seeds, then

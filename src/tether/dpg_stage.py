@@ -1,8 +1,8 @@
 """The DPG / f-DPG stage (``train.stage: dpg``): distribution matching toward a target EBM
-(METHODS.md §5), the Bayesian reading of KL-tethered fine-tuning.
+(docs/methods.md §5), the Bayesian reading of KL-tethered fine-tuning.
 
 The target is P(y|x) = π_ref(y|x)·exp(r(x,y)/β), whose normalisation p* = P/Z is exactly the
-optimum of KL-RL with coefficient β (METHODS.md §2); or P = π_ref·b for a hard constraint
+optimum of KL-RL with coefficient β (docs/methods.md §2); or P = π_ref·b for a hard constraint
 b = ``task.is_correct``. π_ref is the frozen ``model.init``, r the task's graded score in
 [0, 1]. One step:
 

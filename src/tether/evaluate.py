@@ -1,4 +1,4 @@
-"""Evaluation for the critical-token paper (Vassoyan et al. 2025; METHODS.md §3).
+"""Evaluation for the critical-token paper (Vassoyan et al. 2025; docs/methods.md §3).
 
 Three things live here:
 

@@ -1,7 +1,7 @@
 """Exact mode: every response of a small space, its probability, and the true KL, Z, TV...
 
 On a small vocabulary and a short maximum length the whole response space can be enumerated,
-and every expectation of METHODS.md §2 and §5 becomes a finite sum: KL(π‖π_ref), the
+and every expectation of docs/methods.md §2 and §5 becomes a finite sum: KL(π‖π_ref), the
 partition function Z of the target EBM, the identity J = −β·KL(π‖p*) + β·log Z, the
 acceptance rate of quasi-rejection sampling, the mean gradient of an estimator. This module
 gives those sums; :mod:`tether.bayes` gives their estimates from samples.
@@ -11,7 +11,7 @@ The response space (given a prompt x, a vocabulary V ∋ EOS and a maximum lengt
 - every string y_1..y_k EOS with k < L and y_i ∈ V \\ {EOS}: a response that *terminated*
   (EOS is part of the response, as ``tether.sampling.sample`` keeps it);
 - with ``include_truncated=True`` (the default), every string y_1..y_L with no EOS: a response
-  *truncated* at the length limit (METHODS.md §1: cut, not terminal). It counts as one complete
+  *truncated* at the length limit (docs/methods.md §1: cut, not terminal). It counts as one complete
   outcome, with probability Π_{t ≤ L} π(y_t | x, y_<t).
 
 So the space is exactly what ``sample(..., max_new_tokens=L)`` can return, the probabilities
@@ -305,13 +305,13 @@ def target_distribution(
     *,
     constraint: Tensor | None = None,
 ) -> Tensor:
-    """log p*(y) = log π_ref(y) + r(y)/β − log Z, the optimum of KL-RL (METHODS.md §2); or,
+    """log p*(y) = log π_ref(y) + r(y)/β − log Z, the optimum of KL-RL (docs/methods.md §2); or,
     with ``constraint`` b ∈ {0, 1}, log π_ref(y) + log b(y) − log Z (π_ref given b = 1)."""
     return normalize(_log_target(log_ref, reward, beta, constraint))
 
 
 def kl_regularized_objective(pi: Dist, ref: Dist, reward: Tensor, beta: float) -> Tensor:
-    """J(π) = E_π[r] − β·KL(π‖π_ref) (METHODS.md §2); = −β·KL(π‖p*) + β·log Z."""
+    """J(π) = E_π[r] − β·KL(π‖π_ref) (docs/methods.md §2); = −β·KL(π‖p*) + β·log Z."""
     return expectation(pi, reward) - beta * kl(pi, ref)
 
 

@@ -3,7 +3,7 @@
 The enumerable task (:mod:`tether.tasks.enumerable`) has a response space small enough to
 list; :mod:`tether.exact` turns a model into its probability on every response. Given the
 policy π, the reference π_ref and the target p* ∝ π_ref·exp(r/β) (or π_ref·b for a hard
-constraint), every figure the Bayesian view talks about is a finite sum (METHODS.md §2, §5):
+constraint), every figure the Bayesian view talks about is a finite sum (docs/methods.md §2, §5):
 
 - ``kl_target_policy`` KL(p*‖π): what DPG (forward KL) minimises; small when π covers p*;
 - ``kl_policy_target`` KL(π‖p*): what KL-RL minimises, = (β·log Z − J(π))/β;

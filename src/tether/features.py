@@ -1,4 +1,4 @@
-"""Text features φ(y) of completions, for moment-constraint targets (METHODS.md §5).
+"""Text features φ(y) of completions, for moment-constraint targets (docs/methods.md §5).
 
 A moment constraint asks the fine-tuned distribution for given feature means, E_p[φ_f] = μ_f,
 while staying as close as possible to the reference: p ∝ π_ref·exp(λ·φ) (the I-projection,

@@ -1,4 +1,4 @@
-"""Evaluation for IQLearn imitation (METHODS.md §4): task score against diversity, and how well
+"""Evaluation for IQLearn imitation (docs/methods.md §4): task score against diversity, and how well
 a model's implicit reward tracks the task score.
 
 The claim to reproduce is that, at equal or better task score, IQLearn's samples are more
@@ -8,7 +8,7 @@ once over the problems' prompts, each repeated ``k`` times (a prompt's ``k`` sam
 adjacent rows), with a ``torch.Generator`` seeded from ``seed``.
 
 - :func:`diversity_sweep`: one row per sampling temperature with accuracy (bootstrap CI), the
-  graded score, Self-BLEU, distinct-1/2 and the policy's per-token entropy. METHODS.md asks to
+  graded score, Self-BLEU, distinct-1/2 and the policy's per-token entropy. docs/methods.md asks to
   decode every method over a temperature sweep before comparing: a method is better only if
   its curve lies above the other's, not at one hand-picked temperature.
 - :func:`reward_correlation`: the sequence return R of each sample under the model's own
@@ -27,7 +27,7 @@ Choices, stated once:
   only the sampler's ids are guaranteed to be the actions the policy took. A row is terminated
   (V = 0 after its last token) iff the sampler reports it ``finished``; no stop strings are
   passed, so that is exactly "ended with EOS", and a row cut by ``max_new_tokens`` keeps its
-  boundary term (METHODS.md §4: truncation is never terminal).
+  boundary term (docs/methods.md §4: truncation is never terminal).
 - **Entropy.** The sampler returns only the chosen tokens' log-probabilities, not the full
   distribution, so the entropy comes from one teacher-forced forward pass over prompt +
   completion: H(softmax(logits)) at temperature 1 (the model's own distribution, whatever the

@@ -1,4 +1,4 @@
-"""InfAlign / CTRL: align for the decoding that will be used (METHODS.md §8).
+"""InfAlign / CTRL: align for the decoding that will be used (docs/methods.md §8).
 
 Balashankar et al. 2024, "InfAlign: Inference-aware language model alignment", arXiv 2412.19792.
 When a model is decoded by best-of-N (pick the highest-reward of N samples) or attacked by
@@ -15,7 +15,7 @@ CTRL (calibrate-and-transform RL) gets there in three steps:
 2. **Transform** (:func:`transform`): Φ(C) = C (standard win rate), e^{t·C} (best-of-N),
    −e^{−t·C} (worst-of-N), or log C with β = 1/(N − 1), whose KL-RL optimum is the best-of-N
    distribution itself (see :func:`best_of_n_distribution` for when that is exact).
-3. **KL-regularised RL** on Φ(C) with any estimator of METHODS.md §2.
+3. **KL-regularised RL** on Φ(C) with any estimator of docs/methods.md §2.
 
 Evaluation: the inference-time win rate, from samples (:func:`win_rate_mc`), or with much less
 variance from the two empirical reward distributions (:func:`win_rate_bon_from_cdf`), or
@@ -136,7 +136,7 @@ def reference_calibration(p_ref: Tensor, reward: Tensor) -> Tensor:
 def transform(
     c: Tensor, kind: TransformKind, t: float | None = None, *, log_floor: float = 1e-6
 ) -> Tensor:
-    """Φ(C), the reward CTRL maximises under the KL tether (METHODS.md §8, step 2):
+    """Φ(C), the reward CTRL maximises under the KL tether (docs/methods.md §8, step 2):
 
     - ``"identity"``: Φ = C, for the standard win rate (N = 1);
     - ``"log"``: Φ = log max(C, ``log_floor``); with β = 1/(N − 1) the KL-RL optimum is
@@ -171,7 +171,7 @@ def transform_for(mode: DecodeMode) -> TransformKind:
 
 
 def default_t(n: int, mode: DecodeMode = "best") -> float:
-    """t = 2N − 1 for both best-of-N (e^{t·C}) and worst-of-N (−e^{−t·C}) (METHODS.md §8:
+    """t = 2N − 1 for both best-of-N (e^{t·C}) and worst-of-N (−e^{−t·C}) (docs/methods.md §8:
     "near π_ref a good t is about 2N − 1 (derived; the paper tunes t per N and KL budget)").
 
     The derivation, in the calibrated model (C ∼ U(0, 1) under π_ref; the policy's C has
@@ -513,7 +513,7 @@ def optimise_t(
     """The t of e^{t·C} (best-of-N) or −e^{−t·C} (worst-of-N) that maximises the
     inference-time win rate in the calibrated model (C ∼ U(0, 1) under π_ref).
 
-    METHODS.md §8 says only that the paper tunes t per N and KL budget; this is the numeric
+    docs/methods.md §8 says only that the paper tunes t per N and KL budget; this is the numeric
     search that reduction allows, since every prompt maps to the same calibrated model:
 
     - ``kl_budget=None``, the near-π_ref limit: maximise corr_U(Φ_t(C), ψ(C)), ψ from

@@ -1,4 +1,4 @@
-"""Online preference stages (METHODS.md §7): online DPO and XPO.
+"""Online preference stages (docs/methods.md §7): online DPO and XPO.
 
 One step (``train.batch_size`` prompts from the task's RL distribution):
 

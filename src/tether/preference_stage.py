@@ -1,4 +1,4 @@
-"""Offline preference stages (METHODS.md §7): DPO/IPO and a Bradley–Terry reward model.
+"""Offline preference stages (docs/methods.md §7): DPO/IPO and a Bradley–Terry reward model.
 
 Both read the same batches: B pairs (prompt x, chosen y_w, rejected y_l) drawn from a
 preference task (``multistep-prefs`` or ``prefs-jsonl``) as 2B right-padded rows, the B chosen

@@ -15,7 +15,7 @@ CPU, no gradient): ``problems`` are the task's problem objects (each has ``.prom
   (``reward.model``: its checkpoint or run directory).
 
 ``reward.calibrate: true`` wraps any of them in :class:`CalibratedReward`, InfAlign's CTRL
-(METHODS.md §8): K reference samples per prompt are drawn once and their rewards cached; a
+(docs/methods.md §8): K reference samples per prompt are drawn once and their rewards cached; a
 completion's reward becomes its mid-rank among them, then the chosen transform (identity,
 log, e^{t·C}, −e^{−t·C}) is applied.
 """
@@ -141,7 +141,7 @@ class ModelReward:
 
 
 class CalibratedReward:
-    """CTRL's reward (METHODS.md §8): Φ(C(x, y)) with C the mid-rank of r(x, y) among the
+    """CTRL's reward (docs/methods.md §8): Φ(C(x, y)) with C the mid-rank of r(x, y) among the
     rewards of K reference samples for the same prompt.
 
     ``reference_sampler(prompts, k)`` returns k completions per prompt (prompt-major: the k

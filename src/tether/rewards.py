@@ -1,4 +1,4 @@
-"""Reward extraction from a trained language model (METHODS.md §4, IQLearn).
+"""Reward extraction from a trained language model (docs/methods.md §4, IQLearn).
 
 A model's logits are soft Q-values, so every model — trained by IQLearn or by plain MLE —
 carries an implicit per-token reward r̂_t = Q(s_t, a_t) − γ·V(s_{t+1}) (alignment and the
@@ -16,7 +16,7 @@ V(s_{t+1}) is the V of the next completion token's state (or of the state after 
 
 because Σ_t (γ^(t−1) V(s_t) − γ^t V(s_{t+1})) collapses to its first and last terms. For a
 terminated row V(s_{T+1}) = 0 after the EOS, so R = V(s_1) + Σ_t γ^(t−1) log π_t exactly, the
-"γ-consistent sum" of METHODS.md §4. For a truncated row the boundary term −γ^T·V(s_{T+1})
+"γ-consistent sum" of docs/methods.md §4. For a truncated row the boundary term −γ^T·V(s_{T+1})
 stays. The identity needs the return's discount to be the same γ as the one inside r̂.
 
 Use :func:`spearman` to correlate returns with a task metric (the paper's claim: IQLearn's

@@ -1,4 +1,4 @@
-"""The KL-regularised RL stage (METHODS.md §2–3): rollouts, a frozen reference, and the loss.
+"""The KL-regularised RL stage (docs/methods.md §2–3): rollouts, a frozen reference, and the loss.
 
 One step: draw prompts from the task's RL distribution, sample completions from the policy at
 temperature T with the KV-cache sampler, score them with the task (terminal reward), score the
@@ -12,7 +12,7 @@ with w_t = 1 (standard KL) or w_t = Ĵ_ref(s_t)^β_c (prioritised KL on critical
 
 The reward is the recipe's ``reward`` section (:mod:`tether.reward_functions`): the task's
 checker by default, or its graded score, a Python function of your own or a learned reward
-model. With ``reward.calibrate`` it is InfAlign's CTRL reward Φ(C) (METHODS.md §8): K reference
+model. With ``reward.calibrate`` it is InfAlign's CTRL reward Φ(C) (docs/methods.md §8): K reference
 samples per prompt, drawn at the RL temperature with their own seeded generator and cached
 (``rl.prompt_pool`` makes the prompts a fixed set, so the cache is filled once, up front).
 """

@@ -65,11 +65,11 @@ class DemoBatch:
 
 
 class ImitationStage:
-    """Learning from the task's demonstrations (METHODS.md §4), one batch source for three
+    """Learning from the task's demonstrations (docs/methods.md §4), one batch source for three
     objectives: ``train.stage: mle`` (completion-only maximum likelihood, plus an entropy
     bonus when ``imitation.entropy_coef`` > 0, or label-smoothed when
     ``imitation.label_smoothing`` > 0: the support-preserving behaviour cloning of
-    demonstration-regularised RL, METHODS.md §6) and ``train.stage: iqlearn`` (TD-regularised
+    demonstration-regularised RL, docs/methods.md §6) and ``train.stage: iqlearn`` (TD-regularised
     MLE; online when ``imitation.online_fraction`` > 0: that share of each batch is completions
     sampled from the policy for fresh prompts). Problems are drawn fresh from the task's
     generator every step, or from its fixed pool with ``task.train_size``."""

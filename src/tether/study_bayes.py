@@ -1,4 +1,4 @@
-"""``tether study collapse``: distribution collapse on the enumerable task (METHODS.md §2, §5).
+"""``tether study collapse``: distribution collapse on the enumerable task (docs/methods.md §2, §5).
 
 Korbak, Perez and Buckley (2022) read KL-regularised RL as Bayesian inference toward
 p* ∝ π_ref·exp(r/β) and predict: pure reward maximisation collapses (entropy → 0, all mass on

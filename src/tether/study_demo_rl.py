@@ -1,4 +1,4 @@
-"""``tether study demo-rl``: demonstration-regularised RL on the enumerable task (METHODS.md §6).
+"""``tether study demo-rl``: demonstration-regularised RL on the enumerable task (docs/methods.md §6).
 
 Tiapkin et al. (2023) clone N_E expert demonstrations with a support-preserving smoothing, then
 run KL-regularised RL toward the clone (π_ref := π_BC), and show that the best KL strength grows

@@ -1,5 +1,5 @@
 """``tether study imitation``: MLE vs MLE + entropy vs IQLearn (offline, a λ sweep, and online)
-on the multistep-sums task, the CPU-scale version of Wulfmeier et al. 2024 (METHODS.md §4).
+on the multistep-sums task, the CPU-scale version of Wulfmeier et al. 2024 (docs/methods.md §4).
 
 Two parts, each over several training seeds, every arm from the packaged recipe
 ``imitation-multistep`` with overrides:

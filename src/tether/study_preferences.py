@@ -1,5 +1,5 @@
 """``tether study ctrl`` and ``tether study xpo``: the preference and inference-aware studies of
-METHODS.md §7–8 on scratchpad addition, from the shipped pre-trained model ``addition-n3``.
+docs/methods.md §7–8 on scratchpad addition, from the shipped pre-trained model ``addition-n3``.
 
 - ``ctrl``: KL-RL on the raw graded reward, on the calibrated reward and CTRL's best-of-4
   transform (recipe ``ctrl-addition``), each over a sweep of ``rl.kl_coef``. Every final model
@@ -40,7 +40,7 @@ RAW = ["reward.calibrate=false", "reward.transform=identity"]
 CTRL_ARMS: dict[str, list[str]] = {
     "raw reward": RAW,
     "calibrated": ["reward.transform=identity"],
-    "CTRL e^{t·C}, N=4": [],
+    "CTRL e^{t·(C−1)}, N=4": [],
 }
 KL_COEFS = (0.1, 0.3, 1.0)
 WIN_NS = (1, 2, 4, 8)

@@ -1,5 +1,5 @@
 """InfAlign's evaluation: the inference-time win rate of a policy against its reference
-(METHODS.md §8), plus the KL that bought it.
+(docs/methods.md §8), plus the KL that bought it.
 
 A model that will be decoded by best-of-N (keep the highest-reward of N samples) or attacked
 by worst-of-N should be judged by how its *decoded* output fares against π_ref decoded the

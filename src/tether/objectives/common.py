@@ -1,4 +1,4 @@
-"""Token-level quantities shared by every objective (METHODS.md §1). Always fp32."""
+"""Token-level quantities shared by every objective (docs/methods.md §1). Always fp32."""
 
 from __future__ import annotations
 

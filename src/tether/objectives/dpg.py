@@ -1,4 +1,4 @@
-"""Distribution matching: DPG, GDC++ and f-DPG toward a target EBM (METHODS.md §5).
+"""Distribution matching: DPG, GDC++ and f-DPG toward a target EBM (docs/methods.md §5).
 
 The target is p = P/Z with P(y|x) known pointwise (``tether.bayes``: π_ref·exp(r/β), π_ref·b,
 π_ref·exp(λ·φ)). The policy π_θ is moved toward p by minimising a divergence with a
@@ -147,7 +147,7 @@ def f_dpg_pseudo_reward(
 
     JS here is ½KL(π‖m) + ½KL(p‖m), m = (π+p)/2, in [0, log 2]; without the ½ (2·JS, as some
     write it) R doubles: a step-size rescaling. With P = π_ref·exp(r/β), β·R of the reverse KL
-    is r − β·log(π_θ/π_ref) − β(log Z + 1): the KL-shaped reward of KL-RL (METHODS.md §2) up to
+    is r − β·log(π_θ/π_ref) − β(log Z + 1): the KL-shaped reward of KL-RL (docs/methods.md §2) up to
     a constant, so reverse-KL f-DPG *is* KL-RL, its gradient −(1/β)·∇J. It is infinite where
     P = 0 < π_θ (a hard constraint), which raises; JS and TV stay bounded there.
     """

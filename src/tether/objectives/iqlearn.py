@@ -1,4 +1,4 @@
-"""IQLearn as TD-regularised MLE (METHODS.md §4; Wulfmeier et al. 2024, arXiv 2409.01369).
+"""IQLearn as TD-regularised MLE (docs/methods.md §4; Wulfmeier et al. 2024, arXiv 2409.01369).
 
 The logits are soft Q-values: Q(s, a) = ℓ(s, a), V(s) = logsumexp_a ℓ(s, a), and
 log π(a|s) = Q(s, a) − V(s). The implicit per-token reward is r̂_t = Q(s_t, a_t) − γ·V(s_{t+1}).
@@ -30,7 +30,7 @@ p + 1. Hence, for a completion token at position t:
       a_T exists and its value is in the tensor: V(s_{T+1}) = logsumexp ``logits[b, t_T, :]``
       (the logits at the last real position; they predict the token that was never generated).
       We therefore *keep* the last TD term with γ·V of the next position rather than dropping
-      it (METHODS.md §4 allows either); truncation is never treated as terminal.
+      it (docs/methods.md §4 allows either); truncation is never treated as terminal.
 
 Position 0 has no predicting state, so a completion token there is ignored (``loss_mask[:, 0]``
 is taken as 0; :func:`tether.data.collate_pairs` never sets it).
@@ -264,7 +264,7 @@ def iqlearn_loss(
 def lambda_schedule(step: int, lam: float, warmup_steps: int) -> float:
     """λ warmed up linearly from 0 at step 0 to ``lam`` at ``warmup_steps`` (then constant).
 
-    ``warmup_steps <= 0`` gives ``lam`` from the start. METHODS.md §4: start λ at 0 (or from an
+    ``warmup_steps <= 0`` gives ``lam`` from the start. docs/methods.md §4: start λ at 0 (or from an
     SFT checkpoint) so the TD term does not fight an untrained policy.
     """
     if warmup_steps <= 0:
@@ -275,7 +275,7 @@ def lambda_schedule(step: int, lam: float, warmup_steps: int) -> float:
 def mle_entropy_loss(
     logits: Tensor, input_ids: Tensor, loss_mask: Tensor, entropy_coef: float
 ) -> tuple[Tensor, dict[str, float]]:
-    """The MLE + entropy-bonus baseline (METHODS.md §4): L = NLL − coef · mean_t H(π(·|s_t)).
+    """The MLE + entropy-bonus baseline (docs/methods.md §4): L = NLL − coef · mean_t H(π(·|s_t)).
 
     Both means are over completion tokens; H is the entropy at each one's predicting position
     (position t − 1 for the token at t). At ``entropy_coef = 0`` the loss is bit-for-bit

@@ -1,10 +1,10 @@
-"""KL between the policy and the frozen reference, per token (METHODS.md §1 and §3).
+"""KL between the policy and the frozen reference, per token (docs/methods.md §1 and §3).
 
 Tensors are [B, T] over completion tokens with a float ``mask`` [B, T] (1 = real token,
 0 = padding). ``logp`` = log π_θ(a_t|s_t) and ``ref_logp`` = log π_ref(a_t|s_t) of the sampled
 token; the log-ratio is ρ = logp − ref_logp. All math in fp32 (fp64 inputs stay fp64).
 
-Where the KL goes is the caller's choice (METHODS.md §1, "Placement"): into the reward with
+Where the KL goes is the caller's choice (docs/methods.md §1, "Placement"): into the reward with
 ``policy_gradient.shape_rewards_with_kl``, or into the loss as
 ``kl_coef * masked_mean(kl_penalty(...), mask)``.
 """
@@ -31,7 +31,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: KLEstimator) -> Tensor:
     - ``"k2"``: k2 = ½ρ²                    biased (E_π[k2] = KL + O(ρ³)), ≥ 0;
     - ``"k3"``: k3 = (r − 1) − log r = exp(−ρ) − 1 + ρ    unbiased and ≥ 0.
 
-    Elementwise; returns the broadcast shape of the inputs. METHODS.md §1.
+    Elementwise; returns the broadcast shape of the inputs. docs/methods.md §1.
     """
     log_ratio = at_least_fp32(logp) - at_least_fp32(ref_logp)
     if kind == "k1":
@@ -73,7 +73,7 @@ def prioritized_kl_weights(
     form: CertaintyForm = "entropy",
     certainty_temperature: float | None = None,
 ) -> Tensor:
-    """Per-token weights of the prioritised KL: w(s) = Ĵ(s)^β_c, no gradient (METHODS.md §3).
+    """Per-token weights of the prioritised KL: w(s) = Ĵ(s)^β_c, no gradient (docs/methods.md §3).
 
     Ĵ is the reference's certainty at the state (``tether.objectives.common.certainty``; 1 = one-hot,
     0 = uniform), β_c = ``certainty_exponent`` (the paper's 150; good range 10–500). The KL is

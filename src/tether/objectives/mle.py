@@ -27,7 +27,7 @@ def smoothed_token_loss(logits: Tensor, targets: Tensor, epsilon: float) -> Tens
         ℓ = (1−ε)·(−log π(y|s)) + ε·(1/V)·Σ_a −log π(a|s),
 
     the cross-entropy against the mixture (1−ε)·onehot(y) + ε·uniform(V). Why it preserves
-    support (METHODS.md §6, Tiapkin et al. 2023's smoothed behaviour cloning): the term
+    support (docs/methods.md §6, Tiapkin et al. 2023's smoothed behaviour cloning): the term
     −(ε/V)·log π(a|s) grows without bound as π(a|s) → 0, so no token can be driven to zero; the
     minimiser over π(·|s) is the mixture itself, π(y|s) = 1−ε+ε/V and π(a|s) = ε/V for every
     other a, whatever the logits can reach. KL(π‖π_BC) stays finite for every π, which KL-RL

@@ -1,4 +1,4 @@
-"""Policy-gradient pieces of KL-regularised RL: returns, advantages and losses (METHODS.md §2).
+"""Policy-gradient pieces of KL-regularised RL: returns, advantages and losses (docs/methods.md §2).
 
 REINFORCE with a baseline, RLOO, A2C (value head + GAE(γ, λ)) and PPO-clip are assembled from
 these pure functions. Tensors are [B, T] over completion tokens with a float ``mask`` [B, T]
@@ -59,7 +59,7 @@ def terminal_rewards(seq_rewards: Tensor, mask: Tensor) -> Tensor:
 
 
 def shape_rewards_with_kl(token_rewards: Tensor, kl: Tensor, kl_coef: float) -> Tensor:
-    """KL in the reward (METHODS.md §1, "Placement"): r̃_t = r_t − kl_coef · kl_t, per token.
+    """KL in the reward (docs/methods.md §1, "Placement"): r̃_t = r_t − kl_coef · kl_t, per token.
 
     ``kl`` is a per-token penalty such as ``kl_penalty(...)`` (0 at padding). Both are detached:
     a shaped reward is a constant of the policy-gradient estimator, so the KL reaches the policy

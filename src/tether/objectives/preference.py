@@ -1,11 +1,11 @@
-"""Preference objectives: DPO, IPO, XPO, and the Bradley–Terry reward model (METHODS.md §7).
+"""Preference objectives: DPO, IPO, XPO, and the Bradley–Terry reward model (docs/methods.md §7).
 
 Every loss here is a function of *sequence-level* quantities, one number per response:
 
     h_θ(x, y) = Σ_t m_t·(log π_θ(y_t|s_t) − log π_ref(y_t|s_t))        (:func:`sequence_logratios`)
 
 with the chosen response y_w ("winner", y+) and the rejected one y_l ("loser", y−) of a pair.
-β·h_θ(x, y) is DPO's *implicit reward*: the KL-RL optimum π* ∝ π_ref·exp(r/β) (METHODS.md §2)
+β·h_θ(x, y) is DPO's *implicit reward*: the KL-RL optimum π* ∝ π_ref·exp(r/β) (docs/methods.md §2)
 satisfies r(x, y) = β·log(π*/π_ref)(y|x) + β·log Z(x), and Z(x) cancels in a pairwise
 difference. So a preference loss on Δ = h_θ(y_w) − h_θ(y_l) fits the KL-RL optimum directly,
 with β the KL strength, no reward model and no sampling.
@@ -167,7 +167,7 @@ def xpo_loss(
     label_smoothing: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """XPO (Xie et al. 2024, "Exploratory Preference Optimization", arXiv 2405.21046;
-    METHODS.md §7): online DPO plus an exploration bonus, minimised:
+    docs/methods.md §7): online DPO plus an exploration bonus, minimised:
 
         L = −log σ(β·Δ) + α·log π_θ(ỹ|x),        ỹ ∼ π_ref(·|x),
 
@@ -222,7 +222,7 @@ def preference_pairs(
 
     Two responses per prompt, a and b, scored by a reward model or checker ([B] each).
     ``policy_sample`` names the one sampled from the policy π_θ: a tie goes to it, as in XPO
-    (y ∼ π_θ vs ỹ ∼ π_ref, "ties → policy sample", METHODS.md §7). Preferring the policy's
+    (y ∼ π_θ vs ỹ ∼ π_ref, "ties → policy sample", docs/methods.md §7). Preferring the policy's
     response on a tie leaves the reference's sample rejected, in line with XPO's optimism:
     a tie never pulls the policy toward what π_ref says. When both responses come from the
     policy (online DPO with two policy samples) the choice is arbitrary: pass ``"a"``. Tied

@@ -33,7 +33,7 @@ class Task(Protocol):
 
 @dataclass
 class AdditionTask:
-    """Scratchpad addition: pre-training on 1..N digits, RL on N+1 (METHODS.md §3)."""
+    """Scratchpad addition: pre-training on 1..N digits, RL on N+1 (docs/methods.md §3)."""
 
     max_digits: int
     long_fraction: float = 0.0  # share of pre-training problems from the N+1 distribution

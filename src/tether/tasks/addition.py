@@ -1,7 +1,7 @@
 """Scratchpad addition (Lee et al. 2024), the task of the critical-token paper.
 
 Prompt ``Input:\\n{a}+{b}\\nTarget:``; the target is a scratchpad that peels one digit off
-each operand per line, then the answer as space-separated digits (METHODS.md §3)::
+each operand per line, then the answer as space-separated digits (docs/methods.md §3)::
 
     <scratch>
     [1,2,3,4] + [5,6,7] , A=[] , C=0 , 4+7+0=11 , A->1 , C->1

@@ -1,4 +1,4 @@
-"""The enumerable task: a response space small enough to list in full (METHODS.md §2, §5).
+"""The enumerable task: a response space small enough to list in full (docs/methods.md §2, §5).
 
 Every claim of the Bayesian view (KL-RL's optimum is p* ∝ π_ref·exp(r/β); DPG's gradient is
 unbiased; β → 0 collapses onto argmax r) is a statement about sums over *all* responses. This
@@ -9,7 +9,7 @@ true KL, Z, entropy and reward of a policy, not estimates.
 The space (N = ``max_digits``; L = N + 1 tokens is the generation budget):
 
 - every string of 0..N digits from ``0123`` followed by EOS: an answer that *stopped*;
-- every string of L digits without EOS: an answer cut at the budget (METHODS.md §1: truncated,
+- every string of L digits without EOS: an answer cut at the budget (docs/methods.md §1: truncated,
   not terminal), which counts as one outcome of its own.
 
 That is exactly what ``sample(..., max_new_tokens=L, allowed_token_ids=...)`` can return, so
@@ -35,7 +35,7 @@ uniform digit strings of 0..N digits, so a brief MLE run gives a reference that 
 to the vocabulary.
 
 With ``demonstrations="expert"`` (``task.demonstrations: expert``) ``pretrain_problem`` draws
-from a fixed expert instead, for demonstration-regularised RL (METHODS.md §6: behaviour cloning
+from a fixed expert instead, for demonstration-regularised RL (docs/methods.md §6: behaviour cloning
 on N_E demonstrations, ``task.train_size``, then KL-RL toward the clone). The expert is good but
 imperfect, so that the RL after the clone has something to gain: with probability s, the best
 share (``task.expert_share``, default :data:`EXPERT_BEST_SHARE` = 0.9), a best answer (r = 1)
