@@ -139,5 +139,14 @@ def test_the_mle_and_dpo_stages_compute_the_plain_loss(tiny_checkpoint, monkeypa
             torch.testing.assert_close(
                 batch.ref_logp * tokens.loss_mask, ref_logp * tokens.loss_mask
             )
-            expected, _ = stage.loss(model, type(batch)(tokens, ref_logp))
+            # the sigmoid DPO loss written out: pairs are rows [0, b) chosen, [b, 2b) rejected
+            b, beta = batch.pairs, recipe.preference.beta
+            h = ((logp - ref_logp) * tokens.loss_mask).sum(1)
+            expected = -torch.nn.functional.logsigmoid(beta * (h[:b] - h[b:])).mean()
         torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+        # and the gradient: the length groups' backward is the plain pass's
+        params = list(model.parameters())
+        for g, w in zip(
+            torch.autograd.grad(loss, params), torch.autograd.grad(expected, params), strict=True
+        ):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)

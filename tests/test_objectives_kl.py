@@ -264,3 +264,34 @@ def test_kl_penalty_values_weights_and_padding():
     logp.requires_grad_(True)
     kl_penalty(logp, ref_logp, mask, "k3", weights=weights).sum().backward()
     assert torch.isfinite(logp.grad).all() and torch.all(logp.grad[1, 1:] == 0)
+
+
+# ------------------------------------------------- what each estimator's gradient is, in the loss
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_expected_gradient_of_each_estimator_in_the_loss(kind):
+    """With the KL in the loss, the gradient flows through log π of tokens already sampled
+    (no score-function term), so the expected gradient is Σ_a π(a)·∇k(ρ_a), enumerated
+    exactly here on one categorical: k2 gives ∇KL(π‖π_ref), the reverse KL that KL-RL
+    regularises; k3 gives ∇KL(π_ref‖π), the forward KL (GRPO's choice); k1 gives 0 in
+    expectation. Derivation: ∇k1 = ∇log π, ∇k2 = ρ·∇log π, ∇k3 = (1 − π_ref/π)·∇log π, and
+    Σ_a π·∇log π = 0."""
+    torch.manual_seed(0)
+    theta = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    ref_logits = torch.randn(7, dtype=torch.float64)
+    logp = torch.log_softmax(theta, -1)
+    ref_logp = torch.log_softmax(ref_logits, -1)
+    probs = logp.exp().detach()  # the sampling distribution: no gradient through it
+    per_token = kl_penalty(logp, ref_logp, torch.ones(7), kind)
+    (estimated,) = torch.autograd.grad((probs * per_token).sum(), theta, retain_graph=True)
+
+    reverse = (logp.exp() * (logp - ref_logp)).sum()  # KL(π‖π_ref)
+    forward = (ref_logp.exp() * (ref_logp - logp)).sum()  # KL(π_ref‖π)
+    (grad_reverse,) = torch.autograd.grad(reverse, theta, retain_graph=True)
+    (grad_forward,) = torch.autograd.grad(forward, theta)
+    expected = {"k1": torch.zeros(7, dtype=torch.float64), "k2": grad_reverse, "k3": grad_forward}
+    assert torch.allclose(estimated, expected[kind], atol=1e-12)
+    # and the three differ: the test would see a swap
+    assert not torch.allclose(grad_reverse, grad_forward, atol=1e-3)
+    assert grad_reverse.abs().max() > 1e-2
