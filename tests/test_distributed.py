@@ -115,22 +115,24 @@ def test_two_processes_end_where_one_does(stage, tiny_checkpoint, tmp_path):
     assert (two / "summary.json").is_file() and (two / "checkpoints" / "step-000002").is_dir()
 
 
+@pytest.mark.parametrize("algorithm", ["a2c", "reinforce"])
 def test_rl_two_processes_equal_one_on_the_same_rollouts_and_shard_sampling(
-    tiny_checkpoint, tmp_path
+    algorithm, tiny_checkpoint, tmp_path
 ):
     script = str(HERE / "distributed" / "rl_same_batch.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, script, str(tiny_checkpoint), str(tmp_path / "one.pt")],
+        [sys.executable, script, str(tiny_checkpoint), str(tmp_path / "one.pt"), algorithm],
         check=True,
         env=env,
         timeout=300,
     )
-    torchrun([], tmp_path, script=[script, str(tiny_checkpoint), str(tmp_path / "two.pt")])
+    args = [script, str(tiny_checkpoint), str(tmp_path / "two.pt"), algorithm]
+    torchrun([], tmp_path, script=args)
     one = torch.load(tmp_path / "one.pt")
     two = torch.load(tmp_path / "two.pt")
     assert max_difference(one["params"], two["params"]) < ATOL
-    assert any("value_head" in k for k in one["params"])
+    assert any("value_head" in k for k in one["params"]) == (algorithm == "a2c")
     # the sharded rollout: each process sampled half the prompts, together the same ones
     (everything,) = one["prompts"]
     first, second = two["prompts"]

@@ -1,5 +1,6 @@
-"""Run by tests/test_distributed.py, as one process or under torchrun: two A2C steps of the
-RL stage on a global rollout that does not depend on the number of processes, then one
+"""Run by tests/test_distributed.py, as one process or under torchrun: two steps of the RL
+stage (A2C, or the algorithm given as a third argument: REINFORCE's baseline is a mean over every
+process's tokens) on a global rollout that does not depend on the number of processes, then one
 sharded rollout. Writes the trained parameters and the sampled prompts to OUT (a .pt file).
 
 Every process builds the stage and samples the whole global rollout inside
@@ -9,6 +10,7 @@ the processes compute together must equal what one process computes on the whole
 
 import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -31,7 +33,7 @@ def rows_of(rollout, lo, hi):
     return type(rollout)(**out)
 
 
-def main(checkpoint: str, out: str) -> None:
+def main(checkpoint: str, out: str, algorithm: str = "a2c") -> None:
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
     recipe = load_recipe(
@@ -40,10 +42,14 @@ def main(checkpoint: str, out: str) -> None:
             "task.name=first-digit",
             f"model.init={checkpoint}",
             "train.stage=rl",
-            "rl.algorithm=a2c",  # a value head outside DDP: its gradients are averaged by hand
+            f"rl.algorithm={algorithm}",  # a2c: a value head outside DDP, averaged by hand
             "rl.prompts_per_step=8",
             "rl.kl_estimator=k3",
             "rl.entropy_coef=0.01",
+            "rl.gamma=0.9",  # returns vary along a row, so a per-process baseline would differ
+            "rl.max_new_tokens=6",
+            "reward.kind=python",
+            f"reward.function={Path(__file__).parent / 'varied_reward.py'}:reward",
             "optim.lr=1e-2",
         ],
     )
@@ -74,11 +80,11 @@ def main(checkpoint: str, out: str) -> None:
         params = {
             n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()
         }
-        params.update(
-            {f"value_head.{n}": p.detach().clone() for n, p in stage.value_head.named_parameters()}
-        )
+        if stage.value_head is not None:
+            head = stage.value_head.named_parameters()
+            params.update({f"value_head.{n}": p.detach().clone() for n, p in head})
         torch.save({"params": params, "prompts": every}, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

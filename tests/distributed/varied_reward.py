@@ -1,0 +1,6 @@
+"""A reward that differs between completions (the tiny random policy solves nothing, so the
+task's checker would give every row the same reward and every baseline would agree)."""
+
+
+def reward(prompt: str, completion: str) -> float:
+    return sum(ord(c) for c in completion) % 7 / 7.0
