@@ -92,6 +92,22 @@ def test_a_python_reward_must_return_a_finite_number(tmp_path, value):
         PythonReward(f"{path}:reward")([SimpleNamespace(prompt="p")], ["x"])
 
 
+def test_a_python_reward_that_raises_names_the_function_the_error_and_the_completion(tmp_path):
+    path = _write(tmp_path, "def reward(prompt, completion):\n    raise KeyError('oops')\n")
+    with pytest.raises(RewardError) as err:
+        PythonReward(f"{path}:reward")([SimpleNamespace(prompt="p")], ["12"])
+    assert (
+        str(err.value)
+        == f"reward.function '{path}:reward' raised KeyError('oops') on completion '12'"
+    )
+
+
+@pytest.mark.parametrize("spec", ["os:getcwd", "operator:not_"])
+def test_a_python_reward_of_the_wrong_signature_is_refused_when_built(spec):
+    with pytest.raises(RewardError, match=r"must take two arguments \(prompt, completion\)"):
+        PythonReward(spec)
+
+
 def test_a_reward_model_checkpoint_scores_as_its_head_says(tiny_checkpoint, tmp_path):
     from tether.models import load_model_and_tokenizer
     from tether.preference_stage import REWARD_HEAD_FILE, last_token_scores, save_reward_head

@@ -511,8 +511,8 @@ def random_checkpoint(folder: Path, width: int, layers: int = 4) -> Path:
     from tether.train import save_checkpoint
 
     heads = width // 64 if width >= 256 and width % 64 == 0 else 4
-    if width % heads:
-        raise ValueError(f"width {width} is not a multiple of {heads} heads")
+    if width % heads or (width // heads) % 2:
+        raise ValueError(f"width {width} is not a multiple of {heads} heads of an even size")
     tokenizer = char_tokenizer()
     torch.manual_seed(0)
     model = build_model(tokenizer, "llama", layers, heads, width, 1024)

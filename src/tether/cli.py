@@ -7,6 +7,7 @@ Every command turns a bad input (recipe, checkpoint, run directory, argument) in
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from functools import wraps
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_SEED = 2**32 - 1  # what NumPy's and a recipe's seed allow
 
 
 @app.callback()
@@ -51,12 +53,14 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from tether.config import RecipeError
         from tether.models import ModelLoadError
+        from tether.reward_functions import RewardError
         from tether.tasks.jsonl import DatasetError
         from tether.train import NonFiniteError, RunDirError, TrainingInterrupted
 
+        input_errors = (RecipeError, ModelLoadError, RunDirError, DatasetError, RewardError)
         try:
             return fn(*args, **kwargs)
-        except (RecipeError, ModelLoadError, RunDirError, DatasetError, UsageError) as err:
+        except (*input_errors, UsageError) as err:
             _fail(str(err))
         except TrainingInterrupted as err:  # a checkpoint was saved; say how to go on
             typer.echo(f"interrupted: {err}", err=True)
@@ -66,8 +70,36 @@ def friendly_errors(fn: F) -> F:
             raise typer.Exit(1) from None
         except FileNotFoundError as err:
             _fail(f"{err.filename}: no such file or directory")
+        except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError) as err:
+            # a path that cannot be written (most are caught up front by check_out)
+            reason = err.strerror or type(err).__name__
+            _fail(f"{err.filename}: {reason}" if err.filename else reason)
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_out(option: str, path: Path, file: bool = False) -> None:
+    """Refuse up front an output path that cannot be written: ``path`` is a folder to use or
+    create (with ``file``, a file in such a folder). A one-line UsageError naming the option,
+    the path and why; nothing is left behind."""
+    import tempfile
+
+    folder = path.parent if file else path
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f"{existing} "
+        raise UsageError(f"{option} {path}: {where}is a file, not a folder")
+    try:  # the one sure test of permissions (root, read-only mounts, /proc): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".tether-check-", dir=existing))
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        if existing == folder:
+            raise UsageError(f"{option} {path}: cannot write in {folder} ({reason})") from None
+        raise UsageError(
+            f"{option} {path}: cannot create the folder in {existing} ({reason})"
+        ) from None
 
 
 def parse_digits(text: str) -> list[int]:
@@ -120,6 +152,7 @@ def train(
     else:
         cfg = load_recipe(recipe, set_ or [])
         out = out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_out("--out", out)
     summary = run(cfg, out, progress=not quiet, resume=resume is not None)
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"run directory: {out}  (final model: {out / 'model'})")
@@ -148,7 +181,9 @@ def eval_(
     max_digits: Annotated[
         int | None, typer.Option(help="N of the model (default: from the checkpoint)")
     ] = None,
-    seed: Annotated[int, typer.Option(help="seed of the problems and of sampling")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="seed of the problems and of sampling")
+    ] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     temperatures: Annotated[
         str | None,
@@ -184,6 +219,8 @@ def eval_(
         resolve_checkpoint,
     )
 
+    if max_digits is not None and not 1 <= max_digits <= 18:
+        raise UsageError(f"--max-digits {max_digits}: must lie in 1..18 (N of the model)")
     path = resolve_checkpoint(checkpoint)
     trained_on = checkpoint_task(path)
     task = task or trained_on.get("name", "addition")
@@ -209,7 +246,7 @@ def eval_(
         progress=not json_,
     )
     if certainty:
-        big_n = max_digits or checkpoint_max_digits(path)
+        big_n = max_digits if max_digits is not None else checkpoint_max_digits(path)
         if big_n is None:
             raise UsageError("--certainty needs --max-digits N (the checkpoint does not record it)")
         result["certainty"] = evaluate.critical_certainty(
@@ -226,12 +263,14 @@ def eval_(
 
 
 def _parse_temperatures(text: str) -> list[float]:
+    import math
+
     try:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise UsageError(f"--temperatures {text!r}: expected numbers, e.g. 0.5,1") from None
-    if not values or any(t < 0 for t in values):
-        raise UsageError(f"--temperatures {text!r}: expected temperatures >= 0, e.g. 0.5,1")
+    if not values or any(not 0 <= t < math.inf for t in values):  # nan and inf too
+        raise UsageError(f"--temperatures {text!r}: expected finite temperatures >= 0, e.g. 0.5,1")
     return values
 
 
@@ -261,7 +300,7 @@ def _eval_samples(
             fields = {"name": task_name}
         task = task_from_config(TaskConfig.model_validate(fields))
     except ValueError as err:
-        raise UsageError(f"--task {task_name!r}: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"--task {task_name!r}: {_first_error(err)}") from None
     sweep_ts = _parse_temperatures(temperatures) if temperatures else [temperature]
     model, tokenizer = load_model_and_tokenizer(str(path))
     rng = random.Random(f"tether-eval/{seed}")
@@ -344,7 +383,7 @@ def winrate(
     prompts: Annotated[int, typer.Option(min=2, help="prompts drawn from the task")] = 64,
     samples: Annotated[int, typer.Option(min=1, help="samples per prompt and model (M)")] = 32,
     temperature: Annotated[float, typer.Option(help="sampling temperature, > 0")] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     reward: Annotated[
         str | None,
         typer.Option(
@@ -379,7 +418,12 @@ def winrate(
     from rich.table import Table
 
     from tether.config import Recipe, RewardConfig, TaskConfig
-    from tether.models import ModelLoadError, load_model_and_tokenizer, resolve_checkpoint
+    from tether.models import (
+        ModelLoadError,
+        checkpoint_meta,
+        load_model_and_tokenizer,
+        resolve_checkpoint,
+    )
     from tether.reward_functions import RewardError, build_reward
     from tether.tasks import task_from_config
     from tether.winrate import evaluate_winrate, plot_winrate
@@ -389,12 +433,13 @@ def winrate(
         raise UsageError(f"--mode {mode!r}: choose best or worst")
     if not temperature > 0:
         raise UsageError(f"--temperature {temperature}: must be > 0 (best-of-N needs samples)")
+    if plot is not None:
+        check_out("--plot", plot, file=True)
     if threads:
         torch.set_num_threads(threads)
 
     path = resolve_checkpoint(policy)
-    meta_file = path / "tether.json"
-    meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = checkpoint_meta(path)
     reference_name = reference or meta.get("init")
     if not reference_name:
         raise UsageError(
@@ -542,6 +587,7 @@ def _exact_setup(
     from pydantic import ValidationError
 
     from tether.config import TaskConfig
+    from tether.models import checkpoint_meta
     from tether.tasks import task_from_config
 
     if task_name != "enumerable":
@@ -556,8 +602,7 @@ def _exact_setup(
     except ValidationError as err:
         message = err.errors()[0]["msg"].removeprefix("Value error, ")
         raise UsageError(f"--exact: {message}") from None
-    meta_file = path / "tether.json"
-    meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = checkpoint_meta(path)
     reference = reference or meta.get("init")
     if reference is None:
         raise UsageError(
@@ -698,7 +743,7 @@ def sample(
     count: Annotated[int, typer.Option(min=1, help="problems to draw with --digits")] = 4,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 512,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
     """Generate completions for prompts (or for random addition problems)."""
@@ -713,6 +758,8 @@ def sample(
     problems: list[addition.Problem | None]
     if prompt:
         prompts = [p.replace("\\n", "\n") for p in prompt]
+        if not all(prompts):
+            raise UsageError("--prompt '': empty; give the text to complete")
         problems = [None] * len(prompts)
     elif digits is not None:
         if not 1 <= digits <= 18:
@@ -764,6 +811,7 @@ def report(
         if not d.is_dir():
             raise UsageError(f"{d}: not a run directory")
     out = out or run_dirs[0] / "report"
+    check_out("--out", out)
     try:
         path = make_report(run_dirs, out)
     except ValueError as err:
@@ -793,6 +841,7 @@ def demo(
     from tether.demo import run_demo
 
     out = out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_out("--out", out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: already exists and is not empty")
     report = run_demo(
@@ -949,6 +998,10 @@ def bench_steps(
     from tether.bench_steps import bench_steps as run_bench
 
     stages = _choices("--stage", stage, STAGES)
+    if width is not None and width % 8:
+        raise UsageError(
+            f"--width {width}: must be a multiple of 8 (4 attention heads, each of an even size)"
+        )
     (precision,) = _choices("--precision", [precision], ("fp32", "bf16"))
     with bench_model(model, width, layers) as path:
         job = StepsJob(
@@ -1071,6 +1124,8 @@ def study_imitation(
     Self-BLEU over temperatures, reward-score correlation, and the small-data setting."""
     from tether.study_imitation import PARTS, run_imitation_study
 
+    check_out("--out", out)
+
     parts = tuple(part or PARTS)
     for name in parts:
         if name not in PARTS:
@@ -1119,7 +1174,9 @@ def study_ctrl(
     out: Annotated[Path, typer.Option(help="study folder")] = Path("runs/ctrl"),
     kl_coefs: Annotated[str, typer.Option(help="rl.kl_coef values, comma-separated")] = "0.3,1,3",
     seeds: Annotated[int, typer.Option(min=1)] = 1,
-    first_seed: Annotated[int, typer.Option(min=0, help="seeds first_seed..+seeds-1")] = 0,
+    first_seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="seeds first_seed..+seeds-1")
+    ] = 0,
     steps: Annotated[int | None, typer.Option(min=1, help="training steps per run")] = None,
     prompts: Annotated[int, typer.Option(min=2, help="held-out prompts per evaluation")] = 64,
     samples: Annotated[int, typer.Option(min=1, help="samples per prompt and model")] = 16,
@@ -1134,6 +1191,8 @@ def study_ctrl(
     """KL-RL on the raw reward vs the calibrated reward vs CTRL's best-of-4 transform on
     4-digit addition: best-of-N win rate against the reference, at matched KL."""
     from tether.study_preferences import run_ctrl_study
+
+    check_out("--out", out)
 
     report = run_ctrl_study(
         out,
@@ -1157,7 +1216,9 @@ def study_xpo(
     out: Annotated[Path, typer.Option(help="study folder")] = Path("runs/xpo"),
     alphas: Annotated[str, typer.Option(help="XPO α values, comma-separated")] = "0.001,0.01",
     seeds: Annotated[int, typer.Option(min=1)] = 2,
-    first_seed: Annotated[int, typer.Option(min=0, help="seeds first_seed..+seeds-1")] = 0,
+    first_seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="seeds first_seed..+seeds-1")
+    ] = 0,
     steps: Annotated[int | None, typer.Option(min=1, help="training steps per run")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a key in every run: a.b=value")
@@ -1167,6 +1228,8 @@ def study_xpo(
     """Online DPO vs XPO on 4-digit addition at T = 1.5, where the reference rarely solves a
     problem: on-policy accuracy against samples drawn."""
     from tether.study_preferences import run_xpo_study
+
+    check_out("--out", out)
 
     report = run_xpo_study(
         out,
@@ -1187,7 +1250,7 @@ def study_collapse(
     out: Annotated[Path, typer.Option(help="study folder")] = Path("runs/collapse"),
     steps: Annotated[int, typer.Option(min=1, help="training steps per arm")] = 300,
     eval_every: Annotated[int, typer.Option(min=1, help="steps between exact evaluations")] = 25,
-    seed: Annotated[int, typer.Option(min=0)] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a key in every arm: a.b=value")
     ] = None,
@@ -1196,6 +1259,8 @@ def study_collapse(
     """Distribution collapse on the enumerable task: reward maximisation, KL-RL at several β,
     DPG and f-DPG (JS), all judged exactly against the same target p* ∝ π_ref·exp(r/0.1)."""
     from tether.study_bayes import run_collapse_study
+
+    check_out("--out", out)
 
     report = run_collapse_study(
         out,
@@ -1238,6 +1303,8 @@ def study_demo_rl(
     """Demonstration-regularised RL on the enumerable task: label-smoothed behaviour cloning on
     N_E expert answers, then KL-RL toward the clone, swept over N_E and β; the best β per N_E."""
     from tether.study_demo_rl import Grid, run_demo_rl_study
+
+    check_out("--out", out)
 
     grid = Grid(
         num_demos=tuple(_ints("--num-demos", num_demos)),

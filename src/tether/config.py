@@ -145,6 +145,12 @@ class ModelConfig(Strict):
     def _heads_divide_width(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        head = self.n_embd // self.n_head
+        if self.arch == "llama" and head % 2:
+            raise ValueError(
+                f"n_embd / n_head (the head size, {head}) must be even for arch llama "
+                "(rotary position embeddings turn pairs of dimensions)"
+            )
         if self.lora is not None and self.init is None:
             raise ValueError(
                 "model.lora needs model.init: adapters are trained on a checkpoint "
@@ -470,7 +476,7 @@ class TrackingConfig(Strict):
 class Recipe(Strict):
     name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

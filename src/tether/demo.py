@@ -15,6 +15,7 @@ from typing import Any
 
 from tether.config import load_recipe
 from tether.report import _mean_ci, make_group_report
+from tether.study_common import refuse_controlled_keys
 from tether.train import train
 
 REPORT_KEYS = (
@@ -28,6 +29,14 @@ REPORT_KEYS = (
 
 # the paper's sweep of the certainty exponent β_c: gains from 10 to 500, collapse at 10000
 SWEEP_EXPONENTS = (10.0, 50.0, 150.0, 500.0, 1000.0, 10000.0)
+
+# keys the demo sets per run or arm: a --set of them would break the comparison
+CONTROLLED = {
+    "seed": "sets each run's seed; use --seeds",
+    "train.steps": "sets the steps of every run; use --steps",
+    "rl.certainty_exponent": "sets it per arm (none for the standard KL); use "
+    "--certainty-exponent or --sweep",
+}
 
 SMALL = {"seeds": 3, "steps": 12, "eval_every": 4, "prompts_per_step": 32, "eval_n": 64}
 FULL = {"seeds": 10, "steps": 80, "eval_every": 10, "prompts_per_step": 50, "eval_n": 200}
@@ -47,6 +56,7 @@ def run_demo(
     """Run the standard arm and the prioritised arm (or, with ``sweep``, one arm per β_c in
     :data:`SWEEP_EXPONENTS`) over the seeds into ``out``; returns the report's markdown path.
     ``overrides`` (``a.b=value``) apply to every arm."""
+    refuse_controlled_keys(overrides or [], CONTROLLED, "tether demo")
     setting = dict(FULL if full else SMALL)
     setting["seeds"] = seeds or setting["seeds"]
     setting["steps"] = steps or setting["steps"]

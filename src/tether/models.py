@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -152,11 +153,37 @@ def prompt_text(tokenizer: Any, prompt: str) -> str:
     return prompt
 
 
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """A tether checkpoint's ``tether.json`` (how it was trained); empty for checkpoints
+    written elsewhere. ModelLoadError naming the file if it is damaged."""
+    meta = Path(path) / "tether.json"
+    if not meta.is_file():
+        return {}
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        first = str(err).strip().splitlines()[0]
+        raise ModelLoadError(
+            f"checkpoint {str(path)!r}: tether.json is not valid JSON ({first})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(
+            f"checkpoint {str(path)!r}: tether.json must hold a JSON object, "
+            f"not {type(data).__name__}"
+        )
+    for key in ("task", "reward", "dpg"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ModelLoadError(
+                f"checkpoint {str(path)!r}: tether.json: {key!r} must be an object, "
+                f"not {type(data[key]).__name__}"
+            )
+    return data
+
+
 def checkpoint_task(path: Path) -> dict[str, Any]:
     """The ``task`` section a tether checkpoint was trained with (its ``tether.json``); empty
     for checkpoints written elsewhere."""
-    meta = path / "tether.json"
-    return dict(json.loads(meta.read_text()).get("task", {})) if meta.is_file() else {}
+    return dict(checkpoint_meta(path).get("task") or {})
 
 
 def checkpoint_max_digits(path: Path) -> int | None:
@@ -211,7 +238,7 @@ def load_model_and_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # missing or damaged files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"checkpoint {str(path)!r}: could not load ({first})") from err
     if "gguf_file" in kwargs:

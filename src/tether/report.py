@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,24 +39,31 @@ def _is_number(value: Any) -> bool:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``; blank lines are skipped. ValueError (naming the file
-    and line) for a missing file, a line that is not JSON, or a record that is not an object
-    with a ``step``."""
+    """The records of a ``metrics.jsonl``; blank lines are skipped, and so is a last line that
+    is not valid JSON (the process was killed while writing it; a warning on stderr).
+    ValueError (naming the file and line) for a missing file, an earlier line that is not JSON,
+    or a record that is not an object with a ``step``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file (a run directory must contain metrics.jsonl)")
+    with path.open(errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
     records = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or "step" not in record:
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object with a 'step'")
-            records.append(record)
+    for i, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                print(
+                    f"warning: {path}, line {lineno}: skipping a partial last line "
+                    "(the run stopped while writing it)",
+                    file=sys.stderr,
+                )
+                break
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(f"{path}, line {lineno}: expected a JSON object with a 'step'")
+        records.append(record)
     return records
 
 

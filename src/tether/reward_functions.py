@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -93,6 +94,17 @@ def load_function(spec: str) -> Callable[..., Any]:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise RewardError(f"reward.function {spec!r}: {where} has no function {name!r}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some built-ins have none: checked when called
+        return fn  # type: ignore[no-any-return]
+    try:
+        signature.bind("prompt", "completion")
+    except TypeError:
+        raise RewardError(
+            f"reward.function {spec!r}: must take two arguments (prompt, completion), "
+            f"but its signature is {name}{signature}"
+        ) from None
     return fn  # type: ignore[no-any-return]
 
 
@@ -107,7 +119,12 @@ class PythonReward:
     def __call__(self, problems: Sequence[Any], completions: Sequence[str]) -> Tensor:
         values = []
         for p, c in zip(problems, completions, strict=True):
-            value = self.fn(p.prompt, c)
+            try:
+                value = self.fn(p.prompt, c)
+            except Exception as err:  # the user's code: name it, the error and the input
+                raise RewardError(
+                    f"reward.function {self.spec!r} raised {err!r} on completion {c[:60]!r}"
+                ) from err
             try:
                 number = float(value)
             except (TypeError, ValueError):

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tether.config import load_recipe
+from tether.config import Recipe, load_recipe
 from tether.exact_eval import ExactTarget, exact_figures, exact_space
 from tether.models import load_model_and_tokenizer
-from tether.study_common import finished, stem, train_once
+from tether.study_common import finished, refuse_controlled_keys, stem, train_once
 from tether.tasks import task_from_config
 from tether.train import step_checkpoints
 
@@ -47,6 +47,18 @@ COLLAPSE_ARMS: dict[str, list[str]] = {
     "KL-RL β=0.3": _kl_rl(0.3),
     "DPG β=0.1": ["dpg.divergence=forward_kl", f"dpg.beta={TARGET_BETA}"],
     "f-DPG JS β=0.1": ["dpg.divergence=js", f"dpg.beta={TARGET_BETA}"],
+}
+_PER_ARM = "sets it per arm (the divergence and β of each); it cannot be overridden"
+# keys the study sets per arm: a --set of them would break the comparison
+CONTROLLED = {
+    "seed": "sets every run's seed; use --seed",
+    "train.steps": "sets the steps of every arm; use --steps",
+    "train.eval_every": "evaluates every checkpoint; use --eval-every",
+    "train.checkpoint_every": "evaluates every checkpoint; use --eval-every",
+    "train.keep_checkpoints": "keeps every checkpoint (each is a point of the curves)",
+    "model.init": "trains its own reference (OUT/reference) and starts every arm from it",
+    "dpg.divergence": _PER_ARM,
+    "dpg.beta": _PER_ARM,
 }
 FIGURES = ("kl_target_policy", "kl_policy_target", "entropy", "reward", "accuracy")
 
@@ -84,30 +96,36 @@ def run_collapse_study(
 ) -> Path:
     """Train the reference and every arm (reusing finished runs), evaluate every checkpoint
     exactly, write ``out/report.md`` with ``collapse.png``."""
-    t0 = time.perf_counter()
+    overrides = list(overrides or [])
+    refuse_controlled_keys(overrides, CONTROLLED, "tether study collapse")
     ref_run = out / "reference"
+
+    def arm_recipe(arm_overrides: list[str]) -> Recipe:
+        return load_recipe(
+            "dpg-enumerable",
+            [
+                f"seed={seed}",
+                f"model.init={ref_run / 'model'}",
+                f"train.steps={steps}",
+                f"train.eval_every={eval_every}",
+                f"train.checkpoint_every={eval_every}",
+                "train.keep_checkpoints=null",
+                *overrides,
+                *arm_overrides,
+            ],
+        )
+
+    recipes = {arm: arm_recipe(extra) for arm, extra in COLLAPSE_ARMS.items()}  # checked first
+    t0 = time.perf_counter()
     if not finished(ref_run):
         echo(f"[{time.perf_counter() - t0:6.0f}s] collapse: the reference")
-        train_once(load_recipe("enumerable-reference", [f"seed={seed}"]), ref_run, progress)
+    train_once(load_recipe("enumerable-reference", [f"seed={seed}"]), ref_run, progress)
     curves: dict[str, list[dict[str, float]]] = {}
-    for arm, arm_overrides in COLLAPSE_ARMS.items():
+    for arm, recipe in recipes.items():
         run = out / stem(arm)
         if not finished(run):
             echo(f"[{time.perf_counter() - t0:6.0f}s] collapse: {arm}")
-            recipe = load_recipe(
-                "dpg-enumerable",
-                [
-                    f"seed={seed}",
-                    f"model.init={ref_run / 'model'}",
-                    f"train.steps={steps}",
-                    f"train.eval_every={eval_every}",
-                    f"train.checkpoint_every={eval_every}",
-                    "train.keep_checkpoints=null",
-                    *(overrides or []),
-                    *arm_overrides,
-                ],
-            )
-            train_once(recipe, run, progress)
+        train_once(recipe, run, progress)  # a finished run: checked, then reused
         curves[arm] = curve(run, ref_run / "model")
     report = write_collapse_report(out, curves, steps)
     echo(f"[{time.perf_counter() - t0:6.0f}s] collapse: report in {report}")

@@ -36,7 +36,7 @@ from typing import Any
 from tether.config import Recipe, RecipeError, load_recipe
 from tether.exact_eval import ExactSpace, ExactTarget, exact_figures, exact_space
 from tether.models import load_model_and_tokenizer
-from tether.study_common import finished, train_once
+from tether.study_common import finished, refuse_controlled_keys, train_once
 from tether.tasks import get_task
 from tether.tasks.enumerable import expert_distribution, expert_reward, space_size
 
@@ -100,8 +100,22 @@ def rl_recipe(grid: Grid, clone: Path, beta: float, seed: int, overrides: list[s
     )
 
 
+# keys the study sets per run: a --set of them would break the sweep
+CONTROLLED = {
+    "seed": "sets each run's seed; use --seeds and --rl-seeds",
+    "train.steps": "sets the steps of each stage; use --bc-steps and --rl-steps",
+    "task.train_size": "sweeps the number of demonstrations; use --num-demos",
+    "task.expert_share": "sweeps it; use --expert-shares",
+    "imitation.label_smoothing": "sets the cloning's smoothing; use --smoothing",
+    "dpg.beta": "sweeps it; use --betas",
+    "dpg.samples_per_step": "sets the KL-RL samples per step; use --samples",
+    "model.init": "starts each KL-RL run from its own clone",
+}
+
+
 def check_grid(grid: Grid, overrides: list[str]) -> None:
     """Validate every recipe the study will train before anything runs (one-line RecipeError)."""
+    refuse_controlled_keys(overrides, CONTROLLED, "tether study demo-rl")
     if not (grid.num_demos and grid.betas and grid.expert_shares):
         raise RecipeError("study demo-rl: give at least one N_E, one β and one expert share")
     for share in grid.expert_shares:
@@ -178,7 +192,7 @@ def run_demo_rl_study(
                         f"[{time.perf_counter() - t0:6.0f}s] demo-rl: clone, share {share:g}, "
                         f"N_E {n}, seed {seed}"
                     )
-                    train_once(recipe, folder / "bc", progress)
+                train_once(recipe, folder / "bc", progress)  # finished: checked, then reused
                 space, log_bc, figures = judge_clone(
                     folder / "bc" / "model", recipe.task.max_digits, share
                 )
@@ -186,10 +200,9 @@ def run_demo_rl_study(
                 for beta in grid.betas:
                     for r in range(grid.rl_seeds):
                         run = folder / f"rl-b{beta:g}-r{r}"
-                        if not finished(run):
-                            rl_seed = 1000 * (r + 1) + seed  # its own stream, not the clone's
-                            rl = rl_recipe(grid, folder / "bc" / "model", beta, rl_seed, overrides)
-                            train_once(rl, run, progress)
+                        rl_seed = 1000 * (r + 1) + seed  # its own stream, not the clone's
+                        rl = rl_recipe(grid, folder / "bc" / "model", beta, rl_seed, overrides)
+                        train_once(rl, run, progress)  # finished: checked, then reused
                         runs.append(
                             {
                                 "share": share,

@@ -38,7 +38,7 @@ from tether.imitation_eval import (
 from tether.models import load_model_and_tokenizer
 from tether.objectives import mle_loss, shifted_token_logprobs
 from tether.report import _mean_ci
-from tether.study_common import finished, stem, train_once
+from tether.study_common import finished, refuse_controlled_keys, stem, train_once
 from tether.tasks import FixedPool, Task, task_from_config
 from tether.train import task_accuracy
 
@@ -56,6 +56,17 @@ SMALL_DATA_ARMS: dict[str, list[str]] = {
     "IQLearn λ=0.1": [*IQ, "imitation.lam=0.1"],
 }
 PARTS = ("tradeoff", "small-data")
+_PER_ARM = "sets it per arm (MLE, MLE + entropy, IQLearn); it cannot be overridden"
+# keys the study sets per run or arm: a --set of them would break the comparison
+CONTROLLED = {
+    "seed": "sets each run's seed; use --seeds",
+    "train.steps": "sets the steps of every run; use --steps",
+    "task.train_size": "sets the small-data training set; use --train-size",
+    "train.stage": _PER_ARM,
+    "imitation.entropy_coef": _PER_ARM,
+    "imitation.lam": _PER_ARM,
+    "imitation.online_fraction": _PER_ARM,
+}
 TEMPERATURES = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -131,6 +142,7 @@ def run_imitation_study(
     echo: Any = print,
 ) -> list[Path]:
     """Train and evaluate every arm of each part over ``seeds`` seeds; returns the reports."""
+    refuse_controlled_keys(overrides or [], CONTROLLED, "tether study imitation")
     t0 = time.perf_counter()
     reports = []
     for part in parts:
@@ -152,7 +164,7 @@ def run_imitation_study(
                 )
                 if not finished(run):
                     echo(f"[{time.perf_counter() - t0:6.0f}s] {part}: {arm}, seed {seed}")
-                    train_once(recipe, run, progress)
+                train_once(recipe, run, progress)  # a finished run: checked, then reused
                 cached = run / "imitation_eval.json"
                 if cached.is_file():
                     results[arm].append(json.loads(cached.read_text()))

@@ -30,7 +30,7 @@ from tether.config import Recipe, load_recipe
 from tether.models import load_frozen_reference, load_model_and_tokenizer, prompt_text
 from tether.report import _mean_ci, read_metrics
 from tether.reward_functions import build_reward
-from tether.study_common import stem, train_once
+from tether.study_common import refuse_controlled_keys, stem, train_once
 from tether.tasks import task_from_config
 from tether.train import evaluate_during_training
 
@@ -46,6 +46,22 @@ KL_COEFS = (0.1, 0.3, 1.0)
 WIN_NS = (1, 2, 4, 8)
 TARGET_N = 4
 XPO_ALPHAS = (0.01,)
+# keys each study sets per run or arm: a --set of them would break the comparison
+_SEED = "sets each run's seed; use --seeds and --first-seed"
+_STEPS = "sets the steps of every run; use --steps"
+CTRL_CONTROLLED = {
+    "seed": _SEED,
+    "train.steps": _STEPS,
+    "rl.kl_coef": "sweeps it; use --kl-coefs",
+    "reward.calibrate": "sets it per arm (raw, calibrated, CTRL); it cannot be overridden",
+    "reward.transform": "sets it per arm (raw, calibrated, CTRL); it cannot be overridden",
+}
+XPO_CONTROLLED = {
+    "seed": _SEED,
+    "train.steps": _STEPS,
+    "train.stage": "sets it per arm (online-dpo, xpo); it cannot be overridden",
+    "preference.alpha": "sweeps it; use --alphas",
+}
 
 
 # ----------------------------------------------------------------------------- CTRL
@@ -107,6 +123,7 @@ def run_ctrl_study(
     """The KL-RL optimum of each arm over ``frontier_samples`` reference samples per prompt
     (no training), then train and evaluate every (arm, kl_coef, seed); write
     ``out/report.md``."""
+    refuse_controlled_keys(overrides or [], CTRL_CONTROLLED, "tether study ctrl")
     t0 = time.perf_counter()
     base = load_recipe(CTRL_RECIPE, overrides or [])
     echo(f"[{time.perf_counter() - t0:6.0f}s] ctrl: reference samples for the optimum frontier")
@@ -411,6 +428,7 @@ def run_xpo_study(
     echo: Any = print,
 ) -> Path:
     """Online DPO and XPO at each α over ``seeds`` seeds; write ``out/report.md``."""
+    refuse_controlled_keys(overrides or [], XPO_CONTROLLED, "tether study xpo")
     t0 = time.perf_counter()
     arms: dict[str, list[str]] = {"online DPO": ["train.stage=online-dpo"]}
     for a in alphas:

@@ -53,7 +53,11 @@ def seed_everything(seed: int) -> None:
 
 
 def check_new_run_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise RunDirError(
+            f"run directory {str(out)!r} is a file, not a folder; choose another --out"
+        )
+    if out.exists() and any(out.iterdir()):
         raise RunDirError(
             f"run directory {str(out)!r} already exists and is not empty; choose another --out"
         )
@@ -315,13 +319,26 @@ def restore_training(
     """Load weights, optimizer, scheduler, the stage's data position and every RNG."""
     from transformers import AutoModelForCausalLM
 
-    if is_lora(model):  # the base weights are model.init's: only the adapter was trained
-        load_adapter(model, checkpoint)
-    else:
-        saved = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
-        model.load_state_dict(saved.state_dict())  # in place: the optimizer keeps its parameters
-    # our own file, written by save_checkpoint: it holds Python and NumPy RNG tuples
-    state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
+    try:
+        if is_lora(model):  # the base weights are model.init's: only the adapter was trained
+            load_adapter(model, checkpoint)
+        else:
+            saved = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
+            model.load_state_dict(saved.state_dict())  # in place: the optimizer keeps its own
+    except Exception as err:  # a damaged file: safetensors, JSON, shapes
+        raise RunDirError(
+            f"--resume: the weights in {str(checkpoint)!r} cannot be loaded ({_first_line(err)}); "
+            "remove that checkpoint folder to resume from the one before it"
+        ) from err
+    try:  # our own file, written by save_checkpoint: it holds Python and NumPy RNG tuples
+        state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a trainer state")
+    except Exception as err:  # truncated, overwritten, not a torch file
+        raise RunDirError(
+            f"--resume: {str(checkpoint / TRAINER_STATE)!r} cannot be read ({_first_line(err)}); "
+            "remove that checkpoint folder to resume from the one before it"
+        ) from err
     saved_world = len(state.get("ranks", [None]))
     world = distributed.world_size() if distributed.active() else 1
     if saved_world != world:
@@ -342,12 +359,24 @@ def restore_training(
     return int(state["step"]), state["carried"]
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (the lost part of the run)."""
+    """Drop rows logged after the checkpoint we resume from (the lost part of the run), and a
+    partial last line (the process was killed while writing it). RunDirError naming the file
+    and line for a damaged line before the last."""
+    from tether.report import read_metrics
+
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= last_step]
+    try:
+        rows = read_metrics(path)
+    except ValueError as err:
+        raise RunDirError(f"--resume: {err}") from err
+    kept = [json.dumps(row) for row in rows if row["step"] <= last_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
