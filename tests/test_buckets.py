@@ -150,3 +150,14 @@ def test_the_mle_and_dpo_stages_compute_the_plain_loss(tiny_checkpoint, monkeypa
             torch.autograd.grad(loss, params), torch.autograd.grad(expected, params), strict=True
         ):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_rows_longer_than_learned_positions_name_model_max_positions():
+    from tether.config import RecipeError
+
+    model = _model("gpt2")
+    limit = model.config.n_positions
+    ids = torch.ones(2, limit + 1, dtype=torch.long)
+    with pytest.raises(RecipeError, match=f"{limit + 1} tokens does not fit the model's {limit}"):
+        bucketed(model, ids, torch.ones_like(ids))
+    bucketed(model, ids[:, :limit], torch.ones_like(ids[:, :limit]))  # the limit itself is fine

@@ -66,3 +66,16 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_bad_override_syntax(tmp_path):
     assert "KEY=VALUE" in _err(tmp_path, overrides=["train.steps"])
     assert "not a section" in _err(tmp_path, overrides=["seed=1", "seed.x=2"])
+
+
+def test_a_key_written_twice_is_refused_with_its_line(tmp_path):
+    # plain YAML keeps the last one: this recipe would train 5 steps, not 2, without a word
+    msg = _err(tmp_path, "train:\n  steps: 2\ntrain:\n  steps: 5\n")
+    assert "key 'train' appears twice in one mapping, line 3" in msg
+    msg = _err(tmp_path, "optim:\n  lr: 0.1\n  lr: 0.2\n")
+    assert "key 'lr' appears twice" in msg
+
+
+def test_an_empty_recipe_is_refused(tmp_path):
+    assert "the recipe is empty" in _err(tmp_path, "")
+    assert "the recipe is empty" in _err(tmp_path, "# only a comment\n")

@@ -201,6 +201,9 @@ def test_plot_writes_a_png(tmp_path, tiny, reward_file):
     report.label = "tiny"
     out = plot_winrate([report, report], tmp_path / "sub" / "w.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+    # a name without a suffix: matplotlib writes NAME.png, and that is the path returned
+    bare = plot_winrate(report, tmp_path / "bare")
+    assert bare == tmp_path / "bare.png" and bare.read_bytes()[:4] == b"\x89PNG"
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -89,6 +89,20 @@ def logits_of(model: nn.Module) -> Callable[[Tensor, Tensor | None], Tensor]:
     return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
 
 
+def check_positions(model: nn.Module, length: int) -> None:
+    """A model with learned positions (GPT-2's ``n_positions``) cannot read rows longer than
+    its table: one RecipeError naming ``model.max_positions``, not an IndexError inside the
+    embedding. Rotary models (Llama) have no such table and are not limited here."""
+    limit = getattr(getattr(model, "config", None), "n_positions", None)
+    if isinstance(limit, int) and length > limit:
+        from tether.config import RecipeError
+
+        raise RecipeError(
+            f"model.max_positions: a batch row of {length} tokens does not fit the model's "
+            f"{limit} learned positions; raise model.max_positions (or shorten the task's rows)"
+        )
+
+
 def bucketed(
     model: nn.Module,
     input_ids: Tensor,
@@ -102,6 +116,7 @@ def bucketed(
     logits themselves; ``forward(ids, mask)`` replaces the pass that gives them (default
     :func:`logits_of`; the mask is None in groups). For a batch that is not right-padded:
     one masked pass, unchanged."""
+    check_positions(model, input_ids.shape[1])
     apply = fn if fn is not None else (lambda logits, _: logits)
     run = forward if forward is not None else logits_of(model)
     if not right_padded(attention_mask):

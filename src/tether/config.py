@@ -622,6 +622,22 @@ def packaged_recipes() -> list[str]:
     return sorted(p.stem for p in PACKAGED_RECIPES.glob("*.yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the
+    last one silently, so a second ``train:`` section would replace the first)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe (a path, or the name of a packaged recipe);
     raise RecipeError with a one-line message."""
@@ -636,10 +652,18 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             known = ", ".join(packaged_recipes())
             raise RecipeError(f"{source}: no such recipe file (packaged recipes: {known})")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
         except (yaml.YAMLError, UnicodeDecodeError) as err:
-            first = str(err).strip().splitlines()[0]
-            raise RecipeError(f"{source}: not valid YAML ({first})") from err
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+            detail = next((line for line in lines if "appears twice" in line), lines[0])
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            raise RecipeError(f"{source}: not valid YAML ({detail}{where})") from err
+        if data is None:
+            raise RecipeError(
+                f"{source}: the recipe is empty (`tether train` without a recipe runs the "
+                "defaults; a recipe names at least one section)"
+            )
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])

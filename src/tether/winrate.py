@@ -554,6 +554,8 @@ def plot_winrate(
     ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(path)
+    if not out.suffix:  # matplotlib adds .png to a name without one: say where it went
+        out = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
