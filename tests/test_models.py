@@ -89,3 +89,13 @@ def test_shipped_models_load_and_carry_metadata():
         assert info["description"] and info["task"]["max_digits"] >= 1
         model, tok = load_model_and_tokenizer(name)
         assert not model.training and len(tok) == model.config.vocab_size
+
+
+def test_a_local_folder_named_like_a_shipped_model_is_pointed_out(tmp_path, monkeypatch):
+    shipped = resolve_checkpoint("addition-n3")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "addition-n3").mkdir()
+    with pytest.warns(UserWarning, match="for the folder of that name here, write ./addition-n3"):
+        assert resolve_checkpoint("addition-n3") == shipped
+    with pytest.raises(ModelLoadError, match="no config.json"):  # ./ means the folder
+        resolve_checkpoint("./addition-n3")

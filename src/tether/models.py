@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,12 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     """A shipped checkpoint name, a checkpoint directory or a run directory -> the checkpoint."""
     shipped = shipped_models()
     if name_or_path in shipped:
+        if Path(name_or_path).is_dir():  # a folder here of the same name: say which is used
+            warnings.warn(
+                f"{name_or_path!r} is the shipped model; for the folder of that name here, "
+                f"write ./{name_or_path}",
+                stacklevel=2,
+            )
         return Path(shipped[name_or_path]["path"])
     path = Path(name_or_path)
     if (path / "model" / "config.json").is_file():  # a run directory: its final model
