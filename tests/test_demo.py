@@ -48,6 +48,27 @@ def test_demo_refuses_a_non_empty_output_folder(tmp_path):
     assert result.exit_code == 2 and "already exists" in result.output
 
 
+def test_a_demo_rerun_reuses_finished_runs_and_refuses_other_settings(tmp_path):
+    """Re-running into the same folder (after an interrupt, say) trains nothing already
+    finished; different settings are refused, naming the key, with nothing changed."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--seeds", "1", "--steps", "1", "--quiet"]
+    args += ["--set", "rl.prompts_per_step=2", "--set", "rl.max_new_tokens=8", "--set", "eval.n=2"]
+    assert runner.invoke(app, args).exit_code == 0
+    metrics = out / "prioritized-150-seed0" / "metrics.jsonl"
+    before = metrics.read_text()
+    (out / "standard-seed0" / "summary.json").unlink()  # as if stopped after its last checkpoint
+    (out / "standard-seed0" / "model").rename(out / "standard-seed0" / "model-old")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert metrics.read_text() == before  # the finished arm was reused, not retrained
+    assert (out / "standard-seed0" / "summary.json").is_file()  # the unfinished one finished
+    result = runner.invoke(app, [*args[:6], "2", *args[7:]])  # --steps 2
+    assert result.exit_code == 2
+    assert "already trained with train.steps=1 (now 2)" in result.output
+    assert metrics.read_text() == before
+
+
 def test_sweep_runs_one_arm_per_certainty_exponent(tmp_path):
     out = tmp_path / "sweep"
     args = ["demo", "--sweep", "--out", str(out), "--seeds", "1", "--steps", "1", "--quiet"]

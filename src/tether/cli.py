@@ -838,12 +838,12 @@ def demo(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The critical-token experiment at a small scale: standard vs prioritised KL, several seeds."""
-    from tether.demo import run_demo
+    from tether.demo import is_demo_folder, run_demo
 
     out = out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     check_out("--out", out)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"--out {out}: already exists and is not empty")
+    if out.exists() and any(out.iterdir()) and not is_demo_folder(out):
+        raise UsageError(f"--out {out}: already exists and is not empty (and holds no demo runs)")
     report = run_demo(
         out,
         full=full,

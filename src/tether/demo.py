@@ -15,8 +15,7 @@ from typing import Any
 
 from tether.config import load_recipe
 from tether.report import _mean_ci, make_group_report
-from tether.study_common import refuse_controlled_keys
-from tether.train import train
+from tether.study_common import refuse_controlled_keys, train_once
 
 REPORT_KEYS = (
     "eval/acc_rl",
@@ -83,7 +82,7 @@ def run_demo(
                 ],
             )
             echo(f"[{time.perf_counter() - t0:6.0f}s] {arm}, seed {seed}")
-            train(recipe, out / name, progress=progress)
+            train_once(recipe, out / name, progress)  # a re-run reuses or resumes it
             groups[arm].append(out / name)
     report = make_group_report(
         groups,
@@ -95,6 +94,14 @@ def run_demo(
     (out / "report" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(f"[{time.perf_counter() - t0:6.0f}s] done")
     return report
+
+
+def is_demo_folder(out: Path) -> bool:
+    """Whether ``out`` holds an earlier demo's runs (``standard-seedN``, ``prioritized-...``),
+    so that a re-run may reuse the finished ones and resume an interrupted one."""
+    return any(
+        p.is_dir() and p.name.startswith(("standard-seed", "prioritized-")) for p in out.iterdir()
+    )
 
 
 def _final_summary(groups: dict[str, list[Path]]) -> dict[str, Any]:
