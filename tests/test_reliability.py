@@ -324,3 +324,16 @@ def test_online_iqlearn_resume_is_exact(tmp_path, monkeypatch):
     )
     lambdas = [r["lambda"] for r in metrics(whole) if "lambda" in r]
     assert lambdas == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+
+
+def test_more_threads_than_cores_is_pointed_out(monkeypatch, capsys):
+    import tether.train as tt
+
+    monkeypatch.setattr(tt.os, "sched_getaffinity", lambda pid: {0, 1})
+    tt.warn_oversubscribed(2)
+    assert capsys.readouterr().err == ""
+    tt.warn_oversubscribed(1024)
+    err = capsys.readouterr().err
+    assert "train.threads=1024 × 1 process(es) exceeds the 2 CPU core(s)" in err
+    tt.warn_oversubscribed(2, processes=2)
+    assert "exceeds the 2 CPU core(s)" in capsys.readouterr().err
