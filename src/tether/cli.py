@@ -362,8 +362,9 @@ def _first_error(err: Exception) -> str:
         message = str(first.get("msg", "")).removeprefix("Value error, ")
         loc = ".".join(str(x) for x in first.get("loc", ()))
         return f"{loc}: {message}" if loc and not message.startswith(loc) else message
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    from tether.config import first_line
+
+    return first_line(err)
 
 
 @app.command()

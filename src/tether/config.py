@@ -622,6 +622,12 @@ def packaged_recipes() -> list[str]:
     return sorted(p.stem for p in PACKAGED_RECIPES.glob("*.yaml"))
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first non-blank line, for one-line error messages (its type if empty)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the
     last one silently, so a second ``train:`` section would replace the first)."""
@@ -652,13 +658,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             known = ", ".join(packaged_recipes())
             raise RecipeError(f"{source}: no such recipe file (packaged recipes: {known})")
         try:
-            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except (yaml.YAMLError, UnicodeDecodeError) as err:
-            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-            detail = next((line for line in lines if "appears twice" in line), lines[0])
             mark = getattr(err, "problem_mark", None)
             where = f", line {mark.line + 1}" if mark is not None else ""
-            raise RecipeError(f"{source}: not valid YAML ({detail}{where})") from err
+            raise RecipeError(f"{source}: not valid YAML ({first_line(err)}{where})") from err
         if data is None:
             raise RecipeError(
                 f"{source}: the recipe is empty (`tether train` without a recipe runs the "

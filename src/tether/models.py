@@ -24,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from tether.config import first_line
+
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 # printable ASCII and the newline: enough for every built-in task and plain English text
 CHARS = ["\n"] + [chr(i) for i in range(32, 127)]
@@ -163,9 +165,8 @@ def checkpoint_meta(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(meta.read_text(encoding="utf-8"))
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        first = str(err).strip().splitlines()[0]
         raise ModelLoadError(
-            f"checkpoint {str(path)!r}: tether.json is not valid JSON ({first})"
+            f"checkpoint {str(path)!r}: tether.json is not valid JSON ({first_line(err)})"
         ) from None
     if not isinstance(data, dict):
         raise ModelLoadError(
@@ -246,8 +247,9 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:  # missing or damaged files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"checkpoint {str(path)!r}: could not load ({first})") from err
+        raise ModelLoadError(
+            f"checkpoint {str(path)!r}: could not load ({first_line(err)})"
+        ) from err
     if "gguf_file" in kwargs:
         # the GGUF weights were dequantised to fp32 on loading: nothing quantised remains, so
         # let save_pretrained write ordinary checkpoints of the fine-tuned model

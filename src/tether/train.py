@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from tether import distributed
-from tether.config import Recipe, RecipeError, dump_recipe
+from tether.config import Recipe, RecipeError, dump_recipe, first_line
 from tether.lora import is_lora, load_adapter, save_model, with_adapters
 from tether.models import build_model, char_tokenizer, load_model_and_tokenizer, prompt_text
 from tether.precision import autocast_forward, check_precision, frozen_models
@@ -327,7 +327,7 @@ def restore_training(
             model.load_state_dict(saved.state_dict())  # in place: the optimizer keeps its own
     except Exception as err:  # a damaged file: safetensors, JSON, shapes
         raise RunDirError(
-            f"--resume: the weights in {str(checkpoint)!r} cannot be loaded ({_first_line(err)}); "
+            f"--resume: the weights in {str(checkpoint)!r} cannot be loaded ({first_line(err)}); "
             "remove that checkpoint folder to resume from the one before it"
         ) from err
     try:  # our own file, written by save_checkpoint: it holds Python and NumPy RNG tuples
@@ -336,7 +336,7 @@ def restore_training(
             raise ValueError("not a trainer state")
     except Exception as err:  # truncated, overwritten, not a torch file
         raise RunDirError(
-            f"--resume: {str(checkpoint / TRAINER_STATE)!r} cannot be read ({_first_line(err)}); "
+            f"--resume: {str(checkpoint / TRAINER_STATE)!r} cannot be read ({first_line(err)}); "
             "remove that checkpoint folder to resume from the one before it"
         ) from err
     saved_world = len(state.get("ranks", [None]))
@@ -357,11 +357,6 @@ def restore_training(
     if own["rng"].get("cuda") and torch.cuda.is_available():  # dropout on the GPU
         torch.cuda.set_rng_state_all(own["rng"]["cuda"])
     return int(state["step"]), state["carried"]
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -508,7 +503,8 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         check_new_run_dir(out)
     distributed.barrier()  # every process has checked before the main one writes
     if recipe.train.threads:
-        warn_oversubscribed(recipe.train.threads, accelerator.num_processes)
+        if main:  # one line, not one per process
+            warn_oversubscribed(recipe.train.threads, accelerator.num_processes)
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.seed)
 
