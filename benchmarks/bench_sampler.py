@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from tether.models import build_model, char_tokenizer
-from tether.sampling import sample
+from tether.generation.sampler import sample
+from tether.models.loading import build_model, char_tokenizer
 from tether.tasks.addition import pretrain_problem
 
 

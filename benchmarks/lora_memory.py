@@ -17,10 +17,10 @@ import json
 import torch
 
 from tether.config import load_recipe
-from tether.lora import held_parameter_bytes, reference_policy
-from tether.models import SMOLLM2, smollm2_gguf
+from tether.engine.setup import build_policy, make_optimizer
+from tether.models.loading import SMOLLM2, smollm2_gguf
+from tether.models.lora import held_parameter_bytes, reference_policy
 from tether.objectives import mle_loss, shifted_token_logprobs
-from tether.train import build_policy, make_optimizer
 
 MB = 1024**2
 

@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A random 1-layer Llama with the char tokenizer, saved: a reference for RL tests."""
-    from tether.models import build_model, char_tokenizer
+    from tether.models.loading import build_model, char_tokenizer
 
     d = tmp_path_factory.mktemp("ref")
     torch.manual_seed(0)

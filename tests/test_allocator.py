@@ -1,4 +1,4 @@
-"""tether.allocator: freed memory stays in the process, so repeated steps stop page-faulting."""
+"""tether.engine.allocator: freed memory stays in the process, so repeated steps stop page-faulting."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from tether.allocator import ENV, keep_freed_memory
+from tether.engine.allocator import ENV, keep_freed_memory
 
 # A step's pattern: twenty blocks of 1.2-2.1 MB (activations of varied shapes), each beside a
 # small one, all live together, then all freed; five steps, minor page faults of the last three.
 SCRIPT = """
 import resource, sys, torch
-from tether.allocator import keep_freed_memory
+from tether.engine.allocator import keep_freed_memory
 if sys.argv[1] == "1":
     assert keep_freed_memory()
 def step():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tether.bayes import (
+from tether.distributions.bayes import (
     best_of_n,
     constraint_log_target,
     fit_moments,
@@ -22,7 +22,7 @@ from tether.bayes import (
     snis_moments,
     tv_estimate,
 )
-from tether.exact import (
+from tether.distributions.exact import (
     best_of_n_distribution,
     expectation,
     kl,

@@ -37,7 +37,7 @@ def test_bench_rl_json_tiny_job():
 
 
 def test_bench_imitation_reports_ratios():
-    from tether.bench import bench_imitation
+    from tether.bench.trl import bench_imitation
 
     result = bench_imitation(steps=1, batch_size=4)
     assert set(result["step_s"]) == {"mle", "iqlearn", "iqlearn_online"}

@@ -7,9 +7,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tether.bench_steps import count_flops, llama_flops
+from tether.bench.steps import count_flops, llama_flops
 from tether.cli import app
-from tether.models import build_model, char_tokenizer
+from tether.models.loading import build_model, char_tokenizer
 
 runner = CliRunner()
 TINY = ["--width", "32", "--layers", "1", "--batch-size", "4", "--group", "2"]
@@ -51,7 +51,7 @@ def test_bench_steps_isolated_stage_and_profile():
 def test_bench_steps_bf16_runs_the_forward_passes_under_autocast():
     """--precision bf16: the policy and the reference score under bf16 autocast (as
     train.precision bf16 trains), and the peak they are held to is bf16's."""
-    from tether.bench_steps import StepsJob, build_stage_run, stage_recipe
+    from tether.bench.steps import StepsJob, build_stage_run, stage_recipe
 
     job = StepsJob(threads=1, batch_size=2, precision="bf16")
     assert stage_recipe("dpo", job).train.precision == "bf16"
@@ -120,7 +120,7 @@ def test_bench_trl_tiny_jobs_report_ratios():
 def test_bench_trl_rounds_report_the_median_round(monkeypatch):
     """--rounds N: every job N times; the reported round is the median one by ratio, whole
     (its ratio is its own sides' ratio), and every round's ratio is listed, smallest first."""
-    from tether import bench_steps
+    from tether.bench import steps as bench_steps
 
     times = iter([(1.0, 2.0), (1.0, 5.0), (2.0, 3.0)])  # (tether, TRL) median steps
 

@@ -1,11 +1,11 @@
-"""Length buckets (tether.buckets) give the values and gradients of one masked pass."""
+"""Length buckets (tether.scoring) give the values and gradients of one masked pass."""
 
 import pytest
 import torch
 
-from tether.buckets import bucketed, length_buckets, right_padded
-from tether.models import build_model, char_tokenizer
+from tether.models.loading import build_model, char_tokenizer
 from tether.objectives import iqlearn_loss, mle_loss, shifted_token_logprobs
+from tether.scoring import bucketed, length_buckets, right_padded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,10 +110,10 @@ def test_a_left_padded_batch_takes_the_plain_masked_pass():
 
 
 def test_the_mle_and_dpo_stages_compute_the_plain_loss(tiny_checkpoint, monkeypatch):
-    import tether.buckets
+    import tether.scoring
     from tether.config import load_recipe
-    from tether.stages import make_stage
-    from tether.train import build_policy
+    from tether.engine.setup import build_policy
+    from tether.stages.registry import make_stage
 
     for overrides in (
         ["train.stage=mle", "task.name=multistep"],
@@ -124,7 +124,7 @@ def test_the_mle_and_dpo_stages_compute_the_plain_loss(tiny_checkpoint, monkeypa
         )
         model, tokenizer = build_policy(recipe)
         stage = make_stage(recipe, tokenizer, model, torch.device("cpu"))
-        monkeypatch.setattr(tether.buckets, "PASS_COST_POSITIONS", 1)  # many groups
+        monkeypatch.setattr(tether.scoring, "PASS_COST_POSITIONS", 1)  # many groups
         batch = stage.next_batch()
         tokens = batch.tokens
         assert len(length_buckets(tokens.attention_mask.sum(1).tolist())) > 1

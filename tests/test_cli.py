@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tether.cli import app
-from tether.models import AutoModelForCausalLM, AutoTokenizer
+from tether.models.loading import AutoModelForCausalLM, AutoTokenizer
 
 runner = CliRunner()
 
@@ -304,8 +304,8 @@ def test_a_study_refuses_a_finished_run_trained_with_other_settings(tmp_path):
 
 def test_train_once_reuses_only_the_same_settings(tmp_path):
     from tether.config import load_recipe
-    from tether.study_common import train_once
-    from tether.train import RunDirError
+    from tether.engine.checkpoints import RunDirError
+    from tether.studies.common import train_once
 
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump(TINY))

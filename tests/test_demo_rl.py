@@ -11,17 +11,19 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from tether.batches import collate_pairs
 from tether.cli import app
 from tether.config import RecipeError, load_recipe
-from tether.data import collate_pairs
-from tether.models import char_tokenizer
+from tether.engine.loop import train
+from tether.engine.setup import build_policy
+from tether.models.loading import char_tokenizer
 from tether.objectives import (
     label_smoothed_mle_loss,
     mle_loss,
     shifted_token_logprobs,
     smoothed_token_loss,
 )
-from tether.stages import ImitationStage
+from tether.stages.imitation import ImitationStage
 from tether.tasks import FixedPool, task_from_config
 from tether.tasks.enumerable import (
     EnumerableTask,
@@ -31,7 +33,6 @@ from tether.tasks.enumerable import (
     score,
     stopped_answers,
 )
-from tether.train import build_policy, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

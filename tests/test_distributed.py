@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from tether.config import load_recipe
-from tether.models import load_model_and_tokenizer
-from tether.train import RunDirError, train
+from tether.engine.checkpoints import RunDirError
+from tether.engine.loop import train
+from tether.models.loading import load_model_and_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -199,7 +200,7 @@ def test_sampling_stages_refuse_sharded_weights():
     from accelerate.utils import DistributedType
 
     from tether.config import RecipeError
-    from tether.train import check_sharded_weights
+    from tether.engine.loop import check_sharded_weights
 
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace())
     zero3 = SimpleNamespace(

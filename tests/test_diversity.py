@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tether.diversity import (
+from tether.eval.diversity import (
     distinct_n,
     mean_distinct_n,
     mean_self_bleu,

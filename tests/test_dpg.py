@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tether.exact import (
+from tether.distributions.exact import (
     exact_distribution,
     jensen_shannon,
     kl,
@@ -16,7 +16,7 @@ from tether.exact import (
     target_distribution,
     total_variation,
 )
-from tether.models import build_model, char_tokenizer
+from tether.models.loading import build_model, char_tokenizer
 from tether.objectives.dpg import (
     dpg_loss,
     f_dpg_loss,

@@ -14,15 +14,15 @@ from typer.testing import CliRunner
 from test_reliability import assert_resume_is_exact
 from tether.cli import app
 from tether.config import RecipeError, load_recipe
-from tether.dpg_stage import DPGStage
-from tether.exact import jensen_shannon, kl, kl_regularized_objective, total_variation
-from tether.exact_eval import exact_space
-from tether.models import build_model, load_model_and_tokenizer
+from tether.distributions.enumeration import exact_space
+from tether.distributions.exact import jensen_shannon, kl, kl_regularized_objective, total_variation
+from tether.engine.loop import train
+from tether.generation.sampler import sample
+from tether.models.loading import build_model, load_model_and_tokenizer
 from tether.objectives import reinforce_loss, rloo_baseline
-from tether.sampling import sample
+from tether.stages.dpg import DPGStage
 from tether.tasks import get_task
 from tether.tasks.enumerable import EnumerableTask, space_size
-from tether.train import train
 
 TIMING = {"tokens_per_s", "elapsed_s"}
 

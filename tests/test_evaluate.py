@@ -1,4 +1,4 @@
-"""Tests for tether.evaluate: bootstrap CI, certainty, addition accuracy, critical certainty."""
+"""Tests for tether.eval.addition: bootstrap CI, certainty, addition accuracy, critical certainty."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tether import evaluate
-from tether.evaluate import (
+from tether.eval import addition as evaluate
+from tether.eval.addition import (
     FIGURE_KEYS,
     accuracy_table,
     addition_accuracy,
@@ -23,7 +23,7 @@ from tether.evaluate import (
     max_completion_tokens,
     score_critical_certainty,
 )
-from tether.models import build_model, char_tokenizer
+from tether.models.loading import build_model, char_tokenizer
 from tether.tasks.addition import Problem, critical_positions
 
 PROMPT_RE = re.compile(r"Input:\n(\d+)\+(\d+)\nTarget:")
@@ -76,7 +76,7 @@ class OracleStub(torch.nn.Module):
 
 
 def oracle_sample(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, **kwargs):
-    """A stand-in for tether.sampling.sample that answers every prompt with its reference
+    """A stand-in for tether.generation.sampler.sample that answers every prompt with its reference
     target and EOS, in the sampler's layout (prompts left-padded, completions right-padded)."""
     rows_p = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     rows_c = []

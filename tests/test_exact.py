@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from tether.bayes import fit_moments, moment_log_target, snis_moments
-from tether.exact import (
+from tether.distributions.bayes import fit_moments, moment_log_target, snis_moments
+from tether.distributions.exact import (
     best_of_n_distribution,
     entropy,
     enumerate_sequences,
@@ -23,8 +23,8 @@ from tether.exact import (
     target_distribution,
     total_variation,
 )
-from tether.models import build_model, char_tokenizer
-from tether.sampling import sample
+from tether.generation.sampler import sample
+from tether.models.loading import build_model, char_tokenizer
 
 # ----------------------------------------------------------------------------- enumeration
 

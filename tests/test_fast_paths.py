@@ -4,8 +4,8 @@ gradients), and the frozen reference is scored once per batch, without gradients
 import pytest
 import torch
 
-from tether.buckets import completion_window, left_to_right_padded
 from tether.config import load_recipe
+from tether.engine.setup import build_policy
 from tether.objectives import (
     entropy_bonus,
     entropy_from_log_softmax,
@@ -15,9 +15,8 @@ from tether.objectives import (
     masked_mean,
     token_logprobs,
 )
-from tether.rl import grouped_completion_logits
-from tether.stages import make_stage
-from tether.train import build_policy
+from tether.scoring import completion_window, grouped_completion_logits, left_to_right_padded
+from tether.stages.registry import make_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,9 +104,9 @@ def test_sampler_rows_become_right_padded_and_the_window_finds_the_completion():
 
 @pytest.mark.parametrize("hidden", [False, True])
 def test_grouped_completion_logits_equal_the_masked_pass(tiny_checkpoint, hidden, monkeypatch):
-    import tether.buckets
+    import tether.scoring
 
-    monkeypatch.setattr(tether.buckets, "PASS_COST_POSITIONS", 1)  # a group per length
+    monkeypatch.setattr(tether.scoring, "PASS_COST_POSITIONS", 1)  # a group per length
     model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
     g = torch.Generator().manual_seed(1)
     prompt_lens, completion_lens, P, T = [3, 7, 5, 7], [9, 2, 6, 9], 7, 9
@@ -171,7 +170,7 @@ def test_dpo_scores_the_reference_once_per_batch_without_gradients(tiny_checkpoi
 
 @pytest.mark.slow  # compiling takes about half a minute on two CPU cores
 def test_train_compile_gives_the_eager_loss_and_gradients(tiny_checkpoint):
-    from tether.train import compile_models
+    from tether.engine.setup import compile_models
 
     recipe = load_recipe(
         None,

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from tether.cli import app
 from tether.config import Recipe, RecipeError, load_recipe
-from tether.models import build_model, char_tokenizer
+from tether.models.loading import build_model, char_tokenizer
 from tether.tasks import get_task
 
 CORPUS = Path(__file__).parent / "fuzz"

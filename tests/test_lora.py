@@ -14,7 +14,12 @@ from typer.testing import CliRunner
 from test_reliability import RL, assert_resume_is_exact
 from tether.cli import app
 from tether.config import RecipeError, load_recipe
-from tether.lora import (
+from tether.engine.checkpoints import save_checkpoint
+from tether.engine.loop import train
+from tether.engine.setup import build_policy, make_optimizer
+from tether.generation.sampler import sample
+from tether.models.loading import build_model, char_tokenizer, load_model_and_tokenizer
+from tether.models.lora import (
     FrozenAdapters,
     LoraReference,
     frozen_copy,
@@ -22,11 +27,8 @@ from tether.lora import (
     plain_model,
     reference_policy,
 )
-from tether.models import build_model, char_tokenizer, load_model_and_tokenizer
 from tether.objectives import mle_loss, shifted_token_logprobs
-from tether.sampling import sample
-from tether.stages import make_stage
-from tether.train import build_policy, make_optimizer, save_checkpoint, train
+from tether.stages.registry import make_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -271,7 +273,7 @@ def test_every_stage_trains_with_lora(tiny_checkpoint, tmp_path, stage):
 def test_lora_resume_is_exact(tiny_checkpoint, tmp_path, monkeypatch):
     """RL with a value head and adapter dropout: the adapters, the optimizer over them and
     the RNG that drives the dropout all survive a resume."""
-    from tether.rl import RLStage
+    from tether.stages.rl import RLStage
 
     recipe = lora_recipe(tiny_checkpoint, *RL)  # A2C, as test_reliability's resume test
     cut, whole = assert_resume_is_exact(recipe, RLStage, tmp_path, monkeypatch)

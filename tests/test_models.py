@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tether.models import (
+from tether.models.loading import (
     CHARS,
     ModelLoadError,
     build_model,

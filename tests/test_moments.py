@@ -9,10 +9,11 @@ import torch
 
 from test_dpg_stage import _recipe as dpg_recipe
 from tether.config import RecipeError, load_recipe
-from tether.dpg_stage import DPGStage
-from tether.exact import expectation
-from tether.features import FeatureError, feature_function, feature_matrix
-from tether.train import build_policy, train
+from tether.distributions.exact import expectation
+from tether.engine.loop import train
+from tether.engine.setup import build_policy
+from tether.stages.dpg import DPGStage
+from tether.tasks.features import FeatureError, feature_function, feature_matrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,8 +82,8 @@ def test_moment_settings_fail_in_one_line(tiny_checkpoint):
 
 
 def test_rejection_acceptance_is_one_at_the_target_and_matches_qrs(tiny_checkpoint):
-    from tether.exact import qrs_acceptance_rate
-    from tether.exact_eval import exact_figures
+    from tether.distributions.enumeration import exact_figures
+    from tether.distributions.exact import qrs_acceptance_rate
 
     recipe = _recipe(tiny_checkpoint)
     model, tok = build_policy(recipe)

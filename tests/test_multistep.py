@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tether.models import char_tokenizer
+from tether.models.loading import char_tokenizer
 from tether.tasks import MultistepTask, get_task
 from tether.tasks.multistep import (
     Problem,

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from tether.data import collate_pairs
-from tether.models import char_tokenizer
+from tether.batches import collate_pairs
+from tether.models.loading import char_tokenizer
 from tether.objectives import (
     entropy_bonus,
     iqlearn_loss,

@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from tether.data import collate_pairs
-from tether.models import char_tokenizer
+from tether.batches import collate_pairs
+from tether.models.loading import char_tokenizer
 from tether.objectives import mle_loss, shifted_token_logprobs, token_logprobs
 
 

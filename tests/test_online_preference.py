@@ -13,14 +13,15 @@ from test_preference_stage import metrics
 from test_reliability import assert_resume_is_exact
 from tether.cli import app
 from tether.config import RecipeError, load_recipe
+from tether.engine.loop import train
+from tether.engine.setup import build_policy
 from tether.objectives import (
     sequence_logprobs,
     sequence_logratios,
     shifted_token_logprobs,
     xpo_loss,
 )
-from tether.online_preference import OnlinePreferenceStage
-from tether.train import build_policy, train
+from tether.stages.online_preference import OnlinePreferenceStage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,13 +14,15 @@ from safetensors.torch import load_file
 from test_rl_stage import EASY
 from test_rl_stage import _recipe as rl_recipe
 from tether.config import RecipeError, load_recipe
-from tether.models import load_frozen_reference, load_model_and_tokenizer
+from tether.engine.checkpoints import TRAINER_STATE
+from tether.engine.loop import train
+from tether.engine.precision import autocast_forward
+from tether.models.loading import load_frozen_reference, load_model_and_tokenizer
 from tether.objectives import token_logprobs
 from tether.objectives.common import log_softmax_and_token_logprobs
-from tether.precision import autocast_forward
-from tether.rl import RLStage, grouped_completion_logits
+from tether.scoring import grouped_completion_logits
+from tether.stages.rl import RLStage
 from tether.tasks import AdditionTask
-from tether.train import TRAINER_STATE, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

@@ -13,13 +13,10 @@ from typer.testing import CliRunner
 from test_reliability import assert_resume_is_exact
 from tether.cli import app
 from tether.config import RecipeError, load_recipe
-from tether.preference_stage import (
-    REWARD_HEAD_FILE,
-    DPOStage,
-    PreferenceBatch,
-    RewardModelStage,
-    load_reward_model,
-)
+from tether.engine.loop import train
+from tether.engine.setup import build_policy
+from tether.rewards.reward_model import REWARD_HEAD_FILE, load_reward_model
+from tether.stages.preference import DPOStage, PreferenceBatch, RewardModelStage
 from tether.tasks import task_from_config
 from tether.tasks.jsonl import DatasetError
 from tether.tasks.preferences import (
@@ -28,7 +25,6 @@ from tether.tasks.preferences import (
     load_preference_dataset,
     slipped_solution,
 )
-from tether.train import build_policy, train
 
 TIMING = {"tokens_per_s", "elapsed_s"}
 
@@ -69,7 +65,7 @@ def _dpo(tiny_checkpoint, *overrides):
 
 def _stage(recipe):
     model, tokenizer = build_policy(recipe)
-    from tether.stages import make_stage
+    from tether.stages.registry import make_stage
 
     return make_stage(recipe, tokenizer, model, torch.device("cpu")), model
 
@@ -277,7 +273,7 @@ def test_reward_model_resume_restores_the_head(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_without_a_head_is_not_a_reward_model(tiny_checkpoint):
-    from tether.models import ModelLoadError
+    from tether.models.loading import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="not a reward-model checkpoint"):
         load_reward_model(tiny_checkpoint)

@@ -12,17 +12,13 @@ import pytest
 import torch
 import yaml
 
-import tether.train as train_module
+import tether.engine.loop as train_module
 from tether.config import load_recipe
-from tether.models import ModelLoadError, load_model_and_tokenizer
-from tether.stages import ImitationStage
-from tether.train import (
-    NonFiniteError,
-    RunDirError,
-    TrainingInterrupted,
-    step_checkpoints,
-    train,
-)
+from tether.engine.checkpoints import RunDirError, step_checkpoints
+from tether.engine.faults import NonFiniteError, TrainingInterrupted
+from tether.engine.loop import train
+from tether.models.loading import ModelLoadError, load_model_and_tokenizer
+from tether.stages.imitation import ImitationStage
 
 TIMING = {"tokens_per_s", "elapsed_s"}
 
@@ -131,7 +127,7 @@ RL = [
 
 @pytest.mark.parametrize("algorithm", ["a2c", "ppo"])  # value head and several epochs
 def test_rl_resume_is_exact(tiny_checkpoint, tmp_path, monkeypatch, algorithm):
-    from tether.rl import RLStage
+    from tether.stages.rl import RLStage
 
     recipe = load_recipe(None, [*RL, f"model.init={tiny_checkpoint}", f"rl.algorithm={algorithm}"])
     assert_resume_is_exact(recipe, RLStage, tmp_path, monkeypatch, signum=signal.SIGTERM)
@@ -327,7 +323,7 @@ def test_online_iqlearn_resume_is_exact(tmp_path, monkeypatch):
 
 
 def test_more_threads_than_cores_is_pointed_out(monkeypatch, capsys):
-    import tether.train as tt
+    import tether.engine.setup as tt
 
     monkeypatch.setattr(tt.os, "sched_getaffinity", lambda pid: {0, 1})
     tt.warn_oversubscribed(2)

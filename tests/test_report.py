@@ -1,4 +1,4 @@
-"""Tests for tether.report: plots and the summary table from run directories."""
+"""Tests for tether.eval.report: plots and the summary table from run directories."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tether.report import flatten, make_report, read_metrics, read_summary
+from tether.eval.report import flatten, make_report, read_metrics, read_summary
 
 
 def _write_run(root: Path, name: str, loss0: float, with_eval: bool = True) -> Path:

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from tether.config import RecipeError, load_recipe
-from tether.infalign import default_t
-from tether.reward_functions import (
+from tether.distributions.infalign import default_t
+from tether.engine.loop import train
+from tether.rewards.functions import (
     CalibratedReward,
     CheckerReward,
     GradedReward,
@@ -23,7 +24,6 @@ from tether.reward_functions import (
 )
 from tether.tasks import AdditionTask
 from tether.tasks.addition import Problem, digit_score
-from tether.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,8 +109,8 @@ def test_a_python_reward_of_the_wrong_signature_is_refused_when_built(spec):
 
 
 def test_a_reward_model_checkpoint_scores_as_its_head_says(tiny_checkpoint, tmp_path):
-    from tether.models import load_model_and_tokenizer
-    from tether.preference_stage import REWARD_HEAD_FILE, last_token_scores, save_reward_head
+    from tether.models.loading import load_model_and_tokenizer
+    from tether.rewards.reward_model import REWARD_HEAD_FILE, last_token_scores, save_reward_head
 
     lm, tok = load_model_and_tokenizer(str(tiny_checkpoint))
     head = torch.nn.Linear(lm.config.hidden_size, 1)
@@ -187,7 +187,7 @@ def test_transforms_and_the_default_t():
 
 
 def test_t_can_be_optimised_for_n():
-    from tether.infalign import optimise_t
+    from tether.distributions.infalign import optimise_t
 
     ctrl = CalibratedReward(value_reward, FakeReference(), k=4, kind="exp", t="optimise", n=4)
     assert ctrl.t == pytest.approx(optimise_t(4)) and 7.0 < ctrl.t < 9.0  # ≈ 2N near π_ref
@@ -283,8 +283,8 @@ def test_rl_with_ctrl_logs_raw_and_calibrated_rewards(tiny_checkpoint, tmp_path)
 
 
 def test_a_prompt_pool_fills_the_cache_once_up_front(tiny_checkpoint, monkeypatch):
-    from tether.rl import RLStage
-    from tether.train import build_policy
+    from tether.engine.setup import build_policy
+    from tether.stages.rl import RLStage
 
     recipe = _ctrl_recipe(tiny_checkpoint, "rl.prompt_pool=3")
     model, tok = build_policy(recipe)
@@ -306,6 +306,6 @@ def test_a_prompt_pool_fills_the_cache_once_up_front(tiny_checkpoint, monkeypatc
 
 def test_rl_with_ctrl_resumes_exactly(tiny_checkpoint, tmp_path, monkeypatch):
     from test_reliability import assert_resume_is_exact
-    from tether.rl import RLStage
+    from tether.stages.rl import RLStage
 
     assert_resume_is_exact(_ctrl_recipe(tiny_checkpoint), RLStage, tmp_path, monkeypatch)

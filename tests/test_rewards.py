@@ -6,10 +6,10 @@ import warnings
 import pytest
 import torch
 
-from tether.data import collate_pairs
-from tether.models import build_model, char_tokenizer
+from tether.batches import collate_pairs
+from tether.models.loading import build_model, char_tokenizer
 from tether.objectives import shifted_token_logprobs, soft_values
-from tether.rewards import model_returns, sequence_returns, spearman, token_rewards
+from tether.rewards.implicit import model_returns, sequence_returns, spearman, token_rewards
 
 
 @pytest.fixture(scope="module")

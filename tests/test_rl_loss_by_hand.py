@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from tether.config import load_recipe
-from tether.rl import RLStage
-from tether.train import build_policy
+from tether.engine.setup import build_policy
+from tether.stages.rl import RLStage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tether.config import load_recipe
-from tether.train import train
+from tether.engine.loop import train
 
 
 def _recipe(init, *overrides):

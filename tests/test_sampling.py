@@ -1,4 +1,4 @@
-"""Tests for tether.sampling: the fast GPT-2/Llama decode loops and the generic HF path
+"""Tests for tether.generation.sampler: the fast GPT-2/Llama decode loops and the generic HF path
 against ``model.generate`` and against one full forward pass of the HF model."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tether.models import build_model, char_tokenizer
-from tether.sampling import SampleOutput, _retire, _StopChecker, sample
+from tether.generation.sampler import SampleOutput, _retire, _StopChecker, sample
+from tether.models.loading import build_model, char_tokenizer
 
 ARCHS = ["gpt2", "llama"]
 N_NEW = 40

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tether.cli import app
-from tether.study_bayes import COLLAPSE_ARMS
+from tether.studies.collapse import COLLAPSE_ARMS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

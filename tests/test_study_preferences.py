@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tether.cli import app
-from tether.study_preferences import CTRL_ARMS, matched_kl
+from tether.studies.preferences import CTRL_ARMS, matched_kl
 
 TINY_RL = [
     "rl.prompt_pool=2",

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tether.config import RecipeError, load_recipe
-from tether.models import load_model_and_tokenizer
-from tether.sampling import pad_id
-from tether.train import train
-from tether.vllm_backend import VLLMRollouts
+from tether.engine.loop import train
+from tether.generation.sampler import pad_id
+from tether.generation.vllm import VLLMRollouts
+from tether.models.loading import load_model_and_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

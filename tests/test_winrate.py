@@ -9,17 +9,17 @@ import torch
 from typer.testing import CliRunner
 
 from tether.cli import app
-from tether.infalign import pick_of_n, win_scores
-from tether.models import load_model_and_tokenizer
-from tether.reward_functions import GradedReward, PythonReward
-from tether.tasks import get_task
-from tether.winrate import (
+from tether.distributions.infalign import pick_of_n, win_scores
+from tether.eval.winrate import (
     across_prompts,
     check_ns,
     evaluate_winrate,
     plot_winrate,
     win_rate_curve,
 )
+from tether.models.loading import load_model_and_tokenizer
+from tether.rewards.functions import GradedReward, PythonReward
+from tether.tasks import get_task
 
 torch.set_num_threads(1)
 runner = CliRunner()

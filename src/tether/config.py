@@ -191,13 +191,13 @@ class TrainConfig(Strict):
         "fp32",
         description="bf16: the forward passes in the losses (policy and reference scoring) run "
         "under torch.autocast(bfloat16); log-probs, KL and losses stay fp32, and so do the "
-        "weights and the optimizer state (tether.precision)",
+        "weights and the optimizer state (tether.engine.precision)",
     )
     sampler: Literal["hf", "vllm"] = Field(
         "hf",
         description="who draws the policy's rollouts (rl, online-dpo, xpo, dpg, online "
         "iqlearn): hf, the built-in KV-cache sampler, or vllm, a vllm.LLM whose weights follow "
-        "the policy; log-probs are recomputed by the policy either way (tether.vllm_backend)",
+        "the policy; log-probs are recomputed by the policy either way (tether.generation.vllm)",
     )
     vllm_gpu_memory: float = Field(
         0.3,
@@ -333,7 +333,7 @@ class PreferenceConfig(Strict):
 
 
 class RewardConfig(Strict):
-    """The reward of sampled completions (``tether.reward_functions``), for ``rl``,
+    """The reward of sampled completions (``tether.rewards.functions``), for ``rl``,
     ``online-dpo``, ``xpo`` and ``tether winrate``; optionally calibrated and transformed as
     in InfAlign's CTRL (docs/methods.md §8)."""
 
@@ -397,7 +397,7 @@ class DPGConfig(Strict):
     moments: dict[str, float] = Field(
         default_factory=dict,
         description="moments: feature name -> target mean, e.g. {'contains:1': 0.5, 'length': 2} "
-        "(tether.features)",
+        "(tether.tasks.features)",
     )
     moment_samples: int = Field(
         4096, ge=16, description="moments: reference samples for fitting λ (once, at the start)"
@@ -445,7 +445,7 @@ class DPGConfig(Strict):
                 "and only then"
             )
         if self.moments:
-            from tether.features import FeatureError, feature_function
+            from tether.tasks.features import FeatureError, feature_function
 
             for name in self.moments:
                 try:

@@ -17,8 +17,8 @@ from accelerate import Accelerator
 
 from tether import distributed
 from tether.config import load_recipe
-from tether.rl import RLStage
-from tether.train import build_policy, make_optimizer
+from tether.engine.setup import build_policy, make_optimizer
+from tether.stages.rl import RLStage
 
 
 def rows_of(rollout, lo, hi):

@@ -1,6 +1,6 @@
 """Distribution matching: DPG, GDC++ and f-DPG toward a target EBM (docs/methods.md §5).
 
-The target is p = P/Z with P(y|x) known pointwise (``tether.bayes``: π_ref·exp(r/β), π_ref·b,
+The target is p = P/Z with P(y|x) known pointwise (``tether.distributions.bayes``: π_ref·exp(r/β), π_ref·b,
 π_ref·exp(λ·φ)). The policy π_θ is moved toward p by minimising a divergence with a
 score-function gradient over responses y drawn from a proposal q (q = π_θ on-policy).
 
@@ -10,7 +10,7 @@ Every loss takes sequence-level tensors [B], one entry per response:
   (``tether.objectives.preference.sequence_logprobs``);
 - ``proposal_logp``: log q(y) of the policy that drew y (on-policy: ``policy_logp.detach()``);
 - ``log_P``: log P(y), the unnormalised target (−inf where a hard constraint fails);
-- ``log_z``: an estimate of log Z (``tether.bayes.log_z_estimate`` over many samples, or the
+- ``log_z``: an estimate of log Z (``tether.distributions.bayes.log_z_estimate`` over many samples, or the
   exact value on an enumerable space); ``None`` estimates it from this batch,
   log Ẑ = log mean(P/q), which makes the weights self-normalised (consistent, biased at
   small B).
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tether.bayes import kl_target_policy
+from tether.distributions.bayes import kl_target_policy
 from tether.objectives.common import at_least_fp32
 
 FDivergence = Literal["forward_kl", "reverse_kl", "jensen_shannon", "total_variation"]
@@ -114,7 +114,7 @@ def kl_adaptive_proposal_update(
     π_θ is the closer of the two to the target, KL(p‖π_θ) < KL(p‖q).
 
     Both KLs are estimated on the same samples y_i ∼ q with the same log Z
-    (``tether.bayes.kl_target_policy``), so their difference is the SNIS/IS estimate of
+    (``tether.distributions.bayes.kl_target_policy``), so their difference is the SNIS/IS estimate of
     E_p[log q − log π_θ], free of Z's own error. Returns (update?, stats with both estimates).
     """
     log_q = proposal_logp.detach().double()

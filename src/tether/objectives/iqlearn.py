@@ -9,7 +9,7 @@ The offline loss over expert (dataset) response tokens is
 (λ = 0 is exactly MLE; IQ-Learn's χ² divergence with λ = 1/(4α)). Gradients flow through both
 V(s_t) and V(s_{t+1}): no detach, no target network.
 
-Alignment (the same as :class:`tether.data.TokenBatch` and ``shifted_token_logprobs``)
+Alignment (the same as :class:`tether.batches.TokenBatch` and ``shifted_token_logprobs``)
 -------------------------------------------------------------------------------------
 Every per-token tensor here is [B, L] and indexed by the *action position* t: the position of
 the token a_t = ``input_ids[b, t]`` in the sequence, where ``loss_mask[b, t] = 1``. The logits at
@@ -33,7 +33,7 @@ p + 1. Hence, for a completion token at position t:
       it (docs/methods.md §4 allows either); truncation is never treated as terminal.
 
 Position 0 has no predicting state, so a completion token there is ignored (``loss_mask[:, 0]``
-is taken as 0; :func:`tether.data.collate_pairs` never sets it).
+is taken as 0; :func:`tether.batches.collate_pairs` never sets it).
 
 Cost: a single logsumexp over the logits (the one MLE computes, plus the last position) gives
 both log π and every V; the rest are [B, L] gathers. The backward pass is one softmax over the
@@ -108,7 +108,7 @@ def soft_values(
     """Q, V(s), V(s′), log π and r̂ per completion token, in fp32 (fp64 stays fp64).
 
     ``logits`` [B, L, V] over the full sequence, ``input_ids`` and ``loss_mask`` [B, L] as in
-    :class:`tether.data.TokenBatch`, ``terminated`` [B] bool (or one bool for all rows). See the
+    :class:`tether.batches.TokenBatch`, ``terminated`` [B] bool (or one bool for all rows). See the
     module docstring for the alignment. Differentiable w.r.t. the logits through Q, V(s) and V(s′).
     """
     x = at_least_fp32(logits)
@@ -204,7 +204,7 @@ def iqlearn_loss(
     """IQLearn loss L = mean_t [−log π(a_t|s_t) + λ·r̂_t²] over expert response tokens.
 
     ``logits`` [B, L, V] from the model on the full sequence; ``input_ids``, ``loss_mask`` [B, L]
-    as in :class:`tether.data.TokenBatch`; ``terminated`` [B] bool (True: the row ends with EOS
+    as in :class:`tether.batches.TokenBatch`; ``terminated`` [B] bool (True: the row ends with EOS
     and V = 0 after it; False: truncated, the last TD term keeps γ·V of the state after the last
     token — see the module docstring). r̂_t = Q(s_t, a_t) − γ·V(s_{t+1}); gradients flow through
     both V(s_t) and V(s_{t+1}).

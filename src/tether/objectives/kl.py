@@ -84,7 +84,7 @@ def prioritized_kl_weights(
 
     ref_logits [..., V] → weights [...], detached.
     """
-    # Imported here, not at module level: tether.evaluate pulls in sampling/transformers, and the
+    # Imported here, not at module level: tether.eval.addition pulls in sampling/transformers, and the
     # objectives stay importable on their own (and free of import cycles).
     if not certainty_exponent >= 0:
         raise ValueError(f"certainty_exponent must be >= 0, got {certainty_exponent}")

@@ -3,7 +3,7 @@
 Every claim of the Bayesian view (KL-RL's optimum is p* ∝ π_ref·exp(r/β); DPG's gradient is
 unbiased; β → 0 collapses onto argmax r) is a statement about sums over *all* responses. This
 task makes those sums finite: one fixed prompt, a vocabulary of four digits plus EOS, and at
-most N digits per answer, so :mod:`tether.exact` can enumerate every response and give the
+most N digits per answer, so :mod:`tether.distributions.exact` can enumerate every response and give the
 true KL, Z, entropy and reward of a policy, not estimates.
 
 The space (N = ``max_digits``; L = N + 1 tokens is the generation budget):

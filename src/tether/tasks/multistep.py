@@ -22,7 +22,7 @@ language: there is no paraphrase, only reordering, so it measures mode coverage 
 validity, not fluency.
 
 Every character is printable ASCII (letters of ``Sum``, space, digits, ``:+=,;``), all in
-:func:`tether.models.char_tokenizer`'s vocabulary. The parsers and checkers here never raise on
+:func:`tether.models.loading.char_tokenizer`'s vocabulary. The parsers and checkers here never raise on
 arbitrary model output.
 """
 

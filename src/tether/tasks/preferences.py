@@ -1,7 +1,7 @@
 """Preference pairs as a task: a prompt, a chosen response and a rejected one.
 
 Two sources, one protocol (:class:`tether.tasks.Task`), for ``train.stage: dpo`` and
-``train.stage: reward-model`` (:mod:`tether.preference_stage`):
+``train.stage: reward-model`` (:mod:`tether.stages.preference`):
 
 - **``task.name: prefs-jsonl``** (:class:`PreferenceTask`): a user's JSON Lines file, one object
   per line, e.g. ``{"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}`` (field names

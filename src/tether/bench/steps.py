@@ -1,0 +1,764 @@
+"""``tether bench steps`` and ``tether bench trl``: what one training step of each stage costs.
+
+``bench steps`` runs whole training steps of the MLE, IQLearn, RL and DPO stages (batch +
+forward + backward + gradient clipping + AdamW, as the training loop does them; for RL the
+rollout sampling and the reference scoring too) and reports, per stage:
+
+* **tokens/s**: real tokens of the batch (prompt + completion, padding excluded; DPO counts
+  both responses of every pair) per second of whole steps, after one warm-up step;
+* **FLOP/s**: matrix-multiply FLOPs of a step (``torch.utils.flop_counter.FlopCounterMode``
+  on one extra step, attention counted as the full L×L square as torch counts it on CUDA;
+  the CPU flash-attention kernel, which torch's table misses, is registered here with the
+  same formula), per token, times tokens/s;
+* **% of peak**: that FLOP/s over the measured peak: the best fp32 ``torch.mm`` FLOP/s of
+  large square matrices at the same thread count (:func:`peak_matmul`);
+* **memory**: on CPU the peak resident set size (``VmHWM``) of a fresh process per stage
+  during its timed steps (the peak is reset after the warm-up step through
+  ``/proc/self/clear_refs``), beside the resident size before them; on CUDA
+  ``torch.cuda.max_memory_allocated`` over the timed steps.
+
+``bench trl`` runs the same job in tether and in TRL, one after the other in one process, and
+prints the throughput ratio: SFT (``SFTTrainer`` vs the mle stage), RL (``GRPOTrainer`` vs the
+rl stage with RLOO, :func:`tether.bench.trl.bench_rl`) and DPO (``DPOTrainer`` vs the dpo stage).
+Same model, same examples in the same order, same batch, fp32, no gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import random
+import resource
+import statistics
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tether.bench.trl import KL_COEF, RLJob, bench_rl, rl_overrides, run_trl, step_timer, trl_args
+from tether.config import Recipe, RecipeError, load_recipe
+from tether.engine.allocator import keep_freed_memory
+from tether.models.loading import ModelLoadError
+
+STAGES = ("mle", "iqlearn", "rl", "dpo")
+TRL_JOBS = ("sft", "rl", "dpo")
+# the preference pairs of the DPO job: multistep sums, a correct chain and one with a slip
+DPO_TASK = ["task.name=multistep-prefs", "task.max_digits=2"]
+
+
+@dataclass(frozen=True)
+class StepsJob:
+    """The settings every stage's job shares."""
+
+    model: str = "addition-n3"  # checkpoint of the policy (and of the reference: RL, DPO)
+    batch_size: int = 64  # rows per step: sequences (MLE, IQLearn), completions (RL), pairs (DPO)
+    group: int = 4  # RL: completions per prompt (batch_size / group prompts per step)
+    max_new_tokens: int = 300  # RL: completion length limit
+    steps: int = 3  # timed steps, after one warm-up step
+    threads: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = False  # train.compile: the policy and the reference through torch.compile
+    precision: str = "fp32"  # train.precision: bf16 runs the forward passes under autocast
+
+
+def warmup_steps(job: StepsJob) -> int:
+    """Untimed steps first: one, or two when compiling (dynamo compiles a second graph for
+    another class of shapes, past a size guard, on an early step)."""
+    return 2 if job.compile else 1
+
+
+def stage_recipe(stage: str, job: StepsJob) -> Recipe:
+    """The recipe of one stage's job: the ``critical-tokens`` recipe (addition from
+    ``job.model``, AdamW, gradient clipping at 1) with the stage's own settings."""
+    common = [f"model.init={job.model}", f"seed={job.seed}", f"train.threads={job.threads}"]
+    common += [f"train.precision={job.precision}", f"train.compile={job.compile}"]
+    if stage in ("mle", "iqlearn"):
+        extra = [f"train.stage={stage}", f"train.batch_size={job.batch_size}"]
+    elif stage == "rl":
+        if job.batch_size % job.group:
+            raise ValueError(f"batch size {job.batch_size} is not a multiple of group {job.group}")
+        extra = rl_overrides(
+            job.batch_size // job.group, job.group, job.max_new_tokens, temperature=1.0
+        )
+    elif stage == "dpo":
+        extra = ["train.stage=dpo", *DPO_TASK, f"train.batch_size={job.batch_size}"]
+    else:
+        raise ValueError(f"unknown stage {stage!r}: choose from {', '.join(STAGES)}")
+    return load_recipe("critical-tokens", [*common, *extra])
+
+
+@dataclass
+class StageRun:
+    """A stage ready to step: the policy, its stage, optimizer and trainable parameters."""
+
+    model: Any
+    stage: Any
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    grad_clip: float | None
+    device: torch.device
+
+    def step(self) -> Any:
+        """One training step as :func:`tether.engine.loop.train` takes it; returns the batch."""
+        from tether.engine.faults import gradient_norm
+
+        batch = self.stage.next_batch()
+        for _ in range(self.stage.epochs_per_batch):
+            loss, _ = self.stage.loss(self.model, batch)
+            loss.backward()
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            else:
+                gradient_norm(self.params)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return batch
+
+
+def build_stage_run(stage: str, job: StepsJob) -> StageRun:
+    from tether.engine.precision import check_precision
+    from tether.engine.setup import build_policy, make_optimizer, prepare_models
+    from tether.stages.registry import make_stage
+
+    recipe = stage_recipe(stage, job)
+    device = torch.device(job.device)
+    check_precision(recipe.train.precision, device)
+    torch.manual_seed(job.seed)
+    model, tokenizer = build_policy(recipe)
+    model.to(device)  # type: ignore[arg-type]
+    model.train()
+    runner = make_stage(recipe, tokenizer, model, device)
+    prepare_models(model, runner, recipe, device)  # train.precision, train.compile
+    optimizer = make_optimizer(model, recipe, runner.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + list(runner.parameters())
+    return StageRun(model, runner, optimizer, params, recipe.optim.grad_clip, device)
+
+
+def batch_shape(batch: Any) -> tuple[int, int]:
+    """(rows, padded length) of a stage's batch."""
+    ids = batch.input_ids if hasattr(batch, "input_ids") else batch.tokens.input_ids
+    return int(ids.shape[0]), int(ids.shape[1])
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def _register_cpu_attention_flops() -> None:
+    """FlopCounterMode counts SDPA through its CUDA kernels' ops only; on CPU attention runs
+    as ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), which it would
+    count as 0. Register them with torch's own SDPA formulas (the full L×L square)."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(  # type: ignore[no-untyped-def]
+        grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+    ) -> int:
+        return flop_counter.sdpa_backward_flop_count(
+            grad_out_shape, query_shape, key_shape, value_shape
+        )
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Matrix-multiply FLOPs of ``fn()`` (forward and backward) and its result."""
+    kinds, result = count_flops_by_kind(fn)
+    return sum(kinds.values()), result
+
+
+def count_flops_by_kind(fn: Callable[[], Any]) -> tuple[dict[str, int], Any]:
+    """:func:`count_flops` split into ``attention`` (SDPA kernels, forward and backward) and
+    ``matmul`` (every other counted op: the linear layers' mm/addmm, bmm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_attention_flops()
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    kinds = {"matmul": 0, "attention": 0}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        kind = "attention" if is_attention(str(op)) else "matmul"
+        kinds[kind] += int(flops)
+    return kinds, result
+
+
+def llama_flops(config: Any, rows: int, length: int, training: bool = False) -> int:
+    """Analytic matrix-multiply FLOPs of a Llama forward over ``rows`` × ``length`` positions
+    (logits at every position), counted as FlopCounterMode counts them: 2 per multiply-add,
+    attention as the full L×L square. ``training``: forward and backward, 3× the linear
+    layers' forward (input and weight gradients) and 3.5× attention's (its backward
+    recomputes the scores: five products to the forward's two)."""
+    h = config.hidden_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // heads
+    inter = config.intermediate_size
+    per_layer = h * heads * d + 2 * h * kv_heads * d + heads * d * h + 3 * h * inter
+    linear = 2 * rows * length * (config.num_hidden_layers * per_layer + h * config.vocab_size)
+    attention = rows * config.num_hidden_layers * 4 * heads * length * length * d
+    return 3 * linear + 7 * attention // 2 if training else linear + attention
+
+
+# ---------------------------------------------------------------- peak matmul FLOP/s
+
+
+def peak_matmul(
+    threads: int,
+    device: str = "cpu",
+    sizes: tuple[int, ...] = (512, 1024, 2048),
+    seconds: float = 0.3,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """The best ``torch.mm`` FLOP/s of n×n ``dtype`` matrices at this thread count: each size
+    is timed for about ``seconds`` in repeats of several products, and the best repeat counts."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    by_size: dict[str, float] = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        out = torch.empty(n, n, device=dev, dtype=dtype)
+        torch.mm(a, b, out=out)  # warm-up
+        reps = max(1, int(2e8 / (2 * n**3)))  # about 0.2 GFLOP per repeat
+        best, deadline = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < deadline or best == float("inf"):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b, out=out)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            best = min(best, (time.perf_counter() - t0) / reps)
+        by_size[str(n)] = 2 * n**3 / best
+    return {
+        "flops_per_s": max(by_size.values()),
+        "by_size": by_size,
+        "threads": threads,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class MemoryProbe:
+    """Peak memory over a stretch of work: RSS on CPU, allocated tensor bytes on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated over the timed steps"
+            return
+        self.before = (_proc_status_kb("VmRSS") or 0) * 1024
+        try:  # Linux >= 4.0: reset VmHWM (the peak RSS) to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "peak RSS (VmHWM) of a fresh process over the timed steps"
+        except OSError:
+            self.method = "peak RSS (ru_maxrss) of a fresh process since it started"
+
+    def stop(self) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            hwm = _proc_status_kb("VmHWM")
+            if hwm is not None and "VmHWM" in self.method:
+                peak = hwm * 1024
+            else:  # kilobytes on Linux
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        mb = 1024 * 1024
+        return {
+            "method": self.method,
+            "peak_mb": peak / mb,
+            "before_mb": self.before / mb,
+            "step_mb": max(peak - self.before, 0) / mb,
+        }
+
+
+# ---------------------------------------------------------------- profile
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
+
+
+def is_attention(op_name: str) -> bool:
+    """An attention kernel (SDPA and its CPU/CUDA variants), by its op or profiler name."""
+    return "attention" in op_name or "scaled_dot_product" in op_name
+
+
+def profile_breakdown(fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
+    """Where one call of ``fn`` spends its wall time, from ``torch.profiler``: the self time
+    of matrix multiplies, of attention kernels, of every other aten op (elementwise,
+    reductions, copies, indexing), and the rest (Python, dispatch, the profiler's own cost;
+    under torch.compile also the fused kernels, which the profiler does not see as ops), as
+    fractions of the profiled wall time; and the result of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = fn()
+    wall = time.perf_counter() - t0
+    parts = {"matmul": 0.0, "attention": 0.0, "other_ops": 0.0}
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        seconds = event.self_cpu_time_total / 1e6
+        if is_attention(event.key):
+            parts["attention"] += seconds
+        elif event.key in MATMUL_OPS:
+            parts["matmul"] += seconds
+        else:
+            parts["other_ops"] += seconds
+    shares = {k: v / wall for k, v in parts.items()}
+    shares["python_and_overhead"] = max(0.0, 1.0 - sum(shares.values()))
+    shares["profiled_wall_s"] = wall
+    return shares, result
+
+
+# ---------------------------------------------------------------- one stage's job
+
+
+def run_stage(
+    stage: str, job: StepsJob, *, flops: bool = True, memory: bool = True, profile: bool = False
+) -> dict[str, Any]:
+    """Build one stage, take a warm-up step, time ``job.steps`` steps, then count the FLOPs of
+    one more step (and profile one more with ``profile``). Call it in a fresh process for an
+    honest peak memory (:func:`bench_steps` does)."""
+    torch.set_num_threads(job.threads)
+    run = build_stage_run(stage, job)
+    t0 = time.perf_counter()
+    for _ in range(warmup_steps(job)):
+        run.step()
+    warmup = time.perf_counter() - t0
+    probe = MemoryProbe(run.device)
+    if memory:
+        probe.start()
+    seconds, cpu, tokens, rows, lengths = [], [], [], [], []
+    split = {"sample_s": 0.0, "reference_s": 0.0}
+    for _ in range(job.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        batch = run.step()
+        seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        tokens.append(batch.num_tokens)
+        n, length = batch_shape(batch)
+        rows.append(n)
+        lengths.append(length)
+        for key in split:
+            split[key] += getattr(run.stage, "last_timing", {}).get(key, 0.0)
+    elapsed = sum(seconds)
+    result: dict[str, Any] = {
+        "stage": stage,
+        "rows": rows[0],
+        "padded_length": statistics.mean(lengths),
+        "tokens_per_step": statistics.mean(tokens),
+        "seconds": elapsed,
+        "step_s": statistics.median(seconds),
+        "cpu_s": sum(cpu),
+        "tokens_per_s": sum(tokens) / elapsed,
+        "threads": job.threads,
+        "warmup_s": warmup,
+    }
+    if stage == "rl":
+        result["split"] = {k: v / elapsed for k, v in split.items()}
+    if memory:
+        result["memory"] = probe.stop()
+    if flops or profile:
+        kinds, batch = count_flops_by_kind(run.step)
+        counted = sum(kinds.values())
+        per_token = counted / batch.num_tokens
+        result.update(
+            flops_per_step=counted,
+            flops_per_token=per_token,
+            flops_per_s=per_token * result["tokens_per_s"],
+            attention_flops_share=kinds["attention"] / counted,
+        )
+    if profile:
+        profiled, batch = profile_breakdown(run.step)
+        shares: dict[str, Any] = dict(profiled)
+        # FLOP/s inside each kind of kernel: its FLOPs (per token, from the counted step,
+        # times this step's tokens) over its self time in the profile
+        for kernel, kernel_flops in kinds.items():
+            seconds = shares[kernel] * shares["profiled_wall_s"]
+            share_per_token = kernel_flops / counted * per_token
+            shares[f"{kernel}_flops_per_s"] = share_per_token * batch.num_tokens / seconds
+        result["profile"] = shares
+    return result
+
+
+def _child(
+    send: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    os.dup2(2, 1)  # a child's prints go to stderr: stdout carries the figures only
+    keep_freed_memory()  # as the tether command does (a fresh process, not its child)
+    try:
+        send.send(("ok", fn(*args, **kwargs)))
+    except (ModelLoadError, RecipeError) as err:  # bad input: the parent raises it as it is
+        send.send(("input", err))
+    except BaseException:  # the parent raises it with the child's traceback
+        send.send(("error", traceback.format_exc()))
+    finally:
+        send.close()
+
+
+@contextlib.contextmanager
+def _fresh_processes() -> Iterator[Callable[..., Any]]:
+    """Run functions each in a fresh process, forked from a server that has only imported
+    the libraries (no model loaded, no thread pool started), or spawned where there is no
+    fork server. Yields ``call(fn, *args, **kwargs) -> fn(*args, **kwargs)``."""
+    methods = multiprocessing.get_all_start_methods()
+    ctx: Any = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["torch", "transformers", "tether.bench.steps"])
+
+    def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        recv, send = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_child, args=(send, fn, args, kwargs))
+        process.start()
+        send.close()
+        try:
+            kind, value = recv.recv()
+        except EOFError:
+            process.join()
+            raise RuntimeError(
+                f"the benchmark process died (exit code {process.exitcode})"
+            ) from None
+        finally:
+            recv.close()
+        process.join()
+        if kind == "input":
+            raise value
+        if kind == "error":
+            raise RuntimeError(f"in the benchmark process:\n{value}")
+        return value
+
+    yield call
+
+
+def bench_steps(
+    job: StepsJob,
+    stages: tuple[str, ...] = STAGES,
+    *,
+    isolate: bool = True,
+    profile: bool = False,
+    peak_sizes: tuple[int, ...] = (512, 1024, 2048),
+) -> dict[str, Any]:
+    """Each stage's job (in a fresh process with ``isolate``), the measured peak matmul
+    FLOP/s, and each stage's share of it."""
+    results = []
+    if isolate:
+        with _fresh_processes() as call:
+            for stage in stages:
+                results.append(call(run_stage, stage, job, profile=profile))
+    else:
+        for stage in stages:
+            results.append(run_stage(stage, job, profile=profile))
+    # bf16: the forward passes' matmuls run in bf16, so that is the peak they are held to
+    dtype = torch.bfloat16 if job.precision == "bf16" else torch.float32
+    peak = peak_matmul(job.threads, job.device, peak_sizes, dtype=dtype)
+    for r in results:
+        r["peak_fraction"] = r["flops_per_s"] / peak["flops_per_s"]
+        if "profile" in r:
+            for kind in ("matmul", "attention"):
+                rate = r["profile"][f"{kind}_flops_per_s"]
+                r["profile"][f"{kind}_peak_fraction"] = rate / peak["flops_per_s"]
+    return {
+        "job": {**dataclasses.asdict(job), "torch": torch.__version__},
+        "peak_matmul": peak,
+        "stages": results,
+        "flops": "matrix multiplies (FlopCounterMode), attention as the full L x L square",
+    }
+
+
+# ---------------------------------------------------------------- a model of another size
+
+
+def random_checkpoint(folder: Path, width: int, layers: int = 4) -> Path:
+    """A randomly initialised Llama with the character tokenizer, saved as a checkpoint for
+    the addition task (N = 3): ``addition-n3``'s shape at another width, to see how the
+    FLOP/s fraction grows with the matrices. Heads of 64 dimensions from width 256 up,
+    otherwise 4 heads."""
+
+    from tether.engine.checkpoints import save_checkpoint
+    from tether.models.loading import build_model, char_tokenizer
+
+    heads = width // 64 if width >= 256 and width % 64 == 0 else 4
+    if width % heads or (width // heads) % 2:
+        raise ValueError(f"width {width} is not a multiple of {heads} heads of an even size")
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    model = build_model(tokenizer, "llama", layers, heads, width, 1024)
+    path = folder / f"llama-w{width}-l{layers}"
+    meta = {
+        "description": "random init (tether bench)",
+        "task": {"name": "addition", "max_digits": 3},
+    }
+    save_checkpoint(model, tokenizer, path, meta)
+    return path
+
+
+@contextlib.contextmanager
+def bench_model(model: str, width: int | None, layers: int) -> Iterator[str]:
+    """``model`` itself, or with ``width`` a random checkpoint of that width in a temporary
+    folder that lives as long as the context."""
+    if width is None:
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
+        yield str(random_checkpoint(Path(tmp), width, layers))
+
+
+# ---------------------------------------------------------------- against TRL
+
+
+def _tether_side(stage: str, job: StepsJob) -> dict[str, Any]:
+    result = run_stage(stage, job, flops=False, memory=False)
+    return {
+        "median_step_s": result["step_s"],
+        "seconds": result["seconds"],
+        "cpu_s": result["cpu_s"],
+        "tokens_per_s": result["tokens_per_s"],
+    }
+
+
+def _problems(stage: str, job: StepsJob) -> tuple[Any, list[Any]]:
+    """The examples the stage draws over the warm-up and timed steps, in order."""
+    from tether.models.loading import load_model_and_tokenizer
+    from tether.tasks import task_from_config
+    from tether.tasks.prompts import prompt_text
+
+    recipe = stage_recipe(stage, job)
+    _, tokenizer = load_model_and_tokenizer(job.model)
+    task = task_from_config(recipe.task, recipe.seed)
+    rng = random.Random(recipe.seed)  # the stage's own stream
+    steps = job.steps + warmup_steps(job)
+    problems = [task.pretrain_problem(rng) for _ in range(job.batch_size * steps)]
+    return tokenizer, [(prompt_text(tokenizer, p.prompt), p) for p in problems]
+
+
+def _run_trl_job(
+    job: StepsJob, stage: str, columns: dict[str, Callable[[Any], str]], kind: str, **extra: Any
+) -> dict[str, Any]:
+    """TRL's ``{kind}Trainer`` (SFT or DPO) on ``stage``'s examples, in the same order and
+    batches: a dataset with one column per entry of ``columns`` (the prompt, then each
+    ``columns[name](problem)``), the shared TrainingArguments plus ``extra``, a policy (and
+    for DPO a frozen reference) loaded from the same checkpoint."""
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from tether.models.loading import resolve_checkpoint
+
+    tokenizer, problems = _problems(stage, job)
+    data = {"prompt": [p for p, _ in problems]}
+    data.update({name: [get(x) for _, x in problems] for name, get in columns.items()})
+    config = getattr(trl, f"{kind}Config")(
+        **trl_args(job, warmup_steps(job)),
+        per_device_train_batch_size=job.batch_size,
+        max_length=None,
+        torch_compile=job.compile,
+        **extra,
+    )
+    path = resolve_checkpoint(job.model)
+    models = {"model": AutoModelForCausalLM.from_pretrained(path)}
+    if kind == "DPO":
+        models["ref_model"] = AutoModelForCausalLM.from_pretrained(path)
+    timer = step_timer()
+    trainer = getattr(trl, f"{kind}Trainer")(
+        **models,
+        args=config,
+        train_dataset=Dataset.from_dict(data),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    return run_trl(trainer, timer, warmup_steps(job))
+
+
+def trl_sft(job: StepsJob) -> dict[str, Any]:
+    """TRL's ``SFTTrainer`` on the mle stage's examples (prompt/completion, loss on the
+    completion, EOS appended), in the same order and batches."""
+    return _run_trl_job(job, "mle", {"completion": lambda x: x.target}, "SFT")
+
+
+def trl_dpo(job: StepsJob) -> dict[str, Any]:
+    """TRL's ``DPOTrainer`` (sigmoid loss, β = 0.1, reference = a frozen copy of the same
+    checkpoint, scored every step) on the dpo stage's pairs, in the same order and batches."""
+    columns = {"chosen": lambda x: x.chosen, "rejected": lambda x: x.rejected}
+    return _run_trl_job(job, "dpo", columns, "DPO", beta=0.1)
+
+
+def _trl_round(name: str, job: StepsJob, prompts: int) -> dict[str, Any]:
+    """One round of one job: tether's side, then TRL's, and their ratios."""
+    examples = job.batch_size  # per step: sequences (SFT), pairs (DPO)
+    if name == "sft":
+        ours, theirs = _tether_side("mle", job), trl_sft(job)
+    elif name == "dpo":
+        ours, theirs = _tether_side("dpo", job), trl_dpo(job)
+    elif name == "rl":
+        rl_job = RLJob(job.model, prompts, job.group, job.max_new_tokens, 1.0, job.steps, job.seed)
+        rl = bench_rl(rl_job)
+        ours, theirs, examples = rl["tether"], rl["trl_grpo"], prompts * job.group
+    else:
+        raise ValueError(f"unknown TRL job {name!r}: choose from {', '.join(TRL_JOBS)}")
+    for side in (ours, theirs):
+        side["examples_per_s"] = examples / side["median_step_s"]
+    return {
+        "tether": ours,
+        "trl": theirs,
+        # steady state: the median step, robust to one slow step (a recompile, a
+        # neighbour's burst on a shared machine)
+        "ratio": theirs["median_step_s"] / ours["median_step_s"],
+        # all timed steps: wall-clock, and CPU seconds (steadier at one thread when shared)
+        "total_ratio": theirs["seconds"] / ours["seconds"],
+        "cpu_ratio": theirs["cpu_s"] / ours["cpu_s"],
+    }
+
+
+def bench_trl(
+    job: StepsJob, jobs: tuple[str, ...] = TRL_JOBS, prompts: int = 8, rounds: int = 1
+) -> dict[str, Any]:
+    """tether against TRL on SFT, RL and DPO, each side right after the other (RL: ``prompts``
+    prompts of ``job.group`` completions of up to ``job.max_new_tokens`` tokens).
+
+    ``rounds`` > 1 runs every job that many times, the two sides alternating, and reports the
+    median round (by ratio) with every round's ratio in ``ratios``, smallest first: on a
+    shared machine the load drifts between runs, and a ratio taken from two sides run one
+    after the other is steadier than either side's throughput."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    torch.set_num_threads(job.threads)
+    out: dict[str, Any] = {"job": {**dataclasses.asdict(job), "rounds": rounds}, "results": {}}
+    for name in jobs:
+        runs = sorted((_trl_round(name, job, prompts) for _ in range(rounds)), key=_by_ratio)
+        median = runs[(len(runs) - 1) // 2]  # the lower middle round when there are two
+        out["results"][name] = {**median, "ratios": [r["ratio"] for r in runs]}
+    out["compiled"] = [n for n in jobs if n != "rl"] if job.compile else []  # RL: eager
+    out["trl_trainers"] = {"sft": "SFTTrainer", "rl": "GRPOTrainer", "dpo": "DPOTrainer"}
+    out["kl"] = f"rl: k3 in the loss, coefficient {KL_COEF}"
+    return out
+
+
+def _by_ratio(round_: dict[str, Any]) -> float:
+    return float(round_["ratio"])
+
+
+# ---------------------------------------------------------------- printing
+
+
+def print_steps(result: dict[str, Any]) -> None:
+    """The ``bench steps`` figures as a table (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    job, peak = result["job"], result["peak_matmul"]
+    table = Table(
+        title=f"tether bench steps: {job['model']}, {job['threads']} thread(s), {job['device']}, "
+        f"{job['precision']}"
+    )
+    for name in ("stage", "rows×len", "tokens/s", "step", "GFLOP/s", "of peak", "memory", "+step"):
+        table.add_column(name, justify="right")
+    for r in result["stages"]:
+        mem = r.get("memory", {})
+        table.add_row(
+            r["stage"],
+            f"{r['rows']}×{r['padded_length']:.0f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['step_s']:.2f} s",
+            f"{r['flops_per_s'] / 1e9:.1f}",
+            f"{r['peak_fraction']:.0%}",
+            f"{mem['peak_mb']:,.0f} MB" if mem else "",
+            f"{mem['step_mb']:,.0f} MB" if mem else "",
+        )
+    console = Console()
+    console.print(table)
+    sizes = ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in peak["by_size"].items())
+    console.print(
+        f"peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s, the best {peak['dtype']} torch.mm of n×n "
+        f"matrices (GFLOP/s by n: {sizes}) at {peak['threads']} thread(s)"
+    )
+    console.print(
+        "tokens: real tokens (prompt + completion) of whole steps; of peak: GFLOP/s over the "
+        f"peak matmul FLOP/s; FLOPs: {result['flops']}"
+    )
+    memories = {r["memory"]["method"] for r in result["stages"] if "memory" in r}
+    for method in sorted(memories):
+        console.print(f"memory: {method}; +step: the peak less the resident size before them")
+    for r in result["stages"]:
+        if "split" in r:
+            s = r["split"]
+            console.print(
+                f"rl: sampling {s['sample_s']:.0%}, reference scoring {s['reference_s']:.0%} "
+                f"of the step"
+            )
+        if "profile" in r:
+            p = r["profile"]
+            console.print(
+                f"{r['stage']} profile: matmul {p['matmul']:.0%} of the step (at "
+                f"{p['matmul_peak_fraction']:.0%} of peak), attention {p['attention']:.0%} (at "
+                f"{p['attention_peak_fraction']:.0%}), other ops {p['other_ops']:.0%}, Python "
+                f"and overhead {p['python_and_overhead']:.0%}"
+            )
+
+
+def print_trl(result: dict[str, Any]) -> None:
+    """The ``bench trl`` figures as a table (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    job = result["job"]
+    table = Table(title=f"tether vs TRL: {job['model']}, {job['threads']} thread(s)")
+    for name in ("job", "TRL trainer", "tether examples/s", "TRL examples/s", "ratio"):
+        table.add_column(name, justify="right")
+    rounds = job.get("rounds", 1) > 1
+    if rounds:
+        table.add_column("every round", justify="right")
+    for name, r in result["results"].items():
+        cells = [
+            name,
+            result["trl_trainers"][name],
+            f"{r['tether']['examples_per_s']:.2f}",
+            f"{r['trl']['examples_per_s']:.2f}",
+            f"{r['ratio']:.2f}×",
+        ]
+        if rounds:
+            cells.append(" ".join(f"{x:.2f}×" for x in r["ratios"]))
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    if rounds:
+        console.print(
+            "with --rounds: the median round by ratio (the lower middle of an even count)"
+        )
+    console.print(
+        "examples: sequences (SFT), completions (RL), pairs (DPO) per second of the median "
+        "whole training step after the warm-up; ratio = TRL's median step / tether's; "
+        f"{result['kl']}"
+    )

@@ -1,0 +1,320 @@
+"""The one training loop: ask the stage for a batch, compute its loss, step, log, evaluate,
+checkpoint. It knows nothing about any particular method.
+
+A run directory holds ``config.yaml`` (the resolved recipe), ``metrics.jsonl`` (one JSON object
+per logged step, always with ``step``), ``summary.json`` (final figures, written last),
+``checkpoints/step-NNNNNN/`` and ``model/`` (the final checkpoint). Every checkpoint is a
+``save_pretrained`` directory, loadable with ``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import (
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
+
+from tether import distributed
+from tether.config import Recipe, RecipeError, dump_recipe
+from tether.engine.checkpoints import (
+    check_new_run_dir,
+    check_resumable,
+    prune_checkpoints,
+    restore_training,
+    save_checkpoint,
+    step_checkpoints,
+    training_state,
+    truncate_metrics,
+)
+from tether.engine.faults import (
+    NonFiniteError,
+    StopRequests,
+    TrainingInterrupted,
+    gradient_norm,
+    nonfinite_gradient,
+)
+from tether.engine.precision import check_precision
+from tether.engine.setup import (
+    build_policy,
+    make_optimizer,
+    prepare_models,
+    seed_everything,
+    warn_oversubscribed,
+)
+from tether.eval.during_training import evaluate_during_training
+from tether.stages.registry import make_stage
+
+
+class MetricsLog:
+    """metrics.jsonl always; accelerate trackers too when configured. Across processes only
+    the main one writes."""
+
+    def __init__(self, path: Path, accelerator: Accelerator):
+        self.path = path
+        self.accelerator = accelerator
+        self.trackers = bool(accelerator.log_with)
+        self.enabled = accelerator.is_main_process
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.trackers:
+            self.accelerator.log(values, step=step)
+
+
+def tracker_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as flat scalars (``optim/lr``...): what TensorBoard's hparams accept."""
+    from tether.eval.report import flatten
+
+    flat = flatten(recipe.model_dump(mode="json"))
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def check_sharded_weights(accelerator: Accelerator, recipe: Recipe) -> None:
+    """FSDP and ZeRO-3 shard the weights across processes; tether's samplers read the whole
+    weights of the policy, so the sampling stages run under DDP or ZeRO-2 only."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    sharded = kind == DistributedType.FSDP or (
+        kind == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+    )
+    if sharded and recipe.samples_from_policy:
+        raise RecipeError(
+            f"train.stage {recipe.train.stage}: samples from the policy while training, which "
+            "needs its whole weights on every process; launch it with DDP "
+            "(configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2, not FSDP or ZeRO-3"
+        )
+
+
+def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Run a recipe into ``out``; returns the summary (also written to summary.json).
+
+    With ``resume`` the run continues from the newest checkpoint in ``out`` and its metrics
+    equal those of an uninterrupted run (CPU, same thread count). SIGINT/SIGTERM save a
+    checkpoint and raise :class:`TrainingInterrupted`; a NaN/inf raises :class:`NonFiniteError`
+    (or skips the batch, by ``train.on_nonfinite``). ``summary.json`` is written only when the
+    run completes, so a run directory without it is unfinished.
+    """
+    # launched with `accelerate launch` or `torchrun`, this joins the process group (DDP);
+    # the scheduler steps once per optimizer step, as in one process (every process sees
+    # a share of the same global batch, not a batch of its own)
+    accelerator = Accelerator(
+        log_with=recipe.tracking.trackers or None,
+        project_dir=str(out),
+        step_scheduler_with_optimizer=False,
+        cpu=distributed.launched_on_cpu(),  # accelerate sets up gloo DDP on CPUs only if asked
+    )
+    main = accelerator.is_main_process
+    check_sharded_weights(accelerator, recipe)
+    resume_from = check_resumable(out) if resume else None
+    if resume_from is None:
+        check_new_run_dir(out)
+    distributed.barrier()  # every process has checked before the main one writes
+    if recipe.train.threads:
+        if main:  # one line, not one per process
+            warn_oversubscribed(recipe.train.threads, accelerator.num_processes)
+        torch.set_num_threads(recipe.train.threads)
+    seed_everything(recipe.seed)
+
+    check_precision(recipe.train.precision, accelerator.device)
+    model, tokenizer = build_policy(recipe)
+    model.to(accelerator.device)
+    stage = make_stage(recipe, tokenizer, model, accelerator.device)
+    prepare_models(model, stage, recipe, accelerator.device)
+    if resume_from is None and main:  # written once the models load: a bad path leaves no folder
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_recipe(recipe))
+    extra = getattr(stage, "save_extra", None)  # optional: files beside each checkpoint
+    data_report = getattr(stage.task, "report", None)  # a JSONL file: rows kept and skipped
+    if data_report is not None and main:
+        tqdm.write(f"data: {data_report.summary()}", file=sys.stderr)
+    if recipe.tracking.trackers:
+        accelerator.init_trackers(recipe.name, config=tracker_config(recipe))
+    optimizer = make_optimizer(model, recipe, stage.parameters())
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=recipe.optim.warmup_steps,
+        num_training_steps=recipe.train.steps,
+        min_lr_rate=recipe.optim.min_lr_ratio,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named += [(f"stage parameter {i}", p) for i, p in enumerate(stage.parameters())]
+    trainable = [p for _, p in named]
+    log = MetricsLog(out / "metrics.jsonl", accelerator)
+    meta = {
+        "description": recipe.description,
+        "recipe": recipe.name,
+        "task": recipe.task.model_dump(),
+        "seed": recipe.seed,
+        "stage": recipe.train.stage,
+        "init": recipe.model.init,  # the reference of a KL-tethered stage
+        "reward": recipe.reward.model_dump(),
+        **({"dpg": recipe.dpg.model_dump()} if recipe.train.stage == "dpg" else {}),
+        **({"lora": recipe.model.lora.model_dump()} if recipe.model.lora is not None else {}),
+    }
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in trainable)
+
+    def evaluate() -> dict[str, float]:
+        """The task's evaluation (generation), plus the stage's own figures where it has
+        them (preference stages: pairwise accuracy); a reward model has only its own."""
+        unwrapped = accelerator.unwrap_model(model)
+        figures: dict[str, float] = {}
+        with distributed.local():  # every process evaluates alone; the main one logs
+            if getattr(stage, "generation_eval", True):
+                figures = evaluate_during_training(unwrapped, tokenizer, recipe, stage.task)
+            own = getattr(stage, "evaluate", None)
+            return {**figures, **(own(unwrapped) if own is not None else {})}
+
+    first_step = 1
+    # figures that outlive a step and must survive a resume
+    carried: dict[str, Any] = {"last": {}, "last_eval": {}, "elapsed_s": 0.0, "skipped": 0}
+    if resume_from is not None:
+        done, carried = restore_training(
+            resume_from, accelerator.unwrap_model(model), optimizer, scheduler, stage
+        )
+        if main:
+            truncate_metrics(out / "metrics.jsonl", done)
+        first_step = done + 1
+    elif recipe.train.stage in ("rl", "dpg", "online-dpo", "xpo"):  # the start's figures
+        carried["last_eval"] = evaluate()
+        log.log(0, carried["last_eval"])
+
+    def checkpoint(step: int) -> Path:
+        path = out / "checkpoints" / f"step-{step:06d}"
+        carried["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+        state = training_state(step, optimizer, scheduler, stage, carried)  # every process
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            save_checkpoint(unwrapped, tokenizer, path, {**meta, "step": step}, state, extra)
+            prune_checkpoints(out, recipe.train.keep_checkpoints)
+        distributed.barrier()
+        return path
+
+    elapsed_before = float(carried["elapsed_s"])
+    t_start = time.perf_counter()
+    tokens_since, t_since = 0, t_start
+    bar = tqdm(
+        range(first_step, recipe.train.steps + 1),
+        desc=recipe.name,
+        disable=not progress or not main,
+        dynamic_ncols=True,
+        initial=first_step - 1,
+        total=recipe.train.steps,
+    )
+    with StopRequests() as stops:
+        for step in bar:
+            batch = stage.next_batch()
+            for _ in range(stage.epochs_per_batch):  # PPO: several updates on one rollout
+                loss, stats = stage.loss(model, batch)
+                finite = bool(torch.isfinite(loss))
+                fault = None
+                if not distributed.all_true(finite):  # every process skips, or none does
+                    fault = f"the loss ({loss.item()})" if not finite else "another process's loss"
+                if fault is None:
+                    accelerator.backward(loss)
+                    distributed.average_gradients(stage.parameters())  # DDP holds the model's
+                    # one pass over the gradients: the total norm (clipping, when on, returns
+                    # it); only a non-finite norm sends us looking for the parameter to name
+                    if recipe.optim.grad_clip is not None:
+                        clip = recipe.optim.grad_clip
+                        grad_norm = float(accelerator.clip_grad_norm_(trainable, clip))
+                    else:
+                        grad_norm = gradient_norm(trainable)
+                    if not math.isfinite(grad_norm):
+                        fault = nonfinite_gradient(named) or f"the gradient norm ({grad_norm})"
+                if fault is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    if recipe.train.on_nonfinite == "stop":
+                        kept = step_checkpoints(out)
+                        where = str(kept[-1][1]) if kept else "none yet"
+                        raise NonFiniteError(
+                            f"step {step}: {fault} is not finite; stopped "
+                            f"(last good checkpoint: {where}; "
+                            "train.on_nonfinite=skip skips such batches instead)"
+                        )
+                    carried["skipped"] += 1
+                    break
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            tokens_since += batch.num_tokens
+
+            if step % recipe.train.log_every == 0 or step == recipe.train.steps:
+                now = time.perf_counter()
+                stats = distributed.mean_stats(stats)  # the global batch's figures
+                tokens_since = int(distributed.all_sum(torch.tensor(tokens_since)))
+                carried["last"] = {
+                    **stats,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm if fault is None else float("nan"),
+                    "skipped_batches": carried["skipped"],
+                    "tokens_per_s": tokens_since / max(now - t_since, 1e-9),
+                    "elapsed_s": elapsed_before + now - t_start,
+                }
+                tokens_since, t_since = 0, now
+                log.log(step, carried["last"])
+                bar.set_postfix(loss=f"{carried['last']['loss']:.4f}")
+            if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
+                carried["last_eval"] = evaluate()
+                log.log(step, carried["last_eval"])
+                t_since = time.perf_counter()  # evaluation time is not training throughput
+            if step == recipe.train.steps:
+                break
+            stop = distributed.any_true(stops.signum is not None)  # one stops, all stop
+            signum = stops.signum or signal.SIGTERM
+            if step % recipe.train.checkpoint_every == 0:
+                saved = checkpoint(step)
+                if stop:
+                    raise TrainingInterrupted(out, step, signum, saved)
+            elif stop:
+                raise TrainingInterrupted(out, step, signum, checkpoint(step))
+    bar.close()
+
+    if not main:
+        distributed.barrier()  # the main process writes the model and the summary
+        return json.loads((out / "summary.json").read_text())
+    save_checkpoint(
+        accelerator.unwrap_model(model),
+        tokenizer,
+        out / "model",
+        {**meta, "step": recipe.train.steps},
+        extra=extra,
+    )
+    last, last_eval = carried["last"], carried["last_eval"]
+    summary = {
+        "name": recipe.name,
+        "steps": recipe.train.steps,
+        "parameters": n_params,
+        "trainable_parameters": n_trained,
+        "train_time_s": round(elapsed_before + time.perf_counter() - t_start, 2),
+        "final_loss": last.get("loss"),
+        "skipped_batches": carried["skipped"],
+        **({"data": data_report.summary()} if data_report is not None else {}),
+        **last_eval,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if recipe.tracking.trackers:
+        accelerator.end_training()
+    distributed.barrier()
+    return summary

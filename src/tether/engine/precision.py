@@ -1,0 +1,74 @@
+"""``train.precision``: bf16 forward passes, fp32 everything else.
+
+With ``bf16`` every forward pass of the policy and of the stage's frozen models (the reference,
+DPG's adaptive proposal) runs under ``torch.autocast(device_type, dtype=torch.bfloat16)``: the
+matmuls and attention in bf16, the logits come out in bf16. Everything after the forward is
+outside autocast and in fp32: :func:`~tether.objectives.common.token_logprobs` (and every other
+objective) upcasts the logits before the log-softmax, so log-probs, KL estimates, advantages
+and losses are fp32. The weights are never cast: master weights, gradients and the AdamW state
+stay fp32. It works on CPU as well (CPU autocast supports bf16), which is how the tests run it.
+
+Why a manual autocast and not ``Accelerator(mixed_precision="bf16")``: accelerate's also keeps
+log-probs in fp32 (it wraps the *prepared* model's forward in autocast and converts its outputs
+to fp32), but it only reaches the model passed to ``accelerator.prepare``. The frozen reference
+must not be prepared (under DDP a module without trainable parameters cannot be wrapped), so its
+scoring would stay fp32 while the policy's ran in bf16, and at step 0, where the policy *is* the
+reference, log π − log π_ref would be bf16 rounding noise instead of 0, a KL penalty on nothing.
+Here policy and reference go through the same arithmetic. It also leaves the outputs alone
+(accelerate copies every output, all hidden states included, to fp32), so only the slices the
+losses use are upcast.
+
+The KV-cache sampler's fast GPT-2/Llama runners do not call ``forward`` and compute in the
+weights' dtype (fp32); the rollout log-probs used as ``old_logp`` are then recomputed by the
+policy's own (bf16) forward (:mod:`tether.generation.rollouts`), so PPO's first ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import MethodType
+from typing import Any
+
+import torch
+from torch import nn
+
+from tether.config import RecipeError
+
+# set on a module whose forward runs under autocast; copied by deepcopy with the bound method
+_MARK = "_tether_autocast"
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """RecipeError when ``device`` cannot run ``precision`` (bf16 on a GPU without it)."""
+    if precision != "bf16" or device.type != "cuda":
+        return
+    if not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise RecipeError(f"train.precision bf16: {name} does not support bfloat16; use fp32")
+
+
+def autocast_forward(model: nn.Module | None, precision: str, device: torch.device) -> None:
+    """Make every call of ``model`` run its forward under bf16 autocast (``precision`` bf16;
+    fp32 leaves it alone). In place and idempotent. The wrapper is a method bound to the model,
+    so a ``copy.deepcopy`` of the model gets one bound to the copy."""
+    if model is None or precision == "fp32" or getattr(model, _MARK, False):
+        return
+    if precision != "bf16":
+        raise ValueError(f"unknown precision {precision!r}: choose fp32 or bf16")
+    original = model.forward.__func__  # type: ignore[attr-defined]  # HF: a bound method
+    device_type = device.type
+
+    @functools.wraps(original)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return original(self, *args, **kwargs)
+
+    model.forward = MethodType(forward, model)  # type: ignore[method-assign]
+    setattr(model, _MARK, True)
+
+
+def frozen_models(stage: Any) -> list[nn.Module]:
+    """The models a stage scores with besides the policy: its frozen reference and DPG's
+    adaptive proposal, where it has them."""
+    found = [getattr(stage, name, None) for name in ("reference", "proposal")]
+    return [m for m in found if isinstance(m, nn.Module)]

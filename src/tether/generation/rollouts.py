@@ -1,0 +1,106 @@
+"""Rollouts: where the stages' samples from the policy come from (``train.sampler``).
+
+A rollout backend (:class:`Rollouts`) is called as ``rollouts(model, prompts,
+max_new_tokens=..., temperature=..., generator=..., allowed_token_ids=...)`` and returns a
+:class:`~tether.generation.sampler.SampleOutput`, so a stage does not know which backend drew its
+samples:
+
+- ``hf`` (:class:`HFRollouts`): the built-in KV-cache sampler, :func:`tether.generation.sampler.sample`;
+- ``vllm`` (:class:`tether.generation.vllm.VLLMRollouts`): a ``vllm.LLM`` whose weights are
+  refreshed from the model before each rollout.
+
+Both put the model in eval mode for the rollout and back afterwards. The log-probs a stage gets
+(PPO's ``old_logp``, DPG's log q) are those of the distribution the loss computes, so they are
+recomputed by the model's own forward (:func:`rescore`) whenever the sampler's arithmetic is
+not the loss's: always for vLLM (its kernels are not the trainer's), and for ``hf`` with
+``train.precision: bf16`` (the fast runners compute in fp32, the loss's forward in bf16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tether.generation.sampler import SampleOutput, sample
+from tether.models.loading import eval_mode
+from tether.scoring import rescore
+
+
+@dataclass(frozen=True)
+class Draw:
+    """How to complete the prompts of one rollout."""
+
+    max_new_tokens: int
+    temperature: float
+    generator: torch.Generator | None
+    allowed_token_ids: Sequence[int] | None
+
+
+class Rollouts:
+    """A rollout backend: ``draw`` samples; calling it wraps that in eval mode and, with
+    ``rescore``, replaces the log-probs by the model's own (module docstring)."""
+
+    rescore = False
+
+    def __call__(
+        self,
+        model: nn.Module,
+        prompts: list[str],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        generator: torch.Generator | None,
+        allowed_token_ids: Sequence[int] | None = None,
+    ) -> SampleOutput:
+        how = Draw(max_new_tokens, temperature, generator, allowed_token_ids)
+        with eval_mode(model):
+            out = self.draw(model, prompts, how)
+            if self.rescore:
+                out.logprobs = rescore(model, out, temperature, allowed_token_ids)
+        return out
+
+    def draw(self, model: nn.Module, prompts: list[str], how: Draw) -> SampleOutput:
+        raise NotImplementedError
+
+
+class HFRollouts(Rollouts):
+    """The built-in KV-cache sampler; with ``rescore`` the log-probs are recomputed by the
+    model's forward (``train.precision: bf16``)."""
+
+    def __init__(self, tokenizer: Any, rescore: bool = False):
+        self.tokenizer = tokenizer
+        self.rescore = rescore
+
+    def draw(self, model: nn.Module, prompts: list[str], how: Draw) -> SampleOutput:
+        return sample(
+            model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=how.max_new_tokens,
+            temperature=how.temperature,
+            generator=how.generator,
+            allowed_token_ids=how.allowed_token_ids,
+        )
+
+
+def make_rollouts(recipe: Any, policy: nn.Module, tokenizer: Any, device: torch.device) -> Rollouts:
+    """The recipe's rollout backend (``train.sampler``) for ``policy``."""
+    if recipe.train.sampler == "vllm":
+        from tether.generation.vllm import VLLMRollouts
+
+        return VLLMRollouts(recipe, policy, tokenizer, device)
+    # bf16: the log-probs must be the losses' own (autocast) numbers, where a loss reads them
+    return HFRollouts(
+        tokenizer, rescore=recipe.train.precision != "fp32" and reads_logprobs(recipe)
+    )
+
+
+def reads_logprobs(recipe: Any) -> bool:
+    """The stage reads the sampler's log-probs: PPO's old log-probs, DPG's log q. The others
+    (REINFORCE, RLOO, A2C, online DPO/XPO, online IQLearn) use only the samples."""
+    stage = recipe.train.stage
+    return stage == "dpg" or (stage == "rl" and recipe.rl.algorithm == "ppo")

@@ -1,0 +1,273 @@
+"""Scoring: the log-probs of completions under a model, in one place.
+
+Every stage scores token rows under the policy (with gradient) and under the frozen
+reference (without), and the rollout backends rescore samples; they all go through here:
+:func:`bucketed` runs a right-padded batch, :func:`grouped_completion_logits` returns the
+logits that predict each completion token of prompt + completion rows, :func:`rescore` gives a
+sample's token log-probs under a model.
+
+**Length groups.** A training batch is padded to its longest row, and the model computes every padded position:
+on the demo model's batches that is 16% of the positions of an addition MLE batch and 26% of
+a DPO batch (short pairs beside long ones), more of the attention, whose cost grows with the
+square of the length. :func:`bucketed` sorts the rows by length, cuts them into a few groups
+(where a cut saves more padded positions than one more pass costs, :func:`length_buckets`),
+runs the model on each group trimmed to its own longest row, and puts the per-position results
+back in row order, padded with zeros: the same [B, L, ...] tensor a single pass would give, up
+to float rounding, for less work.
+
+Each group is also run without an attention mask. In a right-padded row every real token
+comes before every pad, so causal attention alone never lets a real position see a pad: the
+outputs at real positions are those of the masked pass, and the model takes its faster
+mask-free path (no [B, 1, L, L] mask built; SDPA with ``is_causal``). Positions are 0..L−1 in
+both. Outputs at padded positions are set to 0.
+
+Not for left-padded or gapped masks (the plain masked pass is used), nor under
+``DistributedDataParallel``, whose gradient hooks allow one forward pass per backward, nor
+under FSDP or DeepSpeed (one trimmed, mask-free pass is used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tether.generation.sampler import SampleOutput, vocab_bias
+from tether.objectives.common import log_softmax_and_token_logprobs
+
+# One more forward and backward pass costs about as much as this many padded positions on the
+# demo model (Python and op dispatch of a 4-layer pass, ~10-20 ms, against ~50-90 µs a
+# position on two CPU cores); a cut is made only where it saves more.
+PASS_COST_POSITIONS = 256
+
+
+def length_buckets(lengths: Sequence[int], pass_cost: int | None = None) -> list[list[int]]:
+    """Row indices grouped for :func:`bucketed`: sorted longest first and cut into contiguous
+    groups that minimise Σ_groups (rows · longest row) + ``pass_cost`` · groups, the padded
+    positions computed plus a price per pass (exact, by dynamic programming over the sorted
+    rows; ``None``: :data:`PASS_COST_POSITIONS`). Every row is in exactly one group; one group
+    when no cut pays."""
+    pass_cost = PASS_COST_POSITIONS if pass_cost is None else pass_cost
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: (-lengths[i], i))
+    longest = np.array([lengths[i] for i in order], dtype=np.float64)  # non-increasing
+    # best[j]: the cheapest way to cover sorted rows [0, j); a group [i, j) costs (j-i)·L_i
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    starts = np.arange(n)
+    for j in range(1, n + 1):
+        costs = best[:j] + (j - starts[:j]) * longest[:j] + pass_cost
+        cut[j] = int(np.argmin(costs))
+        best[j] = costs[cut[j]]
+    groups = []
+    j = n
+    while j > 0:
+        i = int(cut[j])
+        groups.append(order[i:j])
+        j = i
+    return groups[::-1]
+
+
+def right_padded(attention_mask: Tensor) -> bool:
+    """True when every row is its real tokens followed by padding (no left pads, no gaps)."""
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return bool(((positions < lengths) == attention_mask.bool()).all())
+
+
+# Wrappers whose gradient hooks expect one forward pass per backward, by class name (FSDP2's
+# `fully_shard` makes the module's class a subclass of FSDPModule; DeepSpeed may not be
+# installed): the sharded engines the accelerate configurations of configs/accelerate set up.
+_SHARDING_WRAPPERS = {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"}
+
+
+def _single_pass_only(model: nn.Module) -> bool:
+    """DDP (its reducer refuses a second forward before the backward), FSDP and DeepSpeed
+    (their hooks are written for one; not testable without GPUs, so not risked)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return True
+    return any(c.__name__ in _SHARDING_WRAPPERS for c in type(model).__mro__)
+
+
+def logits_of(model: nn.Module) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """The default pass of :func:`bucketed`: the model's logits."""
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+
+
+def check_positions(model: nn.Module, length: int) -> None:
+    """A model with learned positions (GPT-2's ``n_positions``) cannot read rows longer than
+    its table: one RecipeError naming ``model.max_positions``, not an IndexError inside the
+    embedding. Rotary models (Llama) have no such table and are not limited here."""
+    limit = getattr(getattr(model, "config", None), "n_positions", None)
+    if isinstance(limit, int) and length > limit:
+        from tether.config import RecipeError
+
+        raise RecipeError(
+            f"model.max_positions: a batch row of {length} tokens does not fit the model's "
+            f"{limit} learned positions; raise model.max_positions (or shorten the task's rows)"
+        )
+
+
+def bucketed(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    pass_cost: int | None = None,
+    forward: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+) -> Tensor:
+    """``fn(logits, input_ids)`` of every row ([B, L, ...], aligned with ``input_ids``; 0 at
+    padded positions), computed group by group (module docstring). ``fn=None`` returns the
+    logits themselves; ``forward(ids, mask)`` replaces the pass that gives them (default
+    :func:`logits_of`; the mask is None in groups). For a batch that is not right-padded:
+    one masked pass, unchanged."""
+    check_positions(model, input_ids.shape[1])
+    apply = fn if fn is not None else (lambda logits, _: logits)
+    run = forward if forward is not None else logits_of(model)
+    if not right_padded(attention_mask):
+        return apply(run(input_ids, attention_mask), input_ids)
+    lengths = attention_mask.sum(dim=1).tolist()
+    batch, width = input_ids.shape
+    if _single_pass_only(model):
+        groups = [list(range(batch))]
+    else:
+        groups = length_buckets(lengths, pass_cost)
+    if len(groups) == 1:
+        longest = max(lengths)
+        ids = input_ids[:, :longest].contiguous()  # one layout: a compiled model's guards hold
+        out = apply(run(ids, None), ids)
+        return _real_only(_pad_to(out, width), attention_mask)
+    parts, rows = [], []
+    for group in groups:
+        index = torch.tensor(group, device=input_ids.device)
+        longest = max(lengths[i] for i in group)
+        ids = input_ids.index_select(0, index)[:, :longest].contiguous()
+        parts.append(_pad_to(apply(run(ids, None), ids), width))
+        rows.append(index)
+    inverse = torch.empty(batch, dtype=torch.long, device=input_ids.device)
+    inverse[torch.cat(rows)] = torch.arange(batch, device=input_ids.device)
+    return _real_only(torch.cat(parts).index_select(0, inverse), attention_mask)
+
+
+def left_to_right_padded(
+    input_ids: Tensor, attention_mask: Tensor, prompt_len: int, pad_id: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sampler rows (prompt left-padded in the first ``prompt_len`` columns, completion
+    right-padded after them) as right-padded rows: each row's real tokens moved to its start.
+    Returns the ids and mask [B, W] and ``starts`` [B], the column of each row's first
+    completion token (its real prompt length). Positions are 0.. in both layouts."""
+    batch, width = input_ids.shape
+    pads = prompt_len - attention_mask[:, :prompt_len].sum(dim=1)  # left pads of each row
+    source = torch.arange(width, device=input_ids.device) + pads[:, None]
+    inside = source < width
+    source = source.clamp(max=width - 1)
+    ids = torch.where(inside, input_ids.gather(1, source), pad_id)
+    mask = torch.where(inside, attention_mask.gather(1, source), 0)
+    return ids, mask, prompt_len - pads
+
+
+def completion_window(values: Tensor, starts: Tensor, length: int) -> Tensor:
+    """``values`` [B, W, ...] at the positions that predict each completion token of
+    right-padded rows whose completions begin at ``starts`` [B]: [B, length, ...], row b's
+    entry j taken from position starts[b] − 1 + j."""
+    steps = torch.arange(length, device=values.device)
+    index = (starts[:, None] - 1 + steps).clamp(max=values.shape[1] - 1)
+    index = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand(
+        -1, -1, *values.shape[2:]
+    )
+    return values.gather(1, index)
+
+
+def _pad_to(values: Tensor, width: int) -> Tensor:
+    """[n, l, ...] -> [n, width, ...], zeros after column l."""
+    missing = width - values.shape[1]
+    if missing == 0:
+        return values
+    pad = values.new_zeros(values.shape[0], missing, *values.shape[2:])
+    return torch.cat([values, pad], dim=1)
+
+
+def _real_only(values: Tensor, attention_mask: Tensor) -> Tensor:
+    real = attention_mask.bool().reshape(*attention_mask.shape, *([1] * (values.dim() - 2)))
+    return torch.where(real, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def grouped_completion_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    temperature: float,
+    hidden: bool = False,
+) -> Any:
+    """Logits/T at the positions that predict each completion token, [B, T, V] fp32, of rows
+    [B, P+T] with the prompt (left-padded) in the first ``prompt_len`` columns. The rows are
+    made right-padded and run in length groups without a mask (:mod:`tether.scoring`): the
+    values of one masked pass at real completion tokens, up to float rounding, for less work
+    (no pass over most padding, no [B, 1, L, L] mask); zeros at completion padding. With
+    ``hidden`` also the last hidden states there, as fp32."""
+    ids, mask, starts = left_to_right_padded(input_ids, attention_mask, prompt_len)
+    forward, vocab = None, None
+    if hidden:
+
+        def forward(x: Tensor, m: Tensor | None) -> Tensor:
+            nonlocal vocab
+            out = model(input_ids=x, attention_mask=m, output_hidden_states=True)
+            vocab = out.logits.shape[-1]
+            return torch.cat([out.logits.float(), out.hidden_states[-1].float()], dim=-1)
+
+    values = bucketed(model, ids, mask, forward=forward)
+    window = completion_window(values, starts, input_ids.shape[1] - prompt_len)
+    logits = window[..., :vocab].float() if hidden else window.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return (logits, window[..., vocab:]) if hidden else logits
+
+
+@torch.no_grad()
+def rescore(
+    model: nn.Module,
+    out: SampleOutput,
+    temperature: float,
+    allowed_token_ids: Sequence[int] | None = None,
+) -> Tensor:
+    """[B, T] fp32 log-probs of ``out``'s completion tokens under ``model`` at ``temperature``
+    (1 for greedy, as :func:`~tether.generation.sampler.sample` reports them), renormalised over
+    ``allowed_token_ids`` when given, 0 at padding: one forward pass over prompt + completion,
+    laid out as the stages score rollouts."""
+    from tether.scoring import grouped_completion_logits
+
+    device = next(model.parameters()).device
+    completion_ids = out.completion_ids.to(device)
+    mask = out.completion_mask.to(device)
+    if completion_ids.shape[1] == 0:
+        return torch.zeros(completion_ids.shape, dtype=torch.float32, device=device)
+    input_ids = torch.cat([out.prompt_ids.to(device), completion_ids], dim=1)
+    attention_mask = torch.cat([out.prompt_mask.to(device), mask], dim=1)
+    t = temperature if temperature > 0 else 1.0
+    # the pass the stages' losses use (length groups, tether.scoring): the same arithmetic, so
+    # an unchanged policy gives a PPO ratio of exactly 1
+    logits = grouped_completion_logits(model, input_ids, attention_mask, out.prompt_ids.shape[1], t)
+    allowed = None
+    if allowed_token_ids is not None:
+        allowed = torch.tensor(list(allowed_token_ids), dtype=torch.long, device=device)
+    return restricted_token_logprobs(logits, completion_ids, mask, allowed) * mask
+
+
+def restricted_token_logprobs(
+    logits: Tensor, tokens: Tensor, mask: Tensor, allowed: Tensor | None
+) -> Tensor:
+    """log π_V(y_t|s_t), [B, T, V] → [B, T], where π_V is the next-token distribution
+    renormalised over the ``allowed`` ids (all of them when None): logits outside the set are
+    −inf, as the sampler draws them. Values at padding (``mask`` 0) are meaningless."""
+    if allowed is not None:
+        logits = logits.float() + vocab_bias(allowed, logits.shape[-1])  # as the sampler does
+        # padding holds a token outside the set: give it an allowed one (masked out anyway)
+        tokens = torch.where(mask.bool(), tokens, allowed[0])
+    # the normalisation the losses use (one log-softmax), so rescored and scored log-probs agree
+    return log_softmax_and_token_logprobs(logits, tokens)[1]

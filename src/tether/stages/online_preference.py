@@ -1,0 +1,202 @@
+"""Online preference stages (docs/methods.md §7): online DPO and XPO.
+
+One step (``train.batch_size`` prompts from the task's RL distribution):
+
+1. sample y ∼ π_θ(·|x) and a second response ỹ: from the frozen reference π_ref
+   (``preference.pair_with: reference``, always for XPO) or from π_θ again (``policy``);
+2. score both with the recipe's ``reward`` (:mod:`tether.rewards.functions`) and label the pair
+   with :func:`~tether.objectives.preference_pairs`: the higher reward is chosen, a tie goes
+   to the policy sample y (``preference.ties: policy``, as XPO) or the pair is left out of the
+   loss (``ties: drop``);
+3. score all 2B rows under the frozen reference once, then minimise
+
+       L = −log σ(β·(h_w − h_l)) + α·log π_θ(ỹ|x),    h = Σ_t log π_θ/π_ref over the response
+
+   with α = 0 for ``train.stage: online-dpo`` and α = ``preference.alpha`` for ``xpo``
+   (Xie et al. 2024). ``preference.loss: ipo`` replaces the sigmoid term by IPO's square.
+
+The bonus lowers the policy's probability of what the reference says, so mass moves to
+responses π_ref rarely produces: the exploration that makes XPO sample-efficient where the
+reference seldom finds the best answer. Logged per step: the loss and its parts, the rewards
+of both responses, the share of ties and of pairs the policy sample wins, the policy sample's
+accuracy under the task's checker and ``kl_sequence``, its summed log-ratio Σ_t log π_θ/π_ref
+at T = 1 (the k1 estimate of the sequence KL when ``preference.temperature`` is 1).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tether import distributed
+from tether.batches import TokenBatch, collate_token_rows
+from tether.config import Recipe
+from tether.generation.rollouts import HFRollouts, make_rollouts
+from tether.generation.sampler import SampleOutput, pad_id
+from tether.models.lora import reference_policy
+from tether.objectives import (
+    PreferencePairs,
+    preference_loss,
+    preference_pairs,
+    sequence_logprobs,
+    sequence_logratios,
+    shifted_token_logprobs,
+)
+from tether.rewards.functions import build_reward
+from tether.scoring import bucketed
+from tether.tasks import task_from_config
+from tether.tasks.prompts import prompt_text
+
+
+@dataclass
+class OnlinePairBatch:
+    """2B right-padded rows: the policy samples y in rows 0..B-1, the second responses ỹ of the
+    same prompts in rows B..2B-1; ``ref_logp`` [2B, L] is the reference's token log-probs."""
+
+    tokens: TokenBatch
+    ref_logp: Tensor
+    pairs: PreferencePairs
+    rewards: Tensor  # [2B]
+    correct: Tensor  # [B] bool: the policy samples under the task's checker
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.num_tokens
+
+
+class OnlinePreferenceStage:
+    """``train.stage: online-dpo`` (α = 0) or ``xpo`` (module docstring)."""
+
+    epochs_per_batch = 1
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        tokenizer: PreTrainedTokenizerBase,
+        policy: PreTrainedModel,
+        device: torch.device,
+    ) -> None:
+        assert recipe.model.init is not None  # the recipe validator says so
+        self.cfg = recipe.preference
+        self.xpo = recipe.train.stage == "xpo"
+        self.alpha = self.cfg.alpha if self.xpo else 0.0
+        self.pair_with = "reference" if self.xpo else self.cfg.pair_with
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.device = device
+        self.batch_size = recipe.train.batch_size
+        self.task = task_from_config(recipe.task, recipe.seed)
+        self.rng = random.Random(recipe.seed)
+        seed = distributed.rank_seed(recipe.seed)  # each process samples its own share
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.ref_generator = torch.Generator(device=device).manual_seed(seed + 7919)
+        self.reference = reference_policy(recipe, policy, device)
+        self.reward = build_reward(recipe, self.task, device)
+        self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
+        self.rollouts = make_rollouts(recipe, policy, tokenizer, device)  # train.sampler
+        self.reference_rollouts = HFRollouts(tokenizer)  # the frozen reference: hf always
+
+    def parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": self.rng.getstate(),
+            "generator": self.generator.get_state(),
+            "ref_generator": self.ref_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.ref_generator.set_state(state["ref_generator"])
+
+    # ------------------------------------------------------------------ rollout
+
+    def _sample(self, model: nn.Module, prompts: list[str], generator: Any) -> SampleOutput:
+        rollouts = self.rollouts if model is self.policy else self.reference_rollouts
+        return rollouts(
+            model,
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.cfg.temperature,
+            generator=generator,
+        )
+
+    @torch.no_grad()
+    def next_batch(self) -> OnlinePairBatch:
+        problems = [self.task.rl_problem(self.rng) for _ in range(self.batch_size)]
+        problems = distributed.shard(problems, "train.batch_size")
+        prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
+        ours = self._sample(self.policy, prompts, self.generator)
+        if self.pair_with == "reference":
+            theirs = self._sample(self.reference, prompts, self.ref_generator)
+        else:
+            theirs = self._sample(self.policy, prompts, self.generator)
+        reward_a = self.reward(problems, ours.texts)
+        reward_b = self.reward(problems, theirs.texts)
+        pairs = preference_pairs(reward_a, reward_b, policy_sample="a")
+        prompt_a, comp_a = ours.token_rows()
+        prompt_b, comp_b = theirs.token_rows()
+        rows = collate_token_rows(prompt_a + prompt_b, comp_a + comp_b, pad_id(self.tokenizer))
+        tokens = rows.to(self.device)
+        # rows in length groups, without a mask (tether.scoring), as the loss scores them
+        ref_logp = bucketed(
+            self.reference, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs
+        )
+        correct = torch.tensor(
+            [self.task.is_correct(p, t) for p, t in zip(problems, ours.texts, strict=True)],
+            device=self.device,
+        )
+        return OnlinePairBatch(
+            tokens=tokens,
+            ref_logp=ref_logp,
+            pairs=PreferencePairs(pairs.a_is_chosen.to(self.device), pairs.tie.to(self.device)),
+            rewards=torch.cat([reward_a, reward_b]).to(self.device),
+            correct=correct,
+        )
+
+    # ------------------------------------------------------------------ loss
+
+    def loss(self, model: nn.Module, batch: OnlinePairBatch) -> tuple[Tensor, dict[str, float]]:
+        tokens, b = batch.tokens, batch.tokens.input_ids.shape[0] // 2
+        logp = bucketed(model, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs)
+        mask = tokens.loss_mask
+        h = sequence_logratios(logp, batch.ref_logp, mask, average=self.cfg.length_normalize)
+        chosen, rejected = batch.pairs.order(h[:b], h[b:])
+        keep = torch.ones_like(batch.pairs.tie)
+        if self.cfg.ties == "drop":
+            keep = ~batch.pairs.tie
+        if keep.any():
+            loss, stats = preference_loss(
+                chosen[keep], rejected[keep], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing
+            )
+        else:  # every pair tied and ties are dropped: no preference signal this step
+            loss, stats = h.sum() * 0.0, {"loss": 0.0}
+        stats["preference_loss"] = stats.pop("loss")
+        if self.alpha:
+            bonus = sequence_logprobs(logp[b:], mask[b:]).mean()  # log π_θ(ỹ|x), ỹ ∼ π_ref
+            loss = loss + self.alpha * bonus
+            stats["xpo_bonus"] = float(bonus.detach())
+        with torch.no_grad():
+            r = batch.rewards
+            stats.update(
+                {
+                    "loss": float(loss.detach()),
+                    "reward": float(r[:b].mean()),
+                    "reward_second": float(r[b:].mean()),
+                    "ties": float(batch.pairs.tie.float().mean()),
+                    "policy_wins": float((r[:b] > r[b:]).float().mean()),
+                    "accuracy": float(batch.correct.float().mean()),
+                    "kl_sequence": float(
+                        ((logp[:b] - batch.ref_logp[:b]) * mask[:b]).sum(1).mean()
+                    ),
+                    "completion_tokens": float(mask[:b].sum(1).mean()),
+                }
+            )
+        return loss, stats
