@@ -36,6 +36,12 @@ CHARS = ["\n"] + [chr(i) for i in range(32, 127)]
 SHIPPED_DIR = Path(__file__).parent.parent / "checkpoints"
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights are (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Dropout off inside; the caller's train/eval state is restored afterwards."""
