@@ -25,7 +25,15 @@ LAYERS: list[tuple[str, ...]] = [
     ("tether.generation", "tether.scoring", "tether.rewards"),
     ("tether.models",),
     ("tether.objectives", "tether.distributions"),
-    ("tether.tasks", "tether.config", "tether.batches", "tether.distributed"),
+    # the stage registry is data that config validates against: below its package (a
+    # module's most specific prefix decides its layer)
+    (
+        "tether.tasks",
+        "tether.config",
+        "tether.batches",
+        "tether.distributed",
+        "tether.stages.registry",
+    ),
 ]
 FACADE = "tether"  # the package itself: the public API, imported lazily
 
@@ -67,10 +75,14 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def layer_of(module: str) -> int | None:
-    for i, prefixes in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
-            return i
-    return None
+    """The layer of the longest prefix that names ``module`` or a package above it."""
+    found = [
+        (len(p), i)
+        for i, prefixes in enumerate(LAYERS)
+        for p in prefixes
+        if module == p or module.startswith(p + ".")
+    ]
+    return max(found)[1] if found else None
 
 
 def find_cycles(graph: Mapping[str, Iterable[str]]) -> list[list[str]]:

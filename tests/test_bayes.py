@@ -23,7 +23,6 @@ from tether.distributions.bayes import (
     tv_estimate,
 )
 from tether.distributions.exact import (
-    best_of_n_distribution,
     expectation,
     kl,
     normalize,
@@ -31,6 +30,7 @@ from tether.distributions.exact import (
     qrs_distribution,
     total_variation,
 )
+from tether.distributions.infalign import best_of_n_distribution
 
 F64 = torch.float64
 
@@ -261,7 +261,7 @@ def test_best_of_n_distribution_matches_sampling(n):
     draws = 50_000
     idx = _draw(LOG_Q, draws * n, seed=9).view(draws, n)
     best = idx.gather(1, best_of_n(reward[idx]).unsqueeze(1)).squeeze(1)
-    expected = best_of_n_distribution(LOG_Q, reward, n).exp()
+    expected = best_of_n_distribution(LOG_Q.exp(), reward, n)
     assert float(expected.sum()) == pytest.approx(1.0)
     for y in range(6):
         _within_4_se((best == y).double(), float(expected[y]))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tether.bench.steps import count_flops, llama_flops
+from tether.bench.measure import count_flops, llama_flops
 from tether.cli import app
 from tether.models.loading import build_model, char_tokenizer
 

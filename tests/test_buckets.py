@@ -113,7 +113,7 @@ def test_the_mle_and_dpo_stages_compute_the_plain_loss(tiny_checkpoint, monkeypa
     import tether.scoring
     from tether.config import load_recipe
     from tether.engine.setup import build_policy
-    from tether.stages.registry import make_stage
+    from tether.stages.base import make_stage
 
     for overrides in (
         ["train.stage=mle", "task.name=multistep"],

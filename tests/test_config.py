@@ -79,3 +79,28 @@ def test_a_key_written_twice_is_refused_with_its_line(tmp_path):
 def test_an_empty_recipe_is_refused(tmp_path):
     assert "the recipe is empty" in _err(tmp_path, "")
     assert "the recipe is empty" in _err(tmp_path, "# only a comment\n")
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3", "exact"])
+def test_a_kl_in_the_reward_must_be_k1(tmp_path, estimator):
+    """The shaped reward is detached: only k1 = log π/π_ref gives the sequence-KL penalty."""
+    overrides = ["rl.kl_placement=reward", f"rl.kl_estimator={estimator}"]
+    msg = _err(tmp_path, overrides=overrides)
+    assert "kl_placement reward needs kl_estimator k1" in msg and estimator in msg
+    assert "detached" in msg
+    load_recipe(None, ["rl.kl_placement=reward", "rl.kl_estimator=k1"])
+
+
+def test_k1_in_the_loss_is_refused_for_its_zero_gradient(tmp_path):
+    msg = _err(tmp_path, overrides=["rl.kl_estimator=k1"])
+    assert "kl_estimator k1 in the loss has zero expected gradient" in msg
+    for estimator in ("k2", "k3", "exact"):  # the default placement is the loss
+        assert load_recipe(None, [f"rl.kl_estimator={estimator}"]).rl.kl_placement == "loss"
+
+
+def test_the_stage_is_one_of_the_registry_rows(tmp_path):
+    from tether.stages.registry import STAGE_NAMES
+
+    msg = _err(tmp_path, overrides=["train.stage=ppo"])
+    assert msg.startswith("defaults: train.stage: Input should be")
+    assert all(f"'{name}'" in msg for name in STAGE_NAMES)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from tether.cli import app
@@ -84,3 +85,25 @@ def test_sweep_runs_one_arm_per_certainty_exponent(tmp_path):
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert len(summary) == 1 + 6
     assert "prioritised KL (β_c=10000)" in summary and "standard KL" in summary
+
+
+def test_the_demo_summary_keeps_intervals_of_proportions_inside_0_1(tmp_path):
+    """summary.json's intervals across seeds: an accuracy's is cut to [0, 1] (three seeds at
+    1.0, 0.9, 1.0 have a t-interval reaching 1.11), the KL's is not."""
+    from tether.studies.demo import PROPORTIONS, REPORT_KEYS, _final_summary
+
+    assert set(PROPORTIONS) <= set(REPORT_KEYS)
+    runs = []
+    for seed, value in enumerate([1.0, 0.9, 1.0]):
+        run = tmp_path / f"standard-seed{seed}"
+        run.mkdir()
+        rows = [{"step": 0, "eval/acc_rl": 0.5}, {"step": 4, "eval/acc_rl": value}]
+        rows.append({"step": 4, "kl_sampled": value, "accuracy": value})
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        runs.append(run)
+    summary = _final_summary({"standard KL": runs})["standard KL"]
+    for key in ("eval/acc_rl", "accuracy"):
+        assert summary[key]["mean"] == pytest.approx(29 / 30)
+        assert summary[key]["ci_low"] == pytest.approx(0.82324, abs=1e-5)
+        assert summary[key]["ci_high"] == 1.0
+    assert summary["kl_sampled"]["ci_high"] == pytest.approx(1.11009, abs=1e-5)

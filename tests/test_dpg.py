@@ -9,9 +9,9 @@ import torch
 
 from tether.distributions.exact import (
     exact_distribution,
+    expectation,
     jensen_shannon,
     kl,
-    kl_regularized_objective,
     log_partition,
     target_distribution,
     total_variation,
@@ -24,6 +24,12 @@ from tether.objectives.dpg import (
     kl_adaptive_proposal_update,
 )
 from tether.objectives.policy_gradient import reinforce_loss, rloo_baseline
+
+
+def kl_regularized_objective(pi, ref, reward, beta):
+    """J(π) = E_π[r] − β·KL(π‖π_ref) (docs/methods.md §2)."""
+    return expectation(pi, reward) - beta * kl(pi, ref)
+
 
 # ----------------------------------------------------------------------------- hand computations
 

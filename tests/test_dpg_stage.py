@@ -15,7 +15,7 @@ from test_reliability import assert_resume_is_exact
 from tether.cli import app
 from tether.config import RecipeError, load_recipe
 from tether.distributions.enumeration import exact_space
-from tether.distributions.exact import jensen_shannon, kl, kl_regularized_objective, total_variation
+from tether.distributions.exact import expectation, jensen_shannon, kl, total_variation
 from tether.engine.loop import train
 from tether.generation.sampler import sample
 from tether.models.loading import build_model, load_model_and_tokenizer
@@ -123,6 +123,11 @@ def _stage(init, *overrides):
 
 def _flat_grad(loss, params):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+
+
+def kl_regularized_objective(pi, ref, reward, beta):
+    """J(π) = E_π[r] − β·KL(π‖π_ref) (docs/methods.md §2)."""
+    return expectation(pi, reward) - beta * kl(pi, ref)
 
 
 def _exact_gradient(stage, policy, divergence):

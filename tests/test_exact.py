@@ -9,20 +9,19 @@ import torch
 
 from tether.distributions.bayes import fit_moments, moment_log_target, snis_moments
 from tether.distributions.exact import (
-    best_of_n_distribution,
     entropy,
     enumerate_sequences,
     exact_distribution,
     expectation,
     jensen_shannon,
     kl,
-    kl_regularized_objective,
     log_partition,
     normalize,
     response_logprobs,
     target_distribution,
     total_variation,
 )
+from tether.distributions.infalign import best_of_n_distribution
 from tether.generation.sampler import sample
 from tether.models.loading import build_model, char_tokenizer
 
@@ -205,15 +204,17 @@ def test_exact_quantities_at_the_edges_of_the_support():
 
 
 def test_best_of_n_distribution_by_hand():
-    q = torch.tensor([0.5, 0.3, 0.2], dtype=F64).log()
+    """The best-of-n distribution (tether.distributions.infalign) of the pick
+    tether.distributions.bayes.best_of_n makes among n draws from q."""
+    q = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
     r = torch.tensor([0.0, 1.0, 1.0])  # a tie at the top
     # P(best reward is 1) = 1 − 0.5² = 0.75, shared 0.3 : 0.2 by the first draw to reach it
-    assert best_of_n_distribution(q, r, 2).exp().tolist() == pytest.approx([0.25, 0.45, 0.30])
+    assert best_of_n_distribution(q, r, 2).tolist() == pytest.approx([0.25, 0.45, 0.30])
     assert torch.allclose(best_of_n_distribution(q, r, 1), q)
     r3 = torch.tensor([2.0, 0.0, 1.0])
     # n = 3, distinct rewards: F(r)^3 − F⁻(r)^3 with F = [1, 0.3, 0.5]
     expected = [1 - 0.5**3, 0.3**3, 0.5**3 - 0.3**3]
-    assert best_of_n_distribution(q, r3, 3).exp().tolist() == pytest.approx(expected)
+    assert best_of_n_distribution(q, r3, 3).tolist() == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------- the Bayesian view
@@ -233,6 +234,11 @@ def pair():
     a = vocab[1]
     reward = torch.tensor([s.count(a) - 0.5 * (s[-1] != 1) for s in pi.sequences], dtype=F64)
     return pi, ref_dist, reward, a
+
+
+def kl_regularized_objective(pi, ref, reward, beta):
+    """J(π) = E_π[r] − β·KL(π‖π_ref) (docs/methods.md §2)."""
+    return expectation(pi, reward) - beta * kl(pi, ref)
 
 
 @pytest.mark.parametrize("beta", [0.1, 1.0, 10.0])

@@ -7,7 +7,6 @@ import torch
 from tether.config import load_recipe
 from tether.engine.setup import build_policy
 from tether.objectives import (
-    entropy_bonus,
     entropy_from_log_softmax,
     exact_kl,
     exact_kl_from_log_softmax,
@@ -16,7 +15,7 @@ from tether.objectives import (
     token_logprobs,
 )
 from tether.scoring import completion_window, grouped_completion_logits, left_to_right_padded
-from tether.stages.registry import make_stage
+from tether.stages.base import make_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +66,13 @@ def test_one_log_softmax_gives_the_token_log_probs_entropy_and_exact_kl():
         ]
         plain = [
             token_logprobs(logits, tokens, temperature),
-            entropy_bonus(logits, mask, temperature),
+            masked_mean(  # H = −Σ_a π(a)·log π(a) from the softmax, not the log-softmax
+                -(
+                    torch.softmax(logits / temperature, -1)
+                    * torch.log_softmax(logits / temperature, -1)
+                ).sum(-1),
+                mask,
+            ),
             exact_kl(logits, ref, temperature),
         ]
         for f, p in zip(fused, plain, strict=True):

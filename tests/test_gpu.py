@@ -152,8 +152,8 @@ def test_collectives_under_nccl_take_cpu_and_cuda_tensors():
 def test_vllm_rollouts_follow_the_policy_weights(vllm_checkpoint):
     """Greedy vLLM completions equal the hf sampler's for the weights last synced, and change
     when the policy's weights do."""
-    from tether.generation.rollouts import HFRollouts
-    from tether.generation.vllm import VLLMRollouts
+    from tether.generation.rollouts import HFRolloutBackend
+    from tether.generation.vllm import VLLMRolloutBackend
 
     recipe = load_recipe(
         None,
@@ -165,13 +165,13 @@ def test_vllm_rollouts_follow_the_policy_weights(vllm_checkpoint):
         ],
     )
     policy, tok = load_model_and_tokenizer(str(vllm_checkpoint), device=CUDA)
-    rollouts = VLLMRollouts(recipe, policy, tok, CUDA)
+    rollouts = VLLMRolloutBackend(recipe, policy, tok, CUDA)
     prompts = [f"{a}+{b}=" for a in range(8) for b in range(8)]
     kw = {"max_new_tokens": 8, "temperature": 0.0, "generator": None}
 
     def agreement():
         ours = rollouts(policy, prompts, **kw)
-        theirs = HFRollouts(tok)(policy, prompts, **kw)
+        theirs = HFRolloutBackend(tok)(policy, prompts, **kw)
         same = [a == b for a, b in zip(ours.texts, theirs.texts, strict=True)]
         return sum(same) / len(same), ours
 

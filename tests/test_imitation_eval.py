@@ -276,7 +276,10 @@ def test_seeds_summary_and_table():
     table = seeds_table(by_method)
     lines = table.strip().splitlines()
     assert len(lines) == 2 + 4
-    assert any(line.startswith("| mle | 0 | 2 | 0.600 ± ") for line in lines)
+    # 0.5 and 0.7 over two seeds: the t-interval (0.6 ± 1.27) is cut to [0, 1]; Self-BLEU's
+    # (85 ± 63.5) to [21.5, 100]; distinct-2, the same on both seeds, reads as mean ± 0
+    assert any(line.startswith("| mle | 0 | 2 | 0.600 [0.000, 1.000] |") for line in lines)
+    assert any("| 85.0 [21.5, 100.0] | 0.600 ± 0.000 |" in line for line in lines)
     assert "| iqlearn | 1 | 1 | 0.500 | 0.500 | 40.0 |" in table
     assert "mle" in table and "iqlearn" in table
 
@@ -302,3 +305,15 @@ def test_plots_write_pngs(setup, tmp_path):
     assert png.is_file() and png.stat().st_size > 1000
     with pytest.raises(ValueError):
         plot_reward_vs_score({}, tmp_path / "none.png")
+
+
+def test_seeds_intervals_stay_in_each_figures_range():
+    """Two seeds at 0.9 and 1.0 accuracy: the t-interval (0.95 ± 0.635) is cut to [0, 1], and
+    the table shows the cut interval as [low, high] instead of a symmetric ± that reads 1.585."""
+    by_method = {"mle": [_fake_rows((0.9, 0.5), (5.0, 1.0)), _fake_rows((1.0, 0.5), (1.0, 0.0))]}
+    row = seeds_summary(by_method)["mle"][0]
+    half = 12.7062047361747 * (0.1 / math.sqrt(2)) / math.sqrt(2)  # t(0.975, 1)·sd/√n
+    assert row["accuracy_ci_high"] == 1.0
+    assert row["accuracy_ci_low"] == pytest.approx(0.95 - half)
+    assert row["self_bleu_ci_low"] == 0.0  # Self-BLEU's range starts at 0
+    assert "| mle | 0 | 2 | 0.950 [0.315, 1.000] |" in seeds_table(by_method)

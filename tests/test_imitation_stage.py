@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from tether.batches import DemonstrationBatch
 from tether.cli import app
 from tether.config import load_recipe
 from tether.engine.loop import train
 from tether.models.loading import char_tokenizer
-from tether.stages.imitation import DemoBatch, ImitationStage
+from tether.stages.imitation import ImitationStage
 from tether.tasks import FixedPool, task_from_config
 
 TINY = [
@@ -65,14 +66,14 @@ def _stage(*overrides):
 def test_online_batches_mix_policy_samples():
     stage = _stage("train.stage=iqlearn", "imitation.online_fraction=0.25")
     batch = stage.next_batch()
-    assert isinstance(batch, DemoBatch)
+    assert isinstance(batch, DemonstrationBatch)
     assert batch.is_expert.tolist() == [True] * 6 + [False] * 2
     eos = stage.tokenizer.eos_token_id
     for row in range(8):
         ids = batch.tokens.input_ids[row][batch.tokens.loss_mask[row].bool()].tolist()
         assert (ids[-1] == eos) == bool(batch.terminated[row])  # EOS-ended rows are terminal
     assert batch.terminated[:6].all()  # demonstrations always end with EOS
-    loss, stats = stage.loss(stage.model, batch)
+    loss, stats = stage.loss(stage.policy, batch)
     assert torch.isfinite(loss) and stats["policy_tokens"] > 0 and "online_term" in stats
 
 
@@ -81,13 +82,13 @@ def test_lambda_warms_up_with_the_step():
     seen = []
     for _ in range(5):
         batch = stage.next_batch()
-        seen.append(stage.loss(stage.model, batch)[1]["lambda"])
+        seen.append(stage.loss(stage.policy, batch)[1]["lambda"])
     assert seen == [0.25, 0.5, 0.75, 1.0, 1.0]
 
 
 def test_entropy_bonus_baseline_logs_entropy():
     stage = _stage("imitation.entropy_coef=0.1")
-    loss, stats = stage.loss(stage.model, stage.next_batch())
+    loss, stats = stage.loss(stage.policy, stage.next_batch())
     assert stats["loss"] == pytest.approx(stats["nll"] - 0.1 * stats["entropy"], rel=1e-5)
 
 
@@ -226,7 +227,7 @@ def test_online_iqlearn_stage_loss_matches_a_hand_computation():
         "imitation.lam_warmup_steps=0",
     )
     batch = stage.next_batch()
-    model = stage.model
+    model = stage.policy
     tokens = batch.tokens
     assert not batch.terminated[~batch.is_expert].all()  # a truncated policy row is covered
 

@@ -1,4 +1,4 @@
-"""InfAlign / CTRL (docs/methods.md §8): calibration, transforms, best/worst-of-N distributions and
+"""InfAlign / CTRL (docs/methods.md §8): calibration, transforms, the best-of-N distribution and
 win rates, against hand computations, brute-force enumeration of every N-tuple, and closed
 forms."""
 
@@ -17,7 +17,6 @@ from tether.distributions.infalign import (
     local_win_rate_slope_target,
     optimise_t,
     pick_of_n,
-    reference_calibration,
     standard_win_rate,
     transform,
     transform_for,
@@ -25,7 +24,6 @@ from tether.distributions.infalign import (
     win_rate_exact,
     win_rate_mc,
     win_scores,
-    worst_of_n_distribution,
 )
 
 F64 = torch.float64
@@ -107,7 +105,16 @@ def test_calibration_is_invariant_to_a_monotone_map_of_the_reward(monotone):
     assert torch.equal(calibrate(new_reward, new_ref), calibrate(reward, ref))
 
 
-def test_reference_calibration_has_mean_one_half_and_matches_calibrate():
+def reference_calibration(p_ref: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
+    """The population calibration on an enumerable space (the K → ∞ limit of ``calibrate``),
+    written out term by term: c(y) = P_ref(R < r(y)) + ½·P_ref(R = r(y)), R = r(Y), Y ∼ π_ref."""
+    p, r = p_ref.tolist(), reward.tolist()
+    below = [sum(pj for pj, rj in zip(p, r, strict=True) if rj < ri) for ri in r]
+    equal = [sum(pj for pj, rj in zip(p, r, strict=True) if rj == ri) for ri in r]
+    return torch.tensor([b + 0.5 * e for b, e in zip(below, equal, strict=True)], dtype=F64)
+
+
+def test_calibrate_on_a_sample_in_the_reference_proportions_is_the_population_mid_rank():
     p = torch.tensor([0.1, 0.3, 0.2, 0.4], dtype=F64)
     r = torch.tensor([1.0, 2.0, 2.0, 0.5])  # outcomes 1 and 2 tie
     c = reference_calibration(p, r)
@@ -205,15 +212,16 @@ def test_ctrl_beats_the_identity_transform_in_the_calibrated_model():
     )
 
 
-# ----------------------------------------------------------------------------- best/worst of N
+# ----------------------------------------------------------------------------- best of N
 
 
-def _brute_force_pick(p: torch.Tensor, r: torch.Tensor, n: int, mode: str) -> torch.Tensor:
-    """Every N-tuple of outcomes with its probability; the pick is uniform among tied samples."""
+def _brute_force_best_of_n(p: torch.Tensor, r: torch.Tensor, n: int) -> torch.Tensor:
+    """Every N-tuple of outcomes with its probability; the pick is uniform among the samples
+    tied at the highest reward."""
     out = torch.zeros_like(p, dtype=F64)
     for tup in itertools.product(range(len(p)), repeat=n):
         prob = math.prod(float(p[i]) for i in tup)
-        target = (max if mode == "best" else min)(float(r[i]) for i in tup)
+        target = max(float(r[i]) for i in tup)
         picked = [i for i in tup if float(r[i]) == target]
         for i in picked:
             out[i] += prob / len(picked)
@@ -225,14 +233,12 @@ TOY_R = torch.tensor([1.0, 2.0, 2.0, 0.5, 3.0])  # a tie at 2.0; a zero-probabil
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_best_and_worst_of_n_distributions_match_enumeration(n):
+def test_best_of_n_distribution_matches_enumeration(n):
     bon = best_of_n_distribution(TOY_P, TOY_R, n)
-    won = worst_of_n_distribution(TOY_P, TOY_R, n)
-    assert torch.allclose(bon, _brute_force_pick(TOY_P, TOY_R, n, "best"), rtol=0, atol=1e-15)
-    assert torch.allclose(won, _brute_force_pick(TOY_P, TOY_R, n, "worst"), rtol=0, atol=1e-15)
+    assert torch.allclose(bon, _brute_force_best_of_n(TOY_P, TOY_R, n), rtol=0, atol=1e-15)
     assert float(bon.sum()) == pytest.approx(1.0, abs=1e-14)
     if n == 1:
-        assert torch.allclose(bon, TOY_P) and torch.allclose(won, TOY_P)
+        assert torch.allclose(bon, TOY_P)
     # tied outcomes share their level in proportion to p
     assert float(bon[1] / bon[2]) == pytest.approx(1.5, rel=1e-12)
 
@@ -242,7 +248,6 @@ def test_best_of_n_hand_computed():
     p = torch.tensor([0.25, 0.75], dtype=F64)
     r = torch.tensor([0.0, 1.0])
     assert best_of_n_distribution(p, r, 2).tolist() == pytest.approx([1 / 16, 15 / 16])
-    assert worst_of_n_distribution(p, r, 2).tolist() == pytest.approx([7 / 16, 9 / 16])
 
 
 # ----------------------------------------------------------------------------- the log transform

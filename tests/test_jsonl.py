@@ -9,13 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tether.tasks.jsonl import (
-    DatasetError,
-    JsonlTask,
-    Pair,
-    load_pair_dataset,
-    load_pairs,
-)
+from tether.tasks.jsonl import DatasetError, JsonlTask, Pair, load_pair_dataset
 
 
 def write_lines(path, lines):
@@ -25,6 +19,14 @@ def write_lines(path, lines):
 
 def row(prompt="Q:", completion=" A", **extra):
     return json.dumps({"prompt": prompt, "completion": completion, **extra})
+
+
+def load_pairs(path, **options):
+    """The kept rows as Pair objects in file order, and the skip report: what
+    :func:`load_pair_dataset` read (the rows a JsonlTask trains on)."""
+    ds, report = load_pair_dataset(path, **options)
+    rows = zip(ds["prompt"], ds["completion"], ds["line"], strict=True)
+    return [Pair(p, c, int(n)) for p, c, n in rows], report
 
 
 def assert_one_line_error(exc_info, *needles):

@@ -28,7 +28,7 @@ from tether.models.lora import (
     reference_policy,
 )
 from tether.objectives import mle_loss, shifted_token_logprobs
-from tether.stages.registry import make_stage
+from tether.stages.base import make_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

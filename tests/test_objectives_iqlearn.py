@@ -8,10 +8,11 @@ import torch
 from tether.batches import collate_pairs
 from tether.models.loading import char_tokenizer
 from tether.objectives import (
-    entropy_bonus,
+    entropy_from_log_softmax,
     iqlearn_loss,
     iqlearn_online_term,
     lambda_schedule,
+    masked_mean,
     mle_entropy_loss,
     mle_loss,
     shifted_token_logprobs,
@@ -310,7 +311,9 @@ def test_mle_entropy_loss_at_zero_is_mle():
     mle, _ = mle_loss(shifted_token_logprobs(logits, b.input_ids), b.loss_mask)
     assert torch.equal(loss, mle)
     # entropy of the predicting states of the completion tokens
-    expected_h = entropy_bonus(logits[:, :-1], b.loss_mask[:, 1:])
+    expected_h = masked_mean(
+        entropy_from_log_softmax(torch.log_softmax(logits[:, :-1], -1)), b.loss_mask[:, 1:]
+    )
     assert stats["entropy"] == pytest.approx(expected_h.item(), rel=1e-5)
     coef = 0.1
     loss_c, stats_c = mle_entropy_loss(logits, b.input_ids, b.loss_mask, coef)

@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 
+from tether.objectives.common import entropy_from_log_softmax, masked_mean
 from tether.objectives.policy_gradient import (
     discounted_returns,
-    entropy_bonus,
     gae,
-    masked_mean,
     ppo_clip_loss,
     reinforce_loss,
     rloo_baseline,
@@ -109,6 +108,23 @@ def test_gae_outputs_are_detached():
     values = VALUES.clone().requires_grad_(True)
     advantages, returns = gae(REWARDS, values, MASK, 1.0, 0.95)
     assert not advantages.requires_grad and not returns.requires_grad
+
+
+def test_a_row_cut_at_max_new_tokens_gets_no_bootstrap():
+    """A row that fills every column (cut at max_new_tokens, no EOS) ends its episode at the
+    cut, as an EOS-terminated row does: its reward is judged on the cut completion and nothing
+    continues it, so its last advantage is r_T − V_T, with no γ·V of a next state."""
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 3.0], [0.5, 3.0, 7.0]])  # row 1: junk after its EOS
+    cut = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 0 is cut, row 1 ended
+    advantages, returns = gae(rewards, values, cut, gamma, lam)
+    assert advantages[0, 2].item() == pytest.approx(1.0 - 3.0)  # r_T − V_T
+    assert advantages[1, 1].item() == pytest.approx(1.0 - 3.0)  # the same at an EOS
+    assert returns[0, 2].item() == pytest.approx(1.0)  # the value target is the reward alone
+    # the earlier steps bootstrap from the values inside the row only
+    delta_1 = 0.0 + gamma * 3.0 - 0.6
+    assert advantages[0, 1].item() == pytest.approx(delta_1 + gamma * lam * (1.0 - 3.0))
 
 
 # ----------------------------------------------------------------------------- RLOO
@@ -264,6 +280,11 @@ def test_value_loss_hand_computed_and_clipped():
     assert values.grad[0, 0] == 0  # the clipped branch does not depend on V there
     with pytest.raises(ValueError, match="old_values"):
         value_loss(values, returns, mask, clip=0.2)
+
+
+def entropy_bonus(logits, mask, temperature=1.0):
+    """The RL loss's entropy term: the masked mean of H(softmax(ℓ/T)) over real tokens."""
+    return masked_mean(entropy_from_log_softmax(torch.log_softmax(logits / temperature, -1)), mask)
 
 
 def test_entropy_bonus_hand_computed():

@@ -104,7 +104,7 @@ def test_dropped_ties_carry_no_gradient(tiny_checkpoint, tmp_path):
     )
     stage, model = _stage(recipe)
     batch = stage.next_batch()
-    assert bool(batch.pairs.tie.all())
+    assert bool(batch.tie.all())
     loss, stats = stage.loss(model, batch)
     loss.backward()
     assert loss.item() == 0.0 and stats["ties"] == 1.0

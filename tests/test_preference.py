@@ -234,6 +234,30 @@ def test_xpo_is_dpo_plus_the_bonus():
         xpo_loss(chosen, rejected, torch.zeros(3), beta=0.1, alpha=1e-2)
 
 
+def test_xpo_without_a_bonus_is_online_dpo_and_dropped_pairs_leave_the_pair_term():
+    chosen = torch.tensor([1.0, -0.2, 0.3], requires_grad=True)
+    rejected = torch.tensor([-0.5, 0.8, 0.3])
+    ref_sample_logp = torch.tensor([-12.0, -30.0, -3.0])
+    # no ỹ log-probs: online DPO, the pair loss alone and no bonus stat
+    dpo, dpo_stats = dpo_loss(chosen, rejected, 0.1)
+    loss, stats = xpo_loss(chosen, rejected, None, beta=0.1, alpha=0.0)
+    assert loss.item() == dpo.item() and "xpo_bonus" not in stats
+    assert stats["preference_loss"] == dpo_stats["loss"] and stats["loss"] == dpo.item()
+    # ties dropped (the third pair): the pair term over the kept pairs, the bonus over all ỹ
+    keep = torch.tensor([True, True, False])
+    kept, _ = dpo_loss(chosen[:2], rejected[:2], 0.1)
+    loss, stats = xpo_loss(chosen, rejected, ref_sample_logp, 0.1, 1e-2, keep=keep)
+    assert loss.item() == pytest.approx(kept.item() + 1e-2 * (-15.0), rel=1e-6)
+    assert stats["preference_loss"] == pytest.approx(kept.item())
+    # every pair dropped: no preference signal, a zero pair term that reaches every input
+    none = torch.zeros(3, dtype=torch.bool)
+    loss, stats = xpo_loss(chosen, rejected, ref_sample_logp, 0.1, 1e-2, keep=none)
+    assert loss.item() == pytest.approx(1e-2 * (-15.0), rel=1e-6)
+    assert stats == {"preference_loss": 0.0, "xpo_bonus": -15.0, "loss": loss.item()}
+    loss.backward()
+    assert chosen.grad is not None and not chosen.grad.any()
+
+
 # ----------------------------------------------------------------------------- online pairs
 
 

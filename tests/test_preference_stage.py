@@ -11,12 +11,13 @@ import torch
 from typer.testing import CliRunner
 
 from test_reliability import assert_resume_is_exact
+from tether.batches import OfflinePairBatch
 from tether.cli import app
 from tether.config import RecipeError, load_recipe
 from tether.engine.loop import train
 from tether.engine.setup import build_policy
 from tether.rewards.reward_model import REWARD_HEAD_FILE, load_reward_model
-from tether.stages.preference import DPOStage, PreferenceBatch, RewardModelStage
+from tether.stages.preference import DPOStage, RewardModelStage
 from tether.tasks import task_from_config
 from tether.tasks.jsonl import DatasetError
 from tether.tasks.preferences import (
@@ -65,7 +66,7 @@ def _dpo(tiny_checkpoint, *overrides):
 
 def _stage(recipe):
     model, tokenizer = build_policy(recipe)
-    from tether.stages.registry import make_stage
+    from tether.stages.base import make_stage
 
     return make_stage(recipe, tokenizer, model, torch.device("cpu")), model
 
@@ -142,7 +143,7 @@ def test_dpo_starts_at_log_2_exactly(tiny_checkpoint):
     stage, model = _stage(_dpo(tiny_checkpoint))
     assert isinstance(stage, DPOStage)
     batch = stage.next_batch()
-    assert isinstance(batch, PreferenceBatch) and batch.pairs == 8
+    assert isinstance(batch, OfflinePairBatch) and batch.pairs == 8
     ids = batch.tokens.input_ids
     assert torch.equal(ids[:8, :5], ids[8:, :5])  # chosen and rejected rows share prompts
     loss, stats = stage.loss(model, batch)

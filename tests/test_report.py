@@ -1,4 +1,5 @@
-"""Tests for tether.eval.report: plots and the summary table from run directories."""
+"""Tests for tether.eval.report: plots and the summary table from run directories, and the
+comparison of seed groups."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tether.eval.report import flatten, make_report, read_metrics, read_summary
+from tether.eval.report import (
+    flatten,
+    make_group_report,
+    make_report,
+    read_metrics,
+    read_summary,
+)
 
 
 def _write_run(root: Path, name: str, loss0: float, with_eval: bool = True) -> Path:
@@ -96,3 +103,54 @@ def test_flatten_and_read_summary(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"x": 1, "y": {"z": 2.5}, "s": "no"}))
     assert read_summary(tmp_path / "summary.json") == {"x": 1, "y/z": 2.5}
     assert read_summary(tmp_path / "absent.json") == {}
+
+
+# ----------------------------------------------------------------------------- seed groups
+
+
+def _write_seed(root: Path, name: str, final: float) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    rows = [
+        {"step": 0, "eval/acc": 0.5, "loss": 0.5},
+        {"step": 10, "eval/acc": final, "loss": final},
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return run
+
+
+def _table_row(report: Path, arm: str) -> list[str]:
+    line = next(x for x in report.read_text().splitlines() if x.startswith(f"| {arm} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_group_report_keeps_intervals_of_proportions_inside_0_1(tmp_path):
+    """Three seeds at accuracy 1.0, 0.9, 1.0: the t-interval is 0.9667 ± 0.1434, whose top
+    (1.11) no accuracy can reach; listed as a proportion, the key's interval is cut to [0, 1].
+    The same numbers under a key that is not a proportion keep the whole interval."""
+    groups = {
+        "seeds of one arm": [
+            _write_seed(tmp_path, f"seed{i}", v) for i, v in enumerate([1.0, 0.9, 1.0])
+        ]
+    }
+    report = make_group_report(
+        groups, tmp_path / "out", ["eval/acc", "loss"], proportions={"eval/acc"}
+    )
+    assert (tmp_path / "out" / "comparison.png").is_file()
+    arm, seeds, acc, loss = _table_row(report, "seeds of one arm")
+    assert (arm, seeds) == ("seeds of one arm", "3")
+    assert acc == "0.9667 [0.8232, 1]"
+    assert loss == "0.9667 [0.8232, 1.11]"
+
+
+def test_group_report_cuts_nothing_by_default(tmp_path):
+    groups = {
+        "seeds of one arm": [
+            _write_seed(tmp_path, f"seed{i}", v) for i, v in enumerate([0.0, 0.1, 0.0])
+        ]
+    }
+    report = make_group_report(groups, tmp_path / "out", ["eval/acc"])
+    (_, _, acc) = _table_row(report, "seeds of one arm")
+    assert acc.startswith("0.03333 [-0.")  # below 0: not declared a proportion
+    report = make_group_report(groups, tmp_path / "cut", ["eval/acc"], proportions=["eval/acc"])
+    assert _table_row(report, "seeds of one arm")[2] == "0.03333 [0, 0.1768]"

@@ -8,7 +8,10 @@ and every term written out from its definition — the token log-probs at temper
 estimators k1/k2/k3 and the exact KL, the prioritised weights Ĵ_ref^β_c (the paper's
 normalised negentropy at T = 1), terminal rewards with the KL in the reward or in the loss,
 REINFORCE with a batch-mean baseline, RLOO, A2C with GAE, PPO-clip, the value loss and the
-entropy bonus, all as means over the batch's real completion tokens.
+entropy bonus, all as means over the batch's real completion tokens. The KL goes where its
+gradient is right (the recipe refuses the rest): k2, k3 and exact in the loss, k1 in the reward.
+The same hand computation checks the stage's loss and the pure function it calls,
+:func:`tether.objectives.rl_loss`.
 """
 
 import math
@@ -18,6 +21,8 @@ import torch
 
 from tether.config import load_recipe
 from tether.engine.setup import build_policy
+from tether.objectives import log_softmax_and_token_logprobs, rl_loss
+from tether.scoring import grouped_completion_logits
 from tether.stages.rl import RLStage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,17 +167,16 @@ def _grads(loss, params):
     return torch.autograd.grad(loss, params, allow_unused=True)
 
 
-@pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "a2c", "ppo"])
-@pytest.mark.parametrize("placement", ["loss", "reward"])
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "exact"])
-def test_rl_loss_and_gradient_match_a_hand_computation(
-    algorithm, placement, estimator, tiny_checkpoint
-):
-    stage, policy = _stage(tiny_checkpoint, algorithm, estimator, placement)
+# where each estimator's gradient is the KL's (config.RLConfig refuses the other pairs)
+PLACEMENTS = [("loss", "k2"), ("loss", "k3"), ("loss", "exact"), ("reward", "k1")]
+
+
+def _moved_stage(init, algorithm, estimator, placement):
+    """The stage and one rollout, with arbitrary rewards (not the checker's 0/1 pattern), and
+    a policy moved off the reference and off the sampling policy."""
+    stage, policy = _stage(init, algorithm, estimator, placement)
     rollout = stage.next_batch()
     assert rollout.mask.sum(1).min() >= 1
-    # arbitrary rewards (not the checker's 0/1 pattern), and a policy moved off the reference
-    # and off the sampling policy
     rollout.seq_rewards = torch.tensor([0.9, -0.4, 0.3, 1.7, -1.1, 0.2])
     torch.manual_seed(1)
     with torch.no_grad():
@@ -182,6 +186,15 @@ def test_rl_loss_and_gradient_match_a_hand_computation(
             torch.nn.init.normal_(stage.value_head.weight, std=0.5)
             stage.value_head.bias.fill_(0.2)
     assert rollout.kl_weights is not None and rollout.kl_weights.max() < 0.99  # not all 1
+    return stage, policy, rollout
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "a2c", "ppo"])
+@pytest.mark.parametrize(("placement", "estimator"), PLACEMENTS)
+def test_rl_loss_and_gradient_match_a_hand_computation(
+    algorithm, placement, estimator, tiny_checkpoint
+):
+    stage, policy, rollout = _moved_stage(tiny_checkpoint, algorithm, estimator, placement)
 
     params = [p for p in policy.parameters()] + stage.parameters()
     loss, _ = stage.loss(policy, rollout)
@@ -196,3 +209,44 @@ def test_rl_loss_and_gradient_match_a_hand_computation(
     if algorithm == "ppo":  # the clipped branch was exercised on some tokens
         _, stats = stage.loss(policy, rollout)
         assert 0 < stats["clip_active_fraction"] < 1
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "a2c", "ppo"])
+@pytest.mark.parametrize(("placement", "estimator"), PLACEMENTS)
+def test_the_objective_function_matches_the_hand_computation(
+    algorithm, placement, estimator, tiny_checkpoint
+):
+    """``rl_loss`` itself, called directly on the rollout scored under the policy (and the
+    value head), with the default denominators and baseline: the same hand computation."""
+    stage, policy, rollout = _moved_stage(tiny_checkpoint, algorithm, estimator, placement)
+    P = rollout.prompt_len
+    hidden = stage.value_head is not None
+    scored = grouped_completion_logits(
+        policy, rollout.input_ids, rollout.attention_mask, P, T, hidden=hidden
+    )
+    logits, values = scored if hidden else (scored, None)
+    if hidden:
+        values = stage.value_head(values).squeeze(-1)
+    log_p, logp = log_softmax_and_token_logprobs(logits, rollout.input_ids[:, P:])
+    loss, stats = rl_loss(
+        log_p,
+        logp,
+        rollout.ref_logp,
+        rollout.ref_log_softmax,
+        rollout.mask,
+        rollout.seq_rewards,
+        stage.settings,
+        values=values,
+        old_logp=rollout.old_logp,
+        kl_weights=rollout.kl_weights,
+        correct=rollout.correct,
+    )
+    expected = _hand_loss(stage, policy, rollout, algorithm, estimator, placement)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert stats["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    params = [p for p in policy.parameters()] + stage.parameters()
+    for g, w in zip(_grads(loss, params), _grads(expected, params), strict=True):
+        if w is None:
+            assert g is None or not g.abs().any()
+            continue
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), (g - w).abs().max()

@@ -13,7 +13,7 @@ import torch
 from tether.config import RecipeError, load_recipe
 from tether.engine.loop import train
 from tether.generation.sampler import pad_id
-from tether.generation.vllm import VLLMRollouts
+from tether.generation.vllm import VLLMRolloutBackend
 from tether.models.loading import load_model_and_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,7 +143,7 @@ def test_sample_output_holds_vllms_tokens_and_the_policys_logprobs(
 ):
     recipe = _recipe(tiny_checkpoint, "train.precision=bf16")
     policy, tok = _policy(tiny_checkpoint)
-    rollouts = VLLMRollouts(recipe, policy, tok, CPU)
+    rollouts = VLLMRolloutBackend(recipe, policy, tok, CPU)
     (llm,) = FakeLLM.instances
     assert llm.kwargs["dtype"] == "bfloat16" and llm.kwargs["gpu_memory_utilization"] == 0.3
     prompts = ["1+2=", "31+4=", "7=", "1+2="]
@@ -180,7 +180,7 @@ def test_sample_output_holds_vllms_tokens_and_the_policys_logprobs(
 
 def test_weights_are_synced_before_each_rollout(fake_vllm, tiny_checkpoint):
     policy, tok = _policy(tiny_checkpoint)
-    rollouts = VLLMRollouts(_recipe(tiny_checkpoint), policy, tok, CPU)
+    rollouts = VLLMRolloutBackend(_recipe(tiny_checkpoint), policy, tok, CPU)
     (llm,) = FakeLLM.instances
     assert llm.kwargs["dtype"] == "float32" and llm.events == []
     kw = {"max_new_tokens": 3, "temperature": 1.0, "generator": None}

@@ -8,10 +8,19 @@ is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tether.stages.registry import STAGES, StageName, When
+from tether.tasks import TASK_NAMES
+
+# task.name's type: the names of tether.tasks.TASKS (pydantic's error lists them on one line)
+if TYPE_CHECKING:
+    TaskName = str
+else:
+    TaskName = Literal[TASK_NAMES]
 
 
 class RecipeError(ValueError):
@@ -23,15 +32,7 @@ class Strict(BaseModel):
 
 
 class TaskConfig(Strict):
-    name: Literal[
-        "addition",
-        "first-digit",
-        "multistep",
-        "jsonl",
-        "multistep-prefs",
-        "prefs-jsonl",
-        "enumerable",
-    ] = "addition"
+    name: TaskName = "addition"
     max_digits: int = Field(
         3,
         ge=1,
@@ -170,9 +171,7 @@ class OptimConfig(Strict):
 
 
 class TrainConfig(Strict):
-    stage: Literal["mle", "iqlearn", "rl", "dpo", "online-dpo", "xpo", "reward-model", "dpg"] = (
-        "mle"
-    )
+    stage: StageName = "mle"  # a row of tether.stages.registry.STAGES
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1, le=65536)
     log_every: int = Field(10, ge=1)
@@ -266,6 +265,22 @@ class RLConfig(Strict):
     def _rloo_needs_a_group(self) -> RLConfig:
         if self.algorithm == "rloo" and self.group_size < 2:
             raise ValueError("algorithm rloo needs group_size >= 2 (samples per prompt)")
+        return self
+
+    @model_validator(mode="after")
+    def _kl_where_its_gradient_is_right(self) -> RLConfig:
+        # a detached shaped reward's gradient E[∇log π·Σ_t KL_t] is the sequence KL's for
+        # k1 = log π/π_ref only; in the loss, k1's expected gradient is E_π[∇log π] = 0
+        if self.kl_placement == "reward" and self.kl_estimator != "k1":
+            raise ValueError(
+                f"kl_placement reward needs kl_estimator k1 (got {self.kl_estimator}): the shaped "
+                "reward is detached, so only k1 gives the sequence-KL penalty (use the loss)"
+            )
+        if self.kl_placement == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "kl_estimator k1 in the loss has zero expected gradient (E_π[∇ log π] = 0): "
+                "use k2, k3 or exact there, or k1 with kl_placement reward"
+            )
         return self
 
 
@@ -490,58 +505,43 @@ class Recipe(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _rl_needs_a_reference(self) -> Recipe:
-        if (
-            self.train.stage in ("rl", "dpo", "online-dpo", "xpo", "dpg")
-            and self.model.init is None
-        ):
+    def _fits_the_stage(self) -> Recipe:  # what the stage's registry row asks of the recipe
+        stage = STAGES[self.train.stage]
+        if stage.needs_reference and self.model.init is None:
             raise ValueError(
                 f"model.init is required when train.stage is {self.train.stage} "
                 "(it is the reference)"
             )
         preference_task = self.task.name in ("multistep-prefs", "prefs-jsonl")
-        if self.train.stage in ("dpo", "reward-model") and not preference_task:
+        if stage.needs_preference_task and not preference_task:
             raise ValueError(
                 f"train.stage {self.train.stage} needs preference pairs: task.name "
                 f"multistep-prefs or prefs-jsonl (got {self.task.name})"
             )
-        if self.reward.calibrate and self.train.stage != "rl":
+        if self.reward.calibrate and not stage.calibrates_reward:
+            only = " ".join(n for n, s in STAGES.items() if s.calibrates_reward)
             raise ValueError(
-                "reward.calibrate (CTRL) applies to train.stage rl only; online preference "
+                f"reward.calibrate (CTRL) applies to train.stage {only} only; online preference "
                 f"pairs are labelled by the raw reward (got train.stage {self.train.stage})"
             )
-        if self.train.stage == "dpg" and preference_task:
+        if stage.refuses_preference_task and preference_task:
             raise ValueError(
-                f"train.stage dpg samples and scores responses: task.name {self.task.name} "
-                "holds preference pairs, not a reward"
+                f"train.stage {self.train.stage} samples and scores responses: task.name "
+                f"{self.task.name} holds preference pairs, not a reward"
             )
         if self.dpg.log_z == "exact" and self.task.name != "enumerable":
             raise ValueError(
                 f"dpg.log_z exact needs task.name enumerable (got {self.task.name}): "
                 "use running or batch"
             )
-        return self
-
-    @property
-    def samples_from_policy(self) -> bool:
-        """The stage samples from the policy while it trains (rollouts, online pairs, online
-        IQLearn's policy rows), so it needs the policy's whole weights at hand."""
-        return self.train.stage in ("rl", "online-dpo", "xpo", "dpg") or (
-            self.train.stage == "iqlearn" and self.imitation.online_fraction > 0
-        )
-
-    @model_validator(mode="after")
-    def _vllm_needs_policy_samples(self) -> Recipe:
         if self.train.sampler == "vllm" and not self.samples_from_policy:
+            always = ", ".join(n for n, s in STAGES.items() if s.samples_from_policy == "always")
+            online = " and ".join(n for n, s in STAGES.items() if s.samples_from_policy == "online")
             raise ValueError(
                 f"train.sampler vllm: train.stage {self.train.stage} draws no samples from the "
-                "policy (vllm serves rl, online-dpo, xpo, dpg and iqlearn with "
-                "imitation.online_fraction > 0); use train.sampler hf"
+                f"policy (vllm serves {always} and {online} with imitation.online_fraction > 0); "
+                "use train.sampler hf"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _smoothing_is_for_mle(self) -> Recipe:
         if self.imitation.label_smoothing and self.train.stage != "mle":
             raise ValueError(
                 "imitation.label_smoothing applies to train.stage mle only "
@@ -553,6 +553,22 @@ class Recipe(Strict):
                 "(both spread the clone's mass)"
             )
         return self
+
+    def holds(self, when: When) -> bool:
+        """Whether a registry property that holds ``when`` holds for this recipe."""
+        online = when == "online" and self.imitation.online_fraction > 0
+        return when == "always" or online or (when == "ppo" and self.rl.algorithm == "ppo")
+
+    @property
+    def samples_from_policy(self) -> bool:
+        """The stage samples from the policy while it trains (rollouts, online pairs, online
+        IQLearn's policy rows), so it needs the policy's whole weights at hand."""
+        return self.holds(STAGES[self.train.stage].samples_from_policy)
+
+    @property
+    def reads_sampler_logprobs(self) -> bool:
+        """The stage reads the sampler's log-probs (PPO's old log-probs, DPG's log q)."""
+        return self.holds(STAGES[self.train.stage].reads_sampler_logprobs)
 
 
 # ----------------------------------------------------------------------------- loading

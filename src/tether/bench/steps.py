@@ -11,7 +11,7 @@ rollout sampling and the reference scoring too) and reports, per stage:
   the CPU flash-attention kernel, which torch's table misses, is registered here with the
   same formula), per token, times tokens/s;
 * **% of peak**: that FLOP/s over the measured peak: the best fp32 ``torch.mm`` FLOP/s of
-  large square matrices at the same thread count (:func:`peak_matmul`);
+  large square matrices at the same thread count (:func:`tether.bench.measure.peak_matmul`);
 * **memory**: on CPU the peak resident set size (``VmHWM``) of a fresh process per stage
   during its timed steps (the peak is reset after the warm-up step through
   ``/proc/self/clear_refs``), beside the resident size before them; on CUDA
@@ -30,7 +30,6 @@ import dataclasses
 import multiprocessing
 import os
 import random
-import resource
 import statistics
 import tempfile
 import time
@@ -41,13 +40,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
-from tether.bench.trl import KL_COEF, RLJob, bench_rl, rl_overrides, run_trl, step_timer, trl_args
+from tether.bench.measure import MemoryProbe, count_flops_by_kind, peak_matmul, profile_breakdown
+from tether.bench.trl import KL_COEF, RLJob, StepTimer, bench_rl, rl_overrides, run_trl, trl_args
 from tether.config import Recipe, RecipeError, load_recipe
 from tether.engine.allocator import keep_freed_memory
-from tether.models.loading import ModelLoadError
+from tether.engine.checkpoints import save_checkpoint
+from tether.engine.faults import gradient_norm
+from tether.engine.precision import check_precision
+from tether.engine.setup import build_policy, make_optimizer, prepare_models
+from tether.models.loading import (
+    ModelLoadError,
+    build_model,
+    char_tokenizer,
+    load_model_and_tokenizer,
+    resolve_checkpoint,
+)
+from tether.stages.base import Stage, make_stage
+from tether.tasks import task_from_config
+from tether.tasks.prompts import prompt_text
 
-STAGES = ("mle", "iqlearn", "rl", "dpo")
+# the stages `tether bench steps` times (one of each kind of batch: demonstrations, rollouts, pairs)
+BENCHED_STAGES = ("mle", "iqlearn", "rl", "dpo")
 TRL_JOBS = ("sft", "rl", "dpo")
 # the preference pairs of the DPO job: multistep sums, a correct chain and one with a slip
 DPO_TASK = ["task.name=multistep-prefs", "task.max_digits=2"]
@@ -91,7 +107,7 @@ def stage_recipe(stage: str, job: StepsJob) -> Recipe:
     elif stage == "dpo":
         extra = ["train.stage=dpo", *DPO_TASK, f"train.batch_size={job.batch_size}"]
     else:
-        raise ValueError(f"unknown stage {stage!r}: choose from {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage {stage!r}: choose from {', '.join(BENCHED_STAGES)}")
     return load_recipe("critical-tokens", [*common, *extra])
 
 
@@ -100,7 +116,7 @@ class StageRun:
     """A stage ready to step: the policy, its stage, optimizer and trainable parameters."""
 
     model: Any
-    stage: Any
+    stage: Stage[Any]
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     grad_clip: float | None
@@ -108,8 +124,6 @@ class StageRun:
 
     def step(self) -> Any:
         """One training step as :func:`tether.engine.loop.train` takes it; returns the batch."""
-        from tether.engine.faults import gradient_norm
-
         batch = self.stage.next_batch()
         for _ in range(self.stage.epochs_per_batch):
             loss, _ = self.stage.loss(self.model, batch)
@@ -126,10 +140,6 @@ class StageRun:
 
 
 def build_stage_run(stage: str, job: StepsJob) -> StageRun:
-    from tether.engine.precision import check_precision
-    from tether.engine.setup import build_policy, make_optimizer, prepare_models
-    from tether.stages.registry import make_stage
-
     recipe = stage_recipe(stage, job)
     device = torch.device(job.device)
     check_precision(recipe.train.precision, device)
@@ -148,199 +158,6 @@ def batch_shape(batch: Any) -> tuple[int, int]:
     """(rows, padded length) of a stage's batch."""
     ids = batch.input_ids if hasattr(batch, "input_ids") else batch.tokens.input_ids
     return int(ids.shape[0]), int(ids.shape[1])
-
-
-# ---------------------------------------------------------------- FLOPs
-
-
-def _register_cpu_attention_flops() -> None:
-    """FlopCounterMode counts SDPA through its CUDA kernels' ops only; on CPU attention runs
-    as ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), which it would
-    count as 0. Register them with torch's own SDPA formulas (the full L×L square)."""
-    from torch.utils import flop_counter
-
-    aten = torch.ops.aten
-    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
-    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    def _backward(  # type: ignore[no-untyped-def]
-        grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
-    ) -> int:
-        return flop_counter.sdpa_backward_flop_count(
-            grad_out_shape, query_shape, key_shape, value_shape
-        )
-
-
-def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
-    """Matrix-multiply FLOPs of ``fn()`` (forward and backward) and its result."""
-    kinds, result = count_flops_by_kind(fn)
-    return sum(kinds.values()), result
-
-
-def count_flops_by_kind(fn: Callable[[], Any]) -> tuple[dict[str, int], Any]:
-    """:func:`count_flops` split into ``attention`` (SDPA kernels, forward and backward) and
-    ``matmul`` (every other counted op: the linear layers' mm/addmm, bmm)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    _register_cpu_attention_flops()
-    with FlopCounterMode(display=False) as counter:
-        result = fn()
-    kinds = {"matmul": 0, "attention": 0}
-    for op, flops in counter.get_flop_counts().get("Global", {}).items():
-        kind = "attention" if is_attention(str(op)) else "matmul"
-        kinds[kind] += int(flops)
-    return kinds, result
-
-
-def llama_flops(config: Any, rows: int, length: int, training: bool = False) -> int:
-    """Analytic matrix-multiply FLOPs of a Llama forward over ``rows`` × ``length`` positions
-    (logits at every position), counted as FlopCounterMode counts them: 2 per multiply-add,
-    attention as the full L×L square. ``training``: forward and backward, 3× the linear
-    layers' forward (input and weight gradients) and 3.5× attention's (its backward
-    recomputes the scores: five products to the forward's two)."""
-    h = config.hidden_size
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or h // heads
-    inter = config.intermediate_size
-    per_layer = h * heads * d + 2 * h * kv_heads * d + heads * d * h + 3 * h * inter
-    linear = 2 * rows * length * (config.num_hidden_layers * per_layer + h * config.vocab_size)
-    attention = rows * config.num_hidden_layers * 4 * heads * length * length * d
-    return 3 * linear + 7 * attention // 2 if training else linear + attention
-
-
-# ---------------------------------------------------------------- peak matmul FLOP/s
-
-
-def peak_matmul(
-    threads: int,
-    device: str = "cpu",
-    sizes: tuple[int, ...] = (512, 1024, 2048),
-    seconds: float = 0.3,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, Any]:
-    """The best ``torch.mm`` FLOP/s of n×n ``dtype`` matrices at this thread count: each size
-    is timed for about ``seconds`` in repeats of several products, and the best repeat counts."""
-    torch.set_num_threads(threads)
-    dev = torch.device(device)
-    by_size: dict[str, float] = {}
-    for n in sizes:
-        a = torch.randn(n, n, device=dev, dtype=dtype)
-        b = torch.randn(n, n, device=dev, dtype=dtype)
-        out = torch.empty(n, n, device=dev, dtype=dtype)
-        torch.mm(a, b, out=out)  # warm-up
-        reps = max(1, int(2e8 / (2 * n**3)))  # about 0.2 GFLOP per repeat
-        best, deadline = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < deadline or best == float("inf"):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.mm(a, b, out=out)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            best = min(best, (time.perf_counter() - t0) / reps)
-        by_size[str(n)] = 2 * n**3 / best
-    return {
-        "flops_per_s": max(by_size.values()),
-        "by_size": by_size,
-        "threads": threads,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-# ---------------------------------------------------------------- memory
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class MemoryProbe:
-    """Peak memory over a stretch of work: RSS on CPU, allocated tensor bytes on CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = torch.cuda.memory_allocated(self.device)
-            self.method = "torch.cuda.max_memory_allocated over the timed steps"
-            return
-        self.before = (_proc_status_kb("VmRSS") or 0) * 1024
-        try:  # Linux >= 4.0: reset VmHWM (the peak RSS) to the current RSS
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.method = "peak RSS (VmHWM) of a fresh process over the timed steps"
-        except OSError:
-            self.method = "peak RSS (ru_maxrss) of a fresh process since it started"
-
-    def stop(self) -> dict[str, Any]:
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            hwm = _proc_status_kb("VmHWM")
-            if hwm is not None and "VmHWM" in self.method:
-                peak = hwm * 1024
-            else:  # kilobytes on Linux
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        mb = 1024 * 1024
-        return {
-            "method": self.method,
-            "peak_mb": peak / mb,
-            "before_mb": self.before / mb,
-            "step_mb": max(peak - self.before, 0) / mb,
-        }
-
-
-# ---------------------------------------------------------------- profile
-
-
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
-
-
-def is_attention(op_name: str) -> bool:
-    """An attention kernel (SDPA and its CPU/CUDA variants), by its op or profiler name."""
-    return "attention" in op_name or "scaled_dot_product" in op_name
-
-
-def profile_breakdown(fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
-    """Where one call of ``fn`` spends its wall time, from ``torch.profiler``: the self time
-    of matrix multiplies, of attention kernels, of every other aten op (elementwise,
-    reductions, copies, indexing), and the rest (Python, dispatch, the profiler's own cost;
-    under torch.compile also the fused kernels, which the profiler does not see as ops), as
-    fractions of the profiled wall time; and the result of ``fn``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        result = fn()
-    wall = time.perf_counter() - t0
-    parts = {"matmul": 0.0, "attention": 0.0, "other_ops": 0.0}
-    for event in prof.key_averages():
-        if not event.key.startswith("aten::"):
-            continue
-        seconds = event.self_cpu_time_total / 1e6
-        if is_attention(event.key):
-            parts["attention"] += seconds
-        elif event.key in MATMUL_OPS:
-            parts["matmul"] += seconds
-        else:
-            parts["other_ops"] += seconds
-    shares = {k: v / wall for k, v in parts.items()}
-    shares["python_and_overhead"] = max(0.0, 1.0 - sum(shares.values()))
-    shares["profiled_wall_s"] = wall
-    return shares, result
 
 
 # ---------------------------------------------------------------- one stage's job
@@ -373,7 +190,7 @@ def run_stage(
         rows.append(n)
         lengths.append(length)
         for key in split:
-            split[key] += getattr(run.stage, "last_timing", {}).get(key, 0.0)
+            split[key] += run.stage.last_timing.get(key, 0.0)
     elapsed = sum(seconds)
     result: dict[str, Any] = {
         "stage": stage,
@@ -465,22 +282,27 @@ def _fresh_processes() -> Iterator[Callable[..., Any]]:
 
 def bench_steps(
     job: StepsJob,
-    stages: tuple[str, ...] = STAGES,
+    stages: tuple[str, ...] = BENCHED_STAGES,
     *,
     isolate: bool = True,
     profile: bool = False,
     peak_sizes: tuple[int, ...] = (512, 1024, 2048),
+    width: int | None = None,
+    layers: int = 4,
 ) -> dict[str, Any]:
     """Each stage's job (in a fresh process with ``isolate``), the measured peak matmul
-    FLOP/s, and each stage's share of it."""
+    FLOP/s, and each stage's share of it. With ``width``, the model is not ``job.model`` but a
+    random Llama of that width and ``layers`` layers (:func:`random_checkpoint`)."""
     results = []
-    if isolate:
-        with _fresh_processes() as call:
+    with bench_model(job.model, width, layers) as path:
+        job = dataclasses.replace(job, model=path)
+        if isolate:
+            with _fresh_processes() as call:
+                for stage in stages:
+                    results.append(call(run_stage, stage, job, profile=profile))
+        else:
             for stage in stages:
-                results.append(call(run_stage, stage, job, profile=profile))
-    else:
-        for stage in stages:
-            results.append(run_stage(stage, job, profile=profile))
+                results.append(run_stage(stage, job, profile=profile))
     # bf16: the forward passes' matmuls run in bf16, so that is the peak they are held to
     dtype = torch.bfloat16 if job.precision == "bf16" else torch.float32
     peak = peak_matmul(job.threads, job.device, peak_sizes, dtype=dtype)
@@ -490,8 +312,11 @@ def bench_steps(
             for kind in ("matmul", "attention"):
                 rate = r["profile"][f"{kind}_flops_per_s"]
                 r["profile"][f"{kind}_peak_fraction"] = rate / peak["flops_per_s"]
+    described = {**dataclasses.asdict(job), "torch": torch.__version__}
+    if width is not None:
+        described["model"] = f"random llama, width {width}, {layers} layers"
     return {
-        "job": {**dataclasses.asdict(job), "torch": torch.__version__},
+        "job": described,
         "peak_matmul": peak,
         "stages": results,
         "flops": "matrix multiplies (FlopCounterMode), attention as the full L x L square",
@@ -506,10 +331,6 @@ def random_checkpoint(folder: Path, width: int, layers: int = 4) -> Path:
     the addition task (N = 3): ``addition-n3``'s shape at another width, to see how the
     FLOP/s fraction grows with the matrices. Heads of 64 dimensions from width 256 up,
     otherwise 4 heads."""
-
-    from tether.engine.checkpoints import save_checkpoint
-    from tether.models.loading import build_model, char_tokenizer
-
     heads = width // 64 if width >= 256 and width % 64 == 0 else 4
     if width % heads or (width // heads) % 2:
         raise ValueError(f"width {width} is not a multiple of {heads} heads of an even size")
@@ -551,10 +372,6 @@ def _tether_side(stage: str, job: StepsJob) -> dict[str, Any]:
 
 def _problems(stage: str, job: StepsJob) -> tuple[Any, list[Any]]:
     """The examples the stage draws over the warm-up and timed steps, in order."""
-    from tether.models.loading import load_model_and_tokenizer
-    from tether.tasks import task_from_config
-    from tether.tasks.prompts import prompt_text
-
     recipe = stage_recipe(stage, job)
     _, tokenizer = load_model_and_tokenizer(job.model)
     task = task_from_config(recipe.task, recipe.seed)
@@ -571,11 +388,7 @@ def _run_trl_job(
     batches: a dataset with one column per entry of ``columns`` (the prompt, then each
     ``columns[name](problem)``), the shared TrainingArguments plus ``extra``, a policy (and
     for DPO a frozen reference) loaded from the same checkpoint."""
-    import trl
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-
-    from tether.models.loading import resolve_checkpoint
+    import trl  # an optional dependency (tether[bench]): only this side needs it
 
     tokenizer, problems = _problems(stage, job)
     data = {"prompt": [p for p, _ in problems]}
@@ -591,7 +404,7 @@ def _run_trl_job(
     models = {"model": AutoModelForCausalLM.from_pretrained(path)}
     if kind == "DPO":
         models["ref_model"] = AutoModelForCausalLM.from_pretrained(path)
-    timer = step_timer()
+    timer = StepTimer()
     trainer = getattr(trl, f"{kind}Trainer")(
         **models,
         args=config,
@@ -668,97 +481,3 @@ def bench_trl(
 
 def _by_ratio(round_: dict[str, Any]) -> float:
     return float(round_["ratio"])
-
-
-# ---------------------------------------------------------------- printing
-
-
-def print_steps(result: dict[str, Any]) -> None:
-    """The ``bench steps`` figures as a table (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    job, peak = result["job"], result["peak_matmul"]
-    table = Table(
-        title=f"tether bench steps: {job['model']}, {job['threads']} thread(s), {job['device']}, "
-        f"{job['precision']}"
-    )
-    for name in ("stage", "rows×len", "tokens/s", "step", "GFLOP/s", "of peak", "memory", "+step"):
-        table.add_column(name, justify="right")
-    for r in result["stages"]:
-        mem = r.get("memory", {})
-        table.add_row(
-            r["stage"],
-            f"{r['rows']}×{r['padded_length']:.0f}",
-            f"{r['tokens_per_s']:,.0f}",
-            f"{r['step_s']:.2f} s",
-            f"{r['flops_per_s'] / 1e9:.1f}",
-            f"{r['peak_fraction']:.0%}",
-            f"{mem['peak_mb']:,.0f} MB" if mem else "",
-            f"{mem['step_mb']:,.0f} MB" if mem else "",
-        )
-    console = Console()
-    console.print(table)
-    sizes = ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in peak["by_size"].items())
-    console.print(
-        f"peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s, the best {peak['dtype']} torch.mm of n×n "
-        f"matrices (GFLOP/s by n: {sizes}) at {peak['threads']} thread(s)"
-    )
-    console.print(
-        "tokens: real tokens (prompt + completion) of whole steps; of peak: GFLOP/s over the "
-        f"peak matmul FLOP/s; FLOPs: {result['flops']}"
-    )
-    memories = {r["memory"]["method"] for r in result["stages"] if "memory" in r}
-    for method in sorted(memories):
-        console.print(f"memory: {method}; +step: the peak less the resident size before them")
-    for r in result["stages"]:
-        if "split" in r:
-            s = r["split"]
-            console.print(
-                f"rl: sampling {s['sample_s']:.0%}, reference scoring {s['reference_s']:.0%} "
-                f"of the step"
-            )
-        if "profile" in r:
-            p = r["profile"]
-            console.print(
-                f"{r['stage']} profile: matmul {p['matmul']:.0%} of the step (at "
-                f"{p['matmul_peak_fraction']:.0%} of peak), attention {p['attention']:.0%} (at "
-                f"{p['attention_peak_fraction']:.0%}), other ops {p['other_ops']:.0%}, Python "
-                f"and overhead {p['python_and_overhead']:.0%}"
-            )
-
-
-def print_trl(result: dict[str, Any]) -> None:
-    """The ``bench trl`` figures as a table (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    job = result["job"]
-    table = Table(title=f"tether vs TRL: {job['model']}, {job['threads']} thread(s)")
-    for name in ("job", "TRL trainer", "tether examples/s", "TRL examples/s", "ratio"):
-        table.add_column(name, justify="right")
-    rounds = job.get("rounds", 1) > 1
-    if rounds:
-        table.add_column("every round", justify="right")
-    for name, r in result["results"].items():
-        cells = [
-            name,
-            result["trl_trainers"][name],
-            f"{r['tether']['examples_per_s']:.2f}",
-            f"{r['trl']['examples_per_s']:.2f}",
-            f"{r['ratio']:.2f}×",
-        ]
-        if rounds:
-            cells.append(" ".join(f"{x:.2f}×" for x in r["ratios"]))
-        table.add_row(*cells)
-    console = Console()
-    console.print(table)
-    if rounds:
-        console.print(
-            "with --rounds: the median round by ratio (the lower middle of an even count)"
-        )
-    console.print(
-        "examples: sequences (SFT), completions (RL), pairs (DPO) per second of the median "
-        "whole training step after the warm-up; ratio = TRL's median step / tether's; "
-        f"{result['kl']}"
-    )

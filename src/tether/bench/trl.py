@@ -20,8 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from tether.batches import DemonstrationBatch
 from tether.config import load_recipe
+from tether.engine.setup import build_policy, make_optimizer
+from tether.models.loading import checkpoint_max_digits, resolve_checkpoint
+from tether.stages.imitation import ImitationStage
+from tether.stages.rl import RLStage
+from tether.tasks import addition
 
 KL_COEF = 0.04  # TRL's GRPO beta for the KL term; tether uses the same coefficient
 
@@ -81,27 +89,23 @@ def trl_args(job: Any, warmup: int = 1) -> dict[str, Any]:
     )
 
 
-def step_timer() -> Any:
+class StepTimer(TrainerCallback):
     """A TRL ``TrainerCallback`` that notes wall-clock and CPU time at the start and end of
     every training step (``starts``, ``ends``, ``cpu_starts``, ``cpu_ends``)."""
-    from transformers import TrainerCallback
 
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.starts: list[float] = []
-            self.ends: list[float] = []
-            self.cpu_starts: list[float] = []
-            self.cpu_ends: list[float] = []
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.cpu_starts: list[float] = []
+        self.cpu_ends: list[float] = []
 
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.starts.append(time.perf_counter())
-            self.cpu_starts.append(time.process_time())
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.starts.append(time.perf_counter())
+        self.cpu_starts.append(time.process_time())
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.ends.append(time.perf_counter())
-            self.cpu_ends.append(time.process_time())
-
-    return StepTimer()
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
 
 
 def run_trl(trainer: Any, timer: Any, warmup: int = 1) -> dict[str, float]:
@@ -118,9 +122,6 @@ def run_trl(trainer: Any, timer: Any, warmup: int = 1) -> dict[str, float]:
 
 
 def bench_tether(job: RLJob) -> dict[str, Any]:
-    from tether.engine.setup import build_policy, make_optimizer
-    from tether.stages.rl import RLStage
-
     recipe = load_recipe(
         "critical-tokens",
         [
@@ -165,12 +166,8 @@ def bench_tether(job: RLJob) -> dict[str, Any]:
 
 
 def bench_trl(job: RLJob) -> dict[str, Any]:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # an optional dependency (tether[bench]): only the TRL side needs it
     from trl import GRPOConfig, GRPOTrainer
-
-    from tether.models.loading import checkpoint_max_digits, resolve_checkpoint
-    from tether.tasks import addition
 
     path = resolve_checkpoint(job.model)
     max_digits = checkpoint_max_digits(path)
@@ -190,7 +187,7 @@ def bench_trl(job: RLJob) -> dict[str, Any]:
             for p, c in zip(prompts, completions, strict=True)
         ]
 
-    timer = step_timer()
+    timer = StepTimer()
     config = GRPOConfig(
         **trl_args(job),
         per_device_train_batch_size=job.prompts_per_step * job.group,
@@ -239,10 +236,6 @@ def bench_imitation(
     ``step``: whole training steps (batch drawing, and for online IQLearn the policy samples,
     forward, backward, AdamW) of each variant, median seconds per step.
     """
-
-    from tether.engine.setup import build_policy, make_optimizer
-    from tether.stages.imitation import DemoBatch, ImitationStage
-
     variants = {
         "mle": ["train.stage=mle"],
         "iqlearn": ["train.stage=iqlearn"],
@@ -262,7 +255,7 @@ def bench_imitation(
     model, iq_stage, _ = setup(variants["iqlearn"])
     _, mle_stage, _ = setup(variants["mle"])
     batch = iq_stage.next_batch()
-    assert isinstance(batch, DemoBatch)
+    assert isinstance(batch, DemonstrationBatch)
     times: dict[str, list[float]] = {"mle": [], "iqlearn": []}
     for i in range(steps + 2):
         for name, stage, b in (("mle", mle_stage, batch), ("iqlearn", iq_stage, batch)):

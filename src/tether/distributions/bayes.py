@@ -319,6 +319,6 @@ def best_of_n(rewards: Tensor) -> Tensor:
     """Index of the highest reward along the last dim (the first one on ties): [..., N] → [...].
 
     With the N candidates drawn i.i.d. from q, the pick follows the best-of-N distribution
-    (``tether.distributions.exact.best_of_n_distribution``).
+    (``tether.distributions.infalign.best_of_n_distribution``).
     """
     return rewards.argmax(dim=-1)

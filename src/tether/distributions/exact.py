@@ -77,10 +77,6 @@ def enumerate_sequences(
     return out
 
 
-def _model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 def response_logprobs(
     model: Any,
     prompt_ids: Sequence[int] | Tensor,
@@ -102,7 +98,8 @@ def response_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _model_device(model)
+    # the model's device, read here: tether.models (model_device) sits above distributions
+    device = next(model.parameters()).device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).to(device)
     if prompt.numel() == 0:
         raise ValueError("the prompt must hold at least one token (prepend BOS for none)")
@@ -310,11 +307,6 @@ def target_distribution(
     return normalize(_log_target(log_ref, reward, beta, constraint))
 
 
-def kl_regularized_objective(pi: Dist, ref: Dist, reward: Tensor, beta: float) -> Tensor:
-    """J(π) = E_π[r] − β·KL(π‖π_ref) (docs/methods.md §2); = −β·KL(π‖p*) + β·log Z."""
-    return expectation(pi, reward) - beta * kl(pi, ref)
-
-
 def qrs_acceptance_rate(log_P: Dist, log_q: Dist, beta_qrs: float) -> Tensor:
     """Acceptance rate of quasi-rejection sampling with proposal q (normalised) and target P
     (unnormalised): Σ_y min(q(y), P(y)/β) = E_q[min(P/q, β)]/β."""
@@ -326,25 +318,3 @@ def qrs_distribution(log_P: Dist, log_q: Dist, beta_qrs: float) -> Tensor:
     """Log-probs of what quasi-rejection sampling outputs: p_β(y) ∝ min(q(y), P(y)/β).
     = p where β ≥ max P/q; → q as β → 0 (on q's support, wherever P > 0)."""
     return normalize(torch.minimum(_log(log_q), _log(log_P) - math.log(beta_qrs)))
-
-
-def best_of_n_distribution(log_q: Dist, reward: Tensor, n: int) -> Tensor:
-    """Log-probs of the best of n i.i.d. draws from q by reward (first drawn wins a tie), as
-    ``tether.distributions.bayes.best_of_n`` picks:
-
-        P(y) = [F(r_y)^n − F⁻(r_y)^n] · q(y)/q(T_y),
-
-    F(r) = q(reward ≤ r), F⁻(r) = q(reward < r), T_y = {y′ : r(y′) = r(y)}: the first factor is
-    the chance that the best reward is r_y, and the first draw to reach it is distributed as q
-    restricted to T_y. n = 1 gives q.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    q = _log(log_q).exp().detach()
-    levels, level_of = torch.unique(reward.detach().to(torch.float64), return_inverse=True)
-    level_mass = torch.zeros_like(levels).index_add_(0, level_of, q)  # q(T) per reward level
-    cdf_le = level_mass.cumsum(0)  # levels come sorted ascending
-    cdf_lt = cdf_le - level_mass
-    best_level = cdf_le.pow(n) - cdf_lt.pow(n)  # P(the best of n has this reward)
-    share = q / level_mass[level_of].clamp_min(1e-300)
-    return torch.log(best_level[level_of] * share)

@@ -115,21 +115,6 @@ def calibrate(reward: Tensor, reference_rewards: Tensor) -> Tensor:
         return c.to(out_dtype)
 
 
-def reference_calibration(p_ref: Tensor, reward: Tensor) -> Tensor:
-    """The population calibration on an enumerable space (the K → ∞ limit of :func:`calibrate`):
-
-        c(y) = P_ref(R < r(y)) + ½·P_ref(R = r(y)),    R = r(Y), Y ∼ π_ref.
-
-    ``p_ref`` and ``reward`` [..., V] (a categorical over V outcomes and their rewards); returns
-    c [..., V] in float64. Σ_y π_ref(y)·c(y) = ½ exactly, ties or not.
-    """
-    p = p_ref.to(torch.float64)
-    r = reward.to(torch.float64)
-    _no_nan(r)
-    below, equal = _level_masses(p, r)
-    return below + 0.5 * equal
-
-
 # ----------------------------------------------------------------------------- 2. transforms
 
 
@@ -191,16 +176,6 @@ def default_t(n: int, mode: DecodeMode = "best") -> float:
 # ----------------------------------------------------------------------------- 3. best/worst of N
 
 
-def _level_masses(p: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
-    """For each outcome y: P(R < r_y) and P(R = r_y) under the categorical p, [..., V] each."""
-    r_other = r.unsqueeze(-2)  # [..., 1, V]: r_y'
-    r_self = r.unsqueeze(-1)  # [..., V, 1]: r_y
-    p_other = p.unsqueeze(-2)
-    below = (p_other * (r_other < r_self)).sum(-1)
-    equal = (p_other * (r_other == r_self)).sum(-1)
-    return below, equal
-
-
 def _geometric_sum(upper: Tensor, lower: Tensor, n: int) -> Tensor:
     """Σ_{k=0}^{N−1} upper^k·lower^{N−1−k} = (upper^N − lower^N)/(upper − lower), with no
     cancellation when upper ≈ lower (and = N·upper^{N−1} when they are equal)."""
@@ -211,7 +186,8 @@ def _geometric_sum(upper: Tensor, lower: Tensor, n: int) -> Tensor:
 def best_of_n_distribution(p: Tensor, reward: Tensor, n: int) -> Tensor:
     """The exact distribution of best-of-N: draw Y_1..Y_N i.i.d. from the categorical ``p``,
     return the one with the highest reward; among samples tied at the highest reward, one
-    picked uniformly at random.
+    picked uniformly at random (or the first drawn, as :func:`tether.distributions.bayes.best_of_n`
+    picks: the same distribution, by exchangeability).
 
     With F(y) = P(R ≤ r_y), F⁻(y) = P(R < r_y) and the level mass p_L(y) = F − F⁻:
     P(max reward = r_y) = F^N − F⁻^N, and by exchangeability the tie-break gives the outcomes
@@ -227,35 +203,19 @@ def best_of_n_distribution(p: Tensor, reward: Tensor, n: int) -> Tensor:
     continuous limit (p_L → 0) for every N; on atoms the relative gap is
     (N − 1)(N − 2)/24·(p_L/C)² + O(p_L⁴) (Jensen: C^{N−1} ≤ E[U^{N−1}]).
 
-    ``p``, ``reward`` [..., V]; returns [..., V] in float64, summing to 1. Builds a [V, V]
-    comparison table: meant for enumerable toys.
+    ``p`` (probabilities) and ``reward`` [V], e.g. over an enumerated response space
+    (:mod:`tether.distributions.exact`); returns [V] in float64, summing to 1. The reward levels
+    are sorted once, O(V log V): the whole space of exact mode, not only toys.
     """
     n = _check_n(n)
     prob = p.to(torch.float64)
-    r = reward.to(torch.float64)
+    r = reward.to(device=prob.device, dtype=torch.float64)
     _no_nan(r)
-    below, equal = _level_masses(prob, r)
-    upper = (below + equal).clamp(0.0, 1.0)
-    return prob * _geometric_sum(upper, below, n)
-
-
-def worst_of_n_distribution(p: Tensor, reward: Tensor, n: int) -> Tensor:
-    """The exact distribution of worst-of-N (the lowest reward of N i.i.d. draws, ties broken
-    uniformly at random), by the mirror of :func:`best_of_n_distribution`: with survival
-    S(y) = P(R ≥ r_y) = 1 − F⁻ and S⁺(y) = P(R > r_y) = 1 − F,
-
-        P_won(y) = p(y)·(S^N − S⁺^N)/p_L = p(y)·Σ_{k=0}^{N−1} S^k·S⁺^{N−1−k}.
-
-    ``p``, ``reward`` [..., V]; returns [..., V] in float64.
-    """
-    n = _check_n(n)
-    prob = p.to(torch.float64)
-    r = reward.to(torch.float64)
-    _no_nan(r)
-    below, equal = _level_masses(prob, r)
-    survival = (1.0 - below).clamp(0.0, 1.0)
-    strictly_above = (1.0 - below - equal).clamp(0.0, 1.0)
-    return prob * _geometric_sum(survival, strictly_above, n)
+    levels, level_of = torch.unique(r, return_inverse=True)  # levels sorted ascending
+    level_mass = torch.zeros_like(levels).index_add_(0, level_of, prob)  # p_L of each level
+    below = torch.cat([level_mass.new_zeros(1), level_mass.cumsum(0)[:-1]])  # F⁻ = P(R < level)
+    upper = (below + level_mass).clamp(0.0, 1.0)  # F = P(R ≤ level)
+    return prob * _geometric_sum(upper, below, n)[level_of]
 
 
 def pick_of_n(rewards: Tensor, mode: DecodeMode) -> Tensor:

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from transformers import (
 from tether import distributed
 from tether.config import first_line
 from tether.models.lora import is_lora, load_adapter, save_model
+from tether.stages.base import Stage
 
 
 class RunDirError(ValueError):
@@ -48,7 +50,7 @@ def save_checkpoint(
     path: Path,
     meta: dict[str, Any],
     state: dict[str, Any] | None = None,
-    extra: Any = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
     """Write to a temporary sibling (``NAME.tmp``), then rename, so a crash never leaves a
     half checkpoint under the final name (and loaders refuse ``*.tmp`` folders).
@@ -106,7 +108,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def training_state(
-    step: int, optimizer: Any, scheduler: Any, stage: Any, carried: dict[str, Any]
+    step: int, optimizer: Any, scheduler: Any, stage: Stage[Any], carried: dict[str, Any]
 ) -> dict[str, Any]:
     """Everything besides the weights that makes a resumed run continue bit for bit. Across
     processes (every one calls this) ``ranks`` holds each process's stage and RNG states: its
@@ -139,7 +141,7 @@ def check_resumable(out: Path) -> Path:
 
 
 def restore_training(
-    checkpoint: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, stage: Any
+    checkpoint: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, stage: Stage[Any]
 ) -> tuple[int, dict[str, Any]]:
     """Load weights, optimizer, scheduler, the stage's data position and every RNG."""
     from transformers import AutoModelForCausalLM

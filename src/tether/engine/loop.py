@@ -1,5 +1,7 @@
 """The one training loop: ask the stage for a batch, compute its loss, step, log, evaluate,
-checkpoint. It knows nothing about any particular method.
+checkpoint. It knows nothing about any particular method or task: it calls the hooks of
+:class:`tether.stages.base.Stage` and reads the stage's registry row
+(:mod:`tether.stages.registry`).
 
 A run directory holds ``config.yaml`` (the resolved recipe), ``metrics.jsonl`` (one JSON object
 per logged step, always with ``step``), ``summary.json`` (final figures, written last),
@@ -52,7 +54,7 @@ from tether.engine.setup import (
     warn_oversubscribed,
 )
 from tether.eval.during_training import evaluate_during_training
-from tether.stages.registry import make_stage
+from tether.stages.base import make_stage
 
 
 class MetricsLog:
@@ -104,7 +106,9 @@ def check_sharded_weights(accelerator: Accelerator, recipe: Recipe) -> None:
         )
 
 
-def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+def train(
+    recipe: Recipe, out: str | Path, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Run a recipe into ``out``; returns the summary (also written to summary.json).
 
     With ``resume`` the run continues from the newest checkpoint in ``out`` and its metrics
@@ -113,6 +117,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     (or skips the batch, by ``train.on_nonfinite``). ``summary.json`` is written only when the
     run completes, so a run directory without it is unfinished.
     """
+    out = Path(out)
     # launched with `accelerate launch` or `torchrun`, this joins the process group (DDP);
     # the scheduler steps once per optimizer step, as in one process (every process sees
     # a share of the same global batch, not a batch of its own)
@@ -142,8 +147,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
     if resume_from is None and main:  # written once the models load: a bad path leaves no folder
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_recipe(recipe))
-    extra = getattr(stage, "save_extra", None)  # optional: files beside each checkpoint
-    data_report = getattr(stage.task, "report", None)  # a JSONL file: rows kept and skipped
+    data_report = stage.task.report  # a task read from a file: rows kept and skipped
     if data_report is not None and main:
         tqdm.write(f"data: {data_report.summary()}", file=sys.stderr)
     if recipe.tracking.trackers:
@@ -169,7 +173,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         "stage": recipe.train.stage,
         "init": recipe.model.init,  # the reference of a KL-tethered stage
         "reward": recipe.reward.model_dump(),
-        **({"dpg": recipe.dpg.model_dump()} if recipe.train.stage == "dpg" else {}),
+        **stage.checkpoint_metadata(),
         **({"lora": recipe.model.lora.model_dump()} if recipe.model.lora is not None else {}),
     }
     n_params = sum(p.numel() for p in model.parameters())
@@ -181,10 +185,9 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         unwrapped = accelerator.unwrap_model(model)
         figures: dict[str, float] = {}
         with distributed.local():  # every process evaluates alone; the main one logs
-            if getattr(stage, "generation_eval", True):
+            if stage.generation_eval:
                 figures = evaluate_during_training(unwrapped, tokenizer, recipe, stage.task)
-            own = getattr(stage, "evaluate", None)
-            return {**figures, **(own(unwrapped) if own is not None else {})}
+            return {**figures, **stage.evaluate(unwrapped)}
 
     first_step = 1
     # figures that outlive a step and must survive a resume
@@ -196,7 +199,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         if main:
             truncate_metrics(out / "metrics.jsonl", done)
         first_step = done + 1
-    elif recipe.train.stage in ("rl", "dpg", "online-dpo", "xpo"):  # the start's figures
+    elif stage.spec.evaluates_at_start:  # the start's figures
         carried["last_eval"] = evaluate()
         log.log(0, carried["last_eval"])
 
@@ -206,7 +209,9 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         state = training_state(step, optimizer, scheduler, stage, carried)  # every process
         if main:
             unwrapped = accelerator.unwrap_model(model)
-            save_checkpoint(unwrapped, tokenizer, path, {**meta, "step": step}, state, extra)
+            save_checkpoint(
+                unwrapped, tokenizer, path, {**meta, "step": step}, state, stage.save_extra
+            )
             prune_checkpoints(out, recipe.train.keep_checkpoints)
         distributed.barrier()
         return path
@@ -299,7 +304,7 @@ def train(recipe: Recipe, out: Path, progress: bool = True, resume: bool = False
         tokenizer,
         out / "model",
         {**meta, "step": recipe.train.steps},
-        extra=extra,
+        extra=stage.save_extra,
     )
     last, last_eval = carried["last"], carried["last_eval"]
     summary = {

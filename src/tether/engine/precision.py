@@ -65,10 +65,3 @@ def autocast_forward(model: nn.Module | None, precision: str, device: torch.devi
 
     model.forward = MethodType(forward, model)  # type: ignore[method-assign]
     setattr(model, _MARK, True)
-
-
-def frozen_models(stage: Any) -> list[nn.Module]:
-    """The models a stage scores with besides the policy: its frozen reference and DPG's
-    adaptive proposal, where it has them."""
-    found = [getattr(stage, name, None) for name in ("reference", "proposal")]
-    return [m for m in found if isinstance(m, nn.Module)]

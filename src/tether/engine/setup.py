@@ -17,9 +17,10 @@ from transformers import (
 )
 
 from tether.config import Recipe
-from tether.engine.precision import autocast_forward, frozen_models
+from tether.engine.precision import autocast_forward
 from tether.models.loading import build_model, char_tokenizer, load_model_and_tokenizer
 from tether.models.lora import with_adapters
+from tether.stages.base import Stage
 
 
 def seed_everything(seed: int) -> None:
@@ -43,21 +44,23 @@ def build_policy(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     return model, tokenizer
 
 
-def compile_models(model: torch.nn.Module, stage: Any, backend: str = "inductor") -> None:
+def compile_models(model: torch.nn.Module, stage: Stage[Any], backend: str = "inductor") -> None:
     """``train.compile``: compile the policy and the stage's frozen reference, if it has one,
     in place (``nn.Module.compile``: the modules, their names and state dicts stay as they
-    are), with dynamic shapes, as batches change length from step to step."""
+    are), with dynamic shapes, as batches change length from step to step: the two models
+    every step runs forward (DPG's proposal only draws samples, and is left as it is)."""
     model.compile(dynamic=True, backend=backend)
-    reference = getattr(stage, "reference", None)
-    if isinstance(reference, torch.nn.Module):
-        reference.compile(dynamic=True, backend=backend)
+    if stage.reference is not None:
+        stage.reference.compile(dynamic=True, backend=backend)
 
 
-def prepare_models(model: torch.nn.Module, stage: Any, recipe: Recipe, device: Any) -> None:
+def prepare_models(
+    model: torch.nn.Module, stage: Stage[Any], recipe: Recipe, device: torch.device
+) -> None:
     """``train.precision`` and ``train.compile`` on the policy and the stage's frozen models,
     in place: with bf16 their forward passes run under autocast and everything after them in
     fp32 (:mod:`tether.engine.precision` says why not accelerate's); then ``torch.compile``."""
-    for scored in (model, *frozen_models(stage)):
+    for scored in (model, *stage.frozen_models()):
         autocast_forward(scored, recipe.train.precision, device)
     if recipe.train.compile:
         compile_models(model, stage)

@@ -22,19 +22,21 @@ Every result is a JSON-serialisable dict (digit lengths as ``str`` keys).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tether.batches import collate_pairs
+from tether.eval.stats import bootstrap_ci
 from tether.generation.sampler import sample
-from tether.models.loading import eval_mode
-from tether.objectives.common import (  # noqa: F401  (re-exported for users of evaluate)
+from tether.models.loading import eval_mode, model_device
+from tether.objectives import shifted_token_logprobs
+from tether.objectives.common import (
     CERTAINTY_FORMS,
     DEFAULT_CERTAINTY_TEMPERATURE,
     CertaintyForm,
@@ -70,48 +72,11 @@ ACCURACY_KINDS: dict[str, Callable[[random.Random, int], Problem]] = {
 }
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def bootstrap_ci(
-    values: np.ndarray | Sequence[float], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean: resample ``values`` with replacement ``n_boot``
-    times and take the ``alpha/2`` and ``1 - alpha/2`` quantiles of the resampled means.
-
-    NaN for an empty input; ``(v, v)`` for constant values.
-    """
-    x = np.asarray(values, dtype=np.float64).ravel()
-    if x.size == 0:
-        return (math.nan, math.nan)
-    if np.all(x == x[0]):  # every resample has the same mean; skip the rounding noise
-        return (float(x[0]), float(x[0]))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    means = x[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return (float(lo), float(hi))
-
-
-# ----------------------------------------------------------------------------- certainty
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off and no autograd while evaluating; the train/eval state is restored."""
-    with eval_mode(model), torch.inference_mode():
-        yield
-
-
 def _chunks(n: int, size: int) -> list[range]:
+    """``range(0, n)`` cut into consecutive ranges of at most ``size``."""
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
@@ -155,12 +120,12 @@ def addition_accuracy(
         raise ValueError(f"n must be >= 1, got {n}")
     generator = None
     if temperature > 0:
-        generator = torch.Generator(device=_model_device(model)).manual_seed(seed)
+        generator = torch.Generator(device=model_device(model)).manual_seed(seed)
 
     result: dict[str, Any] = {"temperature": float(temperature), "n": n, "seed": seed}
     total_chunks = len(digit_list) * len(ACCURACY_KINDS) * len(_chunks(n, batch_size))
     bar = tqdm(total=total_chunks, desc="addition accuracy", disable=not progress, leave=False)
-    with _eval_mode(model):
+    with eval_mode(model), torch.inference_mode():
         for kind in ACCURACY_KINDS:
             cells: dict[str, dict[str, Any]] = {}
             for d in digit_list:
@@ -237,8 +202,8 @@ def completion_certainty(
     from: the logits at column ``len(prompt) + j − 1``. One forward pass per chunk, fp32.
     """
     out: list[dict[str, np.ndarray]] = []
-    device = _model_device(model)
-    with _eval_mode(model):
+    device = model_device(model)
+    with eval_mode(model), torch.inference_mode():
         for rows in _chunks(len(prompt_rows), batch_size):
             seqs = [list(prompt_rows[i]) + list(completion_rows[i]) for i in rows]
             width = max(len(s) for s in seqs)
@@ -414,13 +379,13 @@ def critical_certainty(
     budget = max_new_tokens if max_new_tokens is not None else max_completion_tokens(max_digits + 1)
     generator = None
     if temperature > 0:
-        generator = torch.Generator(device=_model_device(model)).manual_seed(seed)
+        generator = torch.Generator(device=model_device(model)).manual_seed(seed)
 
     prompt_rows: list[list[int]] = []
     completion_rows: list[list[int]] = []
     texts: list[str] = []
     chunks = _chunks(n, batch_size)
-    with _eval_mode(model):
+    with eval_mode(model), torch.inference_mode():
         for rows in tqdm(chunks, desc="critical certainty", disable=not progress, leave=False):
             out = sample(
                 model,
@@ -513,14 +478,11 @@ def critical_token_probabilities(
     Returns the mean over all critical positions, and separately over the comma-vs-``]``
     decisions and over the digits that follow them (NaN when no problem has a critical token).
     """
-    from tether.batches import collate_pairs
-    from tether.objectives import shifted_token_logprobs
-
-    device = _model_device(model)
+    device = model_device(model)
     batch = collate_pairs(tokenizer, [p.prompt for p in problems], [p.target for p in problems]).to(
         device
     )
-    with _eval_mode(model):
+    with eval_mode(model), torch.inference_mode():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     probs = shifted_token_logprobs(logits, batch.input_ids).exp().cpu()
     commas: list[float] = []

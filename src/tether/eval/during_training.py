@@ -13,6 +13,7 @@ from transformers import (
 
 from tether.config import Recipe
 from tether.generation.sampler import sample
+from tether.stages.registry import STAGES
 from tether.tasks import AdditionTask, Task, task_from_config
 from tether.tasks.prompts import prompt_text
 
@@ -24,8 +25,8 @@ def evaluate_during_training(
     task: Task | None = None,
 ) -> dict[str, float]:
     """Figures logged at each evaluation: for addition, greedy accuracy per length (the
-    ``eval.digits`` table), for the sampling stages (RL, online DPO, XPO) the accuracy on the RL
-    and pre-training distributions, and
+    ``eval.digits`` table), for the stages whose registry row says so (RL, online DPO, XPO:
+    ``evaluates_rl_distribution``) the accuracy on the RL and pre-training distributions, and
     the critical-token probe; for other tasks, accuracy on the RL distribution."""
     from tether.eval.addition import addition_accuracy, critical_token_probabilities
 
@@ -46,7 +47,8 @@ def evaluate_during_training(
         for kind in ("identical", "varying"):
             for d, cell in result[kind].items():
                 flat[f"eval/acc_{kind}_{d}"] = cell["accuracy"]
-    if recipe.train.stage in ("rl", "online-dpo", "xpo") or recipe.task.name != "addition":
+    rl_distribution = STAGES[recipe.train.stage].evaluates_rl_distribution
+    if rl_distribution or recipe.task.name != "addition":
         rng = random.Random(f"tether-eval/{recipe.seed}")
         problems = [task.rl_problem(rng) for _ in range(recipe.eval.n)]
         flat["eval/acc_rl"], score = task_accuracy(model, tokenizer, task, problems, recipe)

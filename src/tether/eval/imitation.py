@@ -3,8 +3,8 @@ a model's implicit reward tracks the task score.
 
 The claim to reproduce is that, at equal or better task score, IQLearn's samples are more
 diverse than MLE's, and that IQLearn's extracted reward correlates with the task metric. Both
-are judged on samples, so everything here starts from :func:`tether.generation.sampler.sample` called
-once over the problems' prompts, each repeated ``k`` times (a prompt's ``k`` samples are
+are judged on samples, so everything here starts from :func:`tether.generation.texts.sample_rows`
+called once over the problems' prompts, each repeated ``k`` times (a prompt's ``k`` samples are
 adjacent rows), with a ``torch.Generator`` seeded from ``seed``.
 
 - :func:`diversity_sweep`: one row per sampling temperature with accuracy (bootstrap CI), the
@@ -60,10 +60,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tether.batches import TokenBatch, collate_pairs, collate_token_rows
-from tether.eval.addition import _chunks, _eval_mode, _model_device, bootstrap_ci
 from tether.eval.diversity import mean_distinct_n, mean_self_bleu, mean_token_entropy
-from tether.eval.report import _mean_ci
-from tether.generation.sampler import SampleOutput, sample
+from tether.eval.stats import bootstrap_ci, mean_ci
+from tether.generation.texts import SampledRows, sample_rows
+from tether.models.loading import eval_mode, model_device
 from tether.rewards.implicit import model_returns, spearman, token_rewards
 from tether.tasks import Task  # noqa: E402
 from tether.tasks.prompts import prompt_text
@@ -100,16 +100,25 @@ SWEEP_KEYS = (
 
 # The sweep figures aggregated across seeds by seeds_summary.
 SEED_METRICS = ("accuracy", "score", "self_bleu", "distinct_1", "distinct_2", "entropy")
+# the range of each figure: its interval across seeds is cut to it (an accuracy stays in [0, 1])
+SEED_METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),
+    "score": (0.0, 1.0),
+    "self_bleu": (0.0, 100.0),
+    "distinct_1": (0.0, 1.0),
+    "distinct_2": (0.0, 1.0),
+    "entropy": (0.0, math.inf),
+}
 
 
 # ----------------------------------------------------------------------------- sampling
 
 
 @dataclass
-class _Samples:
-    """k samples of each problem: the sampler's output and the token rows built from it."""
+class _SampleBatch:
+    """k samples of each problem: the sampled rows and the token batch built from them."""
 
-    out: SampleOutput
+    rows: SampledRows
     batch: TokenBatch  # prompt + completion (sampler ids), right-padded, on the model's device
     terminated: torch.Tensor  # [N] bool: the row ended with EOS
     problem_index: list[int]  # sample i answers problems[problem_index[i]]
@@ -136,28 +145,26 @@ def _draw(
     seed: int,
     batch_size: int,
     max_new_tokens: int | None,
-) -> _Samples:
-    """One ``sample`` call over every prompt repeated ``k`` times (adjacent). The model must
-    already be in eval mode."""
+) -> _SampleBatch:
+    """Every prompt repeated ``k`` times (adjacent rows), sampled from one generator seeded
+    with ``seed``. The model must already be in eval mode."""
     budget = task.max_new_tokens() if max_new_tokens is None else max_new_tokens
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=_model_device(model)).manual_seed(seed)
     index = [i for i in range(len(problems)) for _ in range(k)]
-    out = sample(
+    rows = sample_rows(
         model,
         tokenizer,
-        [prompt_text(tokenizer, problems[i].prompt) for i in index],
+        [problems[i].prompt for i in index],
         max_new_tokens=budget,
         temperature=temperature,
-        generator=generator,
+        seed=seed,
         batch_size=batch_size,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = collate_token_rows(*out.token_rows(), int(pad)).to(out.prompt_ids.device)
-    terminated = torch.tensor(out.finished, dtype=torch.bool, device=batch.input_ids.device)
-    lengths = [int(n) for n in out.completion_mask.sum(1).tolist()]
-    return _Samples(out, batch, terminated, index, lengths)
+    device = model_device(model)
+    batch = collate_token_rows(rows.prompt_rows, rows.completion_rows, int(pad)).to(device)
+    terminated = torch.tensor(rows.finished, dtype=torch.bool, device=device)
+    lengths = [len(c) for c in rows.completion_rows]
+    return _SampleBatch(rows, batch, terminated, index, lengths)
 
 
 def _sub_batch(batch: TokenBatch, rows: range) -> TokenBatch:
@@ -182,6 +189,11 @@ def _completion_entropy(model: torch.nn.Module, batch: TokenBatch, batch_size: i
         total += float(mean_token_entropy(logits[:, :-1], mask)) * n
         count += n
     return total / count if count else math.nan
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    """``range(0, n)`` cut into consecutive ranges of at most ``size``."""
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def _groups(texts: Sequence[str], k: int) -> list[list[str]]:
@@ -233,7 +245,7 @@ def diversity_sweep(
         raise ValueError(f"temperatures must be finite and >= 0, got {temps}")
 
     rows: list[dict[str, Any]] = []
-    with _eval_mode(model):
+    with eval_mode(model), torch.inference_mode():
         for temperature in temps:
             s = _draw(
                 model,
@@ -246,7 +258,7 @@ def diversity_sweep(
                 batch_size=batch_size,
                 max_new_tokens=max_new_tokens,
             )
-            texts = s.out.texts
+            texts = s.rows.texts
             correct = np.array(
                 [
                     float(task.is_correct(problems[i], t))
@@ -272,7 +284,7 @@ def diversity_sweep(
                     "distinct_2": float(mean_distinct_n(groups, 2)),
                     "entropy": _completion_entropy(model, s.batch, batch_size),
                     "mean_length": float(np.mean(s.lengths)),
-                    "unfinished": sum(not f for f in s.out.finished),
+                    "unfinished": sum(not f for f in s.rows.finished),
                     "n_prompts": len(problems),
                     "k": k,
                 }
@@ -324,7 +336,7 @@ def reward_correlation(
     _check(problems, k, batch_size)
     if temperature < 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    with _eval_mode(model):
+    with eval_mode(model), torch.inference_mode():
         s = _draw(
             model,
             tokenizer,
@@ -346,7 +358,7 @@ def reward_correlation(
             for rows in _chunks(len(s.problem_index), batch_size)
         ]
     returns = [float(r) for r in torch.cat(parts).double().cpu().tolist()]
-    texts = s.out.texts
+    texts = s.rows.texts
     scores = [
         float(task.score(problems[i], t)) for i, t in zip(s.problem_index, texts, strict=True)
     ]
@@ -368,11 +380,11 @@ def reward_correlation(
         "mean_return": float(np.mean(returns)),
         "mean_score": float(np.mean(scores)),
         "accuracy": float(np.mean(correct)),
-        "unfinished": sum(not f for f in s.out.finished),
+        "unfinished": sum(not f for f in s.rows.finished),
         "returns": returns,
         "scores": scores,
         "completions": list(texts),
-        "finished": list(s.out.finished),
+        "finished": list(s.rows.finished),
         "prompt_index": list(s.problem_index),
     }
 
@@ -397,11 +409,11 @@ def per_token_rewards(
     from the sampler's ids; for a character tokenizer those are the same tokens, so the r̂
     here sum (γ = 1) to that sample's return.
     """
-    device = _model_device(model)
+    device = model_device(model)
     text = prompt_text(tokenizer, prompt)
     batch = collate_pairs(tokenizer, [text], [completion], add_eos=add_eos).to(device)
     terminated = torch.tensor([add_eos], dtype=torch.bool, device=device)
-    with _eval_mode(model):
+    with eval_mode(model), torch.inference_mode():
         rewards = token_rewards(model, batch, terminated, gamma)[0].cpu()
     ids = batch.input_ids[0].cpu().tolist()
     positions = (batch.loss_mask[0].cpu() > 0).nonzero().flatten().tolist()
@@ -451,25 +463,28 @@ def seeds_summary(
             agg: dict[str, Any] = {"temperature": temperature, "n_seeds": len(group)}
             for key in SEED_METRICS:
                 values = [float(r[key]) for r in group if r.get(key) is not None]
-                m, lo, hi = _mean_ci(values)
+                m, lo, hi = mean_ci(values, bounds=SEED_METRIC_RANGES[key])
                 agg[key], agg[f"{key}_ci_low"], agg[f"{key}_ci_high"] = m, lo, hi
             summary.append(agg)
         out[method] = summary
     return out
 
 
-def _pm(mean: float, high: float, n: int, decimals: int) -> str:
+def _pm(mean: float, low: float, high: float, n: int, decimals: int) -> str:
+    """``mean ± h``, or ``mean [low, high]`` where the interval was cut to the figure's range."""
     if not math.isfinite(mean):
         return "–"
     if n < 2 or not math.isfinite(high):
         return f"{mean:.{decimals}f}"
+    if not math.isclose(high - mean, mean - low, rel_tol=1e-9, abs_tol=1e-12):
+        return f"{mean:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
     return f"{mean:.{decimals}f} ± {high - mean:.{decimals}f}"
 
 
 def seeds_table(rows_by_method: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]) -> str:
     """Markdown table of :func:`seeds_summary`: one line per method and temperature, each
-    figure as mean ± half-width of its 95% t-interval across seeds (the mean alone for one
-    seed). Accuracy and score are fractions, Self-BLEU is 0..100 (lower = more diverse),
+    figure as mean ± half-width of its 95% t-interval across seeds, or mean [low, high] where
+    that interval was cut to the figure's range (the mean alone for one seed). Accuracy and score are fractions, Self-BLEU is 0..100 (lower = more diverse),
     entropy is in nats."""
     summary = seeds_summary(rows_by_method)
     columns = (
@@ -486,7 +501,10 @@ def seeds_table(rows_by_method: Mapping[str, Sequence[Sequence[Mapping[str, Any]
     for method, rows in summary.items():
         for row in rows:
             n = row["n_seeds"]
-            cells = [_pm(row[key], row[f"{key}_ci_high"], n, d) for key, _, d in columns]
+            cells = [
+                _pm(row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"], n, d)
+                for key, _, d in columns
+            ]
             lines.append(f"| {method} | {row['temperature']:g} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

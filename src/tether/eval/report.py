@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tether.eval.stats import UNIT_INTERVAL, mean_ci  # noqa: E402
 
 EVAL_PREFIX = ("eval/", "exact/")  # evaluations: sampled, and exact (enumerable task)
 TRAINING_PNG = "training.png"
@@ -200,29 +202,25 @@ def make_report(run_dirs: Sequence[Path], out: Path) -> Path:
 # ----------------------------------------------------------------------------- seed groups
 
 
-def _mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and a 95% Student-t interval across seeds (degenerate for one seed)."""
-    from scipy import stats
-
-    arr = [v for v in values if _is_number(v) and math.isfinite(v)]
-    if not arr:
-        return float("nan"), float("nan"), float("nan")
-    mean = sum(arr) / len(arr)
-    if len(arr) < 2:
-        return mean, mean, mean
-    sd = math.sqrt(sum((v - mean) ** 2 for v in arr) / (len(arr) - 1))
-    half = float(stats.t.ppf(0.975, len(arr) - 1)) * sd / math.sqrt(len(arr))
-    return mean, mean - half, mean + half
-
-
 def make_group_report(
-    groups: Mapping[str, Sequence[Path]], out: Path, keys: Sequence[str], title: str = "Comparison"
+    groups: Mapping[str, Sequence[Path]],
+    out: Path,
+    keys: Sequence[str],
+    title: str = "Comparison",
+    proportions: Collection[str] = (),
 ) -> Path:
     """Runs grouped by arm (e.g. standard vs prioritised KL), several seeds each: every key in
     ``keys`` plotted over steps as the mean across seeds with a 95% band, and a markdown table of
     the final value of each key as mean [low, high]. Writes ``comparison.png`` and
-    ``comparison.md`` into ``out``; returns the markdown path."""
+    ``comparison.md`` into ``out``; returns the markdown path.
+
+    The keys in ``proportions`` hold values in [0, 1] (accuracies, probabilities, shares): their
+    intervals are cut to [0, 1], where a t-interval of a few seeds near 0 or 1 would leave it."""
     out.mkdir(parents=True, exist_ok=True)
+
+    def interval(key: str, values: list[float]) -> tuple[float, float, float]:
+        return mean_ci(values, bounds=UNIT_INTERVAL if key in proportions else None)
+
     curves: dict[str, dict[str, dict[float, list[float]]]] = {}
     for arm, runs in groups.items():
         per_key: dict[str, dict[float, list[float]]] = {k: {} for k in keys}
@@ -242,7 +240,7 @@ def make_group_report(
             if not points:
                 continue
             xs = [s for s, _ in points]
-            stats_ = [_mean_ci(v) for _, v in points]
+            stats_ = [interval(key, v) for _, v in points]
             ax.plot(xs, [m for m, _, _ in stats_], marker="o", ms=3, label=arm, color=f"C{i}")
             ax.fill_between(
                 xs,
@@ -273,7 +271,7 @@ def make_group_report(
             if not points:
                 cells.append("–")
                 continue
-            m, lo, hi = _mean_ci(points[-1][1])
+            m, lo, hi = interval(key, points[-1][1])
             cells.append(f"{_format(m)} [{_format(lo)}, {_format(hi)}]")
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", "![comparison](comparison.png)", ""]

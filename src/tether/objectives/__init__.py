@@ -4,6 +4,7 @@ from tether.objectives.common import (
     certainty,
     entropy_from_log_softmax,
     log_softmax_and_token_logprobs,
+    masked_mean,
     shifted_token_logprobs,
     token_logprobs,
 )
@@ -19,6 +20,7 @@ from tether.objectives.dpg import (
 )
 from tether.objectives.iqlearn import (
     SoftValues,
+    action_mask,
     iqlearn_loss,
     iqlearn_online_term,
     lambda_schedule,
@@ -38,9 +40,7 @@ from tether.objectives.kl import (
 from tether.objectives.mle import label_smoothed_mle_loss, mle_loss, smoothed_token_loss
 from tether.objectives.policy_gradient import (
     discounted_returns,
-    entropy_bonus,
     gae,
-    masked_mean,
     ppo_clip_loss,
     reinforce_loss,
     rloo_baseline,
@@ -61,6 +61,7 @@ from tether.objectives.preference import (
     sequence_logratios,
     xpo_loss,
 )
+from tether.objectives.rl import RLLossSettings, rl_loss, rl_returns
 
 __all__ = [
     "FDPG_BASELINES",
@@ -72,13 +73,14 @@ __all__ = [
     "KLEstimator",
     "PreferenceLoss",
     "PreferencePairs",
+    "RLLossSettings",
     "SoftValues",
+    "action_mask",
     "bradley_terry_loss",
     "certainty",
     "discounted_returns",
     "dpg_loss",
     "dpo_loss",
-    "entropy_bonus",
     "entropy_from_log_softmax",
     "exact_kl",
     "exact_kl_from_log_softmax",
@@ -102,6 +104,8 @@ __all__ = [
     "preference_pairs",
     "prioritized_kl_weights",
     "reinforce_loss",
+    "rl_loss",
+    "rl_returns",
     "rloo_baseline",
     "sequence_logprobs",
     "sequence_logratios",

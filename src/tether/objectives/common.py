@@ -20,6 +20,21 @@ def at_least_fp32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def masked_mean(values: Tensor, mask: Tensor, token_count: Tensor | None = None) -> Tensor:
+    """Σ_{b,t} m_bt·x_bt / N: the mean over the batch's real tokens (0 if there are none),
+    with ``values`` at padding replaced by 0 first (whatever they held, NaN included).
+
+    N = ``token_count``, by default Σ_{b,t} m_bt, this batch's. Across processes the stage
+    passes N / W, the mean over processes of their counts (``tether.distributed.mean_count``):
+    DDP's average of the processes' gradients is then the gradient of the global mean.
+    """
+    values = at_least_fp32(values)
+    mask = mask.to(values.dtype)
+    count = mask.sum() if token_count is None else token_count
+    on_real = torch.where(mask > 0, values, torch.zeros_like(values))
+    return (on_real * mask).sum() / count.clamp_min(1.0)
+
+
 def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:

@@ -47,8 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tether.distributed import mean_count
-from tether.objectives.common import at_least_fp32
+from tether.objectives.common import at_least_fp32, masked_mean
 
 
 class SoftValues(NamedTuple):
@@ -98,6 +97,15 @@ def terminated_from_eos(input_ids: Tensor, loss_mask: Tensor, eos_token_id: int)
     return real.any(dim=1) & (last_token == eos_token_id)
 
 
+def action_mask(loss_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The completion tokens the soft-Q losses score, as a float mask [B, L]: ``loss_mask``
+    with position 0 zeroed (no state predicts it; module docstring). Its sum is the default
+    denominator of their token means; a stage counts tokens with it (across processes)."""
+    mask = loss_mask.to(dtype).clone()
+    mask[:, 0] = 0.0
+    return mask
+
+
 def soft_values(
     logits: Tensor,
     input_ids: Tensor,
@@ -124,8 +132,7 @@ def soft_values(
     v = torch.nn.functional.pad(lse_main, (1, 0))
     logp = torch.nn.functional.pad(picked - lse_main, (1, 0))
 
-    mask = loss_mask.to(x.dtype).clone()
-    mask[:, 0] = 0.0
+    mask = action_mask(loss_mask, x.dtype)
     real = mask > 0
     terminated = _as_row_flag(terminated, batch, x.device)
 
@@ -141,12 +148,6 @@ def soft_values(
     return SoftValues(q=q, v=v, v_next=v_next, logp=logp, reward=reward, mask=mask)
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Σ m·x / Σ m with padding replaced by 0 first (so garbage there cannot leak)."""
-    on_real = torch.where(mask > 0, values, torch.zeros_like(values))
-    return (on_real * mask).sum() / mean_count(mask.sum()).clamp_min(1.0)
-
-
 def iqlearn_online_term(
     v: Tensor,
     v_next: Tensor,
@@ -155,6 +156,8 @@ def iqlearn_online_term(
     *,
     alpha_mix: float,
     gamma: float = 1.0,
+    policy_token_count: Tensor | None = None,
+    expert_token_count: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The online IQLearn value-difference term, to be *added* to the loss:
 
@@ -173,13 +176,15 @@ def iqlearn_online_term(
     row's last token has weight −γ (its V moves the other way).
 
     With no policy token or no expert token in the batch the term is 0 (a tensor, no sync).
+    The two means divide by ``policy_token_count`` and ``expert_token_count`` (default: the
+    batch's policy and expert tokens in ``mask``; across processes the stage passes N / W).
     """
     expert = is_expert.to(device=mask.device, dtype=torch.bool).unsqueeze(1)
     gap = v - gamma * v_next
     policy_mask = mask * (~expert).to(mask.dtype)
     expert_mask = mask * expert.to(mask.dtype)
-    policy_gap = _masked_mean(gap, policy_mask)
-    expert_gap = _masked_mean(gap, expert_mask)
+    policy_gap = masked_mean(gap, policy_mask, policy_token_count)
+    expert_gap = masked_mean(gap, expert_mask, expert_token_count)
     both = (policy_mask.sum() > 0) & (expert_mask.sum() > 0)
     term = torch.where(both, alpha_mix * (policy_gap - expert_gap), torch.zeros_like(policy_gap))
     with torch.no_grad():
@@ -200,6 +205,8 @@ def iqlearn_loss(
     gamma: float = 1.0,
     is_expert: Tensor | None = None,
     alpha_mix: float = 0.1,
+    token_count: Tensor | None = None,
+    policy_token_count: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """IQLearn loss L = mean_t [−log π(a_t|s_t) + λ·r̂_t²] over expert response tokens.
 
@@ -218,6 +225,10 @@ def iqlearn_loss(
     At λ = 0 (and no policy rows) the loss is bit-for-bit
     ``mle_loss(shifted_token_logprobs(logits, input_ids), loss_mask)``. Computed in fp32.
 
+    Token means divide by ``token_count`` (default: the expert tokens of :func:`action_mask`)
+    and, in the online term, ``policy_token_count`` (default: the policy rows' tokens); across
+    processes the stage passes N / W of each (``tether.distributed.mean_count``).
+
     Stats: ``loss``, ``nll``, ``td`` (mean r̂²), ``reward_mean`` (mean r̂), ``value_mean``
     (mean V(s_t)), ``logp_mean`` (mean log π), ``tokens`` (expert tokens), and with
     ``is_expert`` also those of :func:`iqlearn_online_term`.
@@ -227,7 +238,7 @@ def iqlearn_loss(
     if is_expert is not None:
         expert = _as_row_flag(is_expert, mask.shape[0], mask.device)
         mask = mask * expert.unsqueeze(1).to(mask.dtype)
-    n = mean_count(mask.sum()).clamp_min(1.0)  # N / W across processes
+    n = (mask.sum() if token_count is None else token_count).clamp_min(1.0)
     real = mask > 0
     zero = torch.zeros_like(sv.logp)
     # −Σ m·log π / Σ m, as mle_loss computes it (the where only guards garbage at padding)
@@ -239,7 +250,14 @@ def iqlearn_loss(
     online_stats: dict[str, float] = {}
     if is_expert is not None:
         term, online_stats = iqlearn_online_term(
-            sv.v, sv.v_next, sv.mask, expert, alpha_mix=alpha_mix, gamma=gamma
+            sv.v,
+            sv.v_next,
+            sv.mask,
+            expert,
+            alpha_mix=alpha_mix,
+            gamma=gamma,
+            policy_token_count=policy_token_count,
+            expert_token_count=token_count,
         )
         loss = loss + term
 
@@ -250,7 +268,7 @@ def iqlearn_loss(
                 nll,
                 td,
                 (reward * mask).sum() / n,
-                _masked_mean(sv.v, mask),
+                masked_mean(sv.v, mask, token_count),
                 -nll,
                 n,
             ]
@@ -273,31 +291,35 @@ def lambda_schedule(step: int, lam: float, warmup_steps: int) -> float:
 
 
 def mle_entropy_loss(
-    logits: Tensor, input_ids: Tensor, loss_mask: Tensor, entropy_coef: float
+    logits: Tensor,
+    input_ids: Tensor,
+    loss_mask: Tensor,
+    entropy_coef: float,
+    token_count: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The MLE + entropy-bonus baseline (docs/methods.md §4): L = NLL − coef · mean_t H(π(·|s_t)).
 
     Both means are over completion tokens; H is the entropy at each one's predicting position
     (position t − 1 for the token at t). At ``entropy_coef = 0`` the loss is bit-for-bit
     ``mle_loss(shifted_token_logprobs(logits, input_ids), loss_mask)``. One logsumexp serves
-    log π and H = logsumexp(ℓ) − Σ_a π(a)·ℓ(a). Stats: ``loss``, ``nll``, ``entropy``, ``tokens``.
+    log π and H = logsumexp(ℓ) − Σ_a π(a)·ℓ(a). Both means divide by ``token_count`` (default:
+    the tokens of :func:`action_mask`). Stats: ``loss``, ``nll``, ``entropy``, ``tokens``.
     """
     x = at_least_fp32(logits)
     states = x[:, :-1]
     picked = states.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     lse = torch.logsumexp(states, dim=-1)
     logp = torch.nn.functional.pad(picked - lse, (1, 0))
-    mask = loss_mask.to(x.dtype).clone()
-    mask[:, 0] = 0.0
+    mask = action_mask(loss_mask, x.dtype)
     real = mask > 0
-    n = mean_count(mask.sum()).clamp_min(1.0)  # N / W across processes
+    n = (mask.sum() if token_count is None else token_count).clamp_min(1.0)
     nll = -(torch.where(real, logp, torch.zeros_like(logp)) * mask).sum() / n
 
     p = torch.exp(states - lse.unsqueeze(-1))
     # 0·(−inf) = 0 for masked-out logits, in the value and the gradient
     p_x = p * torch.where(p > 0, states, torch.zeros_like(states))
     entropy = torch.nn.functional.pad(lse - p_x.sum(dim=-1), (1, 0))
-    mean_entropy = _masked_mean(entropy, mask)
+    mean_entropy = masked_mean(entropy, mask, token_count)
     loss = nll if entropy_coef == 0 else nll - entropy_coef * mean_entropy
     with torch.no_grad():
         values = torch.stack([loss, nll, mean_entropy, n]).tolist()

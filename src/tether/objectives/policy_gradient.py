@@ -1,13 +1,16 @@
 """Policy-gradient pieces of KL-regularised RL: returns, advantages and losses (docs/methods.md §2).
 
 REINFORCE with a baseline, RLOO, A2C (value head + GAE(γ, λ)) and PPO-clip are assembled from
-these pure functions. Tensors are [B, T] over completion tokens with a float ``mask`` [B, T]
-(1 = real token, 0 = padding), right-padded: each row's real tokens come first. Every episode
-ends at its last real token (V = 0 after it). All math in fp32 (fp64 inputs stay fp64).
+these pure functions (the RL stage's whole loss: :func:`tether.objectives.rl.rl_loss`). Tensors
+are [B, T] over completion tokens with a float ``mask`` [B, T] (1 = real token, 0 = padding),
+right-padded: each row's real tokens come first. Every episode ends at its last real token
+(V = 0 after it). All math in fp32 (fp64 inputs stay fp64).
 
-Token means are masked means over all real tokens of the batch (:func:`masked_mean`). The KL
-is kept separate: put it in the reward with :func:`shape_rewards_with_kl`, or add
-``kl_coef * masked_mean(kl_penalty(...), mask)`` to the loss (``tether.objectives.kl``).
+Token means are masked means over all real tokens of the batch
+(:func:`~tether.objectives.common.masked_mean`); ``token_count`` replaces their denominator
+(across processes, N / W). The KL is kept separate: put it in the reward with
+:func:`shape_rewards_with_kl`, or add ``kl_coef * masked_mean(kl_penalty(...), mask)`` to the
+loss (``tether.objectives.kl``).
 """
 
 from __future__ import annotations
@@ -15,8 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tether.distributed import mean_count
-from tether.objectives.common import at_least_fp32, entropy_from_log_softmax
+from tether.objectives.common import at_least_fp32, masked_mean
 from tether.objectives.kl import kl_estimate
 
 
@@ -30,15 +32,6 @@ def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
     if advantages.dim() == like.dim() - 1:
         advantages = advantages.unsqueeze(-1)
     return advantages.expand_as(like)
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Σ_{b,t} m_bt·x_bt / Σ_{b,t} m_bt: the mean over all real tokens of the batch (0 if none)."""
-    values = at_least_fp32(values)
-    mask = mask.to(values.dtype)
-    # across processes the denominator is N / W (tether.distributed): DDP's gradient average
-    # then equals the global mean's
-    return (_on_real(values, mask) * mask).sum() / mean_count(mask.sum()).clamp_min(1.0)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -91,7 +84,10 @@ def gae(
 
         δ_t = r_t + γ·V_{t+1} − V_t,        A_t = δ_t + γλ·A_{t+1},        R_t = A_t + V_t,
 
-    with V_{t+1} = A_{t+1} = 0 after the last real token (the episode is terminal there).
+    with V_{t+1} = A_{t+1} = 0 after the last real token: the episode ends there, with no
+    bootstrap from the value head. That holds for a row cut at ``max_new_tokens`` too: its
+    reward is judged on the cut completion and nothing continues it, so the cut is where its
+    episode ends (unlike IQLearn's implicit reward on demonstrations, docs/methods.md §1).
     λ = 1 gives A_t = G_t − V_t (Monte-Carlo returns); λ = 0 gives the one-step TD error.
     Returns ``(advantages, returns)`` [B, T], both 0 at padding and detached (the returns are
     the value head's regression targets).
@@ -139,22 +135,29 @@ def rloo_baseline(seq_rewards: Tensor, group_size: int) -> Tensor:
 
 
 def reinforce_loss(
-    logp: Tensor, advantages: Tensor, mask: Tensor
+    logp: Tensor, advantages: Tensor, mask: Tensor, token_count: Tensor | None = None
 ) -> tuple[Tensor, dict[str, float]]:
     """L = −Σ_t m_t·A_t·log π(a_t|s_t) / Σ_t m_t, with A detached (score-function estimator).
 
     ``advantages`` are per token [B, T] (e.g. from :func:`gae`) or per sequence [B] (e.g. from
-    :func:`rloo_baseline`, broadcast to every token of the row).
+    :func:`rloo_baseline`, broadcast to every token of the row). ``token_count`` replaces the
+    denominator Σ_t m_t (module docstring).
     """
     logp = at_least_fp32(logp)
     advantages = _per_token(at_least_fp32(advantages).detach(), logp)
-    loss = -masked_mean(advantages * logp, mask)
-    stats = {"pg_loss": loss.item(), "advantage_mean": masked_mean(advantages, mask).item()}
+    loss = -masked_mean(advantages * logp, mask, token_count)
+    advantage_mean = masked_mean(advantages, mask, token_count)
+    stats = {"pg_loss": loss.item(), "advantage_mean": advantage_mean.item()}
     return loss, stats
 
 
 def ppo_clip_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    token_count: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017), as a loss to minimise:
 
@@ -165,6 +168,7 @@ def ppo_clip_loss(
     ``clip_fraction``: fraction of real tokens with ρ outside [1 − ε, 1 + ε];
     ``clip_active_fraction``: fraction where the clipped term wins, so the token's gradient is 0;
     ``approx_kl``: the k3 estimate of KL(π_old‖π_θ) = mean(ρ − 1 − log ρ) on these samples.
+    ``token_count`` replaces the denominator of the token means (module docstring).
     """
     logp = at_least_fp32(logp)
     old_logp = at_least_fp32(old_logp).detach()
@@ -175,7 +179,7 @@ def ppo_clip_loss(
     ratio = log_ratio.exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    loss = -masked_mean(torch.minimum(unclipped, clipped), mask, token_count)
     with torch.no_grad():
         outside_band = ((ratio - 1.0).abs() > clip_eps).to(logp.dtype)
         clip_active = (clipped < unclipped).to(logp.dtype)
@@ -183,10 +187,10 @@ def ppo_clip_loss(
         approx_kl = kl_estimate(old_logp, logp.detach(), "k3")
         stats = {
             "pg_loss": loss.item(),
-            "clip_fraction": masked_mean(outside_band, mask).item(),
-            "clip_active_fraction": masked_mean(clip_active, mask).item(),
-            "approx_kl": masked_mean(approx_kl, mask).item(),
-            "ratio_mean": masked_mean(ratio, mask).item(),
+            "clip_fraction": masked_mean(outside_band, mask, token_count).item(),
+            "clip_active_fraction": masked_mean(clip_active, mask, token_count).item(),
+            "approx_kl": masked_mean(approx_kl, mask, token_count).item(),
+            "ratio_mean": masked_mean(ratio, mask, token_count).item(),
         }
     return loss, stats
 
@@ -197,11 +201,13 @@ def value_loss(
     mask: Tensor,
     old_values: Tensor | None = None,
     clip: float | None = None,
+    token_count: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Value-head regression: L_V = ½·mean_t (V_t − R_t)², R detached (e.g. from :func:`gae`).
 
     With ``clip`` (PPO-style, needs ``old_values``): V^clip = V_old + clip(V − V_old, −c, c) and
-    L_V = ½·mean_t max((V_t − R_t)², (V^clip_t − R_t)²).
+    L_V = ½·mean_t max((V_t − R_t)², (V^clip_t − R_t)²). ``token_count`` replaces the
+    denominator of the token means (module docstring).
     """
     values = at_least_fp32(values)
     returns = at_least_fp32(returns).detach()
@@ -215,21 +221,9 @@ def value_loss(
         clipped_error = (clipped_values - returns).square()
         with torch.no_grad():
             stats["value_clip_fraction"] = masked_mean(
-                (clipped_error > squared_error).to(values.dtype), mask
+                (clipped_error > squared_error).to(values.dtype), mask, token_count
             ).item()
         squared_error = torch.maximum(squared_error, clipped_error)
-    loss = 0.5 * masked_mean(squared_error, mask)
+    loss = 0.5 * masked_mean(squared_error, mask, token_count)
     stats["value_loss"] = loss.item()
     return loss, stats
-
-
-def entropy_bonus(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
-    """Mean policy entropy over real tokens, H = −Σ_a π(a|s)·log π(a|s) with π = softmax(ℓ/T).
-
-    logits [B, T, V], mask [B, T]. Differentiable; the caller subtracts ``entropy_coef ·`` it
-    from the loss.
-    """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p = torch.log_softmax(at_least_fp32(logits) / temperature, dim=-1)
-    return masked_mean(entropy_from_log_softmax(log_p), mask)  # 0·log 0 = 0 at −inf logits

@@ -160,11 +160,12 @@ def preference_loss(
 def xpo_loss(
     chosen_logratio: Tensor,
     rejected_logratio: Tensor,
-    ref_sample_logp: Tensor,
+    ref_sample_logp: Tensor | None,
     beta: float,
     alpha: float,
     kind: PreferenceLoss = "sigmoid",
     label_smoothing: float = 0.0,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """XPO (Xie et al. 2024, "Exploratory Preference Optimization", arXiv 2405.21046;
     docs/methods.md §7): online DPO plus an exploration bonus, minimised:
@@ -175,26 +176,46 @@ def xpo_loss(
     sequence log-prob (with gradient) of a response sampled from the *reference*
     (:func:`sequence_logprobs`). Minimising α·log π_θ(ỹ) lowers the policy's probability of
     what the reference would say, pushing mass toward responses π_ref rarely produces: the
-    optimism that gives XPO its exploration guarantee. α = 0 is online DPO. The bonus is a
-    summed sequence log-prob, so α is tiny (TRL's default 1e-5, with β = 0.1).
-    ``kind="ipo"`` replaces the sigmoid term by :func:`ipo_loss`.
+    optimism that gives XPO its exploration guarantee. The bonus is a summed sequence
+    log-prob, so α is tiny (TRL's default 1e-5, with β = 0.1). ``ref_sample_logp=None`` is
+    online DPO: the pair loss alone, without the bonus or its stat. ``kind="ipo"`` replaces
+    the sigmoid term by :func:`ipo_loss`.
 
-    Stats: those of the pair loss (its ``loss`` renamed ``preference_loss``), ``xpo_bonus``
-    (mean log π_θ(ỹ|x)) and ``loss`` (the total).
+    ``keep`` [B] bool (optional) names the pairs whose preference counts (online pairs with
+    ``ties: drop`` leave tied pairs out): the pair loss is their mean, and 0 when none is
+    kept (the batch then carries no preference signal). The bonus is over every ỹ.
+
+    Stats: those of the pair loss (its ``loss`` renamed ``preference_loss``; only
+    ``preference_loss`` = 0 when no pair is kept), ``xpo_bonus`` (mean log π_θ(ỹ|x)) and
+    ``loss`` (the total).
     """
-    pair_loss, stats = preference_loss(
-        chosen_logratio, rejected_logratio, beta, kind=kind, label_smoothing=label_smoothing
-    )
-    ref_sample_logp = at_least_fp32(ref_sample_logp)
-    if ref_sample_logp.shape != chosen_logratio.shape:
-        raise ValueError(
-            f"ref_sample_logp must have one entry per pair {tuple(chosen_logratio.shape)}, "
-            f"got {tuple(ref_sample_logp.shape)}"
+    if keep is None:
+        pair_loss, stats = preference_loss(
+            chosen_logratio, rejected_logratio, beta, kind=kind, label_smoothing=label_smoothing
         )
-    bonus = ref_sample_logp.mean()
-    loss = pair_loss + alpha * bonus
+    elif bool(keep.any()):
+        pair_loss, stats = preference_loss(
+            chosen_logratio[keep],
+            rejected_logratio[keep],
+            beta,
+            kind=kind,
+            label_smoothing=label_smoothing,
+        )
+    else:  # every pair left out: a zero that keeps the graph (every parameter gets grad 0)
+        pair_loss = (chosen_logratio.sum() + rejected_logratio.sum()) * 0.0
+        stats = {"loss": 0.0}
     stats["preference_loss"] = stats.pop("loss")
-    stats["xpo_bonus"] = bonus.item()
+    loss = pair_loss
+    if ref_sample_logp is not None:
+        ref_sample_logp = at_least_fp32(ref_sample_logp)
+        if ref_sample_logp.shape != chosen_logratio.shape:
+            raise ValueError(
+                f"ref_sample_logp must have one entry per pair {tuple(chosen_logratio.shape)}, "
+                f"got {tuple(ref_sample_logp.shape)}"
+            )
+        bonus = ref_sample_logp.mean()
+        loss = pair_loss + alpha * bonus
+        stats["xpo_bonus"] = bonus.item()
     stats["loss"] = loss.item()
     return loss, stats
 

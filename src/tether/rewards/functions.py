@@ -32,8 +32,10 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tether.distributions.infalign import DecodeMode, calibrate, default_t, optimise_t, transform
+from tether.rewards.reward_model import load_reward_model
 
 
 class RewardError(ValueError):
@@ -143,8 +145,6 @@ class ModelReward:
     completion as it was trained, in chunks of ``batch_size``."""
 
     def __init__(self, path: str, device: str | torch.device = "cpu", batch_size: int = 64):
-        from tether.rewards.reward_model import load_reward_model
-
         self.model = load_reward_model(path, device=device)
         self.batch_size = batch_size
 
@@ -213,8 +213,6 @@ class CalibratedReward:
     def warm(self, problems: Sequence[Any], chunk: int = 32, progress: bool = False) -> None:
         """Fill the cache for ``problems`` up front, ``chunk`` prompts at a time (a progress
         bar with ``progress``)."""
-        from tqdm.auto import tqdm
-
         todo = list({p.prompt: p for p in problems if p.prompt not in self.cache}.values())
         bar = tqdm(
             total=len(todo),

@@ -8,7 +8,7 @@ truncation rule: :mod:`tether.objectives.iqlearn`). Its sequence return is
 
 (so the first completion token is undiscounted; "t counted from the first completion token").
 
-Telescoping identity (checked in ``tests/test_rewards.py``). With log π_t = Q_t − V(s_t), where
+Telescoping identity (checked in ``tests/test_implicit_rewards.py``). With log π_t = Q_t − V(s_t), where
 V(s_{t+1}) is the V of the next completion token's state (or of the state after the last one):
 
     R = Σ_t γ^(t−1) (log π_t + V(s_t) − γ·V(s_{t+1}))

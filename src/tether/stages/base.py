@@ -1,26 +1,150 @@
-"""The stage contract: what the training loop asks of every method."""
+"""The stage contract: what the training loop asks of every method, and the set-up they share.
+
+A stage is a batch source plus a loss (plus a reference and a schedule). The loop builds one
+with :func:`make_stage` (the class the registry row of ``train.stage`` names) and then only
+calls the hooks declared on :class:`Stage`: ``next_batch`` and ``loss`` every step,
+``parameters`` for the optimizer, ``state_dict`` / ``load_state_dict`` / ``save_extra`` /
+``checkpoint_metadata`` for checkpoints, ``evaluate`` (with ``generation_eval``) at each
+evaluation, ``frozen_models`` for precision and compilation. Every hook but the first two has a
+default, so a new stage writes only what it changes.
+
+The common set-up is written once, in :meth:`Stage.__init__`: the task, the problem stream's
+RNG (the same on every process), the rank-seeded sampling generator, and, as the stage's
+registry row (:mod:`tether.stages.registry`) says, the frozen reference (``model.init``), the
+rollout backend (``train.sampler``) and the reward (``reward``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import importlib
+import random
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import torch
-from transformers import PreTrainedModel
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tether.tasks import Task
+from tether import distributed
+from tether.batches import Batch
+from tether.config import Recipe
+from tether.generation.rollouts import HFRolloutBackend, RolloutBackend
+from tether.generation.vllm import VLLMRolloutBackend
+from tether.models.lora import reference_policy
+from tether.rewards.functions import RewardFunction, build_reward
+from tether.stages.registry import STAGES, StageSpec
+from tether.tasks import Task, task_from_config
+
+BatchT = TypeVar("BatchT", bound=Batch)
 
 
-class Stage(Protocol):
-    epochs_per_batch: int  # optimizer steps on each batch (PPO: several)
-    task: Task  # where the problems come from; evaluation uses the same one
+class Stage(ABC, Generic[BatchT]):
+    """A training method: batches, their loss, and what resuming and evaluating need."""
 
-    def next_batch(self) -> Any: ...
+    epochs_per_batch: int = 1  # optimizer steps on each batch (PPO: several)
+    generation_eval: bool = True  # the task's generation-based evaluation applies to it
+    # frozen models the stage scores or samples with besides the policy (cast to
+    # train.precision): the reference (model.init), DPG's adaptive proposal
+    reference: nn.Module | None
+    proposal: nn.Module | None = None
+    rollouts: RolloutBackend | None  # draws the policy's samples (train.sampler)
+    reward: RewardFunction | None  # judges samples (the recipe's reward section)
 
-    def loss(self, model: PreTrainedModel, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def __init__(
+        self,
+        recipe: Recipe,
+        tokenizer: PreTrainedTokenizerBase,
+        policy: PreTrainedModel,
+        device: torch.device,
+    ) -> None:
+        self.spec: StageSpec = STAGES[recipe.train.stage]
+        self.recipe = recipe
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.device = device
+        self.task: Task = task_from_config(recipe.task, recipe.seed)
+        # the problem stream: the global batch's problems, the same on every process
+        self.rng = random.Random(recipe.seed)
+        # sampling: each process draws its own share with its own seed
+        self.generator = torch.Generator(device=device).manual_seed(
+            distributed.rank_seed(recipe.seed)
+        )
+        self.reference = (
+            reference_policy(recipe, policy, device) if self.spec.needs_reference else None
+        )
+        self.reward = (
+            build_reward(recipe, self.task, device) if self.spec.scores_with_reward else None
+        )
+        self.rollouts = (
+            make_rollout_backend(recipe, policy, tokenizer, device)
+            if recipe.samples_from_policy
+            else None
+        )
+        self.last_timing: dict[str, float] = {}  # where the last batch's time went (bench)
 
-    def parameters(self) -> list[torch.nn.Parameter]: ...  # trainable besides the model's
+    # ------------------------------------------------------------------ every step
 
-    # what ``--resume`` needs besides the model and optimizer: data position, RNGs, extra modules
-    def state_dict(self) -> dict[str, Any]: ...
+    @abstractmethod
+    def next_batch(self) -> BatchT:
+        """This process's share of the next global batch."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: BatchT) -> tuple[Tensor, dict[str, float]]:
+        """The loss to minimise on ``batch`` and the figures to log (plain floats)."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters besides the model's (a value head, a reward head)."""
+        return []
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``--resume`` needs besides the model and optimizer: the data position, the
+        RNGs, extra modules. Subclasses add to this one."""
+        return {"rng": self.rng.getstate(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.generator.set_state(state["generator"])
+
+    def save_extra(self, folder: Path) -> None:
+        """Write files that belong beside each checkpoint's weights (a reward model's head),
+        into the checkpoint's temporary folder, so they land atomically with the weights."""
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """Entries for each checkpoint's ``tether.json`` beyond the recipe's common ones."""
+        return {}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """The stage's own figures at each evaluation (pairwise accuracy, exact KLs), added
+        to the task's generation-based ones (when ``generation_eval``)."""
+        return {}
+
+    def frozen_models(self) -> list[nn.Module]:
+        """The models the stage runs besides the policy: its reference and DPG's proposal,
+        where it has them (``train.precision`` casts their forward passes too)."""
+        return [m for m in (self.reference, self.proposal) if m is not None]
+
+
+def make_stage(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, device: torch.device
+) -> Stage[Any]:
+    """The stage that trains ``recipe.train.stage``: the class its registry row names."""
+    module, _, name = STAGES[recipe.train.stage].stage_class.partition(":")
+    stage_class = getattr(importlib.import_module(module), name)
+    stage: Stage[Any] = stage_class(recipe, tokenizer, model, device)
+    return stage
+
+
+def make_rollout_backend(
+    recipe: Recipe, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> RolloutBackend:
+    """The recipe's rollout backend (``train.sampler``) for ``policy``."""
+    if recipe.train.sampler == "vllm":
+        return VLLMRolloutBackend(recipe, policy, tokenizer, device)
+    # bf16: the log-probs must be the losses' own (autocast) numbers, where a loss reads them
+    rescore = recipe.train.precision != "fp32" and recipe.reads_sampler_logprobs
+    return HFRolloutBackend(tokenizer, rescore=rescore)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
+from tether.batches import DPGBatch, Responses
 from tether.config import Recipe, RecipeError
 from tether.distributions.bayes import (
     constraint_log_target,
@@ -62,10 +62,10 @@ from tether.distributions.enumeration import (
     exact_figures,
 )
 from tether.distributions.enumeration import exact_space as build_exact_space
-from tether.generation.rollouts import make_rollouts
+from tether.generation.rollouts import RolloutBackend
 from tether.generation.sampler import SampleOutput, sample
 from tether.models.loading import eval_mode
-from tether.models.lora import frozen_copy, reference_policy
+from tether.models.lora import frozen_copy
 from tether.objectives import (
     FDivergence,
     dpg_loss,
@@ -74,7 +74,7 @@ from tether.objectives import (
     sequence_logprobs,
 )
 from tether.scoring import grouped_completion_logits, restricted_token_logprobs
-from tether.tasks import task_from_config
+from tether.stages.base import Stage
 from tether.tasks.features import feature_matrix
 from tether.tasks.prompts import prompt_text
 
@@ -96,56 +96,22 @@ def restricted_sequence_logprobs(
     return sequence_logprobs(restricted_token_logprobs(logits, tokens, mask, allowed), mask)
 
 
-@dataclass
-class Responses:
-    """Sampled responses as model input: prompts left-padded, completions right-padded."""
-
-    input_ids: Tensor  # [B, P+T]
-    attention_mask: Tensor
-    prompt_len: int
-    mask: Tensor  # [B, T] completion tokens (EOS included)
-
-    @classmethod
-    def from_sample(cls, out: SampleOutput, device: torch.device) -> Responses:
-        mask = out.completion_mask.to(device)
-        attention_mask = torch.cat([out.prompt_mask.to(device), mask], dim=1)
-        return cls(
-            input_ids=torch.cat([out.prompt_ids, out.completion_ids], dim=1).to(device),
-            attention_mask=attention_mask,
-            prompt_len=out.prompt_ids.shape[1],
-            mask=mask,
-        )
+def responses_from_sample(out: SampleOutput, device: torch.device) -> Responses:
+    """The sampler's output as model input: prompts left-padded, completions right-padded."""
+    mask = out.completion_mask.to(device)
+    return Responses(
+        input_ids=torch.cat([out.prompt_ids, out.completion_ids], dim=1).to(device),
+        attention_mask=torch.cat([out.prompt_mask.to(device), mask], dim=1),
+        prompt_len=out.prompt_ids.shape[1],
+        mask=mask,
+    )
 
 
-@dataclass
-class DPGBatch:
-    """One step's samples, scored: per-response tensors [B], fp64. Rows come in groups of
-    ``group_size`` consecutive responses to the same prompt."""
-
-    responses: Responses
-    group_size: int
-    proposal_logp: Tensor  # log q(y): the sampler's, at its temperature, restricted
-    on_policy: bool  # q is the policy at T = 1: use the policy's own (detached) log-probs
-    ref_logp: Tensor
-    log_P: Tensor  # log π_ref + r/β, or −inf where a hard constraint fails
-    log_z: Tensor | None  # [groups], or None: estimated per group from the batch
-    reward: Tensor
-    correct: Tensor
-    stats: dict[str, float] = field(default_factory=dict)  # from sampling (proposal update)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.responses.attention_mask.sum())
-
-    def groups(self) -> list[slice]:
-        k = self.group_size
-        return [slice(i, i + k) for i in range(0, self.reward.shape[0], k)]
-
-
-class DPGStage:
+class DPGStage(Stage[DPGBatch]):
     """Samples from the policy (or an adaptive proposal), a frozen reference, DPG / f-DPG."""
 
-    epochs_per_batch = 1
+    reference: nn.Module  # the registry row: dpg needs one and samples from the policy
+    rollouts: RolloutBackend
 
     def __init__(
         self,
@@ -154,17 +120,8 @@ class DPGStage:
         policy: PreTrainedModel,
         device: torch.device,
     ):
-        assert recipe.model.init is not None
+        super().__init__(recipe, tokenizer, policy, device)
         self.cfg = recipe.dpg
-        self.tokenizer = tokenizer
-        self.policy = policy
-        self.device = device
-        self.task = task_from_config(recipe.task, recipe.seed)
-        self.rng = random.Random(recipe.seed)
-        self.generator = torch.Generator(device=device).manual_seed(
-            distributed.rank_seed(recipe.seed)
-        )
-        self.reference = reference_policy(recipe, policy, device)
         self.divergence = DIVERGENCES[self.cfg.divergence]
         self.beta = self.cfg.beta if self.cfg.target == "reward" else None
         self.moment_names = list(self.cfg.moments)
@@ -172,7 +129,6 @@ class DPGStage:
         self.moment_fit: dict[str, float] = {}
         self.group_size = self.cfg.samples_per_step // self.cfg.prompts_per_step
         self.max_new_tokens = self.task.max_new_tokens()
-        self.rollouts = make_rollouts(recipe, policy, tokenizer, device)  # train.sampler
 
         # the enumerable task: a restricted vocabulary, and exact figures at each evaluation
         self.space: ExactSpace | None = None
@@ -199,15 +155,11 @@ class DPGStage:
         self.generation_eval = self.space is None
 
         # a frozen copy of the policy (under LoRA, of its adapters alone)
-        self.proposal: nn.Module | None = None
         if self.cfg.proposal == "adaptive":
             self.proposal = frozen_copy(policy)
         self.proposal_updates = 0
         # running log Z per prompt: [log Σ_i P_i/q_i, number of samples]
         self.running: dict[str, list[float]] = {}
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
 
     @torch.no_grad()
     def _fit_moments(self, seed: int) -> Tensor:
@@ -244,16 +196,18 @@ class DPGStage:
     def state_dict(self) -> dict[str, Any]:
         """The prompt stream, the sampling generator, the running log Z and the proposal."""
         return {
-            "rng": self.rng.getstate(),
-            "generator": self.generator.get_state(),
+            **super().state_dict(),
             "running": copy.deepcopy(self.running),
             "proposal_updates": self.proposal_updates,
             "proposal": None if self.proposal is None else self.proposal.state_dict(),
         }
 
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """The ``dpg`` section: how the target and the proposal were set."""
+        return {"dpg": self.recipe.dpg.model_dump()}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(state["rng"])
-        self.generator.set_state(state["generator"])
+        super().load_state_dict(state)
         self.running = copy.deepcopy(state["running"])
         self.proposal_updates = state["proposal_updates"]
         if self.proposal is not None:
@@ -308,7 +262,7 @@ class DPGStage:
             allowed_token_ids=None if self.allowed is None else self.allowed.tolist(),
         )
 
-        responses = Responses.from_sample(out, self.device)
+        responses = responses_from_sample(out, self.device)
         problem_of = [p for p in problems for _ in range(self.group_size)]
         judged = list(zip(problem_of, out.texts, strict=True))
         reward = torch.tensor(

@@ -1,24 +1,23 @@
-"""Stages: a batch source plus an objective. The training loop knows nothing else.
+"""The imitation stage: learning from the task's demonstrations (docs/methods.md §4).
 
-A stage has ``next_batch()`` and ``loss(model, batch) -> (loss, stats)``, and a
-``state_dict()`` holding whatever resuming needs besides the model and optimizer. The MLE stage
-draws fresh problems from the task's generator every step (no fixed dataset, no epochs).
+It draws fresh problems from the task's generator every step (no fixed dataset, no epochs),
+or from its fixed pool with ``task.train_size``, and trains ``train.stage: mle`` or
+``iqlearn`` on them (online IQLearn adds policy samples to each batch).
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
-from tether.batches import TokenBatch, collate_token_rows
+from tether.batches import DemonstrationBatch, collate_token_rows
 from tether.config import Recipe
-from tether.generation.rollouts import make_rollouts
 from tether.objectives import (
+    action_mask,
     iqlearn_loss,
     label_smoothed_mle_loss,
     lambda_schedule,
@@ -27,28 +26,11 @@ from tether.objectives import (
     shifted_token_logprobs,
 )
 from tether.scoring import bucketed
-from tether.tasks import task_from_config
+from tether.stages.base import Stage
 from tether.tasks.prompts import prompt_text
 
-# optional: ``save_extra(folder)`` writes files that belong beside each checkpoint's weights;
-# ``evaluate(model) -> dict`` adds the stage's own figures to each evaluation, and
-# ``generation_eval = False`` turns off the task's generation-based evaluation
 
-
-@dataclass
-class DemoBatch:
-    """Demonstrations (and, for online IQLearn, policy samples) as one right-padded batch."""
-
-    tokens: TokenBatch
-    terminated: torch.Tensor  # [B] bool: the row ends with EOS (not cut by the length limit)
-    is_expert: torch.Tensor | None  # [B] bool; None when every row is a demonstration
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.num_tokens
-
-
-class ImitationStage:
+class ImitationStage(Stage[DemonstrationBatch]):
     """Learning from the task's demonstrations (docs/methods.md §4), one batch source for three
     objectives: ``train.stage: mle`` (completion-only maximum likelihood, plus an entropy
     bonus when ``imitation.entropy_coef`` > 0, or label-smoothed when
@@ -58,8 +40,6 @@ class ImitationStage:
     sampled from the policy for fresh prompts). Problems are drawn fresh from the task's
     generator every step, or from its fixed pool with ``task.train_size``."""
 
-    epochs_per_batch = 1
-
     def __init__(
         self,
         recipe: Recipe,
@@ -67,38 +47,22 @@ class ImitationStage:
         model: PreTrainedModel,
         device: torch.device,
     ):
+        super().__init__(recipe, tokenizer, model, device)
         self.method = recipe.train.stage
         self.cfg = recipe.imitation
-        self.tokenizer = tokenizer
-        self.model = model
         self.batch_size = recipe.train.batch_size
-        self.task = task_from_config(recipe.task, recipe.seed)
-        self.rng = random.Random(recipe.seed)
-        self.generator = torch.Generator(device=device).manual_seed(
-            distributed.rank_seed(recipe.seed)
-        )
-        self.device = device
         self.step = 0  # batches drawn: drives the λ warm-up
-        online = self.cfg.online_fraction if self.method == "iqlearn" else 0.0
+        online = self.cfg.online_fraction if recipe.samples_from_policy else 0.0
         self.n_policy = min(round(online * self.batch_size), self.batch_size - 1)
-        self.rollouts = make_rollouts(recipe, model, tokenizer, device) if self.n_policy else None
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return []
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "rng": self.rng.getstate(),
-            "generator": self.generator.get_state(),
-            "step": self.step,
-        }
+        return {**super().state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(state["rng"])
-        self.generator.set_state(state["generator"])
+        super().load_state_dict(state)
         self.step = state["step"]
 
-    def next_batch(self) -> DemoBatch:
+    def next_batch(self) -> DemonstrationBatch:
         self.step += 1
         problems = [self.task.pretrain_problem(self.rng) for _ in range(self.batch_size)]
         # across processes each keeps its share of the demonstrations and of the policy rows
@@ -116,9 +80,10 @@ class ImitationStage:
             c + eos for c in self.tokenizer(targets, add_special_tokens=False)["input_ids"]
         ]
         terminated = [True] * n_expert  # demonstrations end with EOS
-        if self.rollouts is not None:  # online IQLearn: the rest of the batch is policy samples
+        if self.n_policy:  # online IQLearn: the rest of the batch is policy samples
+            assert self.rollouts is not None  # the registry row: iqlearn samples when online
             out = self.rollouts(
-                self.model,
+                self.policy,
                 prompts[n_expert:],
                 max_new_tokens=self.task.max_new_tokens(),
                 temperature=self.cfg.online_temperature,
@@ -130,38 +95,54 @@ class ImitationStage:
         is_expert = None
         if self.n_policy:
             is_expert = torch.arange(len(problems), device=self.device) < n_expert
-        return DemoBatch(
+        return DemonstrationBatch(
             tokens.to(self.device), torch.tensor(terminated, device=self.device), is_expert
         )
 
-    def loss(
-        self, model: PreTrainedModel, batch: DemoBatch
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        tokens = batch.tokens
-        ids, attention = tokens.input_ids, tokens.attention_mask
-        plain = self.cfg.label_smoothing == 0 and self.cfg.entropy_coef == 0
-        if self.method == "mle" and plain:  # log-probs group by group: no [B, L, V] copy
-            return mle_loss(
-                bucketed(model, ids, attention, shifted_token_logprobs), tokens.loss_mask
-            )
-        logits = bucketed(model, ids, attention)  # rows in length groups (tether.scoring)
-        if self.method == "mle":
-            if self.cfg.label_smoothing > 0:  # support-preserving behaviour cloning
-                return label_smoothed_mle_loss(
-                    logits, tokens.input_ids, tokens.loss_mask, self.cfg.label_smoothing
-                )
-            return mle_entropy_loss(
-                logits, tokens.input_ids, tokens.loss_mask, self.cfg.entropy_coef
-            )
-        lam = lambda_schedule(self.step, self.cfg.lam, self.cfg.lam_warmup_steps)
-        loss, stats = iqlearn_loss(
-            logits,
-            tokens.input_ids,
-            tokens.loss_mask,
-            batch.terminated,
-            lam=lam,
-            gamma=self.cfg.gamma,
-            is_expert=batch.is_expert,
-            alpha_mix=self.cfg.online_fraction,
+    def loss(self, model: nn.Module, batch: DemonstrationBatch) -> tuple[Tensor, dict[str, float]]:
+        ids, attention, mask = (
+            batch.tokens.input_ids,
+            batch.tokens.attention_mask,
+            batch.tokens.loss_mask,
         )
-        return loss, {**stats, "lambda": lam}
+        # token means are over the global batch: each process divides by N / W, the mean of
+        # the processes' counts (tether.distributed), as DDP averages their gradients
+        if self.method == "iqlearn":
+            lam = lambda_schedule(self.step, self.cfg.lam, self.cfg.lam_warmup_steps)
+            expert_tokens, policy_tokens = self._soft_q_token_counts(batch)
+            loss, stats = iqlearn_loss(
+                bucketed(model, ids, attention),  # rows in length groups (tether.scoring)
+                ids,
+                mask,
+                batch.terminated,
+                lam=lam,
+                gamma=self.cfg.gamma,
+                is_expert=batch.is_expert,
+                alpha_mix=self.cfg.online_fraction,
+                token_count=expert_tokens,
+                policy_token_count=policy_tokens,
+            )
+            return loss, {**stats, "lambda": lam}
+        if self.cfg.entropy_coef > 0:  # the entropy's states predict tokens 1..: not position 0
+            scored = distributed.mean_count(action_mask(mask).sum())
+            logits = bucketed(model, ids, attention)
+            return mle_entropy_loss(logits, ids, mask, self.cfg.entropy_coef, scored)
+        completion_tokens = distributed.mean_count(mask.sum())
+        if self.cfg.label_smoothing > 0:  # support-preserving behaviour cloning
+            logits = bucketed(model, ids, attention)
+            eps = self.cfg.label_smoothing
+            return label_smoothed_mle_loss(logits, ids, mask, eps, completion_tokens)
+        # plain MLE: log-probs group by group, no [B, L, V] copy
+        logprobs = bucketed(model, ids, attention, shifted_token_logprobs)
+        return mle_loss(logprobs, mask, completion_tokens)
+
+    def _soft_q_token_counts(self, batch: DemonstrationBatch) -> tuple[Tensor, Tensor | None]:
+        """N / W of the demonstrations' scored tokens and of the policy rows' (online), the
+        denominators of IQLearn's token means (:func:`~tether.objectives.action_mask`)."""
+        mask = action_mask(batch.tokens.loss_mask)
+        if batch.is_expert is None:
+            return distributed.mean_count(mask.sum()), None
+        expert = batch.is_expert.unsqueeze(1)
+        expert_tokens = (mask * expert.to(mask.dtype)).sum()
+        policy_tokens = (mask * (~expert).to(mask.dtype)).sum()
+        return distributed.mean_count(expert_tokens), distributed.mean_count(policy_tokens)

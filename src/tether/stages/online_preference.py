@@ -25,8 +25,6 @@ at T = 1 (the k1 estimate of the sequence KL when ``preference.temperature`` is 
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,45 +32,30 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
-from tether.batches import TokenBatch, collate_token_rows
+from tether.batches import OnlinePairBatch, collate_token_rows
 from tether.config import Recipe
-from tether.generation.rollouts import HFRollouts, make_rollouts
+from tether.generation.rollouts import HFRolloutBackend, RolloutBackend
 from tether.generation.sampler import SampleOutput, pad_id
-from tether.models.lora import reference_policy
 from tether.objectives import (
     PreferencePairs,
-    preference_loss,
     preference_pairs,
     sequence_logprobs,
     sequence_logratios,
     shifted_token_logprobs,
+    xpo_loss,
 )
-from tether.rewards.functions import build_reward
+from tether.rewards.functions import RewardFunction
 from tether.scoring import bucketed
-from tether.tasks import task_from_config
+from tether.stages.base import Stage
 from tether.tasks.prompts import prompt_text
 
 
-@dataclass
-class OnlinePairBatch:
-    """2B right-padded rows: the policy samples y in rows 0..B-1, the second responses ỹ of the
-    same prompts in rows B..2B-1; ``ref_logp`` [2B, L] is the reference's token log-probs."""
-
-    tokens: TokenBatch
-    ref_logp: Tensor
-    pairs: PreferencePairs
-    rewards: Tensor  # [2B]
-    correct: Tensor  # [B] bool: the policy samples under the task's checker
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.num_tokens
-
-
-class OnlinePreferenceStage:
+class OnlinePreferenceStage(Stage[OnlinePairBatch]):
     """``train.stage: online-dpo`` (α = 0) or ``xpo`` (module docstring)."""
 
-    epochs_per_batch = 1
+    reference: nn.Module  # the registry rows: both need one, sample and score with a reward
+    rollouts: RolloutBackend
+    reward: RewardFunction
 
     def __init__(
         self,
@@ -81,39 +64,23 @@ class OnlinePreferenceStage:
         policy: PreTrainedModel,
         device: torch.device,
     ) -> None:
-        assert recipe.model.init is not None  # the recipe validator says so
+        super().__init__(recipe, tokenizer, policy, device)
         self.cfg = recipe.preference
         self.xpo = recipe.train.stage == "xpo"
         self.alpha = self.cfg.alpha if self.xpo else 0.0
         self.pair_with = "reference" if self.xpo else self.cfg.pair_with
-        self.tokenizer = tokenizer
-        self.policy = policy
-        self.device = device
         self.batch_size = recipe.train.batch_size
-        self.task = task_from_config(recipe.task, recipe.seed)
-        self.rng = random.Random(recipe.seed)
-        seed = distributed.rank_seed(recipe.seed)  # each process samples its own share
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        # the reference's samples: their own rank-seeded generator
+        seed = distributed.rank_seed(recipe.seed)
         self.ref_generator = torch.Generator(device=device).manual_seed(seed + 7919)
-        self.reference = reference_policy(recipe, policy, device)
-        self.reward = build_reward(recipe, self.task, device)
         self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
-        self.rollouts = make_rollouts(recipe, policy, tokenizer, device)  # train.sampler
-        self.reference_rollouts = HFRollouts(tokenizer)  # the frozen reference: hf always
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
+        self.reference_rollouts = HFRolloutBackend(tokenizer)  # the frozen reference: hf always
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "rng": self.rng.getstate(),
-            "generator": self.generator.get_state(),
-            "ref_generator": self.ref_generator.get_state(),
-        }
+        return {**super().state_dict(), "ref_generator": self.ref_generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(state["rng"])
-        self.generator.set_state(state["generator"])
+        super().load_state_dict(state)
         self.ref_generator.set_state(state["ref_generator"])
 
     # ------------------------------------------------------------------ rollout
@@ -156,7 +123,8 @@ class OnlinePreferenceStage:
         return OnlinePairBatch(
             tokens=tokens,
             ref_logp=ref_logp,
-            pairs=PreferencePairs(pairs.a_is_chosen.to(self.device), pairs.tie.to(self.device)),
+            policy_is_chosen=pairs.a_is_chosen.to(self.device),
+            tie=pairs.tie.to(self.device),
             rewards=torch.cat([reward_a, reward_b]).to(self.device),
             correct=correct,
         )
@@ -168,21 +136,19 @@ class OnlinePreferenceStage:
         logp = bucketed(model, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs)
         mask = tokens.loss_mask
         h = sequence_logratios(logp, batch.ref_logp, mask, average=self.cfg.length_normalize)
-        chosen, rejected = batch.pairs.order(h[:b], h[b:])
-        keep = torch.ones_like(batch.pairs.tie)
-        if self.cfg.ties == "drop":
-            keep = ~batch.pairs.tie
-        if keep.any():
-            loss, stats = preference_loss(
-                chosen[keep], rejected[keep], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing
-            )
-        else:  # every pair tied and ties are dropped: no preference signal this step
-            loss, stats = h.sum() * 0.0, {"loss": 0.0}
-        stats["preference_loss"] = stats.pop("loss")
-        if self.alpha:
-            bonus = sequence_logprobs(logp[b:], mask[b:]).mean()  # log π_θ(ỹ|x), ỹ ∼ π_ref
-            loss = loss + self.alpha * bonus
-            stats["xpo_bonus"] = float(bonus.detach())
+        chosen, rejected = PreferencePairs(batch.policy_is_chosen, batch.tie).order(h[:b], h[b:])
+        # log π_θ(ỹ|x) of the second responses ỹ ∼ π_ref: XPO's exploration bonus
+        bonus_logp = sequence_logprobs(logp[b:], mask[b:]) if self.alpha else None
+        loss, stats = xpo_loss(
+            chosen,
+            rejected,
+            bonus_logp,
+            self.cfg.beta,
+            self.alpha,
+            self.cfg.loss,
+            self.cfg.label_smoothing,
+            keep=~batch.tie if self.cfg.ties == "drop" else None,
+        )
         with torch.no_grad():
             r = batch.rewards
             stats.update(
@@ -190,7 +156,7 @@ class OnlinePreferenceStage:
                     "loss": float(loss.detach()),
                     "reward": float(r[:b].mean()),
                     "reward_second": float(r[b:].mean()),
-                    "ties": float(batch.pairs.tie.float().mean()),
+                    "ties": float(batch.tie.float().mean()),
                     "policy_wins": float((r[:b] > r[b:]).float().mean()),
                     "accuracy": float(batch.correct.float().mean()),
                     "kl_sequence": float(

@@ -39,7 +39,7 @@ class and would not load as a causal LM. For ``--resume`` the head is also part 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
-from tether.batches import TokenBatch, collate_pairs
+from tether.batches import OfflinePairBatch, TokenBatch, collate_pairs
 from tether.config import Recipe
-from tether.models.loading import (
-    eval_mode,
-)
-from tether.models.lora import reference_policy
+from tether.models.loading import eval_mode
 from tether.objectives import (
     bradley_terry_loss,
     preference_loss,
@@ -63,42 +60,22 @@ from tether.objectives import (
 )
 from tether.rewards.reward_model import last_token_scores, save_reward_head
 from tether.scoring import bucketed
-from tether.tasks import task_from_config
+from tether.stages.base import Stage
 from tether.tasks.prompts import prompt_text
 
 
-@dataclass
-class PreferenceBatch:
-    """2B right-padded rows: chosen responses in rows 0..B-1, the rejected responses of the
-    same prompts in rows B..2B-1. ``ref_logp`` [2B, L]: the reference's token log-probs
-    (aligned with ``input_ids``, as :func:`shifted_token_logprobs`), DPO only."""
-
-    tokens: TokenBatch
-    ref_logp: Tensor | None = None
-
-    @property
-    def pairs(self) -> int:
-        return self.tokens.input_ids.shape[0] // 2
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.num_tokens
-
-
-class _PairStream:
+class _PairStream(Stage[OfflinePairBatch]):
     """Preference pairs from the recipe's task, drawn with the stage's own seeded RNG."""
 
-    epochs_per_batch = 1
-
     def __init__(
-        self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, device: torch.device
+        self,
+        recipe: Recipe,
+        tokenizer: PreTrainedTokenizerBase,
+        model: PreTrainedModel,
+        device: torch.device,
     ) -> None:
-        self.tokenizer = tokenizer
-        self.device = device
+        super().__init__(recipe, tokenizer, model, device)
         self.batch_size = recipe.train.batch_size
-        self.task = task_from_config(recipe.task, recipe.seed)
-        self.rng = random.Random(recipe.seed)
-
         self.eval_n = recipe.eval.n
         self.eval_seed = recipe.seed
 
@@ -119,8 +96,9 @@ class _PairStream:
         rng = random.Random(f"tether-eval-pairs/{self.eval_seed}")
         return self._collate([self.task.rl_problem(rng) for _ in range(self.eval_n)])
 
-    def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:
+        """A score per row whose chosen-minus-rejected difference ranks the pair."""
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -142,6 +120,8 @@ class _PairStream:
 class DPOStage(_PairStream):
     """DPO or IPO against the frozen ``model.init`` (module docstring)."""
 
+    reference: nn.Module  # the registry row: dpo needs one
+
     def __init__(
         self,
         recipe: Recipe,
@@ -149,27 +129,16 @@ class DPOStage(_PairStream):
         policy: PreTrainedModel,
         device: torch.device,
     ) -> None:
-        assert recipe.model.init is not None  # the recipe validator says so
-        super().__init__(recipe, tokenizer, device)
+        super().__init__(recipe, tokenizer, policy, device)
         self.cfg = recipe.preference
-        self.reference = reference_policy(recipe, policy, device)
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(state["rng"])
 
     @torch.no_grad()
-    def next_batch(self) -> PreferenceBatch:
+    def next_batch(self) -> OfflinePairBatch:
         tokens = self.draw_pairs()
         ref_logp = bucketed(
             self.reference, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs
         )  # once per batch, rows in length groups (tether.scoring)
-        return PreferenceBatch(tokens, ref_logp)
+        return OfflinePairBatch(tokens, ref_logp)
 
     def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:
         """The implicit reward β·h(x, y) of every row."""
@@ -183,7 +152,7 @@ class DPOStage(_PairStream):
         )
         return self.cfg.beta * h
 
-    def loss(self, model: nn.Module, batch: PreferenceBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: OfflinePairBatch) -> tuple[Tensor, dict[str, float]]:
         assert batch.ref_logp is not None
         tokens, b = batch.tokens, batch.pairs
         logp = bucketed(model, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs)
@@ -211,7 +180,7 @@ class RewardModelStage(_PairStream):
         model: PreTrainedModel,
         device: torch.device,
     ) -> None:
-        super().__init__(recipe, tokenizer, device)
+        super().__init__(recipe, tokenizer, model, device)
         self.head = nn.Linear(model.config.hidden_size, 1).to(device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -225,22 +194,22 @@ class RewardModelStage(_PairStream):
         return list(self.head.parameters())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "head": self.head.state_dict()}
+        return {**super().state_dict(), "head": self.head.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(state["rng"])
+        super().load_state_dict(state)
         self.head.load_state_dict(state["head"])  # in place: the optimizer keeps the tensors
 
     # the LM head of a reward model is never trained: judge it by its scores alone
     generation_eval = False
 
-    def next_batch(self) -> PreferenceBatch:
-        return PreferenceBatch(self.draw_pairs())
+    def next_batch(self) -> OfflinePairBatch:
+        return OfflinePairBatch(self.draw_pairs())
 
     def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:
         return last_token_scores(model, self.head, tokens.input_ids, tokens.attention_mask)
 
-    def loss(self, model: nn.Module, batch: PreferenceBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: OfflinePairBatch) -> tuple[Tensor, dict[str, float]]:
         tokens, b = batch.tokens, batch.pairs
         scores = last_token_scores(model, self.head, tokens.input_ids, tokens.attention_mask)
         loss, stats = bradley_terry_loss(scores[:b], scores[b:])

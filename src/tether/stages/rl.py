@@ -5,10 +5,13 @@ temperature T with the KV-cache sampler, score them with the task (terminal rewa
 same tokens under the frozen reference at the same temperature, then
 
     loss = policy-gradient loss (REINFORCE / RLOO / A2C / PPO-clip)
-         + α · mean_t w_t·KL_t        (KL in the loss)       or  r_t − α·w_t·KL_t (in the reward)
+         + α · mean_t w_t·KL_t        (KL in the loss)       or  r_t − α·w_t·k1_t (in the reward)
          − c_H · entropy + c_V · value loss (A2C, PPO)
 
-with w_t = 1 (standard KL) or w_t = Ĵ_ref(s_t)^β_c (prioritised KL on critical tokens).
+with w_t = 1 (standard KL) or w_t = Ĵ_ref(s_t)^β_c (prioritised KL on critical tokens): the
+pure function :func:`tether.objectives.rl.rl_loss`, which this stage calls once it has scored
+the rollout under the policy (and the value head). Across processes the stage passes it the
+token count N / W and REINFORCE's baseline over every process's tokens.
 
 The reward is the recipe's ``reward`` section (:mod:`tether.rewards.functions`): the task's
 checker by default, or its graded score, a Python function of your own or a learned reward
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,55 +31,29 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
+from tether.batches import RolloutBatch
 from tether.config import Recipe
-from tether.generation.rollouts import make_rollouts
+from tether.generation.rollouts import RolloutBackend
 from tether.generation.sampler import sample
-from tether.models.lora import reference_policy
 from tether.objectives import (
-    discounted_returns,
-    entropy_from_log_softmax,
-    exact_kl_from_log_softmax,
-    gae,
-    kl_penalty,
+    RLLossSettings,
     log_softmax_and_token_logprobs,
-    masked_mean,
-    ppo_clip_loss,
     prioritized_kl_weights,
-    reinforce_loss,
-    rloo_baseline,
-    shape_rewards_with_kl,
-    terminal_rewards,
-    value_loss,
+    rl_loss,
+    rl_returns,
 )
-from tether.rewards.functions import CalibratedReward, RewardFunction, build_reward
+from tether.rewards.functions import CalibratedReward, RewardFunction
 from tether.scoring import grouped_completion_logits
-from tether.tasks import task_from_config
+from tether.stages.base import Stage
 from tether.tasks.prompts import prompt_text
 
 
-@dataclass
-class Rollout:
-    """Everything one update needs; completion tensors are [B, T], sequences [B, P+T]."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    prompt_len: int
-    mask: Tensor  # completion tokens
-    old_logp: Tensor  # sampling policy's log-probs at temperature T
-    ref_logp: Tensor
-    ref_log_softmax: Tensor  # [B, T, V] log π_ref(·|s) at temperature T: the exact KL
-    kl_weights: Tensor | None
-    seq_rewards: Tensor  # [B]
-    correct: Tensor  # [B] bool
-    reward_stats: dict[str, float] | None = None  # raw and calibrated means under CTRL
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-class RLStage:
+class RLStage(Stage[RolloutBatch]):
     """Rollouts from the policy, a frozen reference, and the configured objective."""
+
+    reference: nn.Module  # the registry row: rl needs one, samples and scores with a reward
+    rollouts: RolloutBackend
+    reward: RewardFunction
 
     def __init__(
         self,
@@ -86,31 +62,31 @@ class RLStage:
         policy: PreTrainedModel,
         device: torch.device,
     ):
-        assert recipe.model.init is not None
-        self.cfg = recipe.rl
-        self.tokenizer = tokenizer
-        self.policy = policy
-        self.device = device
-        self.task = task_from_config(recipe.task, recipe.seed)
-        self.rng = random.Random(recipe.seed)
-        self.generator = torch.Generator(device=device).manual_seed(
-            distributed.rank_seed(recipe.seed)
+        super().__init__(recipe, tokenizer, policy, device)
+        self.cfg = cfg = recipe.rl
+        self.settings = RLLossSettings(
+            algorithm=cfg.algorithm,
+            kl_coef=cfg.kl_coef,
+            kl_estimator=cfg.kl_estimator,
+            kl_placement=cfg.kl_placement,
+            entropy_coef=cfg.entropy_coef,
+            value_coef=cfg.value_coef,
+            gamma=cfg.gamma,
+            gae_lambda=cfg.gae_lambda,
+            clip_eps=cfg.clip_eps,
+            group_size=cfg.group_size,
         )
-        self.reference = reference_policy(recipe, policy, device)
         self.value_head: nn.Linear | None = None
-        if self.cfg.algorithm in ("a2c", "ppo"):
+        if cfg.algorithm in ("a2c", "ppo"):
             self.value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
-        self.epochs_per_batch = self.cfg.ppo_epochs if self.cfg.algorithm == "ppo" else 1
-        self.max_new_tokens = self.cfg.max_new_tokens or self.task.max_new_tokens()
-        self.last_timing: dict[str, float] = {}
+        self.epochs_per_batch = cfg.ppo_epochs if cfg.algorithm == "ppo" else 1
+        self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens()
         self.pool: list[Any] | None = None
-        if self.cfg.prompt_pool is not None:
+        if cfg.prompt_pool is not None:
             pool_rng = random.Random(f"tether-rl-pool/{recipe.seed}")
-            self.pool = [self.task.rl_problem(pool_rng) for _ in range(self.cfg.prompt_pool)]
-        self.reward: RewardFunction = build_reward(recipe, self.task, device)
-        self.rollouts = make_rollouts(recipe, policy, tokenizer, device)  # train.sampler
+            self.pool = [self.task.rl_problem(pool_rng) for _ in range(cfg.prompt_pool)]
         self.calibrated: CalibratedReward | None = None
         if recipe.reward.calibrate:
             rc = recipe.reward
@@ -149,19 +125,15 @@ class RLStage:
 
     def state_dict(self) -> dict[str, Any]:
         """The prompt stream, the sampling generator and the value head (for ``--resume``)."""
-        state = {
-            "rng": self.rng.getstate(),
-            "generator": self.generator.get_state(),
-            "value_head": None if self.value_head is None else self.value_head.state_dict(),
-        }
+        state = super().state_dict()
+        state["value_head"] = None if self.value_head is None else self.value_head.state_dict()
         if self.calibrated is not None:
             state["calibration"] = self.calibrated.state_dict()
             state["ref_generator"] = self.ref_generator.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(state["rng"])
-        self.generator.set_state(state["generator"])
+        super().load_state_dict(state)
         if self.value_head is not None:
             self.value_head.load_state_dict(state["value_head"])
         if self.calibrated is not None:
@@ -171,7 +143,7 @@ class RLStage:
     # ------------------------------------------------------------------ rollout
 
     @torch.no_grad()
-    def next_batch(self) -> Rollout:
+    def next_batch(self) -> RolloutBatch:
         cfg = self.cfg
         # every process draws the global prompts and samples only its share of them
         problems = [self._draw() for _ in range(cfg.prompts_per_step)]
@@ -220,7 +192,7 @@ class RLStage:
             )
         # normalised once here: the loss reads the reference's log-probs, never its logits
         ref_log_softmax, ref_logp = log_softmax_and_token_logprobs(ref_logits, completion_ids)
-        rollout = Rollout(
+        rollout = RolloutBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
             prompt_len=prompt_len,
@@ -242,21 +214,20 @@ class RLStage:
 
     # ------------------------------------------------------------------ loss
 
-    def loss(self, model: nn.Module, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
-        cfg = self.cfg
+    def loss(self, model: nn.Module, rollout: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+        """Score the rollout under ``model`` (and the value head), then :func:`rl_loss`."""
         mask = rollout.mask
         completion_ids = rollout.input_ids[:, rollout.prompt_len :]
-        need_values = self.value_head is not None
+        values = None
         scored = grouped_completion_logits(
             model,
             rollout.input_ids,
             rollout.attention_mask,
             rollout.prompt_len,
-            cfg.temperature,
-            hidden=need_values,
+            self.cfg.temperature,
+            hidden=self.value_head is not None,
         )
-        if need_values:
-            assert self.value_head is not None
+        if self.value_head is not None:
             logits, hidden = scored
             values = self.value_head(hidden.float()).squeeze(-1)
         else:
@@ -264,78 +235,31 @@ class RLStage:
         # one fp32 log-softmax over the vocabulary serves log π of the sampled tokens, the
         # exact KL and the entropy
         log_p, logp = log_softmax_and_token_logprobs(logits, completion_ids)
-
-        # full-vocabulary KL per position: the penalty with the exact estimator, a metric always
-        exact = exact_kl_from_log_softmax(
-            log_p if cfg.kl_estimator == "exact" else log_p.detach(), rollout.ref_log_softmax
-        )
-        if cfg.kl_estimator == "exact":
-            per_token_kl = torch.where(mask > 0, exact, torch.zeros_like(exact))
-            if rollout.kl_weights is not None:
-                per_token_kl = per_token_kl * rollout.kl_weights
-        else:
-            per_token_kl = kl_penalty(
-                logp, rollout.ref_logp, mask, cfg.kl_estimator, rollout.kl_weights
+        baseline = None
+        if self.settings.algorithm == "reinforce":
+            # the mean return over every process's tokens (a constant of the estimator)
+            returns = rl_returns(
+                logp, rollout.ref_logp, mask, rollout.seq_rewards, self.settings, rollout.kl_weights
             )
-
-        token_rewards = terminal_rewards(rollout.seq_rewards, mask)
-        if cfg.kl_placement == "reward":
-            token_rewards = shape_rewards_with_kl(token_rewards, per_token_kl, cfg.kl_coef)
-
-        stats: dict[str, float] = {}
-        if cfg.algorithm == "reinforce":
-            returns = discounted_returns(token_rewards, mask, cfg.gamma)
-            # the batch's mean return over every process's tokens (a constant, no gradient)
             real = torch.where(mask > 0, returns, torch.zeros_like(returns)).detach()
             total, count = distributed.all_sum(real.sum()), distributed.all_sum(mask.sum())
             baseline = total / count.clamp_min(1.0)
-            pg, stats = reinforce_loss(logp, (returns - baseline).detach(), mask)
-        elif cfg.algorithm == "rloo":
-            seq_return = (token_rewards * mask).sum(1)
-            pg, stats = reinforce_loss(logp, rloo_baseline(seq_return, cfg.group_size), mask)
-        else:
-            advantages, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.gae_lambda)
-            if cfg.algorithm == "a2c":
-                pg, stats = reinforce_loss(logp, advantages, mask)
-            else:
-                pg, stats = ppo_clip_loss(logp, rollout.old_logp, advantages, mask, cfg.clip_eps)
-            v_loss, v_stats = value_loss(values, returns, mask)
-            pg = pg + cfg.value_coef * v_loss
-            stats.update(v_stats)
-
-        kl_mean = masked_mean(per_token_kl, mask)
-        loss = pg
-        if cfg.kl_placement == "loss":
-            loss = loss + cfg.kl_coef * kl_mean
-        if cfg.entropy_coef > 0:
-            entropy = masked_mean(entropy_from_log_softmax(log_p), mask)
-            loss = loss - cfg.entropy_coef * entropy
-        else:  # a metric only: no backward pass through it
-            with torch.no_grad():
-                entropy = masked_mean(entropy_from_log_softmax(log_p.detach()), mask)
-
-        with torch.no_grad():
-            sampled_kl = masked_mean(
-                logp - rollout.ref_logp, mask
-            )  # k1: unbiased KL(π‖π_ref) per token
-            stats.update(
-                {
-                    "loss": float(loss.item()),
-                    "reward": float(rollout.seq_rewards.mean()),
-                    "accuracy": float(rollout.correct.float().mean()),
-                    "kl_penalty": float(kl_mean.item()),
-                    "kl_sampled": float(sampled_kl.item()),
-                    "entropy": float(entropy.item()),
-                    "completion_tokens": float(mask.sum(1).mean()),
-                }
-            )
-            stats["kl_exact"] = float(masked_mean(exact.detach(), mask))
-            stats["kl_sequence"] = float(((logp - rollout.ref_logp) * mask).sum(1).mean())
-            if rollout.reward_stats:
-                stats.update(rollout.reward_stats)
-            if rollout.kl_weights is not None:
-                stats["kl_weight_mean"] = float(masked_mean(rollout.kl_weights, mask))
-                stats["kl_weight_below_half"] = float(
-                    masked_mean((rollout.kl_weights < 0.5).float(), mask)
-                )
+        loss, stats = rl_loss(
+            log_p,
+            logp,
+            rollout.ref_logp,
+            rollout.ref_log_softmax,
+            mask,
+            rollout.seq_rewards,
+            self.settings,
+            values=values,
+            old_logp=rollout.old_logp,
+            kl_weights=rollout.kl_weights,
+            correct=rollout.correct,
+            # across processes N / W, so DDP's gradient average is the global token mean's
+            token_count=distributed.mean_count(mask.sum()),
+            baseline=baseline,
+        )
+        if rollout.reward_stats:
+            stats.update(rollout.reward_stats)
         return loss, stats

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from tether.config import Recipe, load_recipe
 from tether.distributions.enumeration import ExactTarget, exact_figures, exact_space
 from tether.engine.checkpoints import step_checkpoints
@@ -60,7 +63,6 @@ CONTROLLED = {
     "dpg.divergence": _PER_ARM,
     "dpg.beta": _PER_ARM,
 }
-FIGURES = ("kl_target_policy", "kl_policy_target", "entropy", "reward", "accuracy")
 
 
 def curve(run: Path, reference: Path, beta: float = TARGET_BETA) -> list[dict[str, float]]:
@@ -144,9 +146,6 @@ def target_figures(reference: Path, beta: float = TARGET_BETA) -> dict[str, floa
 def plot_collapse(
     curves: dict[str, list[dict[str, float]]], target: dict[str, float], path: Path
 ) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     titles = {
         "kl_target_policy": "KL(p*‖π) (what DPG minimises)",
         "kl_policy_target": "KL(π‖p*) (what KL-RL minimises)",

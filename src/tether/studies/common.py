@@ -1,5 +1,6 @@
 """What every ``tether study`` shares: run-folder names, train-once-or-resume (only with the
-settings the run was started with), and refusing ``--set`` on keys a study sets itself."""
+settings the run was started with), refusing ``--set`` on keys a study sets itself, and the
+table cell of a figure across seeds."""
 
 from __future__ import annotations
 
@@ -10,12 +11,29 @@ from typing import Any
 from tether.config import Recipe, RecipeError, load_recipe, parse_override
 from tether.engine.checkpoints import RunDirError, step_checkpoints
 from tether.engine.loop import train
+from tether.eval.stats import mean_ci
 
 
 def stem(text: str) -> str:
     """A folder name for an arm label: lower case, runs of other characters as one '-'."""
     keep = "".join(c if c.isalnum() or c in ".-" else "-" for c in text.lower())
     return "-".join(p for p in keep.split("-") if p)
+
+
+def interval_cell(
+    values: list[float], digits: int = 3, bounds: tuple[float, float] | None = None
+) -> str:
+    """A figure across seeds as a table cell: ``mean ± h`` with h the half-width of the 95%
+    t-interval; ``mean [low, high]`` where that interval leaves ``bounds`` (the range of the
+    figure: ``(0, 1)`` for an accuracy or a share) and is cut to it; the mean alone for one
+    seed."""
+    mean, low, high = mean_ci(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    if bounds is not None and (low < bounds[0] or high > bounds[1]):
+        _, low, high = mean_ci(values, bounds=bounds)
+        return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return f"{mean:.{digits}f} ± {high - mean:.{digits}f}"
 
 
 def finished(run: Path) -> bool:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tether.config import load_recipe
-from tether.eval.report import _mean_ci, make_group_report
+from tether.eval.report import make_group_report, read_metrics
+from tether.eval.stats import UNIT_INTERVAL, mean_ci
 from tether.studies.common import refuse_controlled_keys, train_once
 
 REPORT_KEYS = (
@@ -23,6 +24,15 @@ REPORT_KEYS = (
     "eval/p_critical",
     "accuracy",
     "kl_sampled",
+    "kl_weight_mean",
+)
+# the report keys whose values lie in [0, 1], so their intervals across seeds do too:
+# accuracies, the probability of the critical tokens, and the mean KL weight w = Ĵ_ref^β_c
+PROPORTIONS = (
+    "eval/acc_rl",
+    "eval/acc_pretrain",
+    "eval/p_critical",
+    "accuracy",
     "kl_weight_mean",
 )
 
@@ -89,6 +99,7 @@ def run_demo(
         out / "report",
         REPORT_KEYS,
         title="Critical tokens: standard vs prioritised KL" + (" (β_c sweep)" if sweep else ""),
+        proportions=PROPORTIONS,
     )
     summary = _final_summary(groups)
     (out / "report" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -105,9 +116,8 @@ def is_demo_folder(out: Path) -> bool:
 
 
 def _final_summary(groups: dict[str, list[Path]]) -> dict[str, Any]:
-    """Per arm: each report key's last value, mean and 95% interval across seeds."""
-    from tether.eval.report import read_metrics
-
+    """Per arm: each report key's last value, mean and 95% interval across seeds (cut to
+    [0, 1] for :data:`PROPORTIONS`)."""
     summary: dict[str, Any] = {}
     for arm, runs in groups.items():
         finals: dict[str, list[float]] = {}
@@ -118,7 +128,11 @@ def _final_summary(groups: dict[str, list[Path]]) -> dict[str, Any]:
             for k, v in last.items():
                 finals.setdefault(k, []).append(v)
         summary[arm] = {
-            k: dict(zip(("mean", "ci_low", "ci_high"), _mean_ci(v), strict=True))
+            k: dict(zip(("mean", "ci_low", "ci_high"), _interval(k, v), strict=True))
             for k, v in finals.items()
         }
     return summary
+
+
+def _interval(key: str, values: list[float]) -> tuple[float, float, float]:
+    return mean_ci(values, bounds=UNIT_INTERVAL if key in PROPORTIONS else None)

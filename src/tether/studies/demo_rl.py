@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from tether.config import Recipe, RecipeError, load_recipe
 from tether.distributions.enumeration import ExactSpace, ExactTarget, exact_figures, exact_space
 from tether.models.loading import load_model_and_tokenizer
@@ -270,9 +273,6 @@ def _grows(best: list[float]) -> str:
 
 
 def plot_demo_rl(grid: Grid, summary: dict[str, dict[int, dict[str, Any]]], path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     shares = list(summary)
     fig = Figure(figsize=(5.0 * len(shares), 4.0))
     FigureCanvasAgg(fig)

@@ -27,6 +27,7 @@ import torch
 
 from tether.batches import collate_pairs
 from tether.config import load_recipe
+from tether.eval.diversity import mean_distinct_n, mean_self_bleu
 from tether.eval.during_training import task_accuracy
 from tether.eval.imitation import (
     diversity_sweep,
@@ -36,11 +37,18 @@ from tether.eval.imitation import (
     seeds_summary,
     seeds_table,
 )
-from tether.eval.report import _mean_ci
+from tether.eval.stats import UNIT_INTERVAL
 from tether.models.loading import load_model_and_tokenizer
 from tether.objectives import mle_loss, shifted_token_logprobs
-from tether.studies.common import finished, refuse_controlled_keys, stem, train_once
-from tether.tasks import FixedPool, Task, task_from_config
+from tether.studies.common import (
+    finished,
+    interval_cell,
+    refuse_controlled_keys,
+    stem,
+    train_once,
+)
+from tether.tasks import FixedPool, Task, get_task, task_from_config
+from tether.tasks.multistep import expert_solution
 
 RECIPE = "imitation-multistep"
 IQ = ["train.stage=iqlearn"]
@@ -87,10 +95,6 @@ def expert_nll(model: Any, tokenizer: Any, problems: list[Any], batch_size: int 
 def expert_diversity(n_prompts: int, k: int, max_digits: int) -> dict[str, float]:
     """Self-BLEU and distinct-2 of the expert itself: k fresh expert solutions of each
     held-out prompt (the diversity a perfect imitator would show at T = 1)."""
-    from tether.eval.diversity import mean_distinct_n, mean_self_bleu
-    from tether.tasks import get_task
-    from tether.tasks.multistep import expert_solution
-
     task = get_task("multistep", max_digits)
     rng = random.Random("tether-study/heldout")
     problems = [task.rl_problem(rng) for _ in range(n_prompts)]
@@ -184,11 +188,7 @@ def run_imitation_study(
     return reports
 
 
-def _cell(values: list[float], digits: int = 3) -> str:
-    mean, low, high = _mean_ci(values)
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {high - mean:.{digits}f}"
+CORRELATION = (-1.0, 1.0)  # the range of Spearman's ρ
 
 
 def write_report(
@@ -207,7 +207,8 @@ def write_report(
         f"Recipe `{RECIPE}`"
         + (f", {steps} steps" if steps else "")
         + (f", a fixed training set of {train_size} problems" if part == "small-data" else "")
-        + f"; {seeds} seeds per arm; mean ± 95% t-interval across seeds.",
+        + f"; {seeds} seeds per arm; mean ± 95% t-interval across seeds ([low, high] where "
+        "the interval is cut to the range of an accuracy or a correlation).",
         "",
         "## Held-out figures (greedy accuracy; expert NLL per token)",
         "",
@@ -218,11 +219,13 @@ def write_report(
         header += " train accuracy | train NLL |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for arm, runs in results.items():
-        row = f"| {arm} | {_cell([r['heldout_accuracy'] for r in runs])} | "
-        row += f"{_cell([r['heldout_nll'] for r in runs])} |"
+        accuracy = [r["heldout_accuracy"] for r in runs]
+        row = f"| {arm} | {interval_cell(accuracy, bounds=UNIT_INTERVAL)} | "
+        row += f"{interval_cell([r['heldout_nll'] for r in runs])} |"
         if small:
-            row += f" {_cell([r['train_accuracy'] for r in runs])} |"
-            row += f" {_cell([r['train_nll'] for r in runs])} |"
+            train_accuracy = [r["train_accuracy"] for r in runs]
+            row += f" {interval_cell(train_accuracy, bounds=UNIT_INTERVAL)} |"
+            row += f" {interval_cell([r['train_nll'] for r in runs])} |"
         lines.append(row)
     lines += [
         "",
@@ -247,7 +250,8 @@ def write_report(
     for arm, runs in results.items():
         rho = [r["rewards"]["spearman_rho"] for r in runs]
         within = [r["rewards"]["spearman_rho_within"] for r in runs]
-        lines.append(f"| {arm} | {_cell(rho)} | {_cell(within)} |")
+        rho_cell = interval_cell(rho, bounds=CORRELATION)
+        lines.append(f"| {arm} | {rho_cell} | {interval_cell(within, bounds=CORRELATION)} |")
     lines += ["", "![reward vs score](reward_vs_score.png)", ""]
     folder.mkdir(parents=True, exist_ok=True)
     curves = {arm: rows for arm, rows in seeds_summary(sweeps).items()}

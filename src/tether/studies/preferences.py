@@ -25,13 +25,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from tether.config import Recipe, load_recipe
+from tether.distributions.infalign import calibrate, default_t, tilted_optimum, transform
 from tether.eval.during_training import evaluate_during_training
-from tether.eval.report import _mean_ci, read_metrics
+from tether.eval.report import read_metrics
+from tether.eval.stats import UNIT_INTERVAL
+from tether.eval.winrate import evaluate_winrate
+from tether.generation.sampler import sample
 from tether.models.loading import load_frozen_reference, load_model_and_tokenizer
 from tether.rewards.functions import build_reward
-from tether.studies.common import refuse_controlled_keys, stem, train_once
+from tether.studies.common import interval_cell, refuse_controlled_keys, stem, train_once
 from tether.tasks import task_from_config
 from tether.tasks.prompts import prompt_text
 
@@ -81,8 +87,6 @@ def evaluate_ctrl_run(
 ) -> dict[str, Any]:
     """The win-rate report of a finished run against its reference (cached in winrate.json):
     best-of-N for N in :data:`WIN_NS`, on held-out prompts, judged by the *raw* reward."""
-    from tether.eval.winrate import evaluate_winrate
-
     cached = run / "winrate.json"
     if cached.is_file():
         return dict(json.loads(cached.read_text()))
@@ -201,8 +205,6 @@ FRONTIER_ARMS = tuple(CTRL_ARMS)
 def reference_rewards(recipe: Recipe, out: Path, prompts: int, samples: int) -> torch.Tensor:
     """Raw rewards [prompts, samples] of the reference's samples on held-out prompts at the RL
     temperature, cached in ``out/reference_rewards.pt``."""
-    from tether.generation.sampler import sample
-
     cached = out / "reference_rewards.pt"
     if cached.is_file():
         saved = torch.load(cached)
@@ -240,8 +242,6 @@ def optimum_frontier(
     log-spaced sweep of β: raw reward, calibrated reward (mid-rank among the same samples) and
     CTRL's e^{t·(C−1)} with t = 2N − 1. Returns, per arm, points {beta, kl, win_rate (best of
     N), standard (N = 1), mean_reward}."""
-    from tether.distributions.infalign import calibrate, default_t, tilted_optimum, transform
-
     c = calibrate(rewards, rewards)
     t = default_t(n)
     phis = {
@@ -285,9 +285,6 @@ def frontier_at(
 
 
 def plot_ctrl(results: dict[str, list[dict[str, Any]]], path: Path, n: int) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(10.0, 4.0))
     FigureCanvasAgg(fig)
     for i, (which, title) in enumerate(((n, f"best-of-{n} win rate"), (1, "standard win rate"))):
@@ -313,9 +310,6 @@ def plot_ctrl(results: dict[str, list[dict[str, Any]]], path: Path, n: int) -> P
 
 
 def plot_frontier(curves: dict[str, list[dict[str, float]]], path: Path, n: int) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(10.0, 4.0))
     FigureCanvasAgg(fig)
     for i, (key, title) in enumerate((("win_rate", f"best-of-{n}"), ("standard", "standard"))):
@@ -478,9 +472,6 @@ def _smooth(values: Sequence[float], window: int = 10) -> np.ndarray:
 
 
 def write_xpo_report(out: Path, results: dict[str, list[dict[str, Any]]], recipe: Recipe) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(results.values()))[0]
     steps = len(first["accuracy"])
@@ -492,7 +483,8 @@ def write_xpo_report(out: Path, results: dict[str, list[dict[str, Any]]], recipe
         f"policy sample and one reference sample at T = {recipe.preference.temperature:g} "
         f"(β = {recipe.preference.beta:g}), labelled by the graded reward. Accuracy: the share "
         "of the policy's own samples that are exactly right (on-policy, fresh prompts), "
-        f"averaged over windows of {window} steps; mean ± 95% t-interval across seeds. "
+        f"averaged over windows of {window} steps; mean ± 95% t-interval across seeds "
+        "([low, high] where it is cut to [0, 1], the range of an accuracy or a share). "
         "log π/π_ref: the summed log-ratio (at T = 1) of the policy's samples, how far the "
         "policy has moved (the sequence KL itself when sampling at T = 1).",
         "",
@@ -501,9 +493,8 @@ def write_xpo_report(out: Path, results: dict[str, list[dict[str, Any]]], recipe
         "|---|---|---|---|---|---|---|",
     ]
 
-    def cell(values: list[float]) -> str:
-        mean, _, high = _mean_ci(values)
-        return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {high - mean:.3f}"
+    def share(values: list[float]) -> str:  # an accuracy or the share of ties, in [0, 1]
+        return interval_cell(values, bounds=UNIT_INTERVAL)
 
     for arm, runs in results.items():
         acc0 = [float(np.mean(r["accuracy"][:window])) for r in runs]
@@ -512,8 +503,8 @@ def write_xpo_report(out: Path, results: dict[str, list[dict[str, Any]]], recipe
         ties = [float(np.mean(r["ties"][-window:])) for r in runs]
         greedy = [float(r["greedy_accuracy"]) for r in runs if r["greedy_accuracy"] is not None]
         lines.append(
-            f"| {arm} | {len(runs)} | {cell(acc0)} | {cell(acc1)} | {cell(kl1)} | {cell(ties)} | "
-            f"{cell(greedy)} |"
+            f"| {arm} | {len(runs)} | {share(acc0)} | {share(acc1)} | {interval_cell(kl1)} | "
+            f"{share(ties)} | {share(greedy)} |"
         )
     fig = Figure(figsize=(6.5, 4.0))
     FigureCanvasAgg(fig)

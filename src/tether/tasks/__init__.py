@@ -12,27 +12,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from tether.tasks import addition, multistep
-
-
-class Task(Protocol):
-    def pretrain_problem(self, rng: random.Random) -> Any: ...
-
-    def rl_problem(self, rng: random.Random) -> Any: ...
-
-    def is_correct(self, problem: Any, completion: str) -> bool: ...
-
-    def score(self, problem: Any, completion: str) -> float:
-        """Graded quality in [0, 1]; tasks without partial credit return float(is_correct)."""
-        ...
-
-    def max_new_tokens(self) -> int: ...
+from tether.tasks.base import Task
+from tether.tasks.enumerable import EXPERT_BEST_SHARE, EnumerableTask
 
 
 @dataclass
-class AdditionTask:
+class AdditionTask(Task):
     """Scratchpad addition: pre-training on 1..N digits, RL on N+1 (docs/methods.md §3)."""
 
     max_digits: int
@@ -63,7 +51,7 @@ class DigitProblem:
     target: str = "7"
 
 
-class FirstDigitTask:
+class FirstDigitTask(Task):
     """A toy for tests and smoke runs: the completion must start with a digit.
 
     A random character-level model succeeds about 10% of the time, so RL has signal at once.
@@ -86,7 +74,7 @@ class FirstDigitTask:
 
 
 @dataclass
-class MultistepTask:
+class MultistepTask(Task):
     """Multistep sums (tasks.multistep): 3-4 operands of 1..``max_digits`` digits, summed in a
     random order with partial sums, so each prompt has many correct solutions.
 
@@ -114,17 +102,17 @@ class MultistepTask:
         return multistep.max_completion_tokens(self.max_digits, self.max_operands)
 
 
-TASK_NAMES = (
-    "addition",
-    "first-digit",
-    "multistep",
-    "jsonl",
-    "multistep-prefs",
-    "prefs-jsonl",
-    "enumerable",
-)
-# tasks whose problems are preference pairs (.prompt, .chosen, .rejected): dpo, reward-model
-PREFERENCE_TASKS = ("multistep-prefs", "prefs-jsonl")
+# every task.name, with what it is: the one list of tasks (config validates task.name against it)
+TASKS: dict[str, str] = {
+    "addition": "scratchpad addition: pre-training on 1..N digits, RL on N+1 (the critical-token task)",
+    "first-digit": "a toy for smoke runs: the completion must start with a digit",
+    "multistep": "sums of 3-4 operands with partial sums, many correct solutions (IQLearn)",
+    "jsonl": "your prompt/completion JSON Lines file (task.path)",
+    "multistep-prefs": "preference pairs over multistep solutions (DPO, reward model)",
+    "prefs-jsonl": "your preference JSON Lines file: prompt, chosen, rejected (task.path)",
+    "enumerable": "a response space small enough to enumerate: exact KL and target diagnostics",
+}
+TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
 
 def get_task(
@@ -146,11 +134,11 @@ def get_task(
     if name == "multistep":
         return MultistepTask(max_digits)
     if name == "enumerable":
-        from tether.tasks.enumerable import EXPERT_BEST_SHARE, EnumerableTask
-
         share = EXPERT_BEST_SHARE if expert_share is None else expert_share
         return EnumerableTask(max_digits, demonstrations, share)
     if name == "multistep-prefs":
+        # here, not at the top: tasks.preferences imports ``datasets`` (half a second), which
+        # only the preference and JSONL tasks need
         from tether.tasks.preferences import MultistepPrefsTask
 
         return MultistepPrefsTask(max_digits)
@@ -158,7 +146,7 @@ def get_task(
 
 
 @dataclass
-class FixedPool:
+class FixedPool(Task):
     """The small-data setting: ``size`` training problems drawn once (seeded) from ``task``;
     pre-training samples come from that pool, RL and evaluation problems stay fresh."""
 
@@ -185,11 +173,15 @@ class FixedPool:
     def max_new_tokens(self) -> int:
         return self.task.max_new_tokens()
 
+    def __post_init__(self) -> None:
+        self.report = self.task.report  # a file's rows kept and skipped, as the task read them
+
 
 def task_from_config(cfg: Any, seed: int = 0) -> Task:
     """The task a recipe's ``task`` section describes (a :class:`tether.config.TaskConfig`).
     Raises :class:`tether.tasks.jsonl.DatasetError` for an unusable JSONL file."""
     task: Task
+    # the file tasks are imported here, not at the top: they import ``datasets`` (half a second)
     if cfg.name == "jsonl":
         from tether.tasks.jsonl import JsonlTask
 

@@ -54,6 +54,8 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
+from tether.tasks.base import Task
+
 PROMPT = "Digits:"
 VOCABULARY = "0123"  # the allowed characters; EOS is allowed as well
 # the most responses exact mode enumerates (exact.py: "keep m^L to a few hundred thousand"; a
@@ -153,7 +155,7 @@ def expert_reward(max_digits: int, best_share: float = EXPERT_BEST_SHARE) -> flo
 
 
 @dataclass
-class EnumerableTask:
+class EnumerableTask(Task):
     """One prompt, digits ``0123`` and EOS, answers of at most ``max_digits`` digits;
     demonstrations (``pretrain_problem``) from the uniform writer or the expert."""
 

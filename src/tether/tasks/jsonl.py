@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import datasets
+from sacrebleu.metrics import BLEU
+
+from tether.tasks.base import Task
 
 SKIP_REASONS = (
     "not_json",
@@ -306,36 +309,10 @@ def load_pair_dataset(
     return datasets.Dataset.from_dict(columns, features=FEATURES), report
 
 
-def load_pairs(
-    path: str | Path,
-    *,
-    prompt_field: str = "prompt",
-    completion_field: str = "completion",
-    max_chars: int | None = None,
-    strict: bool = False,
-) -> tuple[list[Pair], SkipReport]:
-    """The usable rows as :class:`Pair` objects, in file order, plus the skip report.
-
-    Goes through :func:`load_pair_dataset`, so it accepts and rejects exactly the same files.
-    """
-    ds, report = load_pair_dataset(
-        path,
-        prompt_field=prompt_field,
-        completion_field=completion_field,
-        max_chars=max_chars,
-        strict=strict,
-    )
-    pairs = [
-        Pair(p, c, int(n))
-        for p, c, n in zip(ds["prompt"], ds["completion"], ds["line"], strict=True)
-    ]
-    return pairs, report
-
-
 ScoreMetric = Literal["bleu", "exact"]
 
 
-class DatasetRows:
+class DatasetRows(Task):
     """Rows of a ``datasets.Dataset`` as task problems: drawn uniformly with the caller's rng,
     the same for pre-training and RL (the rows are the demonstrations). Subclasses say how a
     row becomes a problem (``pair``)."""
@@ -390,8 +367,6 @@ class JsonlTask(DatasetRows):
         self.metric: ScoreMetric = metric
         self._bleu = None
         if metric == "bleu":
-            from sacrebleu.metrics import BLEU
-
             self._bleu = BLEU(effective_order=True, tokenize=bleu_tokenize)
         if max_new_tokens is None:
             longest = max(len(c.encode("utf-8")) for c in dataset["completion"])

@@ -41,9 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from sacrebleu.metrics import BLEU
 
 from tether.tasks import multistep
 from tether.tasks.addition import random_operand
+from tether.tasks.base import Task
 from tether.tasks.jsonl import (
     GENERATION_MARGIN,
     DatasetRows,
@@ -169,8 +171,6 @@ class PreferenceTask(DatasetRows):
             raise ValueError("PreferenceTask needs at least one pair")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}")
-        from sacrebleu.metrics import BLEU
-
         self.dataset = dataset
         self.report = report
         self._bleu = BLEU(effective_order=True, tokenize=bleu_tokenize)
@@ -260,7 +260,7 @@ def slipped_solution(ordered: tuple[int, ...] | list[int], step: int, delta: int
 
 
 @dataclass
-class MultistepPrefsTask:
+class MultistepPrefsTask(Task):
     """Generated preference pairs on multistep sums (module docstring): chosen = an expert
     solution, rejected = the same order with one slipped step. Pre-training and RL draw from
     the same distribution; judged by the multistep checker and step score."""

@@ -1,4 +1,5 @@
-"""Tests for tether.eval.addition: bootstrap CI, certainty, addition accuracy, critical certainty."""
+"""Tests for tether.eval.addition: certainty, addition accuracy, critical certainty (the bootstrap
+CI is tested with tether.eval.stats, tests/test_stats.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 import re
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,15 +16,13 @@ from tether.eval.addition import (
     FIGURE_KEYS,
     accuracy_table,
     addition_accuracy,
-    bootstrap_ci,
-    certainty,
     certainty_table,
     critical_certainty,
-    max_completion_tokens,
     score_critical_certainty,
 )
 from tether.models.loading import build_model, char_tokenizer
-from tether.tasks.addition import Problem, critical_positions
+from tether.objectives.common import certainty
+from tether.tasks.addition import Problem, critical_positions, max_completion_tokens
 
 PROMPT_RE = re.compile(r"Input:\n(\d+)\+(\d+)\nTarget:")
 
@@ -103,27 +101,6 @@ def oracle_sample(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0,
         texts=texts,
         finished=[True] * len(prompts),
     )
-
-
-# ----------------------------------------------------------------------------- bootstrap
-
-
-def test_bootstrap_ci_contains_mean_and_narrows_with_n():
-    rng = np.random.default_rng(1)
-    small, large = rng.normal(size=20), rng.normal(size=2000)
-    lo_s, hi_s = bootstrap_ci(small)
-    lo_l, hi_l = bootstrap_ci(large)
-    assert lo_s <= small.mean() <= hi_s
-    assert lo_l <= large.mean() <= hi_l
-    assert hi_l - lo_l < (hi_s - lo_s) / 4  # width ~ 1/sqrt(n): 10x narrower expected
-    assert bootstrap_ci(small, seed=3) == bootstrap_ci(small, seed=3)
-
-
-def test_bootstrap_ci_degenerate_cases():
-    assert bootstrap_ci(np.full(50, 0.7)) == (0.7, 0.7)
-    assert bootstrap_ci(np.ones(10)) == (1.0, 1.0)
-    lo, hi = bootstrap_ci(np.array([]))
-    assert math.isnan(lo) and math.isnan(hi)
 
 
 # ----------------------------------------------------------------------------- certainty

@@ -1,0 +1,201 @@
+"""What a benchmark measures besides time: matrix-multiply FLOPs (``FlopCounterMode``, with
+the CPU attention kernels torch's table misses), the machine's peak matmul FLOP/s, peak memory,
+and a profile of where a step's wall time goes.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils import flop_counter
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def _register_cpu_attention_flops() -> None:
+    """FlopCounterMode counts SDPA through its CUDA kernels' ops only; on CPU attention runs
+    as ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), which it would
+    count as 0. Register them with torch's own SDPA formulas (the full L×L square)."""
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(  # type: ignore[no-untyped-def]
+        grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+    ) -> int:
+        return flop_counter.sdpa_backward_flop_count(
+            grad_out_shape, query_shape, key_shape, value_shape
+        )
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Matrix-multiply FLOPs of ``fn()`` (forward and backward) and its result."""
+    kinds, result = count_flops_by_kind(fn)
+    return sum(kinds.values()), result
+
+
+def count_flops_by_kind(fn: Callable[[], Any]) -> tuple[dict[str, int], Any]:
+    """:func:`count_flops` split into ``attention`` (SDPA kernels, forward and backward) and
+    ``matmul`` (every other counted op: the linear layers' mm/addmm, bmm)."""
+    _register_cpu_attention_flops()
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        result = fn()
+    kinds = {"matmul": 0, "attention": 0}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        kind = "attention" if is_attention(str(op)) else "matmul"
+        kinds[kind] += int(flops)
+    return kinds, result
+
+
+def llama_flops(config: Any, rows: int, length: int, training: bool = False) -> int:
+    """Analytic matrix-multiply FLOPs of a Llama forward over ``rows`` × ``length`` positions
+    (logits at every position), counted as FlopCounterMode counts them: 2 per multiply-add,
+    attention as the full L×L square. ``training``: forward and backward, 3× the linear
+    layers' forward (input and weight gradients) and 3.5× attention's (its backward
+    recomputes the scores: five products to the forward's two)."""
+    h = config.hidden_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // heads
+    inter = config.intermediate_size
+    per_layer = h * heads * d + 2 * h * kv_heads * d + heads * d * h + 3 * h * inter
+    linear = 2 * rows * length * (config.num_hidden_layers * per_layer + h * config.vocab_size)
+    attention = rows * config.num_hidden_layers * 4 * heads * length * length * d
+    return 3 * linear + 7 * attention // 2 if training else linear + attention
+
+
+# ---------------------------------------------------------------- peak matmul FLOP/s
+
+
+def peak_matmul(
+    threads: int,
+    device: str = "cpu",
+    sizes: tuple[int, ...] = (512, 1024, 2048),
+    seconds: float = 0.3,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """The best ``torch.mm`` FLOP/s of n×n ``dtype`` matrices at this thread count: each size
+    is timed for about ``seconds`` in repeats of several products, and the best repeat counts."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    by_size: dict[str, float] = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        out = torch.empty(n, n, device=dev, dtype=dtype)
+        torch.mm(a, b, out=out)  # warm-up
+        reps = max(1, int(2e8 / (2 * n**3)))  # about 0.2 GFLOP per repeat
+        best, deadline = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < deadline or best == float("inf"):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b, out=out)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            best = min(best, (time.perf_counter() - t0) / reps)
+        by_size[str(n)] = 2 * n**3 / best
+    return {
+        "flops_per_s": max(by_size.values()),
+        "by_size": by_size,
+        "threads": threads,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class MemoryProbe:
+    """Peak memory over a stretch of work: RSS on CPU, allocated tensor bytes on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated over the timed steps"
+            return
+        self.before = (_proc_status_kb("VmRSS") or 0) * 1024
+        try:  # Linux >= 4.0: reset VmHWM (the peak RSS) to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "peak RSS (VmHWM) of a fresh process over the timed steps"
+        except OSError:
+            self.method = "peak RSS (ru_maxrss) of a fresh process since it started"
+
+    def stop(self) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            hwm = _proc_status_kb("VmHWM")
+            if hwm is not None and "VmHWM" in self.method:
+                peak = hwm * 1024
+            else:  # kilobytes on Linux
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        mb = 1024 * 1024
+        return {
+            "method": self.method,
+            "peak_mb": peak / mb,
+            "before_mb": self.before / mb,
+            "step_mb": max(peak - self.before, 0) / mb,
+        }
+
+
+# ---------------------------------------------------------------- profile
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
+
+
+def is_attention(op_name: str) -> bool:
+    """An attention kernel (SDPA and its CPU/CUDA variants), by its op or profiler name."""
+    return "attention" in op_name or "scaled_dot_product" in op_name
+
+
+def profile_breakdown(fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
+    """Where one call of ``fn`` spends its wall time, from ``torch.profiler``: the self time
+    of matrix multiplies, of attention kernels, of every other aten op (elementwise,
+    reductions, copies, indexing), and the rest (Python, dispatch, the profiler's own cost;
+    under torch.compile also the fused kernels, which the profiler does not see as ops), as
+    fractions of the profiled wall time; and the result of ``fn``."""
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = fn()
+    wall = time.perf_counter() - t0
+    parts = {"matmul": 0.0, "attention": 0.0, "other_ops": 0.0}
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        seconds = event.self_cpu_time_total / 1e6
+        if is_attention(event.key):
+            parts["attention"] += seconds
+        elif event.key in MATMUL_OPS:
+            parts["matmul"] += seconds
+        else:
+            parts["other_ops"] += seconds
+    shares = {k: v / wall for k, v in parts.items()}
+    shares["python_and_overhead"] = max(0.0, 1.0 - sum(shares.values()))
+    shares["profiled_wall_s"] = wall
+    return shares, result

@@ -1,0 +1,303 @@
+"""``tether bench``: speed benchmarks (:mod:`tether.bench`) that print figures."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tether.bench.steps import BENCHED_STAGES, TRL_JOBS, StepsJob, bench_steps, bench_trl
+from tether.bench.trl import RLJob, bench_imitation, bench_rl
+from tether.cli.common import UsageError, choices, echo_json, friendly_errors
+
+app = typer.Typer(
+    add_completion=False, help="Speed benchmarks that print figures.", no_args_is_help=True
+)
+
+
+def require_trl(command: str) -> None:
+    """TRL is optional (``tether[bench]``): say how to get it, without importing it."""
+    if importlib.util.find_spec("trl") is None:
+        raise UsageError(f"tether bench {command} needs TRL: pip install 'tether[bench]'")
+
+
+def parse_device(name: str) -> str:
+    """``auto`` (CUDA when there is one), ``cpu`` or ``cuda``."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return name
+
+
+@app.command("imitation")
+@friendly_errors
+def bench_imitation_command(
+    steps: Annotated[int, typer.Option(min=1, help="timed repeats of each variant")] = 20,
+    batch_size: Annotated[int, typer.Option(min=2)] = 64,
+    json_: Annotated[bool, typer.Option("--json", help="print JSON only")] = False,
+) -> None:
+    """What IQLearn costs over MLE: the objective alone on one batch, and whole steps
+    (offline and online IQLearn), on the imitation-multistep model."""
+    result = bench_imitation(steps=steps, batch_size=batch_size)
+    if json_:
+        echo_json(result)
+        return
+    o = result["objective_s"]
+    typer.echo(
+        f"objective (forward+loss+backward, same batch of {batch_size}): "
+        f"MLE {o['mle'] * 1e3:.1f} ms, IQLearn {o['iqlearn'] * 1e3:.1f} ms, "
+        f"ratio {result['objective_ratio']:.3f}"
+    )
+    for name, sec in result["step_s"].items():
+        typer.echo(
+            f"step {name:>15}: {sec * 1e3:7.1f} ms  {result['tokens_per_s'][name]:9.0f} tokens/s"
+            f"  x{result['step_ratio'][name]:.3f} of MLE"
+        )
+
+
+@app.command("rl")
+@friendly_errors
+def bench_rl_command(
+    model: Annotated[str, typer.Option(help="checkpoint for policy and reference")] = "addition-n3",
+    prompts: Annotated[int, typer.Option(min=1, help="prompts per step")] = 8,
+    group: Annotated[int, typer.Option(min=2, help="completions per prompt")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 300,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    steps: Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")] = 3,
+    json_: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
+) -> None:
+    """The same RL job in tether and in TRL's GRPOTrainer: completions/s and their ratio."""
+    require_trl("rl")
+    result = bench_rl(RLJob(model, prompts, group, max_new_tokens, temperature, steps))
+    if json_:
+        echo_json(result)
+        return
+    split = result["tether"]["split"]
+    typer.echo(
+        f"tether: {result['tether']['completions_per_s']:.2f} completions/s "
+        f"(sampling {split['sample_s']:.0%}, reference {split['reference_s']:.0%}, update {split['update_s']:.0%})\n"
+        f"TRL GRPOTrainer: {result['trl_grpo']['completions_per_s']:.2f} completions/s\n"
+        f"ratio: {result['ratio']:.2f}x"
+    )
+
+
+# options `bench steps` and `bench trl` share
+BenchModel = Annotated[str, typer.Option(help="checkpoint of the policy and reference")]
+BenchGroup = Annotated[int, typer.Option(min=2, help="RL: completions per prompt")]
+BenchMaxNew = Annotated[int, typer.Option(min=1, help="RL: completion length")]
+BenchSteps = Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")]
+BenchThreads = Annotated[int, typer.Option(min=1, help="torch threads")]
+JsonOnly = Annotated[bool, typer.Option("--json", help="print the figures as JSON only")]
+BenchCompile = Annotated[
+    bool, typer.Option("--compile", help="train.compile: torch.compile, two warm-up steps")
+]
+# options of `bench steps`
+StageNames = Annotated[
+    list[str] | None, typer.Option(help="mle, iqlearn, rl or dpo; repeat it (default all)")
+]
+Width = Annotated[
+    int | None, typer.Option(min=8, help="a random Llama of this width instead of --model")
+]
+Layers = Annotated[int, typer.Option(min=1, help="with --width: its layers")]
+StepsBatch = Annotated[
+    int, typer.Option(min=2, help="sequences per step (RL: completions; DPO: pairs)")
+]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+Isolate = Annotated[
+    bool,
+    typer.Option(
+        "--isolate/--in-process",
+        help="each stage in a fresh process (honest peak memory) or all in this one",
+    ),
+]
+Profile = Annotated[
+    bool, typer.Option(help="also profile one step: time in matmuls, attention, the rest")
+]
+Precision = Annotated[str, typer.Option(help="fp32, or bf16: the forward passes under autocast")]
+
+
+@app.command("steps")
+@friendly_errors
+def bench_steps_command(
+    stage: StageNames = None,
+    model: BenchModel = "addition-n3",
+    width: Width = None,
+    layers: Layers = 4,
+    batch_size: StepsBatch = 64,
+    group: BenchGroup = 4,
+    max_new_tokens: BenchMaxNew = 300,
+    steps: BenchSteps = 3,
+    threads: BenchThreads = 2,
+    device: Device = "auto",
+    isolate: Isolate = True,
+    profile: Profile = False,
+    compile_: BenchCompile = False,
+    precision: Precision = "fp32",
+    json_: JsonOnly = False,
+) -> None:
+    """One whole training step of each stage (MLE, IQLearn, RL with sampling and reference
+    scoring, DPO): tokens/s, achieved matmul FLOP/s (FlopCounterMode), its share of this
+    machine's measured peak matmul FLOP/s (fp32, or bf16 with --precision bf16) at the same
+    thread count, and peak memory."""
+    stages = choices("--stage", stage, BENCHED_STAGES)
+    if width is not None and width % 8:
+        raise UsageError(
+            f"--width {width}: must be a multiple of 8 (4 attention heads, each of an even size)"
+        )
+    (precision,) = choices("--precision", [precision], ("fp32", "bf16"))
+    job = StepsJob(
+        model,
+        batch_size,
+        group,
+        max_new_tokens,
+        steps,
+        threads,
+        0,
+        parse_device(device),
+        compile_,
+        precision,
+    )
+    try:
+        result = bench_steps(
+            job, stages, isolate=isolate, profile=profile, width=width, layers=layers
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if json_:
+        echo_json(result)
+    else:
+        print_steps(result)
+
+
+@app.command("trl")
+@friendly_errors
+def bench_trl_command(
+    job: Annotated[
+        list[str] | None, typer.Option(help="sft, rl or dpo; repeat it (default all three)")
+    ] = None,
+    model: BenchModel = "addition-n3",
+    batch_size: Annotated[int, typer.Option(min=2, help="SFT: sequences, DPO: pairs")] = 64,
+    prompts: Annotated[int, typer.Option(min=1, help="RL: prompts per step")] = 8,
+    group: BenchGroup = 4,
+    max_new_tokens: BenchMaxNew = 300,
+    steps: BenchSteps = 3,
+    threads: BenchThreads = 2,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile", help="SFT and DPO: torch.compile on both sides (TRL's torch_compile)"
+        ),
+    ] = False,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1, help="run each job this many times, the sides alternating; report the median"
+        ),
+    ] = 1,
+    json_: JsonOnly = False,
+) -> None:
+    """tether against TRL on the same jobs, one side right after the other: SFT (SFTTrainer
+    vs the mle stage), RL (GRPOTrainer vs the rl stage with RLOO, as `bench rl`) and DPO
+    (DPOTrainer vs the dpo stage). Same model, examples, order and batch; fp32, no gradient
+    checkpointing. Prints examples/s of whole steps and the ratio tether / TRL (with
+    --rounds, the median round and every round's ratio)."""
+    require_trl("trl")
+    jobs = choices("--job", job, TRL_JOBS)
+    spec = StepsJob(model, batch_size, group, max_new_tokens, steps, threads, compile=compile_)
+    result = bench_trl(spec, jobs, prompts=prompts, rounds=rounds)
+    if json_:
+        echo_json(result)
+    else:
+        print_trl(result)
+
+
+def print_steps(result: dict[str, Any]) -> None:
+    """The ``bench steps`` figures as a table (rich)."""
+    job, peak = result["job"], result["peak_matmul"]
+    table = Table(
+        title=f"tether bench steps: {job['model']}, {job['threads']} thread(s), {job['device']}, "
+        f"{job['precision']}"
+    )
+    for name in ("stage", "rows×len", "tokens/s", "step", "GFLOP/s", "of peak", "memory", "+step"):
+        table.add_column(name, justify="right")
+    for r in result["stages"]:
+        mem = r.get("memory", {})
+        table.add_row(
+            r["stage"],
+            f"{r['rows']}×{r['padded_length']:.0f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['step_s']:.2f} s",
+            f"{r['flops_per_s'] / 1e9:.1f}",
+            f"{r['peak_fraction']:.0%}",
+            f"{mem['peak_mb']:,.0f} MB" if mem else "",
+            f"{mem['step_mb']:,.0f} MB" if mem else "",
+        )
+    console = Console()
+    console.print(table)
+    sizes = ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in peak["by_size"].items())
+    console.print(
+        f"peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s, the best {peak['dtype']} torch.mm of n×n "
+        f"matrices (GFLOP/s by n: {sizes}) at {peak['threads']} thread(s)"
+    )
+    console.print(
+        "tokens: real tokens (prompt + completion) of whole steps; of peak: GFLOP/s over the "
+        f"peak matmul FLOP/s; FLOPs: {result['flops']}"
+    )
+    memories = {r["memory"]["method"] for r in result["stages"] if "memory" in r}
+    for method in sorted(memories):
+        console.print(f"memory: {method}; +step: the peak less the resident size before them")
+    for r in result["stages"]:
+        if "split" in r:
+            s = r["split"]
+            console.print(
+                f"rl: sampling {s['sample_s']:.0%}, reference scoring {s['reference_s']:.0%} "
+                f"of the step"
+            )
+        if "profile" in r:
+            p = r["profile"]
+            console.print(
+                f"{r['stage']} profile: matmul {p['matmul']:.0%} of the step (at "
+                f"{p['matmul_peak_fraction']:.0%} of peak), attention {p['attention']:.0%} (at "
+                f"{p['attention_peak_fraction']:.0%}), other ops {p['other_ops']:.0%}, Python "
+                f"and overhead {p['python_and_overhead']:.0%}"
+            )
+
+
+def print_trl(result: dict[str, Any]) -> None:
+    """The ``bench trl`` figures as a table (rich)."""
+    job = result["job"]
+    table = Table(title=f"tether vs TRL: {job['model']}, {job['threads']} thread(s)")
+    for name in ("job", "TRL trainer", "tether examples/s", "TRL examples/s", "ratio"):
+        table.add_column(name, justify="right")
+    rounds = job.get("rounds", 1) > 1
+    if rounds:
+        table.add_column("every round", justify="right")
+    for name, r in result["results"].items():
+        cells = [
+            name,
+            result["trl_trainers"][name],
+            f"{r['tether']['examples_per_s']:.2f}",
+            f"{r['trl']['examples_per_s']:.2f}",
+            f"{r['ratio']:.2f}×",
+        ]
+        if rounds:
+            cells.append(" ".join(f"{x:.2f}×" for x in r["ratios"]))
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    if rounds:
+        console.print(
+            "with --rounds: the median round by ratio (the lower middle of an even count)"
+        )
+    console.print(
+        "examples: sequences (SFT), completions (RL), pairs (DPO) per second of the median "
+        "whole training step after the warm-up; ratio = TRL's median step / tether's; "
+        f"{result['kl']}"
+    )

@@ -1,0 +1,37 @@
+"""The task contract: what every stage and evaluation asks of a task."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+
+class DataReport(Protocol):
+    """What a task read from a file says of it: rows kept and skipped, and why."""
+
+    def summary(self) -> str: ...
+
+
+class Task(ABC):
+    """Problems (objects with ``.prompt`` and ``.target``) for pre-training and for RL, a checker,
+    a graded score in [0, 1] and a generation budget. A task read from a file also keeps its
+    ``report`` (rows kept and skipped), which a run logs and puts in its summary."""
+
+    report: DataReport | None = None
+
+    @abstractmethod
+    def pretrain_problem(self, rng: random.Random) -> Any: ...
+
+    @abstractmethod
+    def rl_problem(self, rng: random.Random) -> Any: ...
+
+    @abstractmethod
+    def is_correct(self, problem: Any, completion: str) -> bool: ...
+
+    def score(self, problem: Any, completion: str) -> float:
+        """Graded quality in [0, 1]; tasks without partial credit return float(is_correct)."""
+        return float(self.is_correct(problem, completion))
+
+    @abstractmethod
+    def max_new_tokens(self) -> int: ...

@@ -1,0 +1,46 @@
+"""The command list: `tether --help` names every command with its own help line, and shows
+it without importing torch or any command's module (they load when their command runs)."""
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from tether.cli import COMMANDS, app, load_command
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_the_listed_help_line_is_the_commands_own(name):
+    command = load_command(name)
+    assert command.name == name
+    first_paragraph = inspect.cleandoc(command.help or "").split("\n\n")[0]
+    assert COMMANDS[name] == first_paragraph
+
+
+def test_help_lists_every_command_without_loading_one():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from tether.cli import app\n"
+        "result = CliRunner().invoke(app, ['--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(result.output)\n"
+        "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('tether.cli.'))\n"
+        "print('loaded:', loaded)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert "loaded: []" in out
+    for name in COMMANDS:
+        assert f" {name} " in out
+
+
+def test_a_command_runs_after_the_listing_and_a_typo_is_suggested():
+    assert runner.invoke(app, ["models", "--json"]).exit_code == 0
+    result = runner.invoke(app, ["evl"])
+    assert result.exit_code == 2 and "Did you mean 'eval'?" in result.output
