@@ -24,6 +24,7 @@ from tether.generation.sampler import sample
 from tether.models.loading import build_model, char_tokenizer
 from tether.rewards.implicit import model_returns
 from tether.tasks import get_task
+from tether.tasks.prompts import PromptFormat
 
 BUDGET = 12  # new tokens per sample: short, so the file stays fast
 
@@ -46,6 +47,7 @@ class ScoredBy:
 
     base: object
     fn: object
+    prompt_format: PromptFormat = PromptFormat()
 
     def is_correct(self, problem, completion):
         return self.base.is_correct(problem, completion)
@@ -175,12 +177,12 @@ def test_per_token_rewards_sum_to_the_return(setup):
     tok, model, task, problems = setup
     prompt, completion = problems[0].prompt, problems[0].target
     for add_eos in (True, False):
-        pairs = per_token_rewards(model, tok, prompt, completion, add_eos=add_eos)
+        pairs = per_token_rewards(model, tok, prompt, completion, PromptFormat(), add_eos=add_eos)
         assert [t for t, _ in pairs] == list(completion) + (["<eos>"] if add_eos else [])
         batch = collate_pairs(tok, [prompt], [completion], add_eos=add_eos)
         ret = model_returns(model, batch, torch.tensor([add_eos]))
         assert sum(r for _, r in pairs) == pytest.approx(float(ret[0]), abs=1e-4)
-    line = format_token_rewards(per_token_rewards(model, tok, "Sum 1 2:", "1 2\n"))
+    line = format_token_rewards(per_token_rewards(model, tok, "Sum 1 2:", "1 2\n", PromptFormat()))
     assert line.startswith("1[") and "' '[" in line and "'\\n'[" in line and "<eos>[" in line
 
 

@@ -13,7 +13,6 @@ from tether.batches import DemonstrationBatch
 from tether.cli import app
 from tether.config import load_recipe
 from tether.engine.loop import train
-from tether.models.loading import char_tokenizer
 from tether.stages.imitation import ImitationStage
 from tether.tasks import FixedPool, task_from_config
 
@@ -174,23 +173,6 @@ def test_malformed_jsonl_is_one_line_and_leaves_nothing(tmp_path, content, messa
     line = result.output.strip().splitlines()
     assert len(line) == 1 and line[0].startswith("error: ") and message in line[0], line
     assert str(data) in line[0] and not out.exists()
-
-
-def test_char_prompts_pass_through_unchanged():
-    from tether.tasks.prompts import prompt_text
-
-    assert prompt_text(char_tokenizer(), "Sum 1 2:") == "Sum 1 2:"
-
-
-def test_prompts_go_through_a_chat_template_when_there_is_one():
-    from tether.tasks.prompts import prompt_text
-
-    tok = char_tokenizer()
-    tok.chat_template = (
-        "{% for m in messages %}[{{ m['role'] }}: {{ m['content'] }}]{% endfor %}"
-        "{% if add_generation_prompt %}[assistant: {% endif %}"
-    )
-    assert prompt_text(tok, "Sum 1 2:") == "[user: Sum 1 2:][assistant: "
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tether.stages.registry import STAGES, StageName, When
 from tether.tasks import TASK_NAMES
+from tether.tasks.prompts import ChatTemplate
 
 # task.name's type: the names of tether.tasks.TASKS (pydantic's error lists them on one line)
 if TYPE_CHECKING:
@@ -33,6 +34,22 @@ class Strict(BaseModel):
 
 class TaskConfig(Strict):
     name: TaskName = "addition"
+    chat_template: ChatTemplate = Field(
+        "auto",
+        description="auto: prompts go through the tokenizer's chat template when it has one; "
+        "on: always (an error without one); off: never (tether.tasks.prompts)",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="a system turn before each prompt (with the chat template), or a first "
+        "paragraph (without); null keeps the template's own default, if any",
+    )
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on / off as true / false
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
     max_digits: int = Field(
         3,
         ge=1,

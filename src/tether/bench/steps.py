@@ -60,7 +60,6 @@ from tether.models.loading import (
 )
 from tether.stages.base import Stage, make_stage
 from tether.tasks import task_from_config
-from tether.tasks.prompts import prompt_text
 
 # the stages `tether bench steps` times (one of each kind of batch: demonstrations, rollouts, pairs)
 BENCHED_STAGES = ("mle", "iqlearn", "rl", "dpo")
@@ -378,7 +377,7 @@ def _problems(stage: str, job: StepsJob) -> tuple[Any, list[Any]]:
     rng = random.Random(recipe.seed)  # the stage's own stream
     steps = job.steps + warmup_steps(job)
     problems = [task.pretrain_problem(rng) for _ in range(job.batch_size * steps)]
-    return tokenizer, [(prompt_text(tokenizer, p.prompt), p) for p in problems]
+    return tokenizer, [(task.model_input(tokenizer, p), p) for p in problems]
 
 
 def _run_trl_job(

@@ -43,7 +43,7 @@ from tether.distributions.exact import (
     target_distribution,
     total_variation,
 )
-from tether.tasks.prompts import prompt_text
+from tether.tasks.prompts import format_prompt
 
 
 class NotEnumerableError(ValueError):
@@ -106,7 +106,7 @@ def exact_space(task: Any, tokenizer: Any) -> ExactSpace:
     vocab_ids = vocabulary_ids(tokenizer, task.vocabulary)
     eos = int(tokenizer.eos_token_id)
     # encoded as the sampler encodes prompts (``sample`` calls the tokenizer plainly)
-    prompt_ids = tokenizer(prompt_text(tokenizer, task.prompt))
+    prompt_ids = tokenizer(format_prompt(tokenizer, task.prompt, task.prompt_format))
     sequences = enumerate_sequences(vocab_ids, eos, task.max_len)
     texts = [tokenizer.decode(list(s), skip_special_tokens=True) for s in sequences]
     problem = task.rl_problem(random.Random(0))  # the one fixed prompt

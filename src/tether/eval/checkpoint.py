@@ -218,7 +218,12 @@ def _reward_figures(
     for i in range(min(3, len(corr["completions"]))):
         prompt = problems[corr["prompt_index"][i]].prompt
         pairs = imitation.per_token_rewards(
-            model, tokenizer, prompt, corr["completions"][i], add_eos=corr["finished"][i]
+            model,
+            tokenizer,
+            prompt,
+            corr["completions"][i],
+            task.prompt_format,
+            add_eos=corr["finished"][i],
         )
         examples.append({"prompt": prompt, "tokens": imitation.format_token_rewards(pairs)})
     keys = ("spearman_rho", "p_value", "spearman_rho_within", "n", "mean_return")

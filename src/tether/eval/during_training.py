@@ -15,7 +15,6 @@ from tether.config import Recipe
 from tether.generation.sampler import sample
 from tether.stages.registry import STAGES
 from tether.tasks import AdditionTask, Task, task_from_config
-from tether.tasks.prompts import prompt_text
 
 
 def evaluate_during_training(
@@ -83,7 +82,7 @@ def task_accuracy(
     out = sample(
         model,
         tokenizer,
-        [prompt_text(tokenizer, p.prompt) for p in problems],
+        [task.model_input(tokenizer, p) for p in problems],
         max_new_tokens=task.max_new_tokens(),
         temperature=recipe.eval.temperature,
         generator=gen,

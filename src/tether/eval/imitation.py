@@ -66,7 +66,7 @@ from tether.generation.texts import SampledRows, sample_rows
 from tether.models.loading import eval_mode, model_device
 from tether.rewards.implicit import model_returns, spearman, token_rewards
 from tether.tasks import Task  # noqa: E402
-from tether.tasks.prompts import prompt_text
+from tether.tasks.prompts import PromptFormat, format_prompt
 
 __all__ = [
     "SEED_METRICS",
@@ -157,6 +157,7 @@ def _draw(
         max_new_tokens=budget,
         temperature=temperature,
         seed=seed,
+        prompt_format=task.prompt_format,
         batch_size=batch_size,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -394,13 +395,14 @@ def per_token_rewards(
     tokenizer: Any,
     prompt: str,
     completion: str,
+    prompt_format: PromptFormat,
     *,
     add_eos: bool = True,
     gamma: float = 1.0,
 ) -> list[tuple[str, float]]:
     """r̂_t for each completion token of one example: ``[(token text, r̂), ...]``.
 
-    The prompt is formatted as in training (:func:`tether.tasks.prompts.prompt_text`: the chat
+    The prompt is formatted as in training (:func:`tether.tasks.prompts.format_prompt` in ``prompt_format``: the chat
     template where the tokenizer has one). The pair is tokenised with
     :func:`tether.batches.collate_pairs` (prompt and completion
     separately, no special tokens); ``add_eos`` appends EOS and makes the row terminated
@@ -410,7 +412,7 @@ def per_token_rewards(
     here sum (γ = 1) to that sample's return.
     """
     device = model_device(model)
-    text = prompt_text(tokenizer, prompt)
+    text = format_prompt(tokenizer, prompt, prompt_format)
     batch = collate_pairs(tokenizer, [text], [completion], add_eos=add_eos).to(device)
     terminated = torch.tensor([add_eos], dtype=torch.bool, device=device)
     with eval_mode(model), torch.inference_mode():

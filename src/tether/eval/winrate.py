@@ -312,7 +312,7 @@ def evaluate_winrate(
 
     ``prompts`` problems are drawn with ``task.rl_problem(random.Random(f"tether-winrate/{seed}"))``
     (the same prompts for every model evaluated with this seed), formatted with
-    :func:`tether.tasks.prompts.prompt_text`, and each model samples ``samples`` completions per prompt
+    :func:`tether.tasks.prompts.format_prompt` (``task.prompt_format``), and each model samples ``samples`` completions per prompt
     at ``temperature`` (``max_new_tokens``: default ``task.max_new_tokens()``), ``batch_size``
     rows at a time. ``reward(problems, completions)`` scores them ([P, M] per side, the raw
     reward: the win rate depends on the reward only through comparisons within a prompt, and
@@ -381,6 +381,7 @@ def evaluate_winrate(
                 texts,
                 seed=side_seed,
                 temperature=temperature,
+                prompt_format=task.prompt_format,
                 max_new_tokens=budget,
                 batch_size=batch_size,
                 on_batch=bar.update,

@@ -1,7 +1,7 @@
 """Completions of task prompts: what ``tether sample``, ``tether.sample`` and the sampled
 evaluations (win rate, diversity, the implicit reward) draw.
 
-Every prompt goes through the one formatting path, :func:`tether.tasks.prompts.prompt_text`
+Every prompt goes through the one formatting path, :func:`tether.tasks.prompts.format_prompt`
 (the chat template where the tokenizer has one, the text as is for the char tokenizer), and
 then :func:`tether.generation.sampler.sample`, with one ``torch.Generator`` seeded from
 ``seed`` on the model's device, so a call's samples depend on its arguments only.
@@ -23,8 +23,15 @@ from typing import Any
 import torch
 
 from tether.generation.sampler import sample
-from tether.models.loading import eval_mode, load_model_and_tokenizer, model_device
-from tether.tasks.prompts import prompt_text
+from tether.models.loading import (
+    ModelLoadError,
+    checkpoint_task,
+    eval_mode,
+    load_model_and_tokenizer,
+    model_device,
+    resolve_checkpoint,
+)
+from tether.tasks.prompts import PromptFormat, format_prompt
 
 __all__ = ["Completion", "SampledRows", "sample_completions", "sample_rows", "sample_texts"]
 
@@ -48,14 +55,15 @@ def sample_rows(
     max_new_tokens: int,
     temperature: float,
     seed: int,
+    prompt_format: PromptFormat,
     batch_size: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> SampledRows:
-    """Complete each of ``prompts`` (task prompts, formatted here with ``prompt_text``) once,
+    """Complete each of ``prompts`` (task prompts, formatted here in ``prompt_format``) once,
     ``batch_size`` rows at a time (None: all at once), from one generator seeded with
     ``seed``: the same as one ``sample`` call over all of them. ``on_batch(rows)`` is called
     after each batch (a progress bar). The model must be in eval mode."""
-    texts = [prompt_text(tokenizer, p) for p in prompts]
+    texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
     generator = torch.Generator(device=model_device(model)).manual_seed(seed)
     size = batch_size or max(len(texts), 1)
     out = SampledRows()
@@ -101,6 +109,7 @@ def sample_completions(
     temperature: float = 0.0,
     seed: int = 0,
     batch_size: int | None = None,
+    prompt_format: PromptFormat | None = None,
 ) -> list[Completion]:
     """:func:`sample_texts` with each completion's prompt, end and log-probability."""
     if isinstance(prompts, str):
@@ -108,9 +117,12 @@ def sample_completions(
     if isinstance(model, (str, Path)):
         if tokenizer is not None:
             raise ValueError("tokenizer goes with a loaded model, not with a model's name or path")
+        if prompt_format is None:  # as the checkpoint was trained (its tether.json)
+            prompt_format = PromptFormat.of(recorded_task(str(model)))
         model, tokenizer = load_model_and_tokenizer(str(model))
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer: pass tokenizer=")
+    prompt_format = prompt_format or PromptFormat()
     with eval_mode(model):
         rows = sample_rows(
             model,
@@ -119,6 +131,7 @@ def sample_completions(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             seed=seed,
+            prompt_format=prompt_format,
             batch_size=batch_size,
         )
     return [
@@ -138,13 +151,14 @@ def sample_texts(
     temperature: float = 0.0,
     seed: int = 0,
     batch_size: int | None = None,
+    prompt_format: PromptFormat | None = None,
 ) -> list[str]:
     """Complete each prompt with a model; the completions, in prompt order.
 
     ``model`` is a shipped model name (``tether models``), a checkpoint or run directory, or
     a loaded causal LM, which then needs its ``tokenizer``. ``prompts`` are task prompts (one
     string or several): each is formatted as training formats it
-    (:func:`tether.tasks.prompts.prompt_text`: the chat template where the tokenizer has
+    (:func:`tether.tasks.prompts.format_prompt`: the chat template where the tokenizer has
     one) and completed with up to ``max_new_tokens`` tokens, stopping at EOS. ``temperature``
     0 is greedy; above 0, tokens are drawn from ``softmax(logits / temperature)`` with a
     generator seeded from ``seed``, so a call is reproducible. ``batch_size`` rows are sampled
@@ -163,5 +177,15 @@ def sample_texts(
         temperature=temperature,
         seed=seed,
         batch_size=batch_size,
+        prompt_format=prompt_format,
     )
     return [c.completion for c in completions]
+
+
+def recorded_task(model: str) -> dict[str, Any]:
+    """The ``task`` section a checkpoint records (empty for a model not trained by tether, such
+    as a shipped name without one or a plain Hugging Face folder)."""
+    try:
+        return checkpoint_task(resolve_checkpoint(model))
+    except ModelLoadError:
+        return {}

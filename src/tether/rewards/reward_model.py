@@ -14,10 +14,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tether.batches import collate_pairs
 from tether.models.loading import (
     ModelLoadError,
+    checkpoint_task,
     load_model_and_tokenizer,
     resolve_checkpoint,
 )
-from tether.tasks.prompts import prompt_text
+from tether.tasks.prompts import PromptFormat, format_prompt
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 
@@ -48,11 +49,18 @@ def save_reward_head(head: nn.Linear, directory: str | Path) -> None:
 class RewardModel(nn.Module):
     """A trained reward model: the checkpoint's causal LM body plus its scalar head."""
 
-    def __init__(self, lm: PreTrainedModel, head: nn.Linear, tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        head: nn.Linear,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_format: PromptFormat | None = None,
+    ):
         super().__init__()
         self.lm = lm
         self.head = head
         self.tokenizer = tokenizer
+        self.prompt_format = prompt_format or PromptFormat()  # as its training formatted them
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Scores [B] of right-padded rows (prompt + response + EOS, as in training)."""
@@ -62,7 +70,9 @@ class RewardModel(nn.Module):
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         """Scores [B] of responses to prompts, formatted and tokenised as in training."""
         tokens = collate_pairs(
-            self.tokenizer, [prompt_text(self.tokenizer, p) for p in prompts], responses
+            self.tokenizer,
+            [format_prompt(self.tokenizer, p, self.prompt_format) for p in prompts],
+            responses,
         ).to(self.head.weight.device)
         return self.forward(tokens.input_ids, tokens.attention_mask)
 
@@ -81,4 +91,4 @@ def load_reward_model(name_or_path: str | Path, device: str | torch.device = "cp
     state = load_file(str(head_file))
     head = nn.Linear(state["weight"].shape[1], 1).to(device)
     head.load_state_dict(state)
-    return RewardModel(lm, head, tokenizer).eval()
+    return RewardModel(lm, head, tokenizer, PromptFormat.of(checkpoint_task(path))).eval()

@@ -76,7 +76,6 @@ from tether.objectives import (
 from tether.scoring import grouped_completion_logits, restricted_token_logprobs
 from tether.stages.base import Stage
 from tether.tasks.features import feature_matrix
-from tether.tasks.prompts import prompt_text
 
 # the recipe's short names for the f-divergences of tether.objectives.dpg
 DIVERGENCES: dict[str, FDivergence] = {
@@ -169,7 +168,7 @@ class DPGStage(Stage[DPGBatch]):
         out = sample(
             self.reference,
             self.tokenizer,
-            [prompt_text(self.tokenizer, problem.prompt)] * self.cfg.moment_samples,
+            [self.task.model_input(self.tokenizer, problem)] * self.cfg.moment_samples,
             max_new_tokens=self.max_new_tokens,
             temperature=1.0,
             generator=torch.Generator(device=self.device).manual_seed(seed + 104729),
@@ -251,7 +250,7 @@ class DPGStage(Stage[DPGBatch]):
         cfg = self.cfg
         problems = [self.task.rl_problem(self.rng) for _ in range(cfg.prompts_per_step)]
         problems = distributed.shard(problems, "dpg.prompts_per_step")
-        prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
+        prompts = [self.task.model_input(self.tokenizer, p) for p in problems]
         sampler = self.proposal if self.proposal is not None else self.policy
         out = self.rollouts(
             sampler,

@@ -27,7 +27,6 @@ from tether.objectives import (
 )
 from tether.scoring import bucketed
 from tether.stages.base import Stage
-from tether.tasks.prompts import prompt_text
 
 
 class ImitationStage(Stage[DemonstrationBatch]):
@@ -72,7 +71,7 @@ class ImitationStage(Stage[DemonstrationBatch]):
             problems[n_expert:], "imitation.online_fraction × train.batch_size (policy rows)"
         )
         problems, n_expert = experts + policy_rows, len(experts)
-        prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
+        prompts = [self.task.model_input(self.tokenizer, p) for p in problems]
         prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         targets = [p.target for p in problems[:n_expert]]
         eos = [self.tokenizer.eos_token_id]

@@ -47,7 +47,6 @@ from tether.objectives import (
 from tether.rewards.functions import RewardFunction
 from tether.scoring import bucketed
 from tether.stages.base import Stage
-from tether.tasks.prompts import prompt_text
 
 
 class OnlinePreferenceStage(Stage[OnlinePairBatch]):
@@ -99,7 +98,7 @@ class OnlinePreferenceStage(Stage[OnlinePairBatch]):
     def next_batch(self) -> OnlinePairBatch:
         problems = [self.task.rl_problem(self.rng) for _ in range(self.batch_size)]
         problems = distributed.shard(problems, "train.batch_size")
-        prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
+        prompts = [self.task.model_input(self.tokenizer, p) for p in problems]
         ours = self._sample(self.policy, prompts, self.generator)
         if self.pair_with == "reference":
             theirs = self._sample(self.reference, prompts, self.ref_generator)

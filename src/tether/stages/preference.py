@@ -61,7 +61,6 @@ from tether.objectives import (
 from tether.rewards.reward_model import last_token_scores, save_reward_head
 from tether.scoring import bucketed
 from tether.stages.base import Stage
-from tether.tasks.prompts import prompt_text
 
 
 class _PairStream(Stage[OfflinePairBatch]):
@@ -81,7 +80,7 @@ class _PairStream(Stage[OfflinePairBatch]):
 
     def _collate(self, problems: list[Any]) -> TokenBatch:
         """The chosen rows, then the rejected rows of the same prompts."""
-        prompts = [prompt_text(self.tokenizer, p.prompt) for p in problems]
+        prompts = [self.task.model_input(self.tokenizer, p) for p in problems]
         responses = [p.chosen for p in problems] + [p.rejected for p in problems]
         return collate_pairs(self.tokenizer, prompts + prompts, responses).to(self.device)
 

@@ -45,7 +45,7 @@ from tether.objectives import (
 from tether.rewards.functions import CalibratedReward, RewardFunction
 from tether.scoring import grouped_completion_logits
 from tether.stages.base import Stage
-from tether.tasks.prompts import prompt_text
+from tether.tasks.prompts import format_prompt
 
 
 class RLStage(Stage[RolloutBatch]):
@@ -106,7 +106,11 @@ class RLStage(Stage[RolloutBatch]):
         out = sample(
             self.reference,
             self.tokenizer,
-            [prompt_text(self.tokenizer, p) for p in prompts for _ in range(k)],
+            [
+                format_prompt(self.tokenizer, p, self.task.prompt_format)
+                for p in prompts
+                for _ in range(k)
+            ],
             max_new_tokens=self.max_new_tokens,
             temperature=self.cfg.temperature,
             generator=self.ref_generator,
@@ -152,7 +156,7 @@ class RLStage(Stage[RolloutBatch]):
         t0 = time.perf_counter()
         out = self.rollouts(
             self.policy,
-            [prompt_text(self.tokenizer, p.prompt) for p in problems],
+            [self.task.model_input(self.tokenizer, p) for p in problems],
             max_new_tokens=self.max_new_tokens,
             temperature=cfg.temperature,
             generator=self.generator,

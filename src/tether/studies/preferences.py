@@ -39,7 +39,6 @@ from tether.models.loading import load_frozen_reference, load_model_and_tokenize
 from tether.rewards.functions import build_reward
 from tether.studies.common import interval_cell, refuse_controlled_keys, stem, train_once
 from tether.tasks import task_from_config
-from tether.tasks.prompts import prompt_text
 
 CTRL_RECIPE = "ctrl-addition"
 XPO_RECIPE = "xpo-addition"
@@ -223,7 +222,7 @@ def reference_rewards(recipe: Recipe, out: Path, prompts: int, samples: int) -> 
         out_ = sample(
             model,
             tokenizer,
-            [prompt_text(tokenizer, p.prompt)] * samples,
+            [task.model_input(tokenizer, p)] * samples,
             max_new_tokens=task.max_new_tokens(),
             temperature=recipe.rl.temperature,
             generator=generator,

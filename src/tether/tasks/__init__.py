@@ -17,6 +17,7 @@ from typing import Any
 from tether.tasks import addition, multistep
 from tether.tasks.base import Task
 from tether.tasks.enumerable import EXPERT_BEST_SHARE, EnumerableTask
+from tether.tasks.prompts import PromptFormat
 
 
 @dataclass
@@ -209,4 +210,5 @@ def task_from_config(cfg: Any, seed: int = 0) -> Task:
         )
     if cfg.train_size is not None:
         task = FixedPool.draw(task, cfg.train_size, seed)
+    task.prompt_format = PromptFormat.of(cfg)
     return task

@@ -6,6 +6,8 @@ import random
 from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
+from tether.tasks.prompts import PromptFormat, format_prompt
+
 
 class DataReport(Protocol):
     """What a task read from a file says of it: rows kept and skipped, and why."""
@@ -16,9 +18,16 @@ class DataReport(Protocol):
 class Task(ABC):
     """Problems (objects with ``.prompt`` and ``.target``) for pre-training and for RL, a checker,
     a graded score in [0, 1] and a generation budget. A task read from a file also keeps its
-    ``report`` (rows kept and skipped), which a run logs and puts in its summary."""
+    ``report`` (rows kept and skipped), which a run logs and puts in its summary. Its
+    ``prompt_format`` says how a prompt is given to a model (:func:`format_prompt`)."""
+
+    def model_input(self, tokenizer: Any, problem: Any) -> str:
+        """The model's input for ``problem``: its prompt in this task's format."""
+        return format_prompt(tokenizer, problem.prompt, self.prompt_format)
 
     report: DataReport | None = None
+    # task.chat_template and task.system_prompt: how the prompts are put to a model
+    prompt_format: PromptFormat = PromptFormat()
 
     @abstractmethod
     def pretrain_problem(self, rng: random.Random) -> Any: ...
