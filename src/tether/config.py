@@ -50,6 +50,7 @@ class TaskConfig(Strict):
     def _yaml_on_off(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare on / off as true / false
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     max_digits: int = Field(
         3,
         ge=1,
@@ -70,7 +71,12 @@ class TaskConfig(Strict):
         None, description="jsonl: the prompt/completion file; prefs-jsonl: the preference file"
     )
     prompt_field: str = Field("prompt", min_length=1)
-    completion_field: str = Field("completion", min_length=1)
+    completion_field: str | None = Field(
+        "completion",
+        min_length=1,
+        description="jsonl: the demonstration column; null = prompt-only rows (for the stages "
+        "that sample: rl, online-dpo, xpo, dpg), whose other columns reach the reward",
+    )
     chosen_field: str = Field("chosen", min_length=1, description="prefs-jsonl")
     rejected_field: str = Field("rejected", min_length=1, description="prefs-jsonl")
     max_chars: int | None = Field(
@@ -238,6 +244,18 @@ class TrainConfig(Strict):
         description="torch.compile the policy and the frozen reference (dynamic shapes): "
         "steps 0-16% faster on 2 CPU cores (docs/performance.md) after 20-30 s of compiling "
         "(a C++ compiler is needed); for long runs",
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="rows per forward/backward pass: the batch is split into micro-batches "
+        "whose gradients accumulate into one optimizer step (the same step as the whole batch); "
+        "null = the whole batch in one pass",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute the policy's activations in the backward pass instead of "
+        "keeping them (less memory, about a third more compute; Hugging Face models)",
     )
 
 

@@ -85,8 +85,9 @@ def sample(
 
     ``temperature`` 0 is greedy (argmax); above 0, tokens are drawn from
     ``softmax(logits / temperature)`` with ``generator`` (seed it for reproducible samples;
-    it must live on the model's device). A row ends at ``tokenizer.eos_token_id`` (kept in
-    the completion) or as soon as its text contains one of ``stop``. ``batch_size`` splits
+    it must live on the model's device). A row ends at an end-of-sequence token (kept in the
+    completion: the tokenizer's EOS or any EOS id of the model's ``generation_config``,
+    :func:`stop_token_ids`) or as soon as its text contains one of ``stop``. ``batch_size`` splits
     the prompts into chunks run one after the other (None: all at once).
 
     ``fast=False`` forces the generic path (the model's own ``forward``) even for GPT-2 and
@@ -116,7 +117,7 @@ def sample(
     device = model_device(model)
     allowed = _allowed_ids(model, allowed_token_ids, device)
     pad = pad_id(tokenizer)
-    eos_id = None if ignore_eos else tokenizer.eos_token_id
+    eos_ids = None if ignore_eos else stop_token_ids(tokenizer, model, device)
     encoded = _encode(tokenizer, prompts)
     checker = _StopChecker(tokenizer, stops) if stops else None
     size = batch_size or max(len(encoded), 1)
@@ -132,7 +133,7 @@ def sample(
                     temperature=temperature,
                     generator=generator,
                     pad_id=pad,
-                    eos_id=eos_id,
+                    eos_ids=eos_ids,
                     checker=checker,
                     fast=fast,
                     allowed=allowed,
@@ -170,6 +171,19 @@ def sample(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def stop_token_ids(tokenizer: Any, model: Any, device: Any = "cpu") -> torch.Tensor | None:
+    """The ids that end a completion: the tokenizer's EOS and every EOS id of the model's
+    ``generation_config`` (chat models often end a turn on a token of their own, and Llama 3
+    lists several). None when there is none."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for source in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        for tid in source if isinstance(source, (list, tuple)) else [source]:
+            if tid is not None and int(tid) not in ids:
+                ids.append(int(tid))
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -306,7 +320,7 @@ def _sample_chunk(
     temperature: float,
     generator: torch.Generator | None,
     pad_id: int,
-    eos_id: int | None,
+    eos_ids: torch.Tensor | None,
     checker: _StopChecker | None,
     fast: bool,
     device: torch.device,
@@ -338,7 +352,7 @@ def _sample_chunk(
             finished,
             temperature,
             generator,
-            eos_id,
+            eos_ids,
             checker,
             allowed,
         )
@@ -366,7 +380,7 @@ def _decode(
     finished: list[bool],
     temperature: float,
     generator: torch.Generator | None,
-    eos_id: int | None,
+    eos_ids: torch.Tensor | None,
     checker: _StopChecker | None,
     allowed: torch.Tensor | None = None,
 ) -> None:
@@ -388,8 +402,8 @@ def _decode(
             logps[rows_t, t] = lp
 
         done: set[int] = set()  # positions in the active batch that end here
-        if eos_id is not None:
-            hits = nxt == eos_id
+        if eos_ids is not None:
+            hits = torch.isin(nxt, eos_ids)
             if bool(hits.any()):
                 done.update(hits.nonzero().flatten().tolist())
         if checker is not None:

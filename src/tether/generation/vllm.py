@@ -34,7 +34,7 @@ from torch import nn
 
 from tether.config import RecipeError
 from tether.generation.rollouts import Draw, RolloutBackend
-from tether.generation.sampler import SampleOutput, _encode, pad_id
+from tether.generation.sampler import SampleOutput, _encode, pad_id, stop_token_ids
 from tether.models.lora import is_lora
 
 INSTALL_HINT = "pip install vllm, on a machine with a CUDA GPU"
@@ -118,7 +118,8 @@ class VLLMRolloutBackend(RolloutBackend):
         self.vllm = vllm
         self.tokenizer = tokenizer
         self.device = device
-        self.eos_id = tokenizer.eos_token_id
+        stops = stop_token_ids(tokenizer, policy)
+        self.eos_ids = [] if stops is None else stops.tolist()
         # the snapshot vLLM reads its architecture and tokenizer from; kept for the run
         self.snapshot = tempfile.TemporaryDirectory(prefix="tether-vllm-")
         policy.save_pretrained(self.snapshot.name)  # type: ignore[operator]
@@ -150,9 +151,9 @@ class VLLMRolloutBackend(RolloutBackend):
                 0, 2**62, (len(encoded),), generator=how.generator, device=how.generator.device
             )
             seeds = [int(s) for s in drawn.tolist()]
-        # stop at the tokenizer's EOS and nowhere else, as the hf sampler does (without
-        # ignore_eos, vLLM would also stop at a generation config's other EOS ids)
-        stops = {} if self.eos_id is None else {"ignore_eos": True, "stop_token_ids": [self.eos_id]}
+        # stop at the ids the hf sampler stops at (the tokenizer's EOS and the generation
+        # config's), and nowhere else
+        stops = {"ignore_eos": True, "stop_token_ids": self.eos_ids} if self.eos_ids else {}
         allowed = how.allowed_token_ids
         params = [
             self.vllm.SamplingParams(
