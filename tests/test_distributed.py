@@ -116,10 +116,15 @@ def test_two_processes_end_where_one_does(stage, tiny_checkpoint, tmp_path):
     assert (two / "summary.json").is_file() and (two / "checkpoints" / "step-000002").is_dir()
 
 
-@pytest.mark.parametrize("algorithm", ["a2c", "reinforce"])
+@pytest.mark.parametrize(
+    "algorithm,micro",
+    [("a2c", ""), ("reinforce", ""), ("reinforce", "1")],  # 1: micro-batches of one row
+)
 def test_rl_two_processes_equal_one_on_the_same_rollouts_and_shard_sampling(
-    algorithm, tiny_checkpoint, tmp_path
+    algorithm, micro, tiny_checkpoint, tmp_path
 ):
+    """Also with micro-batches on the two processes: REINFORCE's baseline is the mean over
+    every process's whole share, and the gradients synchronise once, on the last one."""
     script = str(HERE / "distributed" / "rl_same_batch.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
@@ -128,7 +133,7 @@ def test_rl_two_processes_equal_one_on_the_same_rollouts_and_shard_sampling(
         env=env,
         timeout=300,
     )
-    args = [script, str(tiny_checkpoint), str(tmp_path / "two.pt"), algorithm]
+    args = [script, str(tiny_checkpoint), str(tmp_path / "two.pt"), algorithm, micro]
     torchrun([], tmp_path, script=args)
     one = torch.load(tmp_path / "one.pt")
     two = torch.load(tmp_path / "two.pt")
@@ -139,6 +144,23 @@ def test_rl_two_processes_equal_one_on_the_same_rollouts_and_shard_sampling(
     first, second = two["prompts"]
     assert len(first) == len(second) == len(everything) // 2
     assert first + second == everything
+
+
+def test_two_processes_in_micro_batches_end_where_one_whole_batch_does(tiny_checkpoint, tmp_path):
+    """train.micro_batch_size under DDP: each process's 4 rows in 2 micro-batches, the
+    gradients synchronised on the second only, end where one process on the whole batch does."""
+    overrides = [*TINY, *STAGES["mle"]]
+    one = tmp_path / "one"
+    train(load_recipe(None, overrides), one, progress=False)
+    two = tmp_path / "two"
+    torchrun(train_args(two, [*overrides, "train.micro_batch_size=2"]), tmp_path)
+    assert max_difference(weights(one), weights(two)) < ATOL
+
+    def losses(run):
+        rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
 
 
 def test_a_batch_that_does_not_divide_is_one_clear_error(tiny_checkpoint, tmp_path):
@@ -268,7 +290,7 @@ def test_a_two_process_rl_run_resumes_exactly(tiny_checkpoint, tmp_path):
     (run / "summary.json").unlink()
     shutil.rmtree(run / "model")
     torchrun(["train", "--resume", str(run), "--quiet"], tmp_path)
-    timing = ("tokens_per_s", "elapsed_s")
+    timing = ("tokens_per_s", "elapsed_s", "peak_rss_mb")
 
     def rows(lines):
         return [{k: v for k, v in json.loads(r).items() if k not in timing} for r in lines]

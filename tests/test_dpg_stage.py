@@ -6,6 +6,7 @@ DPG moves a policy toward p* ∝ π_ref·exp(r/β); resume is exact; recipes and
 
 import copy
 import json
+import random
 
 import pytest
 import torch
@@ -20,11 +21,12 @@ from tether.engine.loop import train
 from tether.generation.sampler import sample
 from tether.models.loading import build_model, load_model_and_tokenizer
 from tether.objectives import reinforce_loss, rloo_baseline
+from tether.rewards.functions import GradedReward, RewardError
 from tether.stages.dpg import DPGStage
 from tether.tasks import get_task
 from tether.tasks.enumerable import EnumerableTask, space_size
 
-TIMING = {"tokens_per_s", "elapsed_s"}
+TIMING = {"tokens_per_s", "elapsed_s", "peak_rss_mb"}  # not the same from run to run
 
 
 @pytest.fixture(autouse=True)
@@ -231,6 +233,67 @@ def test_adaptive_proposal_is_replaced_only_by_a_closer_policy(tiny_checkpoint):
         assert stage.next_batch().stats["proposal_updated"] == 0.0
     assert all(torch.equal(v, fitted[k]) for k, v in stage.proposal.state_dict().items())
     assert stage.proposal_updates == 1
+
+
+# ---------------------------------------------------------------- the reward section
+
+
+def _completions(stage, batch):
+    r = batch.responses
+    ids = r.input_ids[:, r.prompt_len :]
+    return [
+        stage.tokenizer.decode(row[m.bool()], skip_special_tokens=True)
+        for row, m in zip(ids, r.mask, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("kind", [[], ["reward.kind=graded"]])
+def test_the_default_reward_is_the_task_graded_score_in_fp64(tiny_checkpoint, kind):
+    """An unset reward.kind means DPG's own default: the task's graded score, computed in fp64
+    as before the reward section reached DPG."""
+    stage, _ = _stage(tiny_checkpoint, *kind)
+    assert isinstance(stage.reward, GradedReward)
+    batch = stage.next_batch()
+    problem = stage.task.rl_problem(random.Random(0))
+    expected = [stage.task.score(problem, t) for t in _completions(stage, batch)]
+    assert batch.reward.dtype == torch.float64 and batch.reward.tolist() == expected
+    assert torch.equal(stage.space.reward, exact_space(stage.task, stage.tokenizer).reward)
+
+
+def test_an_explicit_checker_is_the_checker(tiny_checkpoint):
+    """reward.kind checker set in the recipe is the ±1 checker, not the stage's default."""
+    from tether.rewards.functions import CheckerReward
+
+    stage, _ = _stage(tiny_checkpoint, "reward.kind=checker")
+    assert isinstance(stage.reward, CheckerReward)
+    assert set(stage.next_batch().reward.tolist()) <= {1.0, -1.0}
+
+
+def test_a_python_reward_is_the_target_reward(tiny_checkpoint, tmp_path):
+    """P = π_ref·exp(r/β) with r the recipe's Python reward, in the sampled batches and in the
+    enumerated target of the exact figures."""
+    (tmp_path / "ones.py").write_text(
+        "def reward(prompt, completion):\n    return completion.count('1') / 2\n"
+    )
+    stage, _ = _stage(
+        tiny_checkpoint, "reward.kind=python", f"reward.function={tmp_path / 'ones.py'}:reward"
+    )
+    batch = stage.next_batch()
+    texts = _completions(stage, batch)
+    expected = torch.tensor([t.count("1") / 2 for t in texts], dtype=torch.float64)
+    assert torch.equal(batch.reward, expected) and expected.max() > 0
+    assert torch.allclose(batch.log_P, batch.ref_logp + expected / BETA)
+    space_r = torch.tensor([t.count("1") / 2 for t in stage.space.texts], dtype=torch.float64)
+    assert torch.equal(stage.space.reward, space_r)
+    log_z = torch.logsumexp(stage.target.log_ref + space_r / BETA, 0)
+    assert stage.target.log_z == pytest.approx(float(log_z), rel=1e-12)
+
+
+def test_a_broken_python_reward_is_one_line(tiny_checkpoint):
+    """The reward section reaches DPG: a function it cannot load is its one-line error."""
+    with pytest.raises(RewardError, match="^reward.function 'no_such_file.py:f'") as err:
+        _stage(tiny_checkpoint, "reward.kind=python", "reward.function=no_such_file.py:f")
+    assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------- training in the loop

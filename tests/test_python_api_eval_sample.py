@@ -99,3 +99,81 @@ def test_a_checkpoint_path_object_is_accepted(tiny_checkpoint, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_checkpoint, copy)
     assert evaluate_checkpoint(copy, digits=[1], n=2)["checkpoint"] == str(copy)
+
+
+# ---------------------------------------------------------------- prompt formats, data, prompt-only
+
+
+def test_the_prompt_format_given_reaches_the_evaluations(tiny_checkpoint):
+    from tether.tasks.prompts import PromptFormat, PromptFormatError
+
+    on = PromptFormat("on")  # the char tokenizer has no template: refused once it is applied
+    with pytest.raises(PromptFormatError, match="task.chat_template on"):
+        evaluate_checkpoint(tiny_checkpoint, task="multistep", n=2, k=2, prompt_format=on)
+    with pytest.raises(PromptFormatError, match="task.chat_template on"):
+        checkpoint_winrate(
+            tiny_checkpoint, reference=tiny_checkpoint, prompts=2, samples=1, prompt_format=on
+        )
+    with pytest.raises(PromptFormatError, match="task.chat_template on"):
+        sample_completions(tiny_checkpoint, "1+2=", max_new_tokens=2, prompt_format=on)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_jsonl_task_needs_its_file_and_takes_it_from_data(tiny_checkpoint, tmp_path):
+    with pytest.raises(EvaluationError) as info:
+        evaluate_checkpoint(tiny_checkpoint, task="jsonl", n=2, k=2)
+    assert str(info.value) == (
+        "--task 'jsonl': task.path is required when task.name is jsonl (a JSON Lines file) "
+        "(give the data file: --data FILE)"
+    )
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+2=", "completion": "3"}])
+    figures = evaluate_checkpoint(tiny_checkpoint, task="jsonl", data=data, n=2, k=2)
+    assert figures["task"] == "jsonl" and len(figures["sweep"]) == 1
+
+
+@pytest.fixture
+def prompt_only_run(tiny_checkpoint, tmp_path):
+    """A checkpoint trained (as its tether.json says) on prompt-only rows with a Python reward
+    that reads the rows' ``bonus`` column."""
+    data = _write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"{a}+1=", "bonus": 0.5} for a in range(1, 5)]
+    )
+    (tmp_path / "r.py").write_text(
+        "def reward(prompt, completion, bonus):\n    return bonus\n"
+        "def negative(prompt, completion, bonus):\n    return -bonus\n"
+    )
+    run = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, run)
+    meta = {
+        "init": str(tiny_checkpoint),
+        "task": {"name": "jsonl", "path": str(data), "completion_field": None},
+        "reward": {"kind": "python", "function": f"{tmp_path / 'r.py'}:reward"},
+    }
+    (run / "tether.json").write_text(json.dumps(meta))
+    return run, tmp_path / "r.py"
+
+
+def test_prompt_only_rows_are_evaluated_by_the_recorded_reward(prompt_only_run):
+    run, _ = prompt_only_run
+    figures = evaluate_checkpoint(run, n=3, k=2, temperature=1.0)
+    assert figures["judged_by"]["kind"] == "python" and figures["task"] == "jsonl"
+    (cell,) = figures["sweep"]
+    # every row's bonus is 0.5: the mean reward, and every sample's reward is positive
+    assert cell["score"] == pytest.approx(0.5) and cell["accuracy"] == 1.0
+
+
+def test_prompt_only_win_rate_needs_a_reward_without_a_reference(prompt_only_run):
+    run, functions = prompt_only_run
+    report = checkpoint_winrate(run, ns=[1], prompts=2, samples=2)
+    assert report.reward_policy.mean == pytest.approx(0.5)
+    assert report.accuracy_policy.mean == 1.0  # the share of samples with a positive reward
+    negative = checkpoint_winrate(
+        run, ns=[1], prompts=2, samples=2, reward_function=f"{functions}:negative"
+    )
+    assert negative.accuracy_policy.mean == 0.0 and negative.reward_reference.mean == -0.5
+    with pytest.raises(EvaluationError, match="--reward checker: task jsonl has prompt-only rows"):
+        checkpoint_winrate(run, ns=[1], prompts=2, samples=2, reward="checker")

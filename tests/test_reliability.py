@@ -20,7 +20,7 @@ from tether.engine.loop import train
 from tether.models.loading import ModelLoadError, load_model_and_tokenizer
 from tether.stages.imitation import ImitationStage
 
-TIMING = {"tokens_per_s", "elapsed_s"}
+TIMING = {"tokens_per_s", "elapsed_s", "peak_rss_mb"}  # not the same from run to run
 
 MLE = [
     "task.max_digits=2",

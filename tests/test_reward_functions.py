@@ -108,6 +108,104 @@ def test_a_python_reward_of_the_wrong_signature_is_refused_when_built(spec):
         PythonReward(spec)
 
 
+# ---------------------------------------------------------------- a Python reward reads the row
+
+
+def _prompt_only(tmp_path, rows):
+    from tether.tasks.jsonl import JsonlTask
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return JsonlTask.from_file(path, completion_field=None), path
+
+
+def test_a_python_reward_receives_the_columns_its_parameters_name(tmp_path):
+    task, _ = _prompt_only(
+        tmp_path,
+        [
+            {"prompt": "2+2?", "answer": "4", "weight": 2.0, "id": "a"},
+            {"prompt": "3+3?", "answer": "6", "weight": 0.5, "id": "b"},
+        ],
+    )
+    body = (
+        "def reward(prompt, completion, answer, weight, scale=10.0):\n"
+        "    return weight * scale * (completion.strip() == answer)\n"
+        "def every(question, completion, **fields):\n"
+        "    return float(sorted(fields) == ['answer', 'id', 'prompt', 'weight'])\n"
+        "def plain(prompt, completion):\n"
+        "    return len(prompt) + len(completion)\n"
+    )
+    path = _write(tmp_path, body)
+    problems = [task.pair(0), task.pair(1), task.pair(1)]
+    completions = ["4", " 6 ", "7"]
+    # by hand: 2.0·10·1, 0.5·10·1, 0.5·10·0
+    assert PythonReward(f"{path}:reward", task)(problems, completions).tolist() == [20.0, 5.0, 0.0]
+    # **fields: every column but those bound by position (here none is called 'question')
+    assert PythonReward(f"{path}:every", task)(problems, completions).tolist() == [1.0] * 3
+    assert PythonReward(f"{path}:plain", task)(problems, completions).tolist() == [5.0, 7.0, 5.0]
+
+
+def test_a_dataclass_problem_offers_its_fields():
+    task = AdditionTask(3)
+    reward = PythonReward("tether.tasks.addition:make_prompt", task)  # (a, b): by position
+    assert reward.signature.columns == ()
+
+    def by_field(prompt, completion, a, b):
+        return a + b
+
+    import sys
+
+    module = SimpleNamespace(by_field=by_field)
+    sys.modules["tether_test_fields"] = module  # type: ignore[assignment]
+    try:
+        r = PythonReward("tether_test_fields:by_field", task)
+        assert r([Problem(12, 30)], ["x"]).tolist() == [42.0]
+    finally:
+        del sys.modules["tether_test_fields"]
+
+
+def test_a_parameter_without_a_column_is_one_line_naming_the_column_and_the_file(tmp_path):
+    task, data = _prompt_only(
+        tmp_path, [{"prompt": "a", "answer": "1"}, {"prompt": "b"}, {"prompt": "c", "answer": "3"}]
+    )
+    path = _write(
+        tmp_path,
+        "def nope(prompt, completion, solution):\n    return 0.0\n"
+        "def some(prompt, completion, answer):\n    return 0.0\n"
+        "def optional(prompt, completion, answer=''):\n    return float(answer == '1')\n",
+    )
+    with pytest.raises(RewardError) as info:
+        PythonReward(f"{path}:nope", task)
+    assert str(info.value) == (
+        f"reward.function '{path}:nope': parameter 'solution' has no column in {data} "
+        "(its columns: prompt, answer)"
+    )
+    with pytest.raises(RewardError) as info:
+        PythonReward(f"{path}:some", task)
+    assert str(info.value) == (
+        f"reward.function '{path}:some': parameter 'answer': column 'answer' is missing from "
+        f"1 rows of {data} (first: line 2)"
+    )
+    # built without the task, a row without the column is refused when scored, by its line
+    with pytest.raises(RewardError, match="parameter 'answer' has no column in line 2$"):
+        PythonReward(f"{path}:some")([task.pair(1)], ["x"])
+    built = PythonReward(f"{path}:optional", task)
+    built.signature = PythonReward(f"{path}:some").signature  # as if the file changed since
+    with pytest.raises(RewardError, match=f"parameter 'answer' has no column in line 2 of {data}"):
+        built([task.pair(1)], ["x"])
+    # a parameter with a default takes it where the row has no such column
+    optional = PythonReward(f"{path}:optional", task)
+    assert optional([task.pair(0), task.pair(1)], ["x", "y"]).tolist() == [1.0, 0.0]
+
+
+def test_a_prompt_only_task_needs_a_reward_that_does_not_need_a_reference(tmp_path):
+    task, _ = _prompt_only(tmp_path, [{"prompt": "a"}])
+    for kind in ("checker", "graded"):
+        recipe = SimpleNamespace(reward=SimpleNamespace(kind=kind), rl=None)
+        with pytest.raises(RewardError, match=f"reward.kind {kind}: task.completion_field is null"):
+            build_reward(recipe, task)
+
+
 def test_a_reward_model_checkpoint_scores_as_its_head_says(tiny_checkpoint, tmp_path):
     from tether.models.loading import load_model_and_tokenizer
     from tether.rewards.reward_model import REWARD_HEAD_FILE, last_token_scores, save_reward_head

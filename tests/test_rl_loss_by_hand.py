@@ -5,8 +5,9 @@ gradient and PPO's ratio are not trivially 0 or 1), the sequence rewards are rep
 arbitrary numbers, and the stage's loss and gradients are compared with a recomputation that
 uses none of ``tether.objectives``: each row run alone through the plain model, without padding,
 and every term written out from its definition — the token log-probs at temperature T, the KL
-estimators k1/k2/k3 and the exact KL, the prioritised weights Ĵ_ref^β_c (the paper's
-normalised negentropy at T = 1), terminal rewards with the KL in the reward or in the loss,
+estimators k1/k2/k3 and the exact KL, the prioritised weights Ĵ_ref^β_c (the reference's
+entropy at T = 1 against κ times its mean over the batch's tokens, the default, or against
+log V, the paper's), terminal rewards with the KL in the reward or in the loss,
 REINFORCE with a batch-mean baseline, RLOO, A2C with GAE, PPO-clip, the value loss and the
 entropy bonus, all as means over the batch's real completion tokens. The KL goes where its
 gradient is right (the recipe refuses the rest): k2, k3 and exact in the loss, k1 in the reward.
@@ -22,18 +23,21 @@ import torch
 from tether.config import load_recipe
 from tether.engine.setup import build_policy
 from tether.objectives import log_softmax_and_token_logprobs, rl_loss
+from tether.objectives.common import TYPICAL_MULTIPLE
 from tether.scoring import grouped_completion_logits
 from tether.stages.rl import RLStage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 1.5  # sampling and scoring temperature (not 1: the division must happen)
-ALPHA, BETA_C, C_H, C_V = 0.3, 0.5, 0.05, 0.7
+ALPHA, C_H, C_V = 0.3, 0.05, 0.7
+# β_c per certainty scale: weights well inside (0, 1) on the tiny random model
+BETA_C = {"typical": 50.0, "vocabulary": 0.5}
 GAMMA, LAM, CLIP = 0.9, 0.8, 0.05
 GROUP = 2
 
 
-def _stage(init, algorithm, estimator, placement):
+def _stage(init, algorithm, estimator, placement, normalization="typical"):
     recipe = load_recipe(
         None,
         [
@@ -44,7 +48,8 @@ def _stage(init, algorithm, estimator, placement):
             f"rl.kl_estimator={estimator}",
             f"rl.kl_placement={placement}",
             f"rl.kl_coef={ALPHA}",
-            f"rl.certainty_exponent={BETA_C}",
+            f"rl.certainty_exponent={BETA_C[normalization]}",
+            f"rl.certainty_normalization={normalization}",
             f"rl.temperature={T}",
             f"rl.entropy_coef={C_H}",
             f"rl.value_coef={C_V}",
@@ -81,9 +86,25 @@ def _scores(model, ids, p, n, hidden=False):
     return logits, h
 
 
+def _reference_entropy(stage, ids, p, n):
+    """H(π_ref(·|s_t)) at T = 1 (the reference's own logits) at the n completion positions."""
+    with torch.no_grad():
+        ref_logits, _ = _scores(stage.reference, ids, p, n)
+    q1 = torch.softmax(ref_logits, -1)
+    return -(q1 * torch.log_softmax(ref_logits, -1)).sum(-1), ref_logits.shape[-1]
+
+
 def _hand_loss(stage, policy, rollout, algorithm, estimator, placement):
     rows = _rows(stage, rollout)
     N = sum(n for _, _, n in rows)
+    normalization = stage.cfg.certainty_normalization
+    beta_c = BETA_C[normalization]
+    # the certainty's scale S: log V (the paper), or κ·H̄ with H̄ the reference's mean entropy
+    # over the batch's N real completion tokens
+    entropies = [_reference_entropy(stage, ids, p, n) for ids, p, n in rows]
+    h_bar = sum(float(h.sum()) for h, _ in entropies) / N
+    V = entropies[0][1]
+    S = math.log(V) if normalization == "vocabulary" else TYPICAL_MULTIPLE * h_bar
     per_row = []  # (logp, kl, entropy, values, old_logp, reward) per row
     for i, (ids, p, n) in enumerate(rows):
         logits, h = _scores(policy, ids, p, n, hidden=algorithm in ("a2c", "ppo"))
@@ -103,11 +124,9 @@ def _hand_loss(stage, policy, rollout, algorithm, estimator, placement):
             kl = torch.exp(-rho) - 1 + rho
         else:
             kl = (lp.exp() * (lp - lq)).sum(-1)
-        # the paper's certainty: normalised negentropy of the reference at T = 1
-        V = ref_logits.shape[-1]
-        q1 = torch.softmax(ref_logits, -1)
-        H_ref = -(q1 * torch.log_softmax(ref_logits, -1)).sum(-1)
-        w = ((math.log(V) - H_ref) / math.log(V)) ** BETA_C
+        # the certainty: 1 − H_ref/S of the reference at T = 1, to the power β_c
+        H_ref = entropies[i][0]
+        w = (1 - H_ref / S).clamp(0, 1) ** beta_c
         kl = w * kl
         entropy = -(lp.exp() * lp).sum(-1)
         values = stage.value_head(h).squeeze(-1) if h is not None else None
@@ -171,10 +190,10 @@ def _grads(loss, params):
 PLACEMENTS = [("loss", "k2"), ("loss", "k3"), ("loss", "exact"), ("reward", "k1")]
 
 
-def _moved_stage(init, algorithm, estimator, placement):
+def _moved_stage(init, algorithm, estimator, placement, normalization="typical"):
     """The stage and one rollout, with arbitrary rewards (not the checker's 0/1 pattern), and
     a policy moved off the reference and off the sampling policy."""
-    stage, policy = _stage(init, algorithm, estimator, placement)
+    stage, policy = _stage(init, algorithm, estimator, placement, normalization)
     rollout = stage.next_batch()
     assert rollout.mask.sum(1).min() >= 1
     rollout.seq_rewards = torch.tensor([0.9, -0.4, 0.3, 1.7, -1.1, 0.2])
@@ -185,7 +204,8 @@ def _moved_stage(init, algorithm, estimator, placement):
         if stage.value_head is not None:
             torch.nn.init.normal_(stage.value_head.weight, std=0.5)
             stage.value_head.bias.fill_(0.2)
-    assert rollout.kl_weights is not None and rollout.kl_weights.max() < 0.99  # not all 1
+    w = rollout.kl_weights
+    assert w is not None and w.max() < 0.99 and w[rollout.mask > 0].min() > 0.01  # not 0 or 1
     return stage, policy, rollout
 
 
@@ -250,3 +270,16 @@ def test_the_objective_function_matches_the_hand_computation(
             assert g is None or not g.abs().any()
             continue
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), (g - w).abs().max()
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "a2c"])
+def test_the_papers_certainty_scale_matches_the_hand_computation(algorithm, tiny_checkpoint):
+    """``rl.certainty_normalization: vocabulary``: Ĵ = 1 − H_ref / log V, the paper's form."""
+    stage, policy, rollout = _moved_stage(tiny_checkpoint, algorithm, "k2", "loss", "vocabulary")
+    params = [p for p in policy.parameters()] + stage.parameters()
+    loss, _ = stage.loss(policy, rollout)
+    expected = _hand_loss(stage, policy, rollout, algorithm, "k2", "loss")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    for g, w in zip(_grads(loss, params), _grads(expected, params), strict=True):
+        if w is not None:
+            assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), (g - w).abs().max()

@@ -108,3 +108,38 @@ def test_rl_on_addition_runs_and_logs_the_probe(tiny_checkpoint, tmp_path):
     )
     step = next(r for r in rows if "reward" in r)
     assert 0.0 <= step["kl_weight_mean"] <= 1.0 and "kl_exact" in step
+
+
+def test_the_summary_gives_the_held_out_gain_paired_by_problem(tiny_checkpoint, tmp_path):
+    """The first (step 0) and last evaluation judge the same held-out problems; the summary's
+    gain is the mean of the per-problem differences, its interval that of a paired t-interval,
+    and the stage's reward is logged beside the accuracy."""
+    from tether.eval.stats import paired_difference_ci
+
+    recipe = load_recipe(
+        None,
+        [
+            "task.name=first-digit",
+            f"model.init={tiny_checkpoint}",
+            "train.stage=rl",
+            "train.steps=2",
+            "optim.lr=0.05",
+            "rl.prompts_per_step=4",
+            "rl.max_new_tokens=2",
+            "eval.n=8",
+            "eval.temperature=1.0",
+        ],
+    )
+    summary = train(recipe, tmp_path / "run", progress=False)
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    first = next(r for r in rows if r["step"] == 0)
+    assert {"eval/acc_rl", "eval/reward"} <= set(first)
+    gain = summary["eval/acc_rl"] - first["eval/acc_rl"]
+    assert summary["eval/acc_rl_gain"] == pytest.approx(gain, abs=1e-12)
+    low, high = summary["eval/acc_rl_gain_ci_low"], summary["eval/acc_rl_gain_ci_high"]
+    assert low <= gain <= high
+    # the reward (checker ±1) is an affine map of accuracy: its gain is twice the accuracy's
+    assert summary["eval/reward_gain"] == pytest.approx(2 * gain, abs=1e-12)
+    assert paired_difference_ci([0, 1, 1, 0], [1, 1, 0, 1])[0] == pytest.approx(0.25)

@@ -127,3 +127,18 @@ def test_bootstrap_ci_of_zeros_and_ones_stays_in_the_unit_interval():
     values = np.array([1.0] * 19 + [0.0])
     lo, hi = bootstrap_ci(values)
     assert 0.0 <= lo <= values.mean() <= hi <= 1.0
+
+
+def test_paired_difference_is_the_t_interval_of_the_differences():
+    """before/after on 5 items: differences 1, 0, 0, 1, −1 → mean 0.2, sd 0.8367, t(0.975, 4)
+    2.7764: 0.2 ± 1.0389, cut to [−1, 1]."""
+    from tether.eval.stats import paired_difference_ci
+
+    mean, low, high = paired_difference_ci([0, 1, 0, 0, 1], [1, 1, 0, 1, 0])
+    half = 2.7764451051977987 * math.sqrt(0.7) / math.sqrt(5)
+    assert mean == pytest.approx(0.2)
+    assert low == pytest.approx(max(-1.0, 0.2 - half)) and high == pytest.approx(
+        min(1.0, 0.2 + half)
+    )
+    with pytest.raises(ValueError, match="must match in number"):
+        paired_difference_ci([1, 0], [1])

@@ -24,12 +24,20 @@ batch                          stages                          rows
 =============================  ==============================  ===========================
 
 Tensors live on the stage's device; per-sequence tensors are [B], per-token ones [B, T].
+
+**Micro-batches** (``train.micro_batch_size``): a stage cuts its batch into micro-batches of
+whole units (rows; an RLOO or DPG prompt group; a pair, both of its rows) with each kind's
+``select`` and marks each with a :class:`Share`: its weight w_i (its share of the batch's
+units, Σ w_i = 1) and what its loss needs from the whole batch (the token counts that
+divide token means, REINFORCE's baseline). The stage's loss on a micro-batch is then written so
+that Σ_i w_i·loss_i is the loss of the whole batch, and Σ_i w_i·stats_i its figures
+(:meth:`tether.stages.base.Stage.micro_batches`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -37,11 +45,48 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 
+@dataclass(frozen=True)
+class Share:
+    """Where a micro-batch sits in the batch it was cut from (module docstring).
+
+    ``weight`` w: its share of the batch's units. ``denominators``: the whole batch's, as the
+    stage's loss computes them for a whole batch (token counts, N / W across processes); the
+    loss of a micro-batch divides by w·N, so that w·loss_i adds up to the whole batch's token
+    mean. ``baseline``: REINFORCE's batch-mean baseline, the whole batch's. ``stats``: figures of
+    the whole batch (counts) that replace the micro-batch's own.
+    """
+
+    weight: float
+    denominators: tuple[Tensor | None, ...] = ()
+    baseline: Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def denominator(self, i: int = 0) -> Tensor | None:
+        """The whole batch's ``i``-th denominator scaled by w (None stays None)."""
+        whole = self.denominators[i]
+        return None if whole is None else whole * self.weight
+
+
 class Batch(Protocol):
-    """What the loop asks of every batch: its number of real tokens (throughput)."""
+    """What the loop asks of every batch: its number of real tokens (throughput) and, for a
+    micro-batch, its :class:`Share` of the batch it was cut from (None: a whole batch)."""
+
+    share: Share | None
 
     @property
     def num_tokens(self) -> int: ...
+
+
+def unit_parts(units: int, unit_rows: int, size: int) -> list[range]:
+    """Consecutive runs of whole units (of ``unit_rows`` rows each) with at most ``size`` rows,
+    and at least one unit each (a unit is never split, so a micro-batch may be one unit larger
+    than ``size`` rows when a unit is)."""
+    per = max(1, size // unit_rows)
+    return [range(i, min(i + per, units)) for i in range(0, units, per)]
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    return x.index_select(0, index.to(x.device))
 
 
 @dataclass
@@ -64,6 +109,12 @@ class TokenBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    def rows(self, index: Tensor) -> TokenBatch:
+        """The rows ``index`` (a 1-D index tensor), in that order."""
+        return TokenBatch(
+            *(_rows(t, index) for t in (self.input_ids, self.attention_mask, self.loss_mask))
+        )
 
 
 def collate_pairs(
@@ -106,10 +157,18 @@ class DemonstrationBatch:
     tokens: TokenBatch
     terminated: Tensor  # [B] bool: the row ends with EOS (not cut by the length limit)
     is_expert: Tensor | None  # [B] bool; None when every row is a demonstration
+    share: Share | None = None  # a micro-batch's place in its batch
 
     @property
     def num_tokens(self) -> int:
         return self.tokens.num_tokens
+
+    def select(self, rows: Tensor, share: Share) -> DemonstrationBatch:
+        """The micro-batch of ``rows`` (a 1-D index tensor)."""
+        expert = None if self.is_expert is None else _rows(self.is_expert, rows)
+        return DemonstrationBatch(
+            self.tokens.rows(rows), _rows(self.terminated, rows), expert, share
+        )
 
 
 @dataclass
@@ -128,11 +187,30 @@ class RolloutBatch:
     kl_weights: Tensor | None  # [B, T] prioritised-KL weights Ĵ_ref^β_c, or None (w = 1)
     seq_rewards: Tensor  # [B] the reward of each completion
     correct: Tensor  # [B] bool: the task's checker
-    reward_stats: dict[str, float] | None = None  # raw and calibrated means under CTRL
+    # figures of the whole rollout: the raw and calibrated means under CTRL, the sample's
+    # health (frac_truncated...: tether.stages.base.sample_health)
+    reward_stats: dict[str, float] | None = None
+    share: Share | None = None  # a micro-batch's place in its batch
 
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    def select(self, rows: Tensor, share: Share) -> RolloutBatch:
+        """The micro-batch of ``rows`` (a 1-D index tensor): every per-row tensor's rows."""
+        return replace(
+            self,
+            input_ids=_rows(self.input_ids, rows),
+            attention_mask=_rows(self.attention_mask, rows),
+            mask=_rows(self.mask, rows),
+            old_logp=_rows(self.old_logp, rows),
+            ref_logp=_rows(self.ref_logp, rows),
+            ref_log_softmax=_rows(self.ref_log_softmax, rows),
+            kl_weights=None if self.kl_weights is None else _rows(self.kl_weights, rows),
+            seq_rewards=_rows(self.seq_rewards, rows),
+            correct=_rows(self.correct, rows),
+            share=share,
+        )
 
 
 @dataclass
@@ -143,6 +221,7 @@ class OfflinePairBatch:
 
     tokens: TokenBatch
     ref_logp: Tensor | None = None
+    share: Share | None = None  # a micro-batch's place in its batch
 
     @property
     def pairs(self) -> int:
@@ -151,6 +230,18 @@ class OfflinePairBatch:
     @property
     def num_tokens(self) -> int:
         return self.tokens.num_tokens
+
+    def select(self, pairs: Tensor, share: Share) -> OfflinePairBatch:
+        """The micro-batch of ``pairs`` (a 1-D index tensor): both rows of each pair."""
+        rows = pair_rows(pairs, self.pairs)
+        ref = None if self.ref_logp is None else _rows(self.ref_logp, rows)
+        return OfflinePairBatch(self.tokens.rows(rows), ref, share)
+
+
+def pair_rows(pairs: Tensor, n_pairs: int) -> Tensor:
+    """The rows of ``pairs`` in a batch of 2B rows laid out as the pair batches are (the first
+    responses in rows 0..B-1, the second in B..2B-1): the micro-batch keeps that layout."""
+    return torch.cat([pairs, pairs + n_pairs])
 
 
 @dataclass
@@ -165,10 +256,30 @@ class OnlinePairBatch:
     tie: Tensor  # [B] bool: equal rewards
     rewards: Tensor  # [2B]
     correct: Tensor  # [B] bool: the policy samples under the task's checker
+    stats: dict[str, float] = field(default_factory=dict)  # the samples' health (whole batch)
+    share: Share | None = None  # a micro-batch's place in its batch
 
     @property
     def num_tokens(self) -> int:
         return self.tokens.num_tokens
+
+    @property
+    def pairs(self) -> int:
+        return self.tokens.input_ids.shape[0] // 2
+
+    def select(self, pairs: Tensor, share: Share) -> OnlinePairBatch:
+        """The micro-batch of ``pairs`` (a 1-D index tensor): both rows of each pair."""
+        rows = pair_rows(pairs, self.pairs)
+        return replace(
+            self,
+            tokens=self.tokens.rows(rows),
+            ref_logp=_rows(self.ref_logp, rows),
+            policy_is_chosen=_rows(self.policy_is_chosen, pairs),
+            tie=_rows(self.tie, pairs),
+            rewards=_rows(self.rewards, rows),
+            correct=_rows(self.correct, pairs),
+            share=share,
+        )
 
 
 @dataclass
@@ -180,6 +291,15 @@ class Responses:
     attention_mask: Tensor
     prompt_len: int
     mask: Tensor  # [B, T] completion tokens (EOS included)
+
+    def rows(self, index: Tensor) -> Responses:
+        """The rows ``index`` (a 1-D index tensor), in that order."""
+        return Responses(
+            _rows(self.input_ids, index),
+            _rows(self.attention_mask, index),
+            self.prompt_len,
+            _rows(self.mask, index),
+        )
 
 
 @dataclass
@@ -196,7 +316,9 @@ class DPGBatch:
     log_z: Tensor | None  # [groups], or None: estimated per group from the batch
     reward: Tensor
     correct: Tensor
-    stats: dict[str, float] = field(default_factory=dict)  # from sampling (proposal update)
+    # from sampling: the proposal's update, the samples' health (whole batch)
+    stats: dict[str, float] = field(default_factory=dict)
+    share: Share | None = None  # a micro-batch's place in its batch
 
     @property
     def num_tokens(self) -> int:
@@ -205,3 +327,20 @@ class DPGBatch:
     def groups(self) -> list[slice]:
         k = self.group_size
         return [slice(i, i + k) for i in range(0, self.reward.shape[0], k)]
+
+    def select(self, groups: Tensor, share: Share) -> DPGBatch:
+        """The micro-batch of the prompt groups ``groups`` (a 1-D index tensor)."""
+        k = self.group_size
+        offsets = torch.arange(k, device=groups.device)
+        rows = (groups[:, None] * k + offsets).reshape(-1)
+        return replace(
+            self,
+            responses=self.responses.rows(rows),
+            proposal_logp=_rows(self.proposal_logp, rows),
+            ref_logp=_rows(self.ref_logp, rows),
+            log_P=_rows(self.log_P, rows),
+            log_z=None if self.log_z is None else _rows(self.log_z, groups),
+            reward=_rows(self.reward, rows),
+            correct=_rows(self.correct, rows),
+            share=share,
+        )

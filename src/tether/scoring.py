@@ -95,8 +95,9 @@ def _single_pass_only(model: nn.Module) -> bool:
 
 
 def logits_of(model: nn.Module) -> Callable[[Tensor, Tensor | None], Tensor]:
-    """The default pass of :func:`bucketed`: the model's logits."""
-    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+    """The default pass of :func:`bucketed`: the model's logits (no KV cache: a scoring pass
+    never continues, and activation checkpointing refuses one)."""
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 
 def check_positions(model: nn.Module, length: int) -> None:
@@ -217,7 +218,7 @@ def grouped_completion_logits(
 
         def forward(x: Tensor, m: Tensor | None) -> Tensor:
             nonlocal vocab
-            out = model(input_ids=x, attention_mask=m, output_hidden_states=True)
+            out = model(input_ids=x, attention_mask=m, output_hidden_states=True, use_cache=False)
             vocab = out.logits.shape[-1]
             return torch.cat([out.logits.float(), out.hidden_states[-1].float()], dim=-1)
 

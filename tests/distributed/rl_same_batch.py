@@ -1,13 +1,16 @@
 """Run by tests/test_distributed.py, as one process or under torchrun: two steps of the RL
 stage (A2C, or the algorithm given as a third argument: REINFORCE's baseline is a mean over every
 process's tokens) on a global rollout that does not depend on the number of processes, then one
-sharded rollout. Writes the trained parameters and the sampled prompts to OUT (a .pt file).
+sharded rollout. Writes the trained parameters and the sampled prompts to OUT (a .pt file). A
+fourth argument, a number, runs each process's rows in micro-batches of that many rows, as the
+loop does (gradients accumulated without synchronising until the last one).
 
 Every process builds the stage and samples the whole global rollout inside
 ``distributed.local()`` (the same seed, the same samples everywhere), then keeps its rows: what
 the processes compute together must equal what one process computes on the whole rollout.
 """
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -33,7 +36,7 @@ def rows_of(rollout, lo, hi):
     return type(rollout)(**out)
 
 
-def main(checkpoint: str, out: str, algorithm: str = "a2c") -> None:
+def main(checkpoint: str, out: str, algorithm: str = "a2c", micro: str = "") -> None:
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
     recipe = load_recipe(
@@ -64,8 +67,14 @@ def main(checkpoint: str, out: str, algorithm: str = "a2c") -> None:
         with distributed.local():
             rollout = stage.next_batch()
         share = rollout.input_ids.shape[0] // world
-        loss, _ = stage.loss(model, rows_of(rollout, rank * share, (rank + 1) * share))
-        accelerator.backward(loss)
+        mine = rows_of(rollout, rank * share, (rank + 1) * share)
+        parts = stage.micro_batches(model, mine, int(micro)) if micro else [mine]
+        for i, part in enumerate(parts):
+            weight = 1.0 if part.share is None else part.share.weight
+            last = i == len(parts) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                loss, _ = stage.loss(model, part)
+                accelerator.backward(loss * weight)
         distributed.average_gradients(stage.parameters())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
 
 from tether.bench.measure import MemoryProbe, count_flops_by_kind, peak_matmul, profile_breakdown
 from tether.bench.trl import KL_COEF, RLJob, StepTimer, bench_rl, rl_overrides, run_trl, trl_args
@@ -56,7 +55,6 @@ from tether.models.loading import (
     build_model,
     char_tokenizer,
     load_model_and_tokenizer,
-    resolve_checkpoint,
 )
 from tether.stages.base import Stage, make_stage
 from tether.tasks import task_from_config
@@ -399,10 +397,10 @@ def _run_trl_job(
         torch_compile=job.compile,
         **extra,
     )
-    path = resolve_checkpoint(job.model)
-    models = {"model": AutoModelForCausalLM.from_pretrained(path)}
+    # loaded as tether loads it: a Hugging Face folder, or an installed model's GGUF file
+    models = {"model": load_model_and_tokenizer(job.model)[0]}
     if kind == "DPO":
-        models["ref_model"] = AutoModelForCausalLM.from_pretrained(path)
+        models["ref_model"] = load_model_and_tokenizer(job.model)[0]
     timer = StepTimer()
     trainer = getattr(trl, f"{kind}Trainer")(
         **models,

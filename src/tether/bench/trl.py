@@ -21,12 +21,16 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 
 from tether.batches import DemonstrationBatch
-from tether.config import load_recipe
+from tether.config import TaskConfig, load_recipe
 from tether.engine.setup import build_policy, make_optimizer
-from tether.models.loading import checkpoint_max_digits, resolve_checkpoint
+from tether.models.loading import (
+    checkpoint_max_digits,
+    load_model_and_tokenizer,
+    resolve_checkpoint,
+)
 from tether.stages.imitation import ImitationStage
 from tether.stages.rl import RLStage
 from tether.tasks import addition
@@ -169,12 +173,10 @@ def bench_trl(job: RLJob) -> dict[str, Any]:
     # an optional dependency (tether[bench]): only the TRL side needs it
     from trl import GRPOConfig, GRPOTrainer
 
-    path = resolve_checkpoint(job.model)
-    max_digits = checkpoint_max_digits(path)
-    if max_digits is None:
-        raise ValueError(
-            f"checkpoint {str(path)!r}: its tether.json does not record task.max_digits"
-        )
+    # N of the addition prompts: the checkpoint's, else the recipe's default (a pretrained
+    # model or Hugging Face folder records none)
+    max_digits = checkpoint_max_digits(resolve_checkpoint(job.model)) or TaskConfig().max_digits
+    policy, tokenizer = load_model_and_tokenizer(job.model)
     rng = random.Random(job.seed)
     problems = [
         addition.rl_problem(rng, max_digits) for _ in range(job.prompts_per_step * (job.steps + 1))
@@ -197,11 +199,11 @@ def bench_trl(job: RLJob) -> dict[str, Any]:
         beta=KL_COEF,
     )
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path),
+        model=policy,
         reward_funcs=reward,
         args=config,
         train_dataset=Dataset.from_dict({"prompt": [p.prompt for p in problems]}),
-        processing_class=AutoTokenizer.from_pretrained(path),
+        processing_class=tokenizer,
         callbacks=[timer],
     )
     timed = run_trl(trainer, timer)

@@ -40,7 +40,8 @@ COMMANDS: dict[str, str] = {
         "The critical-token experiment at a small scale: standard vs prioritised KL, several seeds."
     ),
     "models": (
-        "List the checkpoints shipped with tether (usable wherever a checkpoint is asked for)."
+        "List the shipped checkpoints and installed pretrained models (usable by name wherever a\n"
+        "model is asked for, as is any local Hugging Face folder)."
     ),
     "bench": "Speed benchmarks that print figures.",
     "study": "Multi-run studies that reproduce a paper's claims.",

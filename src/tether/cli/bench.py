@@ -65,7 +65,7 @@ def bench_imitation_command(
 @app.command("rl")
 @friendly_errors
 def bench_rl_command(
-    model: Annotated[str, typer.Option(help="checkpoint for policy and reference")] = "addition-n3",
+    model: BenchModel = "addition-n3",
     prompts: Annotated[int, typer.Option(min=1, help="prompts per step")] = 8,
     group: Annotated[int, typer.Option(min=2, help="completions per prompt")] = 4,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 300,
@@ -89,7 +89,13 @@ def bench_rl_command(
 
 
 # options `bench steps` and `bench trl` share
-BenchModel = Annotated[str, typer.Option(help="checkpoint of the policy and reference")]
+BenchModel = Annotated[
+    str,
+    typer.Option(
+        help="the policy and reference: a shipped or installed model name (tether models), a "
+        "checkpoint or a Hugging Face folder"
+    ),
+]
 BenchGroup = Annotated[int, typer.Option(min=2, help="RL: completions per prompt")]
 BenchMaxNew = Annotated[int, typer.Option(min=1, help="RL: completion length")]
 BenchSteps = Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")]

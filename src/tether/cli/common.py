@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -22,9 +22,11 @@ from tether.config import RecipeError
 from tether.engine.checkpoints import RunDirError
 from tether.engine.faults import NonFiniteError, TrainingInterrupted
 from tether.eval.checkpoint import EvaluationError
+from tether.generation.texts import checkpoint_prompt_format
 from tether.models.loading import ModelLoadError
 from tether.rewards.functions import RewardError
 from tether.tasks.jsonl import DatasetError
+from tether.tasks.prompts import CHAT_TEMPLATE_MODES, PromptFormat, PromptFormatError
 
 F = TypeVar("F", bound=Callable[..., Any])
 MAX_SEED = 2**32 - 1  # what NumPy's and a recipe's seed allow
@@ -37,7 +39,21 @@ INPUT_ERRORS = (
     DatasetError,
     RewardError,
     EvaluationError,
+    PromptFormatError,
 )
+
+# the prompt format of sample, eval and winrate: what the checkpoint recorded, unless given
+ChatTemplateOption = Annotated[
+    str | None,
+    typer.Option(
+        help="auto | on | off: prompts through the tokenizer's chat template (auto: when it "
+        "has one; default: as the checkpoint was trained)"
+    ),
+]
+SystemPromptOption = Annotated[
+    str | None,
+    typer.Option(help="a system prompt before each prompt ('' = none; default: the checkpoint's)"),
+]
 
 
 class UsageError(ValueError):
@@ -170,3 +186,13 @@ def choices(option: str, given: list[str] | None, allowed: tuple[str, ...]) -> t
         if name not in allowed:
             raise UsageError(f"{option} {name!r}: choose from {', '.join(allowed)}")
     return tuple(given or allowed)
+
+
+def prompt_format_option(
+    model: str, chat_template: str | None, system_prompt: str | None
+) -> PromptFormat:
+    """``--chat-template`` and ``--system-prompt`` over what ``model`` records
+    (:func:`tether.generation.texts.checkpoint_prompt_format`)."""
+    if chat_template is not None and chat_template not in CHAT_TEMPLATE_MODES:
+        raise UsageError(f"--chat-template {chat_template!r}: choose auto, on or off")
+    return checkpoint_prompt_format(model, chat_template, system_prompt)

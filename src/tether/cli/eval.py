@@ -9,10 +9,13 @@ import typer
 
 from tether.cli.common import (
     MAX_SEED,
+    ChatTemplateOption,
+    SystemPromptOption,
     echo_json,
     friendly_errors,
     parse_digits,
     parse_temperatures,
+    prompt_format_option,
 )
 from tether.eval.addition import accuracy_table, certainty_table
 from tether.eval.checkpoint import evaluate_checkpoint
@@ -23,7 +26,13 @@ app = typer.Typer(add_completion=False)
 
 
 # the options, each with its help
-Checkpoint = Annotated[str, typer.Argument(help="shipped model name, checkpoint or run directory")]
+Checkpoint = Annotated[
+    str,
+    typer.Argument(
+        help="shipped or installed model name (tether models), checkpoint, run directory or "
+        "Hugging Face folder"
+    ),
+]
 TaskName = Annotated[
     str | None,
     typer.Option(help="addition, multistep... (default: the task the checkpoint was trained on)"),
@@ -62,6 +71,10 @@ Reference = Annotated[
 Beta = Annotated[
     float | None, typer.Option(help="--exact: β of the target (default: the dpg.beta used)")
 ]
+Data = Annotated[
+    str | None,
+    typer.Option(help="the task's JSON Lines file (jsonl, prefs-jsonl; default: the checkpoint's)"),
+]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON document")]
 
 
@@ -83,6 +96,9 @@ def eval_(
     exact: Exact = False,
     reference: Reference = None,
     beta: Beta = None,
+    data: Data = None,
+    chat_template: ChatTemplateOption = None,
+    system_prompt: SystemPromptOption = None,
     json_: Json = False,
 ) -> None:
     """Accuracy per digit length (addition) or accuracy and score (other tasks), with 95%
@@ -106,6 +122,8 @@ def eval_(
         reference=reference,
         beta=beta,
         progress=not json_,
+        prompt_format=prompt_format_option(checkpoint, chat_template, system_prompt),
+        data=data,
     )
     if json_:
         echo_json(result)

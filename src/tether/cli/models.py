@@ -1,4 +1,4 @@
-"""``tether models``: the checkpoints shipped with tether."""
+"""``tether models``: the checkpoints shipped with tether and the installed pretrained models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tether.cli.common import echo_json, friendly_errors
-from tether.models.loading import shipped_models
+from tether.models.loading import all_models
 
 app = typer.Typer(add_completion=False)
 
@@ -15,12 +15,19 @@ app = typer.Typer(add_completion=False)
 @app.command()
 @friendly_errors
 def models(json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """List the checkpoints shipped with tether (usable wherever a checkpoint is asked for)."""
-    shipped = shipped_models()
+    """List the shipped checkpoints and installed pretrained models (usable by name wherever a
+    model is asked for, as is any local Hugging Face folder)."""
+    listed = all_models()
     if json_:
-        echo_json(shipped)
+        echo_json(listed)
         return
-    if not shipped:
-        typer.echo("no shipped models")
-    for name, info in shipped.items():
-        typer.echo(f"{name}\n  {info.get('description', '')}\n  path: {info['path']}")
+    for name, info in listed.items():
+        if info.get("installed") is False:
+            typer.echo(f"{name}  (not installed: {info['install']})\n  {info['description']}")
+            continue
+        count = info.get("parameters")
+        size = f", {count:,} parameters" if count is not None else ""
+        typer.echo(
+            f"{name}  ({info['source']}{size})\n  {info.get('description', '')}\n"
+            f"  path: {info['path']}"
+        )

@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
-from tether.cli.common import MAX_SEED, UsageError, echo_json, friendly_errors
+from tether.cli.common import (
+    MAX_SEED,
+    ChatTemplateOption,
+    SystemPromptOption,
+    UsageError,
+    echo_json,
+    friendly_errors,
+    prompt_format_option,
+)
 from tether.generation.texts import sample_completions
 from tether.tasks import addition
 
@@ -20,7 +28,11 @@ app = typer.Typer(add_completion=False)
 @friendly_errors
 def sample(
     checkpoint: Annotated[
-        str, typer.Argument(help="shipped model name, checkpoint or run directory")
+        str,
+        typer.Argument(
+            help="shipped or installed model name (tether models), checkpoint, run directory "
+            "or Hugging Face folder"
+        ),
     ],
     prompt: Annotated[
         list[str] | None, typer.Option(help="prompt text (repeatable); \\n is a newline")
@@ -32,6 +44,8 @@ def sample(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 512,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
+    chat_template: ChatTemplateOption = None,
+    system_prompt: SystemPromptOption = None,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
     """Generate completions for prompts (or for random addition problems)."""
@@ -49,7 +63,12 @@ def sample(
     else:
         raise UsageError("give --prompt TEXT or --digits N")
     completions = sample_completions(
-        checkpoint, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        checkpoint,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        prompt_format=prompt_format_option(checkpoint, chat_template, system_prompt),
     )
     rows: list[dict[str, Any]] = [asdict(c) for c in completions]
     for row, problem in zip(rows, problems, strict=False):  # --digits: judge the answers

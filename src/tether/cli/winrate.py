@@ -11,7 +11,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tether.cli.common import MAX_SEED, UsageError, check_out, echo_json, friendly_errors, parse_ns
+from tether.cli.common import (
+    MAX_SEED,
+    ChatTemplateOption,
+    SystemPromptOption,
+    UsageError,
+    check_out,
+    echo_json,
+    friendly_errors,
+    parse_ns,
+    prompt_format_option,
+)
 from tether.eval.checkpoint import checkpoint_winrate
 from tether.eval.winrate import WinRateReport
 
@@ -19,7 +29,11 @@ app = typer.Typer(add_completion=False)
 
 # the options, each with its help
 Policy = Annotated[
-    str, typer.Argument(help="the policy: shipped model name, checkpoint or run directory")
+    str,
+    typer.Argument(
+        help="the policy: shipped or installed model name, checkpoint, run directory or "
+        "Hugging Face folder"
+    ),
 ]
 Reference = Annotated[
     str | None,
@@ -47,6 +61,9 @@ TaskName = Annotated[
     str | None, typer.Option(help="the task (default: the one the policy was trained on)")
 ]
 MaxDigits = Annotated[int | None, typer.Option(min=1, max=18, help="the task's max_digits")]
+Data = Annotated[
+    str | None, typer.Option(help="the task's JSON Lines file (default: the policy's)")
+]
 MaxNewTokens = Annotated[int | None, typer.Option(min=1, help="default: the task's budget")]
 BatchSize = Annotated[int, typer.Option(min=1, help="rows sampled at once")]
 Json = Annotated[bool, typer.Option("--json", help="print the report as JSON")]
@@ -70,11 +87,14 @@ def winrate(
     reward_model: RewardModel = None,
     task: TaskName = None,
     max_digits: MaxDigits = None,
+    data: Data = None,
     max_new_tokens: MaxNewTokens = None,
     batch_size: BatchSize = 64,
     json_: Json = False,
     plot: Plot = None,
     threads: Threads = None,
+    chat_template: ChatTemplateOption = None,
+    system_prompt: SystemPromptOption = None,
 ) -> None:
     """InfAlign's inference-time win rate: the policy's best-of-N (or worst-of-N) against the
     reference decoded the same way, judged by the reward, for each N; with KL(policy||reference)."""
@@ -105,11 +125,10 @@ def winrate(
         batch_size=batch_size,
         progress=not json_,
         plot=plot,
+        prompt_format=prompt_format_option(policy, chat_template, system_prompt),
+        data=data,
     )
-    if json_:
-        echo_json(report.to_dict())
-    else:
-        print_winrate(report)
+    echo_json(report.to_dict()) if json_ else print_winrate(report)
 
 
 def print_winrate(report: WinRateReport) -> None:

@@ -62,6 +62,19 @@ class Recipe(Strict):
                 f"train.stage {self.train.stage} samples and scores responses: task.name "
                 f"{self.task.name} holds preference pairs, not a reward"
             )
+        if self.task.name == "jsonl" and self.task.completion_field is None:
+            if stage.samples_from_policy != "always":
+                raise ValueError(
+                    f"train.stage {self.train.stage} learns from demonstrations: "
+                    "task.completion_field null (prompt-only rows) gives none; name the "
+                    "completion column, or use a stage that samples (rl, online-dpo, xpo, dpg)"
+                )
+            if self.reward.kind in ("checker", "graded", None):
+                raise ValueError(
+                    f"reward.kind {self.reward.kind or stage.default_reward}: prompt-only rows "
+                    "(task.completion_field null) hold no reference to check against; use "
+                    "reward.kind python (reward.function may read the row's columns) or model"
+                )
         if self.dpg.log_z == "exact" and self.task.name != "enumerable":
             raise ValueError(
                 f"dpg.log_z exact needs task.name enumerable (got {self.task.name}): "

@@ -64,7 +64,8 @@ class TaskConfig(Strict):
         "completion",
         min_length=1,
         description="jsonl: the demonstration column; null = prompt-only rows (for the stages "
-        "that sample: rl, online-dpo, xpo, dpg), whose other columns reach the reward",
+        "that sample: rl, online-dpo, xpo, dpg), whose other columns reach the reward, which "
+        "must then be reward.kind python or model (no reference to check against)",
     )
     chosen_field: str = Field("chosen", min_length=1, description="prefs-jsonl")
     rejected_field: str = Field("rejected", min_length=1, description="prefs-jsonl")
@@ -92,6 +93,15 @@ class TaskConfig(Strict):
         if self.name in ("jsonl", "prefs-jsonl") and not self.path:
             raise ValueError(
                 f"task.path is required when task.name is {self.name} (a JSON Lines file)"
+            )
+        if self.completion_field is None and self.name != "jsonl":
+            raise ValueError(
+                f"task.completion_field: null (prompt-only rows) is for task.name jsonl only "
+                f"(got {self.name})"
+            )
+        if self.name == "jsonl" and self.prompt_field == self.completion_field:
+            raise ValueError(
+                "task.prompt_field and task.completion_field must be two different names"
             )
         fields = (self.prompt_field, self.chosen_field, self.rejected_field)
         if self.name == "prefs-jsonl" and len(set(fields)) != 3:
@@ -238,13 +248,16 @@ class TrainConfig(Strict):
         None,
         ge=1,
         description="rows per forward/backward pass: the batch is split into micro-batches "
-        "whose gradients accumulate into one optimizer step (the same step as the whole batch); "
+        "whose gradients accumulate into one optimizer step (the same step as the whole batch; "
+        "DDP synchronises on the last); rows the loss reads together stay together (an RLOO or "
+        "DPG prompt group, a pair's two rows), so a micro-batch holds at least one such unit; "
         "null = the whole batch in one pass",
     )
     activation_checkpointing: bool = Field(
         False,
         description="recompute the policy's activations in the backward pass instead of "
-        "keeping them (less memory, about a third more compute; Hugging Face models)",
+        "keeping them (less memory, about a third more compute; the same gradients; Hugging "
+        "Face models that support gradient checkpointing, LoRA included)",
     )
 
 
@@ -259,7 +272,12 @@ class RLConfig(Strict):
     algorithm: Literal["reinforce", "rloo", "a2c", "ppo"] = "a2c"
     prompts_per_step: int = Field(50, ge=1, description="episodes per collect")
     group_size: int = Field(1, ge=1, description="samples per prompt (RLOO needs >= 2)")
-    temperature: float = Field(2.0, gt=0.0, description="policy and reference sampled/scored at T")
+    temperature: float = Field(
+        1.0,
+        gt=0.0,
+        description="policy and reference sampled/scored at T (the paper's 2.0 suits its "
+        "character model; on a 49k-token vocabulary T = 2 samples near-uniform noise)",
+    )
     max_new_tokens: int | None = Field(
         None, ge=1, description="default: longest scratchpad + margin"
     )
@@ -268,9 +286,25 @@ class RLConfig(Strict):
     kl_coef: float = Field(5.0, ge=0.0, description="α, the KL coefficient")
     kl_estimator: Literal["k1", "k2", "k3", "exact"] = "k2"
     kl_placement: Literal["loss", "reward"] = "loss"
-    certainty_exponent: float | None = Field(None, ge=0.0, description="β_c of the prioritised KL")
-    certainty_form: Literal["entropy", "max_prob"] = "entropy"
-    certainty_temperature: float | None = Field(None, gt=0.0)
+    certainty_exponent: float | None = Field(
+        None,
+        ge=0.0,
+        description="β_c of the prioritised KL w = Ĵ^β_c, Ĵ = 1 − u/S (u: the reference's "
+        "entropy or min-entropy at the token); null = the standard KL",
+    )
+    certainty_form: Literal["entropy", "max_prob"] = Field(
+        "entropy", description="u: entropy (the paper) or −log max-probability (its code)"
+    )
+    certainty_temperature: float | None = Field(
+        None, gt=0.0, description="softmax temperature of u (null: 1 for entropy, 4 for max_prob)"
+    )
+    certainty_normalization: Literal["typical", "vocabulary"] = Field(
+        "typical",
+        description="S: typical = 343·ū, ū the reference's mean u over the batch's completion "
+        "tokens, so β_c means the same on any model and vocabulary (on the shipped 99-token "
+        "model S ≈ log 99); vocabulary = log V, the paper's (on a 49k-token model at T = 1 "
+        "it sets almost every weight near 0); docs/rl.md",
+    )
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
     value_coef: float = Field(0.1, ge=0.0)
@@ -376,10 +410,11 @@ class RewardConfig(Strict):
     ``online-dpo``, ``xpo`` and ``tether winrate``; optionally calibrated and transformed as
     in InfAlign's CTRL (docs/methods.md §8)."""
 
-    kind: Literal["checker", "graded", "python", "model"] = Field(
-        "checker",
+    kind: Literal["checker", "graded", "python", "model"] | None = Field(
+        None,
         description="checker: rl.reward_correct/reward_wrong; graded: the task's score in "
-        "[0, 1]; python: reward.function; model: a reward-model checkpoint",
+        "[0, 1]; python: reward.function; model: a reward-model checkpoint; null: the stage's "
+        "default (checker; dpg: graded, the target's r)",
     )
     function: str | None = Field(
         None, description="python: 'package.module:name' or 'file.py:name', (prompt, completion)"

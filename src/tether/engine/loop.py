@@ -7,15 +7,24 @@ A run directory holds ``config.yaml`` (the resolved recipe), ``metrics.jsonl`` (
 per logged step, always with ``step``), ``summary.json`` (final figures, written last),
 ``checkpoints/step-NNNNNN/`` and ``model/`` (the final checkpoint). Every checkpoint is a
 ``save_pretrained`` directory, loadable with ``AutoModelForCausalLM.from_pretrained``.
+
+With ``train.micro_batch_size`` each update runs the stage's micro-batches
+(:meth:`~tether.stages.base.Stage.micro_batches`) one after the other, their gradients
+accumulating (under DDP synchronised on the last one only), then steps once: the step of the
+whole batch, whose figures are the micro-batches' weighted sums. Every step's figures go
+through :class:`~tether.engine.signals.SetupMonitor` (warnings of a broken set-up);
+``peak_rss_mb`` (and ``cuda_peak_allocated_mb`` on a GPU) are logged and kept in the summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +54,7 @@ from tether.engine.faults import (
     gradient_norm,
     nonfinite_gradient,
 )
+from tether.engine.memory import peak_memory
 from tether.engine.precision import check_precision
 from tether.engine.setup import (
     build_policy,
@@ -53,8 +63,10 @@ from tether.engine.setup import (
     seed_everything,
     warn_oversubscribed,
 )
-from tether.eval.during_training import evaluate_during_training
-from tether.stages.base import make_stage
+from tether.engine.signals import KEYS as SIGNAL_KEYS
+from tether.engine.signals import SetupMonitor
+from tether.eval.during_training import Evaluation, evaluate_run, paired_gains
+from tether.stages.base import Stage, make_stage, reward_recipe
 
 
 class MetricsLog:
@@ -106,6 +118,29 @@ def check_sharded_weights(accelerator: Accelerator, recipe: Recipe) -> None:
         )
 
 
+def check_micro_batches(recipe: Recipe, stage: Stage[Any]) -> None:
+    """``train.micro_batch_size`` needs a stage that can cut its batches."""
+    if recipe.train.micro_batch_size is not None and not stage.splits_batches:
+        raise RecipeError(
+            f"train.micro_batch_size: train.stage {recipe.train.stage} cannot split its batch "
+            "into micro-batches; remove the key"
+        )
+
+
+def weighted_stats(parts: Sequence[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """The whole batch's figures from its micro-batches' (weight w_i, stats_i): Σ_i w_i·x_i
+    per key, over the micro-batches that logged it (renormalised by their weights)."""
+    if len(parts) == 1:
+        return parts[0][1]
+    total: dict[str, float] = {}
+    weight: dict[str, float] = {}
+    for w, stats in parts:
+        for key, value in stats.items():
+            total[key] = total.get(key, 0.0) + w * value
+            weight[key] = weight.get(key, 0.0) + w
+    return {key: total[key] / weight[key] for key in total}
+
+
 def train(
     recipe: Recipe, out: str | Path, progress: bool = True, resume: bool = False
 ) -> dict[str, Any]:
@@ -143,6 +178,7 @@ def train(
     model, tokenizer = build_policy(recipe)
     model.to(accelerator.device)
     stage = make_stage(recipe, tokenizer, model, accelerator.device)
+    check_micro_batches(recipe, stage)
     prepare_models(model, stage, recipe, accelerator.device)
     if resume_from is None and main:  # written once the models load: a bad path leaves no folder
         out.mkdir(parents=True, exist_ok=True)
@@ -172,23 +208,75 @@ def train(
         "seed": recipe.seed,
         "stage": recipe.train.stage,
         "init": recipe.model.init,  # the reference of a KL-tethered stage
-        "reward": recipe.reward.model_dump(),
+        "reward": reward_recipe(recipe, stage.spec).reward.model_dump(),  # as it scored
         **stage.checkpoint_metadata(),
         **({"lora": recipe.model.lora.model_dump()} if recipe.model.lora is not None else {}),
     }
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in trainable)
+    micro_batch_size = recipe.train.micro_batch_size
+    monitor = SetupMonitor()
+
+    def update(batch: Any) -> tuple[str | None, float, dict[str, float]]:
+        """One optimizer update on ``batch``, micro-batch by micro-batch: the forward and
+        backward passes of each (DDP synchronises the gradients on the last one only), then
+        one step. Returns what was not finite (None: the step was taken), the gradient norm
+        and the batch's figures."""
+        parts = [batch]
+        if micro_batch_size is not None:
+            parts = stage.micro_batches(model, batch, micro_batch_size)
+        figures: list[tuple[float, dict[str, float]]] = []
+        fault, grad_norm = None, float("nan")
+        for i, part in enumerate(parts):
+            weight = 1.0 if part.share is None else part.share.weight
+            last = i == len(parts) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                loss, stats = stage.loss(model, part)
+                figures.append((weight, stats))
+                finite = bool(torch.isfinite(loss))
+                if not distributed.all_true(finite):  # every process skips, or none does
+                    fault = f"the loss ({loss.item()})" if not finite else "another process's loss"
+                    break
+                accelerator.backward(loss if weight == 1.0 else loss * weight)
+        if fault is None:
+            distributed.average_gradients(stage.parameters())  # DDP holds the model's
+            # one pass over the gradients: the total norm (clipping, when on, returns it);
+            # only a non-finite norm sends us looking for the parameter to name
+            if recipe.optim.grad_clip is not None:
+                clip = recipe.optim.grad_clip
+                grad_norm = float(accelerator.clip_grad_norm_(trainable, clip))
+            else:
+                grad_norm = gradient_norm(trainable)
+            if not math.isfinite(grad_norm):
+                fault = nonfinite_gradient(named) or f"the gradient norm ({grad_norm})"
+        if fault is None:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return fault, grad_norm, weighted_stats(figures)
+
+    def watch(step: int, stats: dict[str, float]) -> None:
+        """The step's figures through the set-up monitor (every process's, averaged); its
+        warnings on stderr, from the main process."""
+        watched = distributed.mean_stats({k: v for k, v in stats.items() if k in SIGNAL_KEYS})
+        for line in monitor.observe(step, watched):
+            if main:
+                tqdm.write(line, file=sys.stderr)
 
     def evaluate() -> dict[str, float]:
-        """The task's evaluation (generation), plus the stage's own figures where it has
-        them (preference stages: pairwise accuracy); a reward model has only its own."""
+        """The task's evaluation (generation, judged by the task and by the stage's reward),
+        plus the stage's own figures where it has them (preference stages: pairwise accuracy);
+        a reward model has only its own. The first and the latest evaluation's per-problem
+        outcomes are kept for the summary's paired gains."""
         unwrapped = accelerator.unwrap_model(model)
-        figures: dict[str, float] = {}
+        result = Evaluation()
         with distributed.local():  # every process evaluates alone; the main one logs
             if stage.generation_eval:
-                figures = evaluate_during_training(unwrapped, tokenizer, recipe, stage.task)
-            return {**figures, **stage.evaluate(unwrapped)}
+                result = evaluate_run(unwrapped, tokenizer, recipe, stage.task, stage.reward)
+            last_outcomes.clear()
+            last_outcomes.update(result.outcomes)
+            return {**result.figures, **stage.evaluate(unwrapped)}
 
+    last_outcomes: dict[str, list[float]] = {}  # per held-out problem, the latest evaluation
     first_step = 1
     # figures that outlive a step and must survive a resume
     carried: dict[str, Any] = {"last": {}, "last_eval": {}, "elapsed_s": 0.0, "skipped": 0}
@@ -201,6 +289,7 @@ def train(
         first_step = done + 1
     elif stage.spec.evaluates_at_start:  # the start's figures
         carried["last_eval"] = evaluate()
+        carried["first_outcomes"] = dict(last_outcomes)  # step 0's, kept through a resume
         log.log(0, carried["last_eval"])
 
     def checkpoint(step: int) -> Path:
@@ -231,25 +320,8 @@ def train(
         for step in bar:
             batch = stage.next_batch()
             for _ in range(stage.epochs_per_batch):  # PPO: several updates on one rollout
-                loss, stats = stage.loss(model, batch)
-                finite = bool(torch.isfinite(loss))
-                fault = None
-                if not distributed.all_true(finite):  # every process skips, or none does
-                    fault = f"the loss ({loss.item()})" if not finite else "another process's loss"
-                if fault is None:
-                    accelerator.backward(loss)
-                    distributed.average_gradients(stage.parameters())  # DDP holds the model's
-                    # one pass over the gradients: the total norm (clipping, when on, returns
-                    # it); only a non-finite norm sends us looking for the parameter to name
-                    if recipe.optim.grad_clip is not None:
-                        clip = recipe.optim.grad_clip
-                        grad_norm = float(accelerator.clip_grad_norm_(trainable, clip))
-                    else:
-                        grad_norm = gradient_norm(trainable)
-                    if not math.isfinite(grad_norm):
-                        fault = nonfinite_gradient(named) or f"the gradient norm ({grad_norm})"
+                fault, grad_norm, stats = update(batch)
                 if fault is not None:
-                    optimizer.zero_grad(set_to_none=True)
                     if recipe.train.on_nonfinite == "stop":
                         kept = step_checkpoints(out)
                         where = str(kept[-1][1]) if kept else "none yet"
@@ -260,10 +332,9 @@ def train(
                         )
                     carried["skipped"] += 1
                     break
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             tokens_since += batch.num_tokens
+            watch(step, stats)
 
             if step % recipe.train.log_every == 0 or step == recipe.train.steps:
                 now = time.perf_counter()
@@ -276,6 +347,7 @@ def train(
                     "skipped_batches": carried["skipped"],
                     "tokens_per_s": tokens_since / max(now - t_since, 1e-9),
                     "elapsed_s": elapsed_before + now - t_start,
+                    **peak_memory(accelerator.device),
                 }
                 tokens_since, t_since = 0, now
                 log.log(step, carried["last"])
@@ -315,8 +387,12 @@ def train(
         "train_time_s": round(elapsed_before + time.perf_counter() - t_start, 2),
         "final_loss": last.get("loss"),
         "skipped_batches": carried["skipped"],
+        **peak_memory(accelerator.device),
+        "warnings": monitor.warnings,
         **({"data": data_report.summary()} if data_report is not None else {}),
         **last_eval,
+        # held-out gains from the first evaluation to the last, paired by problem
+        **paired_gains(carried.get("first_outcomes", {}), last_outcomes),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if recipe.tracking.trackers:

@@ -1,5 +1,5 @@
-"""Setting a run up: seeds, the policy (new, loaded, or with LoRA adapters), precision and
-compilation, the optimizer, and the thread count."""
+"""Setting a run up: seeds, the policy (new, loaded, or with LoRA adapters; activation
+checkpointing), precision and compilation, the optimizer, and the thread count."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tether.config import Recipe
+from tether.config import Recipe, RecipeError
 from tether.engine.precision import autocast_forward
 from tether.models.loading import build_model, char_tokenizer, load_model_and_tokenizer
-from tether.models.lora import with_adapters
+from tether.models.lora import is_lora, with_adapters
 from tether.stages.base import Stage
 
 
@@ -30,18 +30,46 @@ def seed_everything(seed: int) -> None:
 
 
 def build_policy(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The policy to train (``model.init`` loaded, with LoRA adapters when asked, or a new
+    model) and its tokenizer; with ``train.activation_checkpointing`` its activations are
+    recomputed in the backward pass (:func:`enable_activation_checkpointing`)."""
     if recipe.model.init is not None:
         model, tokenizer = load_model_and_tokenizer(recipe.model.init)
         if recipe.model.lora is not None:  # frozen weights, trainable low-rank adapters
             model = with_adapters(model, recipe.model.lora)
         model.train()
-        return model, tokenizer
-    tokenizer = char_tokenizer(model_max_length=recipe.model.max_positions)
-    m = recipe.model
-    model = build_model(
-        tokenizer, m.arch, m.n_layer, m.n_head, m.n_embd, m.max_positions, m.dropout
-    )
+    else:
+        tokenizer = char_tokenizer(model_max_length=recipe.model.max_positions)
+        m = recipe.model
+        model = build_model(
+            tokenizer, m.arch, m.n_layer, m.n_head, m.n_embd, m.max_positions, m.dropout
+        )
+    if recipe.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """``train.activation_checkpointing``: each decoder layer's activations are recomputed in
+    the backward pass instead of kept (Hugging Face's ``gradient_checkpointing_enable``, the
+    non-reentrant ``torch.utils.checkpoint``, so gradients equal those without). Only in
+    training mode: sampling (eval mode) keeps its KV cache. With LoRA the embeddings' output
+    is made to require grad, so the checkpointed layers see an input with a gradient and the
+    adapters inside them get theirs. A model without the support is a RecipeError."""
+    base = model.get_base_model() if is_lora(model) else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        name = type(base).__name__
+        raise RecipeError(
+            f"train.activation_checkpointing: the model ({name}) does not support gradient "
+            "checkpointing; set it to false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers ≥ 5.2x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if is_lora(model) and not hasattr(base, "_require_grads_hook"):  # newer: enabled above
+        base.enable_input_require_grads()
 
 
 def compile_models(model: torch.nn.Module, stage: Stage[Any], backend: str = "inductor") -> None:

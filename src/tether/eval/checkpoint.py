@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ from tether.models.loading import (
 )
 from tether.rewards.functions import RewardError, build_reward
 from tether.tasks import Task, task_from_config
+from tether.tasks.prompts import PromptFormat
 
-__all__ = ["EvaluationError", "checkpoint_winrate", "evaluate_checkpoint"]
+__all__ = ["EvaluationError", "RewardJudged", "checkpoint_winrate", "evaluate_checkpoint"]
 
 REWARD_KINDS = ("checker", "graded", "python", "model")
 
@@ -61,12 +63,17 @@ def evaluate_checkpoint(
     reference: str | Path | None = None,
     beta: float | None = None,
     progress: bool = False,
+    prompt_format: PromptFormat | None = None,
+    data: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on its task; the figures as a JSON-ready dict.
 
-    ``model`` is a shipped model name (``tether models``), a checkpoint or a run directory;
-    ``task`` defaults to the task it was trained on (addition for a checkpoint that records
-    none). What is measured follows the task:
+    ``model`` is a shipped or installed model name (``tether models``), a checkpoint, a run
+    directory or any Hugging Face folder; ``task`` defaults to the task it was trained on
+    (addition, with its defaults, for a model that records none), ``data`` to the file that
+    task read (``task.path``: a jsonl or prefs-jsonl task needs one), ``prompt_format`` to
+    the format it was trained with (:func:`tether.generation.texts.checkpoint_prompt_format`).
+    What is measured follows the task:
 
     - **addition**: greedy (``temperature`` 0) or sampled Pass@1 accuracy on ``n`` problems
       per digit length in ``digits`` and kind, with 95% intervals
@@ -85,6 +92,11 @@ def evaluate_checkpoint(
       the checkpoint's init and ``beta`` to the dpg stage's β (or its moment or constraint
       target).
 
+    A task of prompt-only rows (``task.completion_field: null``) has no reference to check
+    samples against: it is judged by the reward the checkpoint records (python or model), the
+    sweep's ``score`` being the mean reward and its ``accuracy`` the share of samples with a
+    positive reward (:class:`RewardJudged`), and ``"judged_by"`` names the reward.
+
     ``seed`` fixes the problems and the sampling. ``progress`` shows a bar (addition).
     """
     if max_digits is not None and not 1 <= max_digits <= 18:
@@ -92,13 +104,16 @@ def evaluate_checkpoint(
     path = resolve_checkpoint(str(model))
     trained_on = checkpoint_task(path)
     task_name = task or trained_on.get("name", "addition")
+    settings = _Settings(prompt_format, None if data is None else str(data))
     if exact:
-        return _exact(path, task_name, trained_on, reference, beta)
+        return _exact(path, task_name, trained_on, reference, beta, settings)
     if reference is not None or beta is not None:
         raise EvaluationError("--reference and --beta go with --exact")
     if task_name != "addition" or temperatures or rewards:
         sweep = list(temperatures) if temperatures else [temperature]
-        return _sampled(path, task_name, trained_on, n, sweep, temperature, k, rewards, seed)
+        return _sampled(
+            path, task_name, trained_on, n, sweep, temperature, k, rewards, seed, settings
+        )
     return _addition(
         path, trained_on, digits, n, temperature, certainty, max_digits, seed, batch_size, progress
     )
@@ -154,11 +169,87 @@ def _model_n(max_digits: int | None, trained_on: dict[str, Any]) -> int:
     return int(trained_on["max_digits"])
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What the caller sets over the checkpoint's recorded task: the prompt format and the
+    data file (None: the recorded ones)."""
+
+    prompt_format: PromptFormat | None = None
+    data: str | None = None
+
+
 def _task_config(name: str, trained_on: dict[str, Any], **overrides: Any) -> TaskConfig:
     """The task ``name`` with the checkpoint's own settings when it was trained on it (its
     fixed training set aside), else the task's defaults; ``overrides`` on top."""
     fields = {**trained_on, "train_size": None} if trained_on.get("name") == name else {}
     return TaskConfig.model_validate({**fields, "name": name, **overrides})
+
+
+def _build_task(
+    name: str, trained_on: dict[str, Any], settings: _Settings, **overrides: Any
+) -> tuple[TaskConfig, Task]:
+    """The task config and the task ``name`` (:func:`_task_config`), with the settings' data
+    file and prompt format; a one-line EvaluationError naming ``--task`` otherwise."""
+    if settings.data is not None:
+        overrides["path"] = settings.data
+    if settings.prompt_format is not None:
+        overrides["chat_template"] = settings.prompt_format.chat_template
+        overrides["system_prompt"] = settings.prompt_format.system_prompt
+    try:
+        cfg = _task_config(name, trained_on, **overrides)
+        return cfg, task_from_config(cfg)
+    except ValueError as err:  # pydantic's ValidationError, a DatasetError
+        hint = ""
+        recorded = trained_on.get("path") if trained_on.get("name") == name else None
+        if name in ("jsonl", "prefs-jsonl") and settings.data is None and not recorded:
+            hint = " (give the data file: --data FILE)"
+        raise EvaluationError(f"--task {name!r}: {_first_error(err)}{hint}") from None
+
+
+class RewardJudged(Task):
+    """A prompt-only task judged by a reward (what ``tether eval`` and ``tether winrate`` do
+    without references): ``score`` is the reward and ``is_correct`` a positive reward; the
+    rest is the task's own. Each completion's reward is computed once."""
+
+    def __init__(self, task: Task, reward: Any) -> None:
+        self.task, self.reward = task, reward
+        self.report, self.prompt_format = task.report, task.prompt_format
+        # by (problem, completion); the problem is kept so its id is not reused
+        self._cache: dict[tuple[int, str], tuple[Any, float]] = {}
+
+    def pretrain_problem(self, rng: random.Random) -> Any:
+        return self.task.pretrain_problem(rng)
+
+    def rl_problem(self, rng: random.Random) -> Any:
+        return self.task.rl_problem(rng)
+
+    def score(self, problem: Any, completion: str) -> float:
+        key = (id(problem), completion)
+        if key not in self._cache:
+            self._cache[key] = (problem, float(self.reward([problem], [completion])[0]))
+        return self._cache[key][1]
+
+    def is_correct(self, problem: Any, completion: str) -> bool:
+        return self.score(problem, completion) > 0
+
+    def max_new_tokens(self) -> int:
+        return self.task.max_new_tokens()
+
+
+def _judged_by_reward(
+    path: Path, task: Task, task_cfg: TaskConfig, kind: str, function: str | None, model: Any
+) -> RewardJudged:
+    """``task`` (prompt-only rows) judged by the reward ``kind`` (python or model)."""
+    if kind not in ("python", "model"):
+        raise EvaluationError(
+            f"{path}: task {task_cfg.name} has prompt-only rows (task.completion_field null), "
+            f"so there is no reference to check against, and the reward is {kind}: evaluate "
+            "with a python or model reward (a checkpoint trained with one records it)"
+        )
+    reward_cfg = RewardConfig(kind=kind, function=function, model=model)  # type: ignore[arg-type]
+    # a container for build_reward's two sections, not a training recipe: not validated as one
+    holder = Recipe.model_construct(task=task_cfg, reward=reward_cfg)
+    return RewardJudged(task, build_reward(holder, task))
 
 
 def _first_error(err: Exception) -> str:
@@ -182,16 +273,24 @@ def _sampled(
     k: int,
     rewards: bool,
     seed: int,
+    settings: _Settings,
 ) -> dict[str, Any]:
     """Any task: accuracy, score and diversity per temperature; the implicit reward."""
-    try:
-        task = task_from_config(_task_config(task_name, trained_on))
-    except ValueError as err:
-        raise EvaluationError(f"--task {task_name!r}: {_first_error(err)}") from None
+    task_cfg, task = _build_task(task_name, trained_on, settings)
+    judged_by = None
+    if not task.has_references:
+        saved = dict(checkpoint_meta(path).get("reward") or {})
+        kind = saved.get("kind", "checker")
+        task = _judged_by_reward(
+            path, task, task_cfg, kind, saved.get("function"), saved.get("model")
+        )
+        judged_by = {key: saved[key] for key in ("kind", "function", "model") if saved.get(key)}
     model, tokenizer = load_model_and_tokenizer(str(path))
     rng = random.Random(f"tether-eval/{seed}")
     problems = [task.rl_problem(rng) for _ in range(n)]
     result: dict[str, Any] = {"checkpoint": str(path), "task": task_name, "n": n, "k": k}
+    if judged_by is not None:
+        result["judged_by"] = judged_by
     result["sweep"] = imitation.diversity_sweep(
         model, tokenizer, task, problems, temperatures=temperatures, k=k, seed=seed
     )
@@ -236,6 +335,7 @@ def _exact(
     trained_on: dict[str, Any],
     reference: str | Path | None,
     beta: float | None,
+    settings: _Settings,
 ) -> dict[str, Any]:
     """Exact figures of the policy, the reference and the target over the enumerated space;
     the reference and the target from the arguments, else from the checkpoint's tether.json."""
@@ -251,6 +351,8 @@ def _exact(
     except ValidationError as err:
         message = err.errors()[0]["msg"].removeprefix("Value error, ")
         raise EvaluationError(f"--exact: {message}") from None
+    if settings.prompt_format is not None:
+        task.prompt_format = settings.prompt_format
     meta = checkpoint_meta(path)
     ref_name = str(reference) if reference else meta.get("init")
     if ref_name is None:
@@ -312,6 +414,8 @@ def checkpoint_winrate(
     batch_size: int = 64,
     progress: bool = False,
     plot: str | Path | None = None,
+    prompt_format: PromptFormat | None = None,
+    data: str | Path | None = None,
 ) -> WinRateReport:
     """InfAlign's inference-time win rate of a saved policy against its reference
     (:func:`tether.eval.winrate.evaluate_winrate`), with what it needs read from the policy's
@@ -319,7 +423,10 @@ def checkpoint_winrate(
     overrides N), the reward to its reward section without calibration (``reward``: checker,
     graded, python with ``reward_function``, or model with ``reward_model``; calibration is a
     monotone map per prompt, which the win rate ignores). ``plot`` writes a PNG of win rate
-    against N. The report's ``info`` records the policy, reference, task, reward (and plot)."""
+    against N. ``prompt_format`` (default: the policy's recorded one) formats the prompts of
+    both sides; ``data`` replaces the task's file (``task.path``). On prompt-only rows the
+    accuracies are the shares of samples with a positive reward (:class:`RewardJudged`). The
+    report's ``info`` records the policy, reference, task, reward (and plot)."""
     path = resolve_checkpoint(str(policy))
     meta = checkpoint_meta(path)
     reference_name = str(reference) if reference else meta.get("init")
@@ -331,21 +438,26 @@ def checkpoint_winrate(
     trained_on = dict(meta.get("task") or {})
     task_name = task or trained_on.get("name", "addition")
     overrides = {} if max_digits is None else {"max_digits": max_digits}
-    try:
-        task_cfg = _task_config(task_name, trained_on, **overrides)
-        task_obj = task_from_config(task_cfg)
-    except ValueError as err:
-        raise EvaluationError(f"--task {task_name!r}: {_first_error(err)}") from None
+    settings = _Settings(prompt_format, None if data is None else str(data))
+    task_cfg, task_obj = _build_task(task_name, trained_on, settings, **overrides)
     kind, function, model_path = _reward_choice(
         dict(meta.get("reward") or {}), reward, reward_function, reward_model
     )
+    if not task_obj.has_references and kind in ("checker", "graded"):
+        raise EvaluationError(
+            f"--reward {kind}: task {task_name} has prompt-only rows (no reference to check "
+            "against): pass --reward python --reward-function FILE.py:NAME, or --reward model"
+        )
     try:
         reward_cfg = RewardConfig(kind=kind, function=function, model=model_path)  # type: ignore[arg-type]
-        reward_fn = build_reward(Recipe(task=task_cfg, reward=reward_cfg), task_obj)
+        # a container for build_reward's two sections, not a training recipe
+        reward_fn = build_reward(Recipe.model_construct(task=task_cfg, reward=reward_cfg), task_obj)
     except RewardError:
         raise
     except ValueError as err:
         raise EvaluationError(f"--reward {kind}: {_first_error(err)}") from None
+    if not task_obj.has_references:
+        task_obj = RewardJudged(task_obj, reward_fn)
 
     policy_model, tokenizer = load_model_and_tokenizer(str(path))
     try:
@@ -377,6 +489,7 @@ def checkpoint_winrate(
         max_new_tokens=max_new_tokens,
         progress=progress,
         batch_size=batch_size,
+        prompt_format=prompt_format,
     )
     report.label = str(policy)
     report.info = {

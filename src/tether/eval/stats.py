@@ -85,3 +85,18 @@ def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_difference_ci(
+    before: Sequence[float],
+    after: Sequence[float],
+    level: float = 0.95,
+    bounds: tuple[float, float] | None = (-1.0, 1.0),
+) -> tuple[float, float, float]:
+    """The mean of ``after − before`` over paired items (the same problems, or the same seeds)
+    and a Student-t interval of it, ``(mean, low, high)``, cut to ``bounds`` (a difference of
+    two proportions lies in [−1, 1]). Pairing removes what the items share: the spread is that
+    of the per-item differences, not of each side."""
+    if len(before) != len(after):
+        raise ValueError(f"paired values must match in number: {len(before)} and {len(after)}")
+    return mean_ci([a - b for a, b in zip(after, before, strict=True)], level, bounds)

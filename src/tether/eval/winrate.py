@@ -62,6 +62,7 @@ from tether.generation.sampler import pad_id
 from tether.generation.texts import sample_rows
 from tether.models.loading import model_device
 from tether.objectives.common import shifted_token_logprobs
+from tether.tasks.prompts import PromptFormat
 
 __all__ = [
     "Estimate",
@@ -307,12 +308,14 @@ def evaluate_winrate(
     progress: bool = False,
     batch_size: int = 64,
     coupled: bool = False,
+    prompt_format: PromptFormat | None = None,
 ) -> WinRateReport:
     """InfAlign's inference-time win rate of ``policy`` against ``reference``, with the KL.
 
     ``prompts`` problems are drawn with ``task.rl_problem(random.Random(f"tether-winrate/{seed}"))``
     (the same prompts for every model evaluated with this seed), formatted with
-    :func:`tether.tasks.prompts.format_prompt` (``task.prompt_format``), and each model samples ``samples`` completions per prompt
+    :func:`tether.tasks.prompts.format_prompt` in ``prompt_format`` (None: the task's own,
+    ``task.prompt_format``), and each model samples ``samples`` completions per prompt
     at ``temperature`` (``max_new_tokens``: default ``task.max_new_tokens()``), ``batch_size``
     rows at a time. ``reward(problems, completions)`` scores them ([P, M] per side, the raw
     reward: the win rate depends on the reward only through comparisons within a prompt, and
@@ -381,7 +384,7 @@ def evaluate_winrate(
                 texts,
                 seed=side_seed,
                 temperature=temperature,
-                prompt_format=task.prompt_format,
+                prompt_format=prompt_format or task.prompt_format,
                 max_new_tokens=budget,
                 batch_size=batch_size,
                 on_batch=bar.update,

@@ -33,7 +33,14 @@ from tether.models.loading import (
 )
 from tether.tasks.prompts import PromptFormat, format_prompt
 
-__all__ = ["Completion", "SampledRows", "sample_completions", "sample_rows", "sample_texts"]
+__all__ = [
+    "Completion",
+    "SampledRows",
+    "checkpoint_prompt_format",
+    "sample_completions",
+    "sample_rows",
+    "sample_texts",
+]
 
 
 @dataclass
@@ -180,6 +187,21 @@ def sample_texts(
         prompt_format=prompt_format,
     )
     return [c.completion for c in completions]
+
+
+def checkpoint_prompt_format(
+    model: str | Path, chat_template: str | None = None, system_prompt: str | None = None
+) -> PromptFormat:
+    """The prompt format a checkpoint was trained with (its ``tether.json``'s task section:
+    ``task.chat_template`` and ``task.system_prompt``; the defaults, ``auto`` and none, for a
+    model that records none), with ``chat_template`` (auto, on or off) and ``system_prompt``
+    in place of the recorded ones where given; ``system_prompt=""`` means none (a chat
+    template's own default system turn, if it has one). What ``--chat-template`` and
+    ``--system-prompt`` of ``tether sample``, ``eval`` and ``winrate`` ask for."""
+    recorded = PromptFormat.of(recorded_task(str(model)))
+    template = recorded.chat_template if chat_template is None else chat_template
+    system = recorded.system_prompt if system_prompt is None else (system_prompt or None)
+    return PromptFormat(template, system)  # type: ignore[arg-type]  # checked on creation
 
 
 def recorded_task(model: str) -> dict[str, Any]:

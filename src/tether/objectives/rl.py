@@ -138,7 +138,7 @@ def rl_loss(
     Stats: those of the policy-gradient and value losses, ``loss``, ``reward``, ``accuracy``,
     ``kl_penalty`` (mean w·KL), ``kl_sampled`` (mean k1), ``entropy``, ``completion_tokens``,
     ``kl_exact`` (mean full-vocabulary KL), ``kl_sequence`` (mean Σ_t k1 per row) and, with
-    weights, ``kl_weight_mean`` and ``kl_weight_below_half``.
+    weights, their distribution (:func:`kl_weight_stats`).
     """
     s = settings
     # the exact KL per position: the penalty with the exact estimator, a metric always
@@ -203,7 +203,29 @@ def rl_loss(
         stats["kl_exact"] = float(masked_mean(exact.detach(), mask, token_count))
         stats["kl_sequence"] = float((log_ratio * mask).sum(1).mean())
         if kl_weights is not None:
-            stats["kl_weight_mean"] = float(masked_mean(kl_weights, mask, token_count))
-            below_half = (kl_weights < 0.5).float()
-            stats["kl_weight_below_half"] = float(masked_mean(below_half, mask, token_count))
+            stats.update(kl_weight_stats(kl_weights, mask, token_count))
     return loss, stats
+
+
+# a prioritised-KL weight below this is "off", above KL_WEIGHT_HIGH "fully on" (the training
+# monitor warns when almost every token is one or the other)
+KL_WEIGHT_LOW = 0.05
+KL_WEIGHT_HIGH = 0.95
+
+
+def kl_weight_stats(
+    kl_weights: Tensor, mask: Tensor, token_count: Tensor | None = None
+) -> dict[str, float]:
+    """How the prioritised KL's weights w [B, T] fall over the real completion tokens:
+    ``kl_weight_mean``, ``kl_weight_median`` (this process's tokens; 0 without any), and the
+    shares of tokens with w < 0.5 (``kl_weight_below_half``), w < 0.05 (``kl_weight_low``:
+    the KL is off there) and w > 0.95 (``kl_weight_high``: fully on). The mean and shares are
+    masked means over ``token_count`` tokens (:func:`masked_mean`)."""
+    real = kl_weights.detach()[mask > 0]
+    return {
+        "kl_weight_mean": float(masked_mean(kl_weights, mask, token_count)),
+        "kl_weight_median": float(real.float().median()) if real.numel() else 0.0,
+        "kl_weight_below_half": float(masked_mean(kl_weights < 0.5, mask, token_count)),
+        "kl_weight_low": float(masked_mean(kl_weights < KL_WEIGHT_LOW, mask, token_count)),
+        "kl_weight_high": float(masked_mean(kl_weights > KL_WEIGHT_HIGH, mask, token_count)),
+    }

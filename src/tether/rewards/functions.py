@@ -10,7 +10,10 @@ CPU, no gradient): ``problems`` are the task's problem objects (each has ``.prom
 - ``kind: graded``: the task's graded score in [0, 1] (the share of right answer digits for
   ``addition``, of valid steps for ``multistep``);
 - ``kind: python``: a function of your own, ``reward.function: "package.module:name"`` or
-  ``"path/to/file.py:name"``, called as ``name(prompt: str, completion: str) -> float``;
+  ``"path/to/file.py:name"``, called as ``name(prompt: str, completion: str) -> float``; its
+  further parameters receive the row's columns of the same name
+  (``def reward(prompt, completion, answer)`` reads the row's ``answer``; ``**fields`` takes
+  every column), so a prompt-only JSONL file can carry what judging needs (:class:`PythonReward`);
 - ``kind: model``: a Bradley–Terry reward model trained with ``train.stage: reward-model``
   (``reward.model``: its checkpoint or run directory).
 
@@ -22,11 +25,14 @@ log, e^{t·C}, −e^{−t·C}) is applied.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
 import math
+import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -96,33 +102,141 @@ def load_function(spec: str) -> Callable[..., Any]:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise RewardError(f"reward.function {spec!r}: {where} has no function {name!r}")
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # some built-ins have none: checked when called
-        return fn  # type: ignore[no-any-return]
-    try:
-        signature.bind("prompt", "completion")
-    except TypeError:
-        raise RewardError(
-            f"reward.function {spec!r}: must take two arguments (prompt, completion), "
-            f"but its signature is {name}{signature}"
-        ) from None
     return fn  # type: ignore[no-any-return]
 
 
-class PythonReward:
-    """A user's rule-based reward, ``fn(prompt, completion) -> float`` per completion. A value
-    that is not a finite number is an error naming the function and the completion."""
+def row_fields(problem: Any) -> dict[str, Any]:
+    """The columns a problem's row offers a Python reward: a JSONL row's ``fields`` (every
+    column of the row, by the file's names), else a dataclass problem's fields (``a`` and
+    ``b`` of an addition problem, ``operands`` and ``target`` of a multistep one)."""
+    fields = getattr(problem, "fields", None)
+    if isinstance(fields, dict):
+        return fields
+    if dataclasses.is_dataclass(problem) and not isinstance(problem, type):
+        return {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
+    return {}
 
-    def __init__(self, spec: str):
+
+@dataclass(frozen=True)
+class RewardSignature:
+    """What a Python reward's parameters ask for: the first two, positional, are the prompt and
+    the completion; ``columns`` are the further parameters, each the row's column of that name
+    (``required`` those without a default); ``every_column`` a ``**fields`` parameter, which
+    takes every column not bound otherwise."""
+
+    columns: tuple[str, ...]
+    required: tuple[str, ...]
+    every_column: bool
+    positional: tuple[str, ...]  # the names of the prompt and completion parameters
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any], spec: str) -> RewardSignature:
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # some built-ins have none: called with two arguments
+            return cls((), (), False, ())
+        params = list(signature.parameters.values())
+        positional_kinds = (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        )
+        head = [p for p in params[:2] if p.kind in positional_kinds]
+        var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+        named = [
+            p
+            for p in params[len(head) :]
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        ]
+        required = [p.name for p in named if p.default is inspect.Parameter.empty]
+        bad_only = [
+            p.name
+            for p in params[len(head) :]
+            if p.kind is inspect.Parameter.POSITIONAL_ONLY and p.default is inspect.Parameter.empty
+        ]
+        if (len(head) < 2 and not var_positional) or bad_only:
+            raise RewardError(
+                f"reward.function {spec!r}: must take two arguments (prompt, completion), "
+                f"then any of the row's columns by name, but its signature is "
+                f"{spec.rpartition(':')[2]}{signature}"
+            )
+        every = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        return cls(
+            tuple(p.name for p in named), tuple(required), every, tuple(p.name for p in head)
+        )
+
+    def keywords(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments for a row with columns ``fields`` (a missing optional column
+        is left to its default; a missing required one is the caller's to report)."""
+        if self.every_column:
+            return {k: v for k, v in fields.items() if k not in self.positional}
+        return {k: fields[k] for k in self.columns if k in fields}
+
+
+class PythonReward:
+    """A user's rule-based reward, ``fn(prompt, completion, [columns...]) -> float`` per
+    completion: the prompt (the task's prompt, before formatting), the sampled completion, and
+    for each further parameter the row's column of that name (:class:`RewardSignature`,
+    :func:`row_fields`). Given the ``task``, a required parameter no row column answers is
+    refused when the reward is built, in one line naming the column and the file; a row that
+    lacks one when called is refused the same way. A value that is not a finite number is an
+    error naming the function and the completion."""
+
+    def __init__(self, spec: str, task: Any = None):
         self.spec = spec
         self.fn = load_function(spec)
+        self.signature = RewardSignature.of(self.fn, spec)
+        self.source, self.task_known = _task_source(task), task is not None
+        if task is not None:
+            self._check_columns(task)
+
+    def _check_columns(self, task: Any) -> None:
+        """Every required parameter is a column of every row of ``task`` (a JSONL file: all of
+        its rows; another task: one of its problems)."""
+        for name in self.signature.required:
+            if hasattr(task, "rows_without"):
+                lines = task.rows_without(name)
+                if not lines:
+                    continue
+                if len(lines) == len(task):
+                    columns = ", ".join(task.column_names())
+                    raise RewardError(
+                        f"reward.function {self.spec!r}: parameter {name!r} has no column in "
+                        f"{self.source} (its columns: {columns})"
+                    )
+                raise RewardError(
+                    f"reward.function {self.spec!r}: parameter {name!r}: column {name!r} is "
+                    f"missing from {len(lines)} rows of {self.source} (first: line {lines[0]})"
+                )
+            fields = row_fields(task.rl_problem(random.Random(0)))
+            if name not in fields:
+                columns = ", ".join(fields) or "none"
+                raise RewardError(
+                    f"reward.function {self.spec!r}: parameter {name!r} has no column in "
+                    f"{self.source} (its problems' fields: {columns})"
+                )
+
+    def _call(self, problem: Any, completion: str) -> Any:
+        if not self.signature.columns and not self.signature.every_column:
+            return self.fn(problem.prompt, completion)
+        fields = row_fields(problem)
+        for name in self.signature.required:
+            if name not in fields:
+                line = getattr(problem, "line", None)
+                where = self.source if self.task_known else "its row"
+                if line:
+                    where = f"line {line} of {self.source}" if self.task_known else f"line {line}"
+                raise RewardError(
+                    f"reward.function {self.spec!r}: parameter {name!r} has no column in {where}"
+                )
+        return self.fn(problem.prompt, completion, **self.signature.keywords(fields))
 
     def __call__(self, problems: Sequence[Any], completions: Sequence[str]) -> Tensor:
         values = []
         for p, c in zip(problems, completions, strict=True):
             try:
-                value = self.fn(p.prompt, c)
+                value = self._call(p, c)
+            except RewardError:
+                raise
             except Exception as err:  # the user's code: name it, the error and the input
                 raise RewardError(
                     f"reward.function {self.spec!r} raised {err!r} on completion {c[:60]!r}"
@@ -138,6 +252,14 @@ class PythonReward:
                 )
             values.append(number)
         return torch.tensor(values, dtype=torch.float32)
+
+
+def _task_source(task: Any) -> str:
+    """How messages name where a task's rows come from: its file, else its kind."""
+    if task is None:
+        return "the task"
+    source = getattr(task, "source", None)
+    return str(source) if source else f"task {type(task).__name__}"
 
 
 class ModelReward:
@@ -247,12 +369,18 @@ class CalibratedReward:
 def build_reward(recipe: Any, task: Any, device: str | torch.device = "cpu") -> RewardFunction:
     """The base reward a recipe's ``reward`` section names (before any calibration)."""
     cfg = recipe.reward
-    if cfg.kind == "checker":
+    if cfg.kind in ("checker", "graded", None) and not task.has_references:
+        raise RewardError(
+            f"reward.kind {cfg.kind or 'checker'}: task.completion_field is null, so the rows hold no "
+            "reference to judge by: use reward.kind python (reward.function, which may read "
+            "the row's columns) or model"
+        )
+    if cfg.kind in ("checker", None):  # None: a stage's default, the checker outside one
         return CheckerReward(task, recipe.rl.reward_correct, recipe.rl.reward_wrong)
     if cfg.kind == "graded":
         return GradedReward(task)
     if cfg.kind == "python":
-        return PythonReward(cfg.function)
+        return PythonReward(cfg.function, task)
     if cfg.kind == "model":
         return ModelReward(cfg.model, device=device)
     raise RewardError(f"reward.kind: unknown kind {cfg.kind!r}")

@@ -83,9 +83,10 @@ def load_reward_model(name_or_path: str | Path, device: str | torch.device = "cp
     :class:`~tether.models.loading.ModelLoadError` for a checkpoint without a head."""
     path = resolve_checkpoint(str(name_or_path))
     head_file = path / REWARD_HEAD_FILE
-    if not head_file.is_file():
+    if not head_file.is_file():  # a language model (a pretrained one's GGUF file too)
         raise ModelLoadError(
-            f"checkpoint {str(path)!r}: no {REWARD_HEAD_FILE} (not a reward-model checkpoint)"
+            f"checkpoint {str(path)!r}: no {REWARD_HEAD_FILE} (not a reward-model checkpoint; "
+            f"train one with train.stage reward-model and model.init {name_or_path})"
         )
     lm, tokenizer = load_model_and_tokenizer(str(path), device=device)
     state = load_file(str(head_file))

@@ -2,8 +2,9 @@
 
 A stage is a batch source plus a loss (plus a reference and a schedule). The loop builds one
 with :func:`make_stage` (the class the registry row of ``train.stage`` names) and then only
-calls the hooks declared on :class:`Stage`: ``next_batch`` and ``loss`` every step,
-``parameters`` for the optimizer, ``state_dict`` / ``load_state_dict`` / ``save_extra`` /
+calls the hooks declared on :class:`Stage`: ``next_batch`` and ``loss`` every step
+(``micro_batches`` between them with ``train.micro_batch_size``), ``parameters`` for the
+optimizer, ``state_dict`` / ``load_state_dict`` / ``save_extra`` /
 ``checkpoint_metadata`` for checkpoints, ``evaluate`` (with ``generation_eval``) at each
 evaluation, ``frozen_models`` for precision and compilation. Every hook but the first two has a
 default, so a new stage writes only what it changes.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import importlib
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
-from tether.batches import Batch
+from tether.batches import Batch, Share, unit_parts
 from tether.config import Recipe
 from tether.generation.rollouts import HFRolloutBackend, RolloutBackend
 from tether.generation.vllm import VLLMRolloutBackend
@@ -43,13 +45,16 @@ class Stage(ABC, Generic[BatchT]):
     """A training method: batches, their loss, and what resuming and evaluating need."""
 
     epochs_per_batch: int = 1  # optimizer steps on each batch (PPO: several)
+    splits_batches: bool = False  # micro_batches can cut its batches (train.micro_batch_size)
     generation_eval: bool = True  # the task's generation-based evaluation applies to it
     # frozen models the stage scores or samples with besides the policy (cast to
     # train.precision): the reference (model.init), DPG's adaptive proposal
     reference: nn.Module | None
     proposal: nn.Module | None = None
     rollouts: RolloutBackend | None  # draws the policy's samples (train.sampler)
-    reward: RewardFunction | None  # judges samples (the recipe's reward section)
+    # judges samples (the recipe's reward section, raw: a stage may train on a transform of
+    # it, as CTRL's calibration), and the held-out completions at each evaluation
+    reward: RewardFunction | None
 
     def __init__(
         self,
@@ -74,7 +79,9 @@ class Stage(ABC, Generic[BatchT]):
             reference_policy(recipe, policy, device) if self.spec.needs_reference else None
         )
         self.reward = (
-            build_reward(recipe, self.task, device) if self.spec.scores_with_reward else None
+            build_reward(reward_recipe(recipe, self.spec), self.task, device)
+            if self.spec.scores_with_reward
+            else None
         )
         self.rollouts = (
             make_rollout_backend(recipe, policy, tokenizer, device)
@@ -92,6 +99,21 @@ class Stage(ABC, Generic[BatchT]):
     @abstractmethod
     def loss(self, model: nn.Module, batch: BatchT) -> tuple[Tensor, dict[str, float]]:
         """The loss to minimise on ``batch`` and the figures to log (plain floats)."""
+
+    def micro_batches(self, model: nn.Module, batch: BatchT, size: int) -> list[BatchT]:
+        """``batch`` cut into micro-batches of at most ``size`` rows (``train.micro_batch_size``),
+        whole units each (a unit whose rows the loss reads together: an RLOO or DPG prompt
+        group, a pair), each marked with its :class:`~tether.batches.Share`, so that
+
+            Σ_i w_i·loss(model, micro_i) = loss(model, batch)    (value and gradient)
+
+        and Σ_i w_i·stats_i gives the whole batch's figures (those that are means). The loop
+        runs each micro-batch's forward and backward in turn (the gradients accumulate) and
+        steps once. ``[batch]`` when it fits in ``size`` rows. The default cannot cut: it
+        returns ``[batch]``, and the loop refuses ``train.micro_batch_size`` for a stage whose
+        ``splits_batches`` is false. ``model`` is the policy as ``loss`` receives it, for a
+        stage that needs a pass over the whole batch first (REINFORCE's baseline)."""
+        return [batch]
 
     def parameters(self) -> list[nn.Parameter]:
         """Trainable parameters besides the model's (a value head, a reward head)."""
@@ -127,6 +149,46 @@ class Stage(ABC, Generic[BatchT]):
         """The models the stage runs besides the policy: its reference and DPG's proposal,
         where it has them (``train.precision`` casts their forward passes too)."""
         return [m for m in (self.reference, self.proposal) if m is not None]
+
+
+def reward_recipe(recipe: Recipe, spec: StageSpec) -> Recipe:
+    """The recipe whose ``reward`` section the stage scores with: the recipe itself, with an
+    unset ``reward.kind`` (null) replaced by the stage's default (its registry row's
+    ``default_reward``: the checker, or DPG's graded score)."""
+    if recipe.reward.kind is not None:
+        return recipe
+    reward = recipe.reward.model_copy(update={"kind": spec.default_reward})
+    return recipe.model_copy(update={"reward": reward})
+
+
+def micro_parts(
+    units: int, unit_rows: int, size: int, device: torch.device
+) -> list[tuple[Tensor, Share]]:
+    """The unit indices of each micro-batch (consecutive whole units with at most ``size`` rows,
+    :func:`~tether.batches.unit_parts`) and its share w_i = units_i / units (no denominators
+    yet: ``dataclasses.replace`` adds what the stage's loss needs)."""
+    return [
+        (torch.arange(r.start, r.stop, device=device), Share(weight=len(r) / units))
+        for r in unit_parts(units, unit_rows, size)
+    ]
+
+
+def sample_health(
+    texts: Sequence[str], finished: Sequence[bool], reward_groups: Tensor
+) -> dict[str, float]:
+    """The figures of a step's samples that :mod:`tether.engine.signals` watches: the share of
+    prompt groups (rows of ``reward_groups`` [G, k], the rewards of one prompt's samples)
+    whose rewards are all equal (no learning signal: ``frac_constant_groups``), of completions
+    cut at ``max_new_tokens`` (not ``finished``: ``frac_truncated``) and of blank completions
+    (``frac_empty``)."""
+    groups = reward_groups.detach().float()
+    constant = (groups.amax(dim=1) == groups.amin(dim=1)).float().mean()
+    n = max(len(texts), 1)
+    return {
+        "frac_constant_groups": float(constant),
+        "frac_truncated": sum(not f for f in finished) / n,
+        "frac_empty": sum(not t.strip() for t in texts) / n,
+    }
 
 
 def make_stage(

@@ -3,8 +3,10 @@
 
 The target is P(y|x) = π_ref(y|x)·exp(r(x,y)/β), whose normalisation p* = P/Z is exactly the
 optimum of KL-RL with coefficient β (docs/methods.md §2); or P = π_ref·b for a hard constraint
-b = ``task.is_correct``. π_ref is the frozen ``model.init``, r the task's graded score in
-[0, 1]. One step:
+b = ``task.is_correct``. π_ref is the frozen ``model.init``, r the recipe's ``reward``
+(:mod:`tether.rewards.functions`): by default the task's graded score in [0, 1] (the stage's
+registry row's default when ``reward.kind`` is unset), or a Python
+function of your own (``kind: python``) or a learned reward model (``kind: model``). One step:
 
 1. draw ``prompts_per_step`` prompts from the task, and ``samples_per_step`` responses split
    evenly over them, from the proposal q: the policy itself (``proposal: policy``) or a frozen
@@ -20,6 +22,9 @@ b = ``task.is_correct``. π_ref is the frozen ``model.init``, r the task's grade
    reward r − β·log(π/π_ref) (tests/test_dpg_stage.py checks it on the stage's own samples);
 5. ``proposal: adaptive``: before the update, the policy replaces the proposal when it is closer
    to the target, KL(p‖π) < KL(p‖q) estimated on this step's samples (GDC++).
+
+With ``train.micro_batch_size`` the loss runs over micro-batches of whole prompt groups (the
+loss is a mean over groups, each group's baseline and Ẑ read all its samples).
 
 Any temperature or proposal is importance-weighted back to π at temperature 1: the weights
 use q's log-probs, so the gradient stays that of the divergence to π itself.
@@ -37,6 +42,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -73,8 +79,9 @@ from tether.objectives import (
     kl_adaptive_proposal_update,
     sequence_logprobs,
 )
+from tether.rewards.functions import GradedReward, RewardFunction
 from tether.scoring import grouped_completion_logits, restricted_token_logprobs
-from tether.stages.base import Stage
+from tether.stages.base import Stage, micro_parts, sample_health
 from tether.tasks.features import feature_matrix
 
 # the recipe's short names for the f-divergences of tether.objectives.dpg
@@ -109,8 +116,10 @@ def responses_from_sample(out: SampleOutput, device: torch.device) -> Responses:
 class DPGStage(Stage[DPGBatch]):
     """Samples from the policy (or an adaptive proposal), a frozen reference, DPG / f-DPG."""
 
-    reference: nn.Module  # the registry row: dpg needs one and samples from the policy
+    reference: nn.Module  # the registry row: dpg needs one, samples and scores with a reward
     rollouts: RolloutBackend
+    reward: RewardFunction
+    splits_batches = True
 
     def __init__(
         self,
@@ -139,6 +148,12 @@ class DPGStage(Stage[DPGBatch]):
             except NotEnumerableError as err:
                 raise RecipeError(f"task.name enumerable: {err}") from None
             self.allowed = torch.tensor(self.space.vocab_ids, device=device)
+            if not isinstance(self.reward, GradedReward):  # the space's r: the recipe's
+                problem = self.task.rl_problem(random.Random(recipe.seed))
+                texts = self.space.texts
+                self.space = replace(
+                    self.space, reward=self._rewards([problem] * len(texts), texts)
+                )
         if self.cfg.target == "moments":
             self.lam = self._fit_moments(recipe.seed)
         if self.space is not None:
@@ -263,10 +278,8 @@ class DPGStage(Stage[DPGBatch]):
 
         responses = responses_from_sample(out, self.device)
         problem_of = [p for p in problems for _ in range(self.group_size)]
-        judged = list(zip(problem_of, out.texts, strict=True))
-        reward = torch.tensor(
-            [self.task.score(p, t) for p, t in judged], dtype=torch.float64, device=self.device
-        )
+        reward = self._rewards(problem_of, out.texts)
+        judged = zip(problem_of, out.texts, strict=True)
         correct = torch.tensor([self.task.is_correct(p, t) for p, t in judged], device=self.device)
         proposal_logp = sequence_logprobs(out.logprobs.to(self.device), responses.mask).double()
         ref_logp = self._sequence_logprobs(self.reference, responses).double()
@@ -295,10 +308,29 @@ class DPGStage(Stage[DPGBatch]):
             log_z=log_z,
             reward=reward,
             correct=correct,
+            stats=sample_health(out.texts, out.finished, reward.view(-1, self.group_size)),
         )
         if self.proposal is not None:
             self._update_proposal(batch)
         return batch
+
+    def _rewards(self, problems: list[Any], texts: list[str]) -> Tensor:
+        """r of each response, fp64: the recipe's reward; the task's graded score is computed
+        in fp64 itself (DPG's default, the numbers of earlier runs)."""
+        if isinstance(self.reward, GradedReward):
+            scores = [self.task.score(p, t) for p, t in zip(problems, texts, strict=True)]
+            return torch.tensor(scores, dtype=torch.float64, device=self.device)
+        return self.reward(problems, texts).to(self.device, torch.float64)
+
+    def micro_batches(self, model: nn.Module, batch: DPGBatch, size: int) -> list[DPGBatch]:
+        """Micro-batches of whole prompt groups; the loss is a mean over groups, so a
+        micro-batch's own mean, weighted by its share of the groups, adds up to the batch's
+        (:meth:`Stage.micro_batches`)."""
+        groups = batch.reward.shape[0] // batch.group_size
+        parts = micro_parts(groups, batch.group_size, size, self.device)
+        if len(parts) == 1:
+            return [batch]
+        return [batch.select(index, share) for index, share in parts]
 
     def _update_proposal(self, batch: DPGBatch) -> None:
         """GDC++: the policy becomes the proposal when KL(p‖π) < KL(p‖q) on these samples
@@ -330,11 +362,13 @@ class DPGStage(Stage[DPGBatch]):
         if update:
             self.proposal.load_state_dict(self.policy.state_dict())
             self.proposal_updates += 1
-        batch.stats = {
-            "kl_target_proposal": kl_q,
-            "proposal_updated": float(update),
-            "proposal_updates": float(self.proposal_updates),
-        }
+        batch.stats.update(
+            {
+                "kl_target_proposal": kl_q,
+                "proposal_updated": float(update),
+                "proposal_updates": float(self.proposal_updates),
+            }
+        )
 
     # ------------------------------------------------------------------ loss
 

@@ -20,11 +20,17 @@ responses π_ref rarely produces: the exploration that makes XPO sample-efficien
 reference seldom finds the best answer. Logged per step: the loss and its parts, the rewards
 of both responses, the share of ties and of pairs the policy sample wins, the policy sample's
 accuracy under the task's checker and ``kl_sequence``, its summed log-ratio Σ_t log π_θ/π_ref
-at T = 1 (the k1 estimate of the sequence KL when ``preference.temperature`` is 1).
+at T = 1 (the k1 estimate of the sequence KL when ``preference.temperature`` is 1), and the
+health of the policy's samples (``frac_constant_groups``: the share of tied pairs;
+``frac_truncated``, ``frac_empty``).
+
+With ``train.micro_batch_size`` the pairs are cut into micro-batches of whole pairs; with
+``ties: drop`` each divides its pair loss by w·K, K the whole batch's kept pairs.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -46,7 +52,7 @@ from tether.objectives import (
 )
 from tether.rewards.functions import RewardFunction
 from tether.scoring import bucketed
-from tether.stages.base import Stage
+from tether.stages.base import Stage, micro_parts, sample_health
 
 
 class OnlinePreferenceStage(Stage[OnlinePairBatch]):
@@ -55,6 +61,7 @@ class OnlinePreferenceStage(Stage[OnlinePairBatch]):
     reference: nn.Module  # the registry rows: both need one, sample and score with a reward
     rollouts: RolloutBackend
     reward: RewardFunction
+    splits_batches = True
 
     def __init__(
         self,
@@ -126,7 +133,20 @@ class OnlinePreferenceStage(Stage[OnlinePairBatch]):
             tie=pairs.tie.to(self.device),
             rewards=torch.cat([reward_a, reward_b]).to(self.device),
             correct=correct,
+            # a pair is a prompt's group: a tie teaches nothing
+            stats=sample_health(ours.texts, ours.finished, torch.stack([reward_a, reward_b], 1)),
         )
+
+    def micro_batches(
+        self, model: nn.Module, batch: OnlinePairBatch, size: int
+    ) -> list[OnlinePairBatch]:
+        """Micro-batches of whole pairs (2 rows each); with ``ties: drop``, the whole batch's
+        kept pairs (:meth:`Stage.micro_batches`)."""
+        parts = micro_parts(batch.pairs, 2, size, self.device)
+        if len(parts) == 1:
+            return [batch]
+        kept = (~batch.tie).sum().to(torch.float32)
+        return [batch.select(pairs, replace(share, denominators=(kept,))) for pairs, share in parts]
 
     # ------------------------------------------------------------------ loss
 
@@ -138,16 +158,18 @@ class OnlinePreferenceStage(Stage[OnlinePairBatch]):
         chosen, rejected = PreferencePairs(batch.policy_is_chosen, batch.tie).order(h[:b], h[b:])
         # log π_θ(ỹ|x) of the second responses ỹ ∼ π_ref: XPO's exploration bonus
         bonus_logp = sequence_logprobs(logp[b:], mask[b:]) if self.alpha else None
-        loss, stats = xpo_loss(
-            chosen,
-            rejected,
-            bonus_logp,
-            self.cfg.beta,
-            self.alpha,
-            self.cfg.loss,
-            self.cfg.label_smoothing,
-            keep=~batch.tie if self.cfg.ties == "drop" else None,
-        )
+        keep = ~batch.tie if self.cfg.ties == "drop" else None
+        args = (self.cfg.beta, self.alpha, self.cfg.loss, self.cfg.label_smoothing, keep)
+        loss, stats = xpo_loss(chosen, rejected, bonus_logp, *args)
+        if keep is not None and batch.share is not None and bool(keep.any()):
+            # the pair loss is a mean over kept pairs: over the whole batch's K, not this
+            # micro-batch's k, so w·loss adds up: scale it by k / (w·K)
+            kept = batch.share.denominator()
+            assert kept is not None  # micro_batches gives the whole batch's kept pairs
+            scale = float(keep.sum()) / float(kept)
+            pair_loss = xpo_loss(chosen, rejected, None, *args)[0]
+            loss = loss + (scale - 1.0) * pair_loss
+            stats["preference_loss"] *= scale
         with torch.no_grad():
             r = batch.rewards
             stats.update(
@@ -162,6 +184,7 @@ class OnlinePreferenceStage(Stage[OnlinePairBatch]):
                         ((logp[:b] - batch.ref_logp[:b]) * mask[:b]).sum(1).mean()
                     ),
                     "completion_tokens": float(mask[:b].sum(1).mean()),
+                    **batch.stats,
                 }
             )
         return loss, stats

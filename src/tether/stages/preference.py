@@ -60,11 +60,13 @@ from tether.objectives import (
 )
 from tether.rewards.reward_model import last_token_scores, save_reward_head
 from tether.scoring import bucketed
-from tether.stages.base import Stage
+from tether.stages.base import Stage, micro_parts
 
 
 class _PairStream(Stage[OfflinePairBatch]):
     """Preference pairs from the recipe's task, drawn with the stage's own seeded RNG."""
+
+    splits_batches = True
 
     def __init__(
         self,
@@ -94,6 +96,17 @@ class _PairStream(Stage[OfflinePairBatch]):
         and ``task.train_size`` pools; rows of the file itself for ``prefs-jsonl``)."""
         rng = random.Random(f"tether-eval-pairs/{self.eval_seed}")
         return self._collate([self.task.rl_problem(rng) for _ in range(self.eval_n)])
+
+    def micro_batches(
+        self, model: nn.Module, batch: OfflinePairBatch, size: int
+    ) -> list[OfflinePairBatch]:
+        """Micro-batches of whole pairs (both rows of each, 2 rows a pair); the losses are
+        means over pairs, so a micro-batch's own mean, weighted by its share of the pairs,
+        adds up to the batch's (:meth:`Stage.micro_batches`)."""
+        parts = micro_parts(batch.pairs, 2, size, self.device)
+        if len(parts) == 1:
+            return [batch]
+        return [batch.select(pairs, share) for pairs, share in parts]
 
     @abstractmethod
     def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:

@@ -30,6 +30,8 @@ class StageSpec:
     samples_from_policy: When = "never"  # draws from the policy while it trains (train.sampler)
     reads_sampler_logprobs: When = "never"  # uses the sampler's log-probs (PPO's old, DPG's q)
     scores_with_reward: bool = False  # judges its samples with the recipe's reward section
+    # the reward that reward.kind checker (the section's default) means for this stage
+    default_reward: Literal["checker", "graded"] = "checker"
     calibrates_reward: bool = False  # reward.calibrate (CTRL) applies
     needs_preference_task: bool = False  # trains on preference pairs (a preference task)
     refuses_preference_task: bool = False  # needs a task's reward, which pairs do not give
@@ -93,6 +95,8 @@ STAGES: dict[str, StageSpec] = {
         needs_reference=True,
         samples_from_policy="always",
         reads_sampler_logprobs="always",
+        scores_with_reward=True,
+        default_reward="graded",  # r of the target: the task's graded score unless set
         refuses_preference_task=True,
         evaluates_at_start=True,
     ),

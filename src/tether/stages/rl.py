@@ -13,6 +13,11 @@ pure function :func:`tether.objectives.rl.rl_loss`, which this stage calls once 
 the rollout under the policy (and the value head). Across processes the stage passes it the
 token count N / W and REINFORCE's baseline over every process's tokens.
 
+With ``train.micro_batch_size`` the rollout is scored and backpropagated in micro-batches of
+rows (RLOO: of whole prompt groups, whose leave-one-out baselines read each other), each
+dividing its token means by w·N with the whole rollout's N, and REINFORCE's baseline taken
+over the whole rollout first: the step is the whole rollout's.
+
 The reward is the recipe's ``reward`` section (:mod:`tether.rewards.functions`): the task's
 checker by default, or its graded score, a Python function of your own or a learned reward
 model. With ``reward.calibrate`` it is InfAlign's CTRL reward Φ(C) (docs/methods.md §8): K reference
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -42,9 +48,10 @@ from tether.objectives import (
     rl_loss,
     rl_returns,
 )
+from tether.objectives.common import uncertainty
 from tether.rewards.functions import CalibratedReward, RewardFunction
 from tether.scoring import grouped_completion_logits
-from tether.stages.base import Stage
+from tether.stages.base import Stage, micro_parts, sample_health
 from tether.tasks.prompts import format_prompt
 
 
@@ -54,6 +61,7 @@ class RLStage(Stage[RolloutBatch]):
     reference: nn.Module  # the registry row: rl needs one, samples and scores with a reward
     rollouts: RolloutBackend
     reward: RewardFunction
+    splits_batches = True
 
     def __init__(
         self,
@@ -96,7 +104,6 @@ class RLStage(Stage[RolloutBatch]):
             self.calibrated = CalibratedReward(
                 self.reward, self._sample_reference, rc.reference_samples, rc.transform, rc.t, rc.n
             )
-            self.reward = self.calibrated
             if self.pool is not None:
                 self.calibrated.warm(self.pool, progress=True)
 
@@ -176,6 +183,10 @@ class RLStage(Stage[RolloutBatch]):
             }
         else:
             seq_rewards = self.reward(problems, out.texts).float().to(self.device)
+        # one sample per prompt: the step's batch is the group whose rewards must differ
+        k = cfg.group_size
+        groups = seq_rewards.view(-1, k) if k > 1 else seq_rewards.view(1, -1)
+        reward_stats = {**(reward_stats or {}), **sample_health(out.texts, out.finished, groups)}
         completion_ids = out.completion_ids.to(self.device)
         input_ids = torch.cat([out.prompt_ids.to(self.device), completion_ids], dim=1)
         attention_mask = torch.cat([out.prompt_mask, out.completion_mask], dim=1).to(self.device)
@@ -188,11 +199,21 @@ class RLStage(Stage[RolloutBatch]):
         kl_weights = None
         if cfg.certainty_exponent is not None:
             # certainty of the reference at its own (unscaled) logits: undo the sampling temperature
+            own_logits = ref_logits * cfg.temperature
+            typical = None
+            if cfg.certainty_normalization == "typical":
+                # ū: the reference's mean uncertainty over every process's real completion tokens
+                u = uncertainty(own_logits, cfg.certainty_form, cfg.certainty_temperature)
+                real = out.completion_mask.to(u)
+                count = distributed.all_sum(real.sum()).clamp_min(1.0)
+                typical = distributed.all_sum((u * real).sum()) / count
             kl_weights = prioritized_kl_weights(
-                ref_logits * cfg.temperature,
+                own_logits,
                 cfg.certainty_exponent,
                 cfg.certainty_form,
                 cfg.certainty_temperature,
+                cfg.certainty_normalization,
+                typical,
             )
         # normalised once here: the loss reads the reference's log-probs, never its logits
         ref_log_softmax, ref_logp = log_softmax_and_token_logprobs(ref_logits, completion_ids)
@@ -215,6 +236,54 @@ class RLStage(Stage[RolloutBatch]):
             "reference_s": time.perf_counter() - t_scored,
         }
         return rollout
+
+    # ------------------------------------------------------------------ micro-batches
+
+    def micro_batches(
+        self, model: nn.Module, rollout: RolloutBatch, size: int
+    ) -> list[RolloutBatch]:
+        """Micro-batches of rows (RLOO: of whole prompt groups) with the whole rollout's token
+        count N / W and, for REINFORCE, its baseline (:meth:`Stage.micro_batches`)."""
+        unit = self.cfg.group_size if self.settings.algorithm == "rloo" else 1
+        parts = [
+            (_unit_rows(units, unit), share)
+            for units, share in micro_parts(
+                rollout.input_ids.shape[0] // unit, unit, size, self.device
+            )
+        ]
+        if len(parts) == 1:
+            return [rollout]
+        count = distributed.mean_count(rollout.mask.sum())
+        baseline = None
+        if self.settings.algorithm == "reinforce":  # the mean return over the whole rollout
+            total = sum(self._return_sum(model, rollout.select(r, s)) for r, s in parts)
+            tokens = distributed.all_sum(rollout.mask.sum())
+            baseline = distributed.all_sum(torch.as_tensor(total)) / tokens.clamp_min(1.0)
+        return [
+            rollout.select(rows, replace(share, denominators=(count,), baseline=baseline))
+            for rows, share in parts
+        ]
+
+    @torch.no_grad()
+    def _return_sum(self, model: nn.Module, rollout: RolloutBatch) -> Tensor:
+        """Σ of REINFORCE's returns over the rollout's real tokens: with the KL in the reward
+        they read log π (a pass without gradient), else the rewards alone."""
+        logp = rollout.ref_logp  # read only with the KL in the reward
+        if self.settings.kl_placement == "reward":
+            logits = grouped_completion_logits(
+                model,
+                rollout.input_ids,
+                rollout.attention_mask,
+                rollout.prompt_len,
+                self.cfg.temperature,
+            )
+            completion_ids = rollout.input_ids[:, rollout.prompt_len :]
+            logp = log_softmax_and_token_logprobs(logits, completion_ids)[1]
+        mask = rollout.mask
+        returns = rl_returns(
+            logp, rollout.ref_logp, mask, rollout.seq_rewards, self.settings, rollout.kl_weights
+        )
+        return torch.where(mask > 0, returns, torch.zeros_like(returns)).sum()
 
     # ------------------------------------------------------------------ loss
 
@@ -239,8 +308,9 @@ class RLStage(Stage[RolloutBatch]):
         # one fp32 log-softmax over the vocabulary serves log π of the sampled tokens, the
         # exact KL and the entropy
         log_p, logp = log_softmax_and_token_logprobs(logits, completion_ids)
-        baseline = None
-        if self.settings.algorithm == "reinforce":
+        share = rollout.share  # a micro-batch: the whole rollout's baseline and token count
+        baseline = None if share is None else share.baseline
+        if self.settings.algorithm == "reinforce" and share is None:
             # the mean return over every process's tokens (a constant of the estimator)
             returns = rl_returns(
                 logp, rollout.ref_logp, mask, rollout.seq_rewards, self.settings, rollout.kl_weights
@@ -260,10 +330,18 @@ class RLStage(Stage[RolloutBatch]):
             old_logp=rollout.old_logp,
             kl_weights=rollout.kl_weights,
             correct=rollout.correct,
-            # across processes N / W, so DDP's gradient average is the global token mean's
-            token_count=distributed.mean_count(mask.sum()),
+            # across processes N / W, so DDP's gradient average is the global token mean's;
+            # a micro-batch divides by w·N, N its whole rollout's
+            token_count=distributed.mean_count(mask.sum())
+            if share is None
+            else share.denominator(),
             baseline=baseline,
         )
         if rollout.reward_stats:
             stats.update(rollout.reward_stats)
         return loss, stats
+
+
+def _unit_rows(units: Tensor, unit: int) -> Tensor:
+    """The rows of the units ``units``, each ``unit`` consecutive rows."""
+    return (units[:, None] * unit + torch.arange(unit, device=units.device)).reshape(-1)

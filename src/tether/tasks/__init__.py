@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from tether.tasks import addition, multistep
+from tether.tasks import addition, multistep, word_problems
 from tether.tasks.base import Task
 from tether.tasks.enumerable import EXPERT_BEST_SHARE, EnumerableTask
 from tether.tasks.prompts import PromptFormat
@@ -103,11 +103,44 @@ class MultistepTask(Task):
         return multistep.max_completion_tokens(self.max_digits, self.max_operands)
 
 
+@dataclass
+class WordProblemTask(Task):
+    """Arithmetic word problems for real chat models (tasks.word_problems): a story with two
+    operands of up to ``max_digits`` digits, one addition or subtraction, a verifier that reads
+    the completion's final number. Pre-training (worked demonstrations) and RL draw from the
+    same distribution."""
+
+    max_digits: int = word_problems.DEFAULT_MAX_DIGITS
+    operations: tuple[word_problems.Operation, ...] = word_problems.OPERATIONS
+    instruction: str = word_problems.INSTRUCTIONS[word_problems.DEFAULT_INSTRUCTION]
+    kinds: tuple[word_problems.Kind, ...] = word_problems.KINDS
+
+    def pretrain_problem(self, rng: random.Random) -> word_problems.Problem:
+        return word_problems.make_problem(
+            rng, self.max_digits, self.operations, self.instruction, self.kinds
+        )
+
+    def rl_problem(self, rng: random.Random) -> word_problems.Problem:
+        return self.pretrain_problem(rng)
+
+    def is_correct(self, problem: word_problems.Problem, completion: str) -> bool:
+        return word_problems.is_correct(problem, completion)
+
+    def score(self, problem: word_problems.Problem, completion: str) -> float:
+        """The share of the answer's places that are right (:func:`word_problems.place_score`)."""
+        return word_problems.place_score(problem, completion)
+
+    def max_new_tokens(self) -> int:
+        return word_problems.MAX_NEW_TOKENS
+
+
 # every task.name, with what it is: the one list of tasks (config validates task.name against it)
 TASKS: dict[str, str] = {
     "addition": "scratchpad addition: pre-training on 1..N digits, RL on N+1 (the critical-token task)",
     "first-digit": "a toy for smoke runs: the completion must start with a digit",
     "multistep": "sums of 3-4 operands with partial sums, many correct solutions (IQLearn)",
+    "word-problems": "one + or - as a story or a question, for real chat models (SmolLM2); "
+    "a final-number verifier; set task.max_digits: 1",
     "jsonl": "your prompt/completion JSON Lines file (task.path)",
     "multistep-prefs": "preference pairs over multistep solutions (DPO, reward model)",
     "prefs-jsonl": "your preference JSON Lines file: prompt, chosen, rejected (task.path)",
@@ -123,9 +156,10 @@ def get_task(
     demonstrations: str = "uniform",
     expert_share: float | None = None,
 ) -> Task:
-    """The task called ``name``. ``max_digits`` is N for ``addition`` and the largest operand
-    length for ``multistep`` and ``multistep-prefs`` (2 is their intended setting) and the longest
-    answer for ``enumerable``; ``long_fraction`` applies to ``addition`` only, ``demonstrations``
+    """The task called ``name``. ``max_digits`` is N for ``addition``, the largest operand
+    length for ``multistep`` and ``multistep-prefs`` (2 is their intended setting), the longest
+    operand and answer for ``word-problems`` (1 is its intended setting) and the longest answer
+    for ``enumerable``; ``long_fraction`` applies to ``addition`` only, ``demonstrations``
     (uniform or expert answers for MLE) and ``expert_share`` (None: the default) to
     ``enumerable`` only. ``first-digit`` ignores them."""
     if name == "addition":
@@ -134,6 +168,8 @@ def get_task(
         return FirstDigitTask()
     if name == "multistep":
         return MultistepTask(max_digits)
+    if name == "word-problems":
+        return WordProblemTask(max_digits)
     if name == "enumerable":
         share = EXPERT_BEST_SHARE if expert_share is None else expert_share
         return EnumerableTask(max_digits, demonstrations, share)

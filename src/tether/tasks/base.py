@@ -29,6 +29,12 @@ class Task(ABC):
     # task.chat_template and task.system_prompt: how the prompts are put to a model
     prompt_format: PromptFormat = PromptFormat()
 
+    @property
+    def has_references(self) -> bool:
+        """Whether the checker and the score can judge a completion: False for prompt-only rows
+        (``task.completion_field: null``), which only the recipe's reward can judge."""
+        return True
+
     @abstractmethod
     def pretrain_problem(self, rng: random.Random) -> Any: ...
 

@@ -1,7 +1,21 @@
-"""A user's prompt/completion pairs from a JSON Lines file, as a task.
+"""A user's prompt/completion pairs, or prompts alone, from a JSON Lines file, as a task.
 
-One JSON object per line, e.g. ``{"prompt": "Q: 2+2?\\nA:", "completion": " 4"}``; other
-fields are ignored. The file is read here, line by line, rather than by ``datasets``' JSON
+One JSON object per line, e.g. ``{"prompt": "Q: 2+2?\\nA:", "completion": " 4"}``. Every other
+column of a row is kept (``{"prompt": ..., "answer": "4", "tests": [...]}``): a problem's
+``fields`` hold the whole row, which a Python reward reads by column name
+(:mod:`tether.rewards.functions`).
+
+**Prompt-only rows** (``completion_field=None``, the recipe's ``task.completion_field: null``)
+are for the stages that sample their completions (rl, online-dpo, xpo, dpg): a row needs
+only its prompt, and its other columns (a reference answer, test cases) go to the reward. Such
+a task has no demonstrations, so ``pretrain_problem`` (what mle and iqlearn train on) is a
+one-line :class:`DatasetError`, and no reference to check a completion against: its own
+``is_correct`` is False and ``score`` 0 for every completion, and the recipe's ``reward``
+section must judge the samples (``reward.kind`` python or model; the checker and the graded
+score are refused when the reward is built). Its generation budget is
+:data:`PROMPT_ONLY_MAX_NEW_TOKENS` unless given (``rl.max_new_tokens`` and the like).
+
+The file is read here, line by line, rather than by ``datasets``' JSON
 loader, because that loader reports a bad file with pyarrow errors that name neither the line
 nor the problem. The validated rows are then held in a Hugging Face ``datasets.Dataset``
 (:func:`load_pair_dataset`): Arrow storage, compact for large SFT sets, with ``map``,
@@ -18,7 +32,8 @@ bad row an error instead. Skip reasons:
 
 - ``not_json``: the line does not parse as JSON (e.g. a truncated last line);
 - ``not_object``: the line is JSON but not an object;
-- ``missing_field``: the prompt or completion field is absent;
+- ``missing_field``: the prompt or completion field is absent (the prompt alone for
+  prompt-only rows);
 - ``not_string``: a field is present but not a string (null included);
 - ``bad_text``: a string with an unpaired surrogate escape (``"\\ud800"``), which no
   tokenizer can encode;
@@ -58,15 +73,21 @@ SKIP_REASONS = (
 )
 FIRST_LINES_KEPT = 5  # line numbers remembered per skip reason
 GENERATION_MARGIN = 16  # as in tasks.addition: EOS plus slack beyond the longest reference
+# prompt-only rows: no reference gives a length, so a budget that fits a short answer (a few
+# sentences of a byte-level BPE) without making a CPU rollout of a 100M+ model crawl
+PROMPT_ONLY_MAX_NEW_TOKENS = 128
 _SNIPPET = 60  # characters of a bad line quoted in a message
 
 FEATURES = datasets.Features(
     {
         "prompt": datasets.Value("string"),
-        "completion": datasets.Value("string"),
+        "completion": datasets.Value("string"),  # None in every row of a prompt-only file
         "line": datasets.Value("int64"),
     }
 )
+# the row's other columns, as one JSON object per row: only when some row has any (JSON values
+# of any type and any mix of types across rows, which an Arrow column of its own could not hold)
+FIELDS = "fields"
 
 
 class DatasetError(ValueError):
@@ -75,16 +96,27 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
-    """One prompt/completion row; ``line`` is its 1-based line in the file."""
+    """One row: its prompt, its completion (None in a prompt-only file), its 1-based ``line``
+    in the file, and ``fields``, every column of the row by the file's own names (what a
+    Python reward reads; not part of equality)."""
 
     prompt: str
-    completion: str
+    completion: str | None
     line: int = 0
+    fields: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def target(self) -> str:
         """The reference completion (the name every task's problems share)."""
+        if self.completion is None:
+            raise DatasetError(NO_DEMONSTRATIONS)
         return self.completion
+
+
+NO_DEMONSTRATIONS = (
+    "task.completion_field is null: prompt-only rows hold no demonstrations, which train.stage "
+    "mle and iqlearn learn from (use rl, online-dpo, xpo or dpg, or name the completion column)"
+)
 
 
 @dataclass
@@ -174,50 +206,57 @@ def check_string_fields(obj: Any, names: Sequence[str]) -> list[str] | RowSkip:
 
 
 def _check_row(
-    obj: Any, prompt_field: str, completion_field: str, max_chars: int | None
-) -> tuple[str, str] | RowSkip:
-    """(prompt, completion) for a usable row, else why it is skipped."""
-    values = check_string_fields(obj, (prompt_field, completion_field))
+    obj: Any, prompt_field: str, completion_field: str | None, max_chars: int | None
+) -> tuple[str, str | None, str | None] | RowSkip:
+    """(prompt, completion, the other columns as JSON or None) for a usable row, else why it
+    is skipped. Prompt-only rows (``completion_field`` None) have no completion."""
+    names = (prompt_field,) if completion_field is None else (prompt_field, completion_field)
+    values = check_string_fields(obj, names)
     if isinstance(values, RowSkip):
         return values
-    prompt, completion = values
-    if not completion.strip():
+    prompt, completion = values[0], (values[1] if completion_field is not None else None)
+    if completion is not None and not completion.strip():
         return RowSkip("empty_completion", f"field {completion_field!r} is empty")
-    if max_chars is not None and len(prompt) + len(completion) > max_chars:
-        n = len(prompt) + len(completion)
-        return RowSkip(
-            "too_long", f"prompt + completion is {n} characters, over max_chars={max_chars}"
-        )
-    return prompt, completion
+    n = len(prompt) + len(completion or "")
+    if max_chars is not None and n > max_chars:
+        what = "prompt" if completion is None else "prompt + completion"
+        return RowSkip("too_long", f"{what} is {n} characters, over max_chars={max_chars}")
+    others = {k: v for k, v in obj.items() if k not in names}
+    return prompt, completion, json.dumps(others, ensure_ascii=False) if others else None
 
 
 def _read_rows(
     path: str | Path,
     prompt_field: str,
-    completion_field: str,
+    completion_field: str | None,
     max_chars: int | None,
     strict: bool,
 ) -> tuple[dict[str, list[Any]], SkipReport]:
     """Validate the file line by line: the kept columns and the report. Raises DatasetError."""
-    if not prompt_field or not completion_field or prompt_field == completion_field:
+    if not prompt_field or completion_field == "" or prompt_field == completion_field:
         raise ValueError(
-            f"prompt_field and completion_field must be two different non-empty names, got "
-            f"{prompt_field!r} and {completion_field!r}"
+            f"prompt_field and completion_field must be two different non-empty names (or no "
+            f"completion_field), got {prompt_field!r} and {completion_field!r}"
         )
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"max_chars must be >= 1 or None, got {max_chars}")
-    return read_jsonl_rows(
+    columns, report = read_jsonl_rows(
         path,
-        ("prompt", "completion"),
+        ("prompt", "completion", FIELDS),
         lambda obj: _check_row(obj, prompt_field, completion_field, max_chars),
         strict,
     )
+    if all(f is None for f in columns[FIELDS]):  # no row has other columns
+        del columns[FIELDS]
+    else:
+        columns[FIELDS] = [f or "{}" for f in columns[FIELDS]]
+    return columns, report
 
 
 def read_jsonl_rows(
     path: str | Path,
     columns_out: Sequence[str],
-    check: Callable[[Any], Sequence[str] | RowSkip],
+    check: Callable[[Any], Sequence[str | None] | RowSkip],
     strict: bool,
 ) -> tuple[dict[str, list[Any]], SkipReport]:
     """Read a JSON Lines file line by line: ``check`` turns each parsed row into the values of
@@ -248,7 +287,7 @@ def read_jsonl_rows(
                     report.blank_lines += 1
                     continue
                 report.rows += 1
-                outcome: Sequence[str] | RowSkip
+                outcome: Sequence[str | None] | RowSkip
                 try:
                     obj = json.loads(text)
                 except (ValueError, RecursionError) as err:
@@ -295,18 +334,23 @@ def load_pair_dataset(
     path: str | Path,
     *,
     prompt_field: str = "prompt",
-    completion_field: str = "completion",
+    completion_field: str | None = "completion",
     max_chars: int | None = None,
     strict: bool = False,
 ) -> tuple[datasets.Dataset, SkipReport]:
     """The usable rows as a ``datasets.Dataset`` with string columns ``prompt`` and
-    ``completion`` (whatever the file calls them) and int ``line``, plus the skip report.
+    ``completion`` (whatever the file calls them; all None for prompt-only rows,
+    ``completion_field=None``) and int ``line``, plus the skip report. When some row has other
+    columns, a string column ``fields`` holds each row's other columns as a JSON object.
 
     Raises :class:`DatasetError` for an unusable file, or any bad row when ``strict``
     (module docstring), and ``ValueError`` for bad arguments.
     """
     columns, report = _read_rows(path, prompt_field, completion_field, max_chars, strict)
-    return datasets.Dataset.from_dict(columns, features=FEATURES), report
+    features = FEATURES
+    if FIELDS in columns:
+        features = datasets.Features({**FEATURES, FIELDS: datasets.Value("string")})
+    return datasets.Dataset.from_dict(columns, features=features), report
 
 
 ScoreMetric = Literal["bleu", "exact"]
@@ -333,7 +377,8 @@ class DatasetRows(Task):
 
 
 class JsonlTask(DatasetRows):
-    """SFT data from a user's file, behind the same Task protocol as the built-in tasks.
+    """SFT data (or prompts alone) from a user's file, behind the same Task protocol as the
+    built-in tasks.
 
     Pre-training and RL problems are rows drawn uniformly with the caller's ``rng`` (the
     rows are the expert demonstrations; there is no separate RL split). ``is_correct`` is an
@@ -345,6 +390,12 @@ class JsonlTask(DatasetRows):
 
     The generation budget defaults to the longest reference in UTF-8 bytes plus a margin: an
     upper bound on its length in tokens for the char tokenizer and for byte-level BPE ones.
+
+    ``completion_field=None`` makes a prompt-only task (module docstring): no demonstrations
+    (``pretrain_problem`` raises :class:`DatasetError`), no reference (``is_correct`` False,
+    ``score`` 0: the recipe's reward judges), ``has_references`` False.
+    ``prompt_field`` and ``completion_field`` are the file's names for the two columns, under
+    which a problem's ``fields`` hold them.
     """
 
     def __init__(
@@ -355,6 +406,8 @@ class JsonlTask(DatasetRows):
         metric: ScoreMetric = "bleu",
         bleu_tokenize: str = "13a",
         max_new_tokens: int | None = None,
+        prompt_field: str = "prompt",
+        completion_field: str | None = "completion",
     ) -> None:
         if len(dataset) == 0:
             raise ValueError("JsonlTask needs at least one row")
@@ -365,10 +418,13 @@ class JsonlTask(DatasetRows):
         self.dataset = dataset
         self.report = report
         self.metric: ScoreMetric = metric
+        self.prompt_field, self.completion_field = prompt_field, completion_field
         self._bleu = None
         if metric == "bleu":
             self._bleu = BLEU(effective_order=True, tokenize=bleu_tokenize)
-        if max_new_tokens is None:
+        if max_new_tokens is None and not self.has_references:
+            max_new_tokens = PROMPT_ONLY_MAX_NEW_TOKENS
+        elif max_new_tokens is None:
             longest = max(len(c.encode("utf-8")) for c in dataset["completion"])
             max_new_tokens = longest + GENERATION_MARGIN
         self._max_new_tokens = max_new_tokens
@@ -379,7 +435,7 @@ class JsonlTask(DatasetRows):
         path: str | Path,
         *,
         prompt_field: str = "prompt",
-        completion_field: str = "completion",
+        completion_field: str | None = "completion",
         max_chars: int | None = None,
         strict: bool = False,
         metric: ScoreMetric = "bleu",
@@ -396,22 +452,75 @@ class JsonlTask(DatasetRows):
             strict=strict,
         )
         return cls(
-            ds, report, metric=metric, bleu_tokenize=bleu_tokenize, max_new_tokens=max_new_tokens
+            ds,
+            report,
+            metric=metric,
+            bleu_tokenize=bleu_tokenize,
+            max_new_tokens=max_new_tokens,
+            prompt_field=prompt_field,
+            completion_field=completion_field,
         )
+
+    @property
+    def has_references(self) -> bool:
+        """Whether rows carry a reference completion (False: prompt-only rows)."""
+        return self.completion_field is not None
+
+    @property
+    def source(self) -> str:
+        """The file the rows came from, for messages."""
+        return self.report.path if isinstance(self.report, SkipReport) else "the task's rows"
 
     def pair(self, index: int) -> Pair:
         row = self.dataset[index]
-        return Pair(row["prompt"], row["completion"], int(row["line"]))
+        fields = json.loads(row[FIELDS]) if row.get(FIELDS) else {}
+        fields[self.prompt_field] = row["prompt"]
+        if self.completion_field is not None:
+            fields[self.completion_field] = row["completion"]
+        completion = row["completion"] if self.has_references else None
+        return Pair(row["prompt"], completion, int(row["line"]), fields)
+
+    def pretrain_problem(self, rng: random.Random) -> Pair:
+        if not self.has_references:
+            raise DatasetError(f"{self.source}: {NO_DEMONSTRATIONS}")
+        return self.pair(rng.randrange(len(self.dataset)))
+
+    def rl_problem(self, rng: random.Random) -> Pair:
+        return self.pair(rng.randrange(len(self.dataset)))
+
+    def rows_without(self, column: str) -> list[int]:
+        """The lines of the rows that have no column ``column`` (a reward's parameter)."""
+        if column in (self.prompt_field, self.completion_field):
+            return []
+        if FIELDS not in self.dataset.column_names:
+            return list(self.dataset["line"])
+        return [
+            int(line)
+            for line, text in zip(self.dataset["line"], self.dataset[FIELDS], strict=True)
+            if column not in json.loads(text)
+        ]
+
+    def column_names(self) -> list[str]:
+        """Every column some row has, the prompt and completion columns first."""
+        names = [self.prompt_field] + [n for n in (self.completion_field,) if n is not None]
+        if FIELDS in self.dataset.column_names:
+            for text in self.dataset[FIELDS]:
+                names += [k for k in json.loads(text) if k not in names]
+        return names
 
     def is_correct(self, problem: Pair, completion: str) -> bool:
-        """Exact match after stripping surrounding whitespace; never raises."""
+        """Exact match after stripping surrounding whitespace (False without a reference);
+        never raises."""
+        if problem.completion is None:
+            return False
         return isinstance(completion, str) and completion.strip() == problem.completion.strip()
 
     def score(self, problem: Pair, completion: str) -> float:
-        """In [0, 1]: BLEU/100 or exact match (see the class docstring); never raises."""
+        """In [0, 1]: BLEU/100 or exact match (see the class docstring), 0 without a
+        reference; never raises."""
         if self.is_correct(problem, completion):
             return 1.0
-        if self._bleu is None or not isinstance(completion, str):
+        if self._bleu is None or not isinstance(completion, str) or problem.completion is None:
             return 0.0
         try:
             bleu = self._bleu.sentence_score(completion, [problem.completion]).score
