@@ -102,24 +102,45 @@ def test_parser_accepts_trailing_text_on_later_lines_only():
     assert parse_answer("...\n</scratch>\n1 8 0 1 junk") is None
 
 
+def _marked(problem, n):
+    """The marked characters, line by line (scratchpad lines 1, 2, 3)."""
+    t = problem.target
+    by_line = {}
+    for i in critical_positions(problem, n):
+        line = t.count("\n", 0, i) - 1  # line 1 follows "\n<scratch>\n"
+        by_line.setdefault(line, []).append(t[i])
+    return {k: "".join(v) for k, v in by_line.items()}
+
+
 def test_critical_positions_hand_worked():
+    """The released code's rule: for an operand of n > N digits (gap n − N), the last 2·gap
+    characters of its list before "]" on scratchpad lines 1-3, with the original gap."""
     p = Problem(1234, 567)
     # line 1 starts at offset 11 ("\n<scratch>\n"); "[1,2,3,4]": the comma after 3 and the 4
-    assert critical_positions(p, 3) == [17, 18]
-    assert [p.target[i] for i in critical_positions(p, 3)] == [",", "4"]
-    # both operands of N+1 digits: two pairs on the first line
+    assert critical_positions(p, 3)[:2] == [17, 18]
+    # lines 2 and 3: the last comma and digit of the shortened lists [1,2,3] and [1,2]
+    assert _marked(p, 3) == {1: ",4", 2: ",3", 3: ",2"}
+    line2 = p.target.index("\n[1,2,3] + [5,6]") + 1
+    assert critical_positions(p, 3)[2:4] == [line2 + 4, line2 + 5]
+    # a gap of 2: four characters per line, on every line
+    assert _marked(Problem(12345, 678), 3) == {1: ",4,5", 2: ",3,4", 3: ",2,3"}
+    assert _marked(Problem(12345, 678), 4) == {1: ",5", 2: ",4", 3: ",3"}
+    # both operands of N+1 digits: both lists marked on each line
     q = Problem(1234, 5678)
-    pos = critical_positions(q, 3)
-    assert [q.target[i] for i in pos] == [",", "4", ",", "8"]
-    assert q.target[pos[2] - 1] == "7"  # the comma follows the N-th digit of the second list
-    # the second operand holds the N+1 digits
+    assert _marked(q, 3) == {1: ",4,8", 2: ",3,7", 3: ",2,6"}
+    # the second operand holds the long list
     r = Problem(12, 34567)
-    pos = critical_positions(r, 3)
-    # with N=3 the 5-digit list [3,4,5,6,7] has two digits past N on line 1, and [3,4,5,6]
-    # one on line 2; each gives the comma and the digit after it
-    assert [r.target[i] for i in pos] == [",", "6", ",", "7", ",", "6"]
-    line2 = r.target.index("\n[1] + [3,4,5,6]") + 1
-    assert pos[4:] == [line2 + len("[1] + [3,4,5"), line2 + len("[1] + [3,4,5,")]
+    assert _marked(r, 3) == {1: ",6,7", 2: ",5,6", 3: ",4,5"}
+    # fewer lines asked: only those
+    assert _marked(p, 3) != _marked_lines(p, 3, 1) and _marked_lines(p, 3, 1) == {1: ",4"}
+
+
+def _marked_lines(problem, n, lines):
+    t = problem.target
+    by_line = {}
+    for i in critical_positions(problem, n, lines=lines):
+        by_line.setdefault(t.count("\n", 0, i) - 1, []).append(t[i])
+    return {k: "".join(v) for k, v in by_line.items()}
 
 
 def test_no_critical_positions_within_pretraining_lengths():

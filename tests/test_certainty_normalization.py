@@ -78,7 +78,9 @@ def test_typical_normalisation_by_hand():
 
 def test_typical_weights_do_not_depend_on_the_vocabulary():
     """The same distribution written over 5 or 49,152 tokens (the rest at −inf): the typical
-    weights are equal; the paper's form gives the larger vocabulary higher certainties."""
+    weights are equal; the paper's form normalises by log of the support (the finite logits),
+    so it is the same too, and the same 5 logits among 49,152 finite ones give higher
+    certainties (log 49,152 > log 5)."""
     small = torch.tensor(ROWS)
     big = torch.full((3, 49152), -math.inf)
     big[:, :5] = small
@@ -87,7 +89,10 @@ def test_typical_weights_do_not_depend_on_the_vocabulary():
     assert torch.allclose(typical_small, typical_big, rtol=1e-5, atol=0)
     paper_small = prioritized_kl_weights(small, 150.0)
     paper_big = prioritized_kl_weights(big, 150.0)
-    assert bool((paper_big > paper_small).all())
+    assert torch.allclose(paper_big, paper_small, rtol=1e-4, atol=1e-10)
+    whole = torch.full((3, 49152), -30.0)  # finite everywhere: log V over all 49,152
+    whole[:, :5] = small
+    assert bool((prioritized_kl_weights(whole, 150.0) >= paper_small).all())
 
 
 def test_typical_edge_cases():

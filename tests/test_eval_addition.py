@@ -246,7 +246,9 @@ def test_score_critical_certainty_on_reference_completions(tokenizer):
     )
     n_crit = sum(len(critical_positions(p, max_digits)) for p in problems)
     assert result["n"] == 3 and result["accuracy"] == 1.0
-    assert result["n_critical"] == result["n_critical_usable"] == n_crit == 2 + 4 + 2
+    # per scratchpad line 1-3, two characters per operand of N+1 digits: 1234 (3 lines × 2),
+    # 4321 and 9876 (3 × 4), 8080 (3 × 2)
+    assert result["n_critical"] == result["n_critical_usable"] == n_crit == 6 + 12 + 6
     for form in ("entropy", "max_prob"):
         stats = result["forms"][form]
         assert stats["n_prompts"] == 3
@@ -262,7 +264,7 @@ def test_score_critical_certainty_on_reference_completions(tokenizer):
 def test_score_critical_certainty_uses_only_positions_with_matching_prefix(tokenizer):
     max_digits = 3
     problem = Problem(1234, 56)
-    first, second = critical_positions(problem, max_digits)
+    first, second = critical_positions(problem, max_digits)[:2]  # line 1's comma and digit
     target = problem.target
     diverged = target[:first] + "]" + target[first + 1 :]  # wrong at the first critical token
     short = target[:first]  # stops before any critical position
@@ -270,9 +272,10 @@ def test_score_critical_certainty_uses_only_positions_with_matching_prefix(token
     result = score_critical_certainty(
         stub, tokenizer, [problem] * 3, [target, diverged, short], max_digits, add_eos=False
     )
-    # reference: both; diverged: only the first (its prefix still matches); short: none
-    assert result["n_critical"] == 6
-    assert result["n_critical_usable"] == 2 + 1
+    # 6 critical positions a completion (2 on each of lines 1-3). reference: all 6;
+    # diverged: only the first (its prefix still matches); short: none
+    assert result["n_critical"] == 3 * 6
+    assert result["n_critical_usable"] == 6 + 1
     assert result["forms"]["entropy"]["n_prompts"] == 2
     # accuracy judges only the answer line, which the diverged completion still has right
     assert result["accuracy"] == pytest.approx(2 / 3)

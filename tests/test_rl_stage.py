@@ -143,3 +143,96 @@ def test_the_summary_gives_the_held_out_gain_paired_by_problem(tiny_checkpoint, 
     # the reward (checker ±1) is an affine map of accuracy: its gain is twice the accuracy's
     assert summary["eval/reward_gain"] == pytest.approx(2 * gain, abs=1e-12)
     assert paired_difference_ci([0, 1, 1, 0], [1, 1, 0, 1])[0] == pytest.approx(0.25)
+
+
+def test_minibatches_are_steps_on_shuffled_shares_of_the_rollout(tiny_checkpoint):
+    """rl.minibatches 2: the rollout's rows shuffled and cut in two, each a batch of its own
+    (no share: its own token mean), every row in exactly one minibatch per epoch; RLOO keeps
+    prompt groups whole; more minibatches than rows is one line."""
+    from tether.config import RecipeError
+    from tether.engine.setup import build_policy
+    from tether.stages.base import make_stage
+
+    def stage_of(*sets):
+        recipe = load_recipe(
+            None,
+            [
+                f"model.init={tiny_checkpoint}",
+                "task.name=first-digit",
+                "train.stage=rl",
+                "rl.prompts_per_step=4",
+                "rl.max_new_tokens=2",
+                *sets,
+            ],
+        )
+        model, tok = build_policy(recipe)
+        return make_stage(recipe, tok, model, torch.device("cpu"))
+
+    stage = stage_of("rl.algorithm=a2c", "rl.minibatches=2")
+    rollout = stage.next_batch()
+    parts = stage.updates(rollout)
+    assert len(parts) == 2 and all(p.share is None for p in parts)
+    ids = torch.cat([p.input_ids for p in parts])
+    assert ids.shape == rollout.input_ids.shape  # every row once
+    assert sorted(map(tuple, ids.tolist())) == sorted(map(tuple, rollout.input_ids.tolist()))
+
+    stage = stage_of(
+        "rl.algorithm=rloo", "rl.group_size=2", "rl.minibatches=2", "rl.prompts_per_step=2"
+    )
+    parts = stage.updates(stage.next_batch())
+    # each minibatch is one whole prompt group: its two rows share the prompt
+    assert [p.input_ids.shape[0] for p in parts] == [2, 2]
+    for p in parts:
+        assert torch.equal(p.input_ids[0, : p.prompt_len], p.input_ids[1, : p.prompt_len])
+
+    stage = stage_of("rl.algorithm=ppo", "rl.ppo_epochs=2", "rl.minibatches=2")
+    assert len(stage.updates(stage.next_batch())) == 4  # 2 epochs × 2 minibatches
+    stage = stage_of("rl.minibatches=5")
+    with pytest.raises(RecipeError, match="rl.minibatches 5: the rollout has only 4 rows"):
+        stage.updates(stage.next_batch())
+
+
+def test_the_certainty_over_the_tasks_characters(tiny_checkpoint):
+    """rl.certainty_support task: the reference's certainty with every logit outside the
+    scratchpad's characters and EOS at −inf, normalised by log |A|: the weights equal those
+    computed by hand from the masked logits; a task without an alphabet is one line."""
+    import math
+
+    from tether.config import RecipeError
+    from tether.engine.setup import build_policy
+    from tether.objectives.common import certainty
+    from tether.scoring import grouped_completion_logits
+    from tether.stages.base import make_stage
+    from tether.tasks.addition import ALPHABET
+
+    sets = [
+        f"model.init={tiny_checkpoint}",
+        "task.max_digits=1",
+        "train.stage=rl",
+        "rl.prompts_per_step=2",
+        "rl.max_new_tokens=6",
+        "rl.certainty_exponent=3",
+        "rl.certainty_form=max_prob",
+        "rl.certainty_normalization=vocabulary",
+        "rl.certainty_support=task",
+    ]
+    recipe = load_recipe(None, sets)
+    model, tok = build_policy(recipe)
+    stage = make_stage(recipe, tok, model, torch.device("cpu"))
+    rollout = stage.next_batch()
+    ids = [tok.get_vocab()[ch] for ch in ALPHABET] + [tok.eos_token_id]
+    assert stage.certainty_support.tolist() == sorted(set(ids))
+    logits = grouped_completion_logits(
+        stage.reference, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0
+    )
+    masked = torch.full_like(logits, -math.inf)
+    masked[..., sorted(set(ids))] = logits[..., sorted(set(ids))]
+    # by hand: Ĵ = 1 + log max p_4 / log |A|, p_4 = softmax over the allowed logits / 4
+    p = torch.softmax(masked / 4.0, dim=-1)
+    by_hand = (1 + p.amax(-1).log() / math.log(len(set(ids)))).clamp(0, 1) ** 3
+    mask = rollout.mask > 0
+    assert torch.allclose(rollout.kl_weights[mask], by_hand[mask], rtol=1e-5)
+    assert torch.allclose(certainty(masked, "max_prob") ** 3, by_hand, rtol=1e-5)
+    with pytest.raises(RecipeError, match="rl.certainty_support task: this task writes open"):
+        recipe = load_recipe(None, [*sets, "task.name=first-digit"])
+        make_stage(recipe, tok, model, torch.device("cpu"))

@@ -162,3 +162,56 @@ def test_prompts_go_through_the_chat_template():
     assert text == format_prompt(tok, problem.prompt, task.prompt_format)
     assert text.startswith("<|im_start|>user\n" + problem.prompt)
     assert text.endswith("<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+
+def test_wrong_answers_by_hand():
+    def wrong(a, op, b):
+        return wp.wrong_answers(
+            wp.Problem(a, b, op, "question", 0, "Mia", "Leo", ("coin", "coins"))
+        )
+
+    # 7 - 2 = 5: the sum 9, off by one 4 and 6, the operands 7 and 2
+    assert wrong(7, "-", 2) == (2, 4, 6, 7, 9)
+    # 3 + 3 = 6: the difference 0, off by one 5 and 7, the operand 3 (once)
+    assert wrong(3, "+", 3) == (0, 3, 5, 7)
+    # 2 - 1 = 1: the sum 3, off by one 0 and 2, the operands 2 and 1 (1 is the answer: left out)
+    assert wrong(2, "-", 1) == (0, 2, 3)
+    # 1 + 2 = 3: the difference 1, off by one 2 and 4, the operands 1 and 2
+    assert wrong(1, "+", 2) == (1, 2, 4)
+
+
+@pytest.mark.parametrize("max_digits", [1, 2])
+def test_every_wrong_answer_is_wrong_non_negative_and_seeded_by_the_prompt(max_digits):
+    seen = set()
+    for p in _problems(300, max_digits):
+        wrong = wp.wrong_answer(p)
+        assert wrong in wp.wrong_answers(p) and wrong != p.answer and wrong >= 0
+        assert not wp.is_correct(p, str(wrong)) and wp.is_correct(p, str(p.answer))
+        assert wp.wrong_answer(p) == wrong  # a function of the problem
+        seen.add(wrong - p.answer)
+    assert {-1, 1} <= seen and len(seen) > 4  # off by one, and the other kinds of slip
+
+
+def test_the_preference_task_pairs_the_plain_tasks_problems():
+    from tether.tasks.preferences import WordPreferencePair, WordProblemPrefsTask
+
+    assert "word-problems-prefs" in TASKS
+    prefs, plain = get_task("word-problems-prefs", 1), get_task("word-problems", 1)
+    assert isinstance(prefs, WordProblemPrefsTask) and prefs.max_digits == 1
+    assert prefs.max_new_tokens() == wp.MAX_NEW_TOKENS
+    rng_a, rng_b = random.Random("tether-eval/0"), random.Random("tether-eval/0")
+    for _ in range(50):
+        pair, problem = prefs.rl_problem(rng_a), plain.rl_problem(rng_b)
+        assert isinstance(pair, WordPreferencePair) and pair.problem == problem
+        assert pair.prompt == problem.prompt and pair.target == pair.chosen
+        assert pair.chosen == str(problem.answer)
+        assert pair.rejected == str(wp.wrong_answer(problem))
+        assert prefs.is_correct(pair, f"The answer is {pair.chosen}.")
+        assert not prefs.is_correct(pair, pair.rejected)
+        assert prefs.score(pair, pair.chosen) == 1.0
+    assert prefs.pretrain_problem(random.Random(1)) == prefs.rl_problem(random.Random(1))
+    recipe = load_recipe(None, ["task.name=word-problems-prefs", "task.max_digits=1"])
+    assert isinstance(task_from_config(recipe.task), WordProblemPrefsTask)

@@ -196,8 +196,9 @@ class RolloutBatch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def select(self, rows: Tensor, share: Share) -> RolloutBatch:
-        """The micro-batch of ``rows`` (a 1-D index tensor): every per-row tensor's rows."""
+    def select(self, rows: Tensor, share: Share | None) -> RolloutBatch:
+        """The micro-batch of ``rows`` (a 1-D index tensor): every per-row tensor's rows; with
+        ``share`` None, a minibatch of its own (its own token count and baseline)."""
         return replace(
             self,
             input_ids=_rows(self.input_ids, rows),

@@ -122,8 +122,8 @@ class StageRun:
     def step(self) -> Any:
         """One training step as :func:`tether.engine.loop.train` takes it; returns the batch."""
         batch = self.stage.next_batch()
-        for _ in range(self.stage.epochs_per_batch):
-            loss, _ = self.stage.loss(self.model, batch)
+        for part in self.stage.updates(batch):
+            loss, _ = self.stage.loss(self.model, part)
             loss.backward()
             if self.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)

@@ -19,6 +19,7 @@ from tether.config.sections import (
     TrainConfig,
 )
 from tether.stages.registry import STAGES, When
+from tether.tasks import PREFERENCE_TASK_NAMES
 
 
 class Recipe(Strict):
@@ -45,11 +46,11 @@ class Recipe(Strict):
                 f"model.init is required when train.stage is {self.train.stage} "
                 "(it is the reference)"
             )
-        preference_task = self.task.name in ("multistep-prefs", "prefs-jsonl")
+        preference_task = self.task.name in PREFERENCE_TASK_NAMES
         if stage.needs_preference_task and not preference_task:
             raise ValueError(
                 f"train.stage {self.train.stage} needs preference pairs: task.name "
-                f"multistep-prefs or prefs-jsonl (got {self.task.name})"
+                f"{', '.join(PREFERENCE_TASK_NAMES)} (got {self.task.name})"
             )
         if self.reward.calibrate and not stage.calibrates_reward:
             only = " ".join(n for n, s in STAGES.items() if s.calibrates_reward)

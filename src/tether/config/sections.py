@@ -45,7 +45,8 @@ class TaskConfig(Strict):
         ge=1,
         le=18,
         description="addition: N (pre-training covers 1..N digits); multistep, multistep-prefs: "
-        "the longest operand; enumerable: the longest answer (341 responses at 3, at most 7)",
+        "the longest operand; word-problems, word-problems-prefs: the longest operand and answer "
+        "(1 is their setting); enumerable: the longest answer (341 responses at 3, at most 7)",
     )
     long_fraction: float = Field(
         0.0,
@@ -305,11 +306,26 @@ class RLConfig(Strict):
         "model S ≈ log 99); vocabulary = log V, the paper's (on a 49k-token model at T = 1 "
         "it sets almost every weight near 0); docs/rl.md",
     )
+    certainty_support: Literal["vocabulary", "task"] = Field(
+        "vocabulary",
+        description="the tokens u is computed over: the whole vocabulary, or the characters "
+        "the task writes (task.alphabet, with EOS; the others' logits set to −inf before the "
+        "softmax, and log V taken over the support), as the released code's arithmetic mode "
+        "does; task needs a character tokenizer",
+    )
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
     value_coef: float = Field(0.1, ge=0.0)
     entropy_coef: float = Field(0.001, ge=0.0)
     ppo_epochs: int = Field(4, ge=1)
+    minibatches: int = Field(
+        1,
+        ge=1,
+        description="optimizer steps per collect (per epoch for ppo): the rollout's rows "
+        "(rloo: prompt groups) are shuffled and split into this many minibatches, each one "
+        "step on its own token mean, as the released critical-token code updates on "
+        "minibatches of token transitions; 1 = one step on the whole rollout",
+    )
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
     prompt_pool: int | None = Field(
         None,

@@ -319,8 +319,8 @@ def train(
     with StopRequests() as stops:
         for step in bar:
             batch = stage.next_batch()
-            for _ in range(stage.epochs_per_batch):  # PPO: several updates on one rollout
-                fault, grad_norm, stats = update(batch)
+            for part in stage.updates(batch):  # PPO's epochs, RL's minibatches: one step each
+                fault, grad_norm, stats = update(part)
                 if fault is not None:
                     if recipe.train.on_nonfinite == "stop":
                         kept = step_checkpoints(out)

@@ -126,7 +126,8 @@ def certainty(
     - ``form="max_prob"`` (the released code): u = −log max_a p(a), the normalised negative
       min-entropy;
 
-    - ``normalization="vocabulary"`` (the paper): S = log V, V = ``logits.shape[-1]``, so Ĵ is
+    - ``normalization="vocabulary"`` (the paper): S = log V, V = ``logits.shape[-1]`` (the
+      number of finite logits where some are −inf: a restricted support), so Ĵ is
       1 for a one-hot p and 0 for the uniform one: Ĵ = (log V − H(p)) / log V, or
       1 + log max_a p(a) / log V;
     - ``normalization="typical"``: S = κ·ū, κ = :data:`TYPICAL_MULTIPLE` and ū = ``typical``,
@@ -145,7 +146,13 @@ def certainty(
         )
     u = uncertainty(logits, form, temperature)
     if normalization == "vocabulary":
-        return (1.0 - u / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+        finite = torch.isfinite(logits)
+        if bool(finite.all()):
+            return (1.0 - u / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+        # log V over the support: tokens whose logit is −inf (outside an allowed set) do not
+        # count, so a distribution restricted to A tokens is normalised by log |A|
+        support = finite.sum(dim=-1).clamp_min(2).to(u.dtype)
+        return (1.0 - u / support.log()).clamp(0.0, 1.0)
     u_bar = (
         u.detach().mean()
         if typical is None

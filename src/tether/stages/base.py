@@ -115,6 +115,12 @@ class Stage(ABC, Generic[BatchT]):
         stage that needs a pass over the whole batch first (REINFORCE's baseline)."""
         return [batch]
 
+    def updates(self, batch: BatchT) -> list[BatchT]:
+        """The batches of the optimizer steps taken on one drawn ``batch``, in order: the batch
+        itself ``epochs_per_batch`` times by default (PPO's epochs); the RL stage splits it
+        into shuffled minibatches (``rl.minibatches``)."""
+        return [batch] * self.epochs_per_batch
+
     def parameters(self) -> list[nn.Parameter]:
         """Trainable parameters besides the model's (a value head, a reward head)."""
         return []

@@ -38,9 +38,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether import distributed
 from tether.batches import RolloutBatch
-from tether.config import Recipe
+from tether.config import Recipe, RecipeError
 from tether.generation.rollouts import RolloutBackend
-from tether.generation.sampler import sample
+from tether.generation.sampler import sample, vocab_bias
 from tether.objectives import (
     RLLossSettings,
     log_softmax_and_token_logprobs,
@@ -90,6 +90,14 @@ class RLStage(Stage[RolloutBatch]):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.epochs_per_batch = cfg.ppo_epochs if cfg.algorithm == "ppo" else 1
+        # rl.certainty_support task: the certainty over the task's characters and EOS only
+        self.certainty_support = (
+            task_token_ids(self.task, tokenizer, device)
+            if cfg.certainty_support == "task"
+            else None
+        )
+        # the minibatches' order: its own stream (the prompt stream stays as it was)
+        self.minibatch_generator = torch.Generator().manual_seed(recipe.seed + 104729)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens()
         self.pool: list[Any] | None = None
         if cfg.prompt_pool is not None:
@@ -138,6 +146,7 @@ class RLStage(Stage[RolloutBatch]):
         """The prompt stream, the sampling generator and the value head (for ``--resume``)."""
         state = super().state_dict()
         state["value_head"] = None if self.value_head is None else self.value_head.state_dict()
+        state["minibatch_generator"] = self.minibatch_generator.get_state()
         if self.calibrated is not None:
             state["calibration"] = self.calibrated.state_dict()
             state["ref_generator"] = self.ref_generator.get_state()
@@ -147,6 +156,8 @@ class RLStage(Stage[RolloutBatch]):
         super().load_state_dict(state)
         if self.value_head is not None:
             self.value_head.load_state_dict(state["value_head"])
+        if "minibatch_generator" in state:  # checkpoints written before rl.minibatches lack it
+            self.minibatch_generator.set_state(state["minibatch_generator"])
         if self.calibrated is not None:
             self.calibrated.load_state_dict(state["calibration"])
             self.ref_generator.set_state(state["ref_generator"])
@@ -200,6 +211,8 @@ class RLStage(Stage[RolloutBatch]):
         if cfg.certainty_exponent is not None:
             # certainty of the reference at its own (unscaled) logits: undo the sampling temperature
             own_logits = ref_logits * cfg.temperature
+            if self.certainty_support is not None:  # −inf outside the task's characters
+                own_logits = own_logits + vocab_bias(self.certainty_support, own_logits.shape[-1])
             typical = None
             if cfg.certainty_normalization == "typical":
                 # ū: the reference's mean uncertainty over every process's real completion tokens
@@ -236,6 +249,30 @@ class RLStage(Stage[RolloutBatch]):
             "reference_s": time.perf_counter() - t_scored,
         }
         return rollout
+
+    # ------------------------------------------------------------------ minibatches
+
+    def updates(self, rollout: RolloutBatch) -> list[RolloutBatch]:
+        """Each epoch (PPO: ``rl.ppo_epochs``, else one) the rollout's units (rows; RLOO: prompt
+        groups) shuffled and cut into ``rl.minibatches`` near-equal minibatches, one optimizer
+        step each, on its own token mean: the released critical-token code's granularity
+        (several updates per collect) at the size of minibatch a CPU affords."""
+        if self.cfg.minibatches == 1:
+            return super().updates(rollout)
+        unit = self.cfg.group_size if self.settings.algorithm == "rloo" else 1
+        units = rollout.input_ids.shape[0] // unit
+        if self.cfg.minibatches > units:
+            raise RecipeError(
+                f"rl.minibatches {self.cfg.minibatches}: the rollout has only {units} "
+                f"{'prompt groups' if unit > 1 else 'rows'} on this process to split"
+            )
+        parts = []
+        for _ in range(self.epochs_per_batch):
+            order = torch.randperm(units, generator=self.minibatch_generator)
+            for chunk in order.tensor_split(self.cfg.minibatches):
+                rows = _unit_rows(chunk.sort().values.to(self.device), unit)
+                parts.append(rollout.select(rows, None))
+        return parts
 
     # ------------------------------------------------------------------ micro-batches
 
@@ -345,3 +382,22 @@ class RLStage(Stage[RolloutBatch]):
 def _unit_rows(units: Tensor, unit: int) -> Tensor:
     """The rows of the units ``units``, each ``unit`` consecutive rows."""
     return (units[:, None] * unit + torch.arange(unit, device=units.device)).reshape(-1)
+
+
+def task_token_ids(task: Any, tokenizer: Any, device: torch.device) -> Tensor:
+    """The ids of the task's characters (``task.alphabet``) and EOS, for a tokenizer with one
+    token per character. RecipeError naming the key where there is none."""
+    if task.alphabet is None:
+        raise RecipeError(
+            "rl.certainty_support task: this task writes open text (it has no alphabet); "
+            "use certainty_support vocabulary"
+        )
+    vocab = tokenizer.get_vocab()
+    missing = [ch for ch in task.alphabet if ch not in vocab]
+    if missing:
+        raise RecipeError(
+            "rl.certainty_support task needs one token per character of the task; the "
+            f"tokenizer has none for {''.join(missing)!r}: use certainty_support vocabulary"
+        )
+    ids = [vocab[ch] for ch in task.alphabet] + [tokenizer.eos_token_id]
+    return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)

@@ -26,6 +26,7 @@ class AdditionTask(Task):
 
     max_digits: int
     long_fraction: float = 0.0  # share of pre-training problems from the N+1 distribution
+    alphabet = addition.ALPHABET
 
     def pretrain_problem(self, rng: random.Random) -> addition.Problem:
         if self.long_fraction and rng.random() < self.long_fraction:
@@ -143,10 +144,15 @@ TASKS: dict[str, str] = {
     "a final-number verifier; set task.max_digits: 1",
     "jsonl": "your prompt/completion JSON Lines file (task.path)",
     "multistep-prefs": "preference pairs over multistep solutions (DPO, reward model)",
+    "word-problems-prefs": "preference pairs on word problems: the right number over a "
+    "plausible wrong one (DPO, reward model on SmolLM2); set task.max_digits: 1",
     "prefs-jsonl": "your preference JSON Lines file: prompt, chosen, rejected (task.path)",
     "enumerable": "a response space small enough to enumerate: exact KL and target diagnostics",
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+# the tasks whose problems are preference pairs (train.stage dpo and reward-model need one;
+# the stages that sample and score refuse one)
+PREFERENCE_TASK_NAMES: tuple[str, ...] = ("multistep-prefs", "word-problems-prefs", "prefs-jsonl")
 
 
 def get_task(
@@ -158,7 +164,8 @@ def get_task(
 ) -> Task:
     """The task called ``name``. ``max_digits`` is N for ``addition``, the largest operand
     length for ``multistep`` and ``multistep-prefs`` (2 is their intended setting), the longest
-    operand and answer for ``word-problems`` (1 is its intended setting) and the longest answer
+    operand and answer for ``word-problems`` and ``word-problems-prefs`` (1 is their intended
+    setting) and the longest answer
     for ``enumerable``; ``long_fraction`` applies to ``addition`` only, ``demonstrations``
     (uniform or expert answers for MLE) and ``expert_share`` (None: the default) to
     ``enumerable`` only. ``first-digit`` ignores them."""
@@ -179,6 +186,10 @@ def get_task(
         from tether.tasks.preferences import MultistepPrefsTask
 
         return MultistepPrefsTask(max_digits)
+    if name == "word-problems-prefs":
+        from tether.tasks.preferences import WordProblemPrefsTask
+
+        return WordProblemPrefsTask(max_digits)
     raise ValueError(f"task.name: unknown task {name!r} (known: {', '.join(TASK_NAMES)})")
 
 
@@ -212,6 +223,7 @@ class FixedPool(Task):
 
     def __post_init__(self) -> None:
         self.report = self.task.report  # a file's rows kept and skipped, as the task read them
+        self.alphabet = self.task.alphabet
 
 
 def task_from_config(cfg: Any, seed: int = 0) -> Task:

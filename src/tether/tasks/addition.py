@@ -183,14 +183,18 @@ def varying_length_problem(rng: random.Random, digits: int) -> Problem:
 
 
 def critical_positions(problem: Problem, max_digits: int, lines: int = 3) -> list[int]:
-    """Character offsets in ``problem.target`` of the critical tokens.
-
-    On each of the first ``lines`` decomposition lines, for every operand list longer than
-    ``max_digits`` (N) digits, the comma that follows the N-th digit (the comma-vs-``]``
-    decision the pre-trained model has never had to make) and the digit after it. Returned
-    sorted; empty when no operand exceeds N digits.
+    """Character offsets in ``problem.target`` of the critical tokens, as the released code of
+    Vassoyan et al. (2025) marks them (``Prompt.extract_critical_tokens``): for every operand
+    whose original length n exceeds N = ``max_digits`` (gap = n − N), on each of the first
+    ``lines`` scratchpad lines, the last 2·gap characters of that operand's list before its
+    ``]``, alternately a digit and a comma. On line 1 these are the comma after the N-th digit
+    (the comma-vs-``]`` decision a model pre-trained on ≤ N digits has never had to make) and
+    the digits beyond; on lines 2 and 3 the same count of characters at the end of the
+    shortened list. The gap is the original one, not recomputed per line. Returned sorted;
+    empty when no operand exceeds N digits.
     """
     target = problem.target
+    gaps = [len(str(problem.a)) - max_digits, len(str(problem.b)) - max_digits]
     positions: list[int] = []
     line_start = target.index(SCRATCH_OPEN) + len(SCRATCH_OPEN) + 1
     for _ in range(lines):
@@ -199,11 +203,17 @@ def critical_positions(problem: Problem, max_digits: int, lines: int = 3) -> lis
         if line.startswith("[] + []"):
             break
         # the two operand lists are the first two bracketed groups of the line
-        for m in list(re.finditer(r"\[([0-9,]*)\]", line))[:2]:
-            inner_start = m.start(1)
-            digit_offsets = [i for i, ch in enumerate(m.group(1)) if ch.isdigit()]
-            for k in range(max_digits, len(digit_offsets)):
-                comma = inner_start + digit_offsets[k - 1] + 1
-                positions += [line_start + comma, line_start + inner_start + digit_offsets[k]]
+        for gap, m in zip(gaps, list(re.finditer(r"\[([0-9,]*)\]", line))[:2], strict=False):
+            if gap <= 0:
+                continue
+            close = m.end(1)  # the offset of the list's "]" in the line
+            marked = min(2 * gap, close - m.start(1))  # never past the list's "["
+            positions += [line_start + close - 1 - i for i in range(marked)]
         line_start = line_end + 1
     return sorted(positions)
+
+
+# Every character a scratchpad target is written in: the digits, the list and line syntax,
+# "<scratch>", "</scratch>", "END" and the newlines (one target with every digit in it is
+# enough: the format has no other characters).
+ALPHABET = "".join(sorted(set(make_target(1234567890, 9876543210) + "0123456789")))

@@ -28,6 +28,10 @@ class Task(ABC):
     report: DataReport | None = None
     # task.chat_template and task.system_prompt: how the prompts are put to a model
     prompt_format: PromptFormat = PromptFormat()
+    # the characters its completions are written in, where the task has a closed set (the
+    # scratchpad's); None for open text. rl.certainty_support: task restricts the reference's
+    # certainty to them (and EOS)
+    alphabet: str | None = None
 
     @property
     def has_references(self) -> bool:

@@ -21,6 +21,14 @@ Two sources, one protocol (:class:`tether.tasks.Task`), for ``train.stage: dpo``
   so the final answer is wrong too. The two responses share everything before the slip,
   so the preference is about one local error, the kind DPO should learn to avoid.
 
+- **``task.name: word-problems-prefs``** (:class:`WordProblemPrefsTask`): pairs on the
+  word-problems task (:mod:`tether.tasks.word_problems`), for real chat models. Chosen is the
+  right answer as the instruction asks for it, the bare number (``8``); rejected is a
+  plausible wrong number (:func:`~tether.tasks.word_problems.wrong_answer`: the other
+  operation's result, the answer off by one, or an operand). The problems are the plain
+  task's, drawn from the same generator stream, so a run's held-out problems are the ones a
+  ``word-problems`` run with the same seed and ``eval.n`` evaluates.
+
 A problem is a :class:`PreferencePair`; its ``target`` is the chosen response, so the same
 task also serves MLE on the chosen responses (``train.stage: mle``: SFT before DPO) and RL.
 
@@ -30,7 +38,9 @@ with the chosen response after stripping surrounding whitespace, and ``score`` i
 completion is closer to the chosen response than to the rejected one by sentence BLEU (1 for
 an exact match of the chosen response, 0.5 for a tie, 0 when closer to the rejected one),
 so its mean is a win rate against the preference data. For ``multistep-prefs`` they are the
-multistep checker and its graded step score (:func:`tether.tasks.multistep.score`).
+multistep checker and its graded step score (:func:`tether.tasks.multistep.score`); for
+``word-problems-prefs`` the word-problem verifier and its place score
+(:func:`tether.tasks.word_problems.place_score`).
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from typing import Any
 import datasets
 from sacrebleu.metrics import BLEU
 
-from tether.tasks import multistep
+from tether.tasks import multistep, word_problems
 from tether.tasks.addition import random_operand
 from tether.tasks.base import Task
 from tether.tasks.jsonl import (
@@ -90,6 +100,18 @@ class SumPreferencePair(PreferencePair):
     @property
     def problem(self) -> multistep.Problem:
         return multistep.Problem(self.operands, self.chosen)
+
+
+@dataclass(frozen=True)
+class WordPreferencePair(PreferencePair):
+    """A generated word-problem pair; ``problem`` lets the verifier judge completions."""
+
+    problem: word_problems.Problem | None = None
+
+    @property
+    def word_problem(self) -> word_problems.Problem:
+        assert self.problem is not None, "a WordPreferencePair is built with its problem"
+        return self.problem
 
 
 # ----------------------------------------------------------------------------- files
@@ -300,3 +322,38 @@ class MultistepPrefsTask(Task):
         return multistep.max_completion_tokens(self.max_digits, self.max_operands) + 2 * (
             self.max_operands - 1
         )
+
+
+def word_problem_pair(problem: word_problems.Problem) -> WordPreferencePair:
+    """The pair of ``problem``: its answer over :func:`~tether.tasks.word_problems.wrong_answer`,
+    both as bare numbers."""
+    return WordPreferencePair(
+        problem.prompt,
+        str(problem.answer),
+        str(word_problems.wrong_answer(problem)),
+        problem=problem,
+    )
+
+
+@dataclass
+class WordProblemPrefsTask(Task):
+    """Generated preference pairs on word problems (module docstring): the right answer over
+    a plausible wrong one. Pre-training and RL draw the word-problems task's problems from the
+    same stream; judged by its verifier and place score."""
+
+    max_digits: int = word_problems.DEFAULT_MAX_DIGITS
+
+    def pretrain_problem(self, rng: random.Random) -> WordPreferencePair:
+        return word_problem_pair(word_problems.make_problem(rng, self.max_digits))
+
+    def rl_problem(self, rng: random.Random) -> WordPreferencePair:
+        return self.pretrain_problem(rng)
+
+    def is_correct(self, problem: WordPreferencePair, completion: str) -> bool:
+        return word_problems.is_correct(problem.word_problem, completion)
+
+    def score(self, problem: WordPreferencePair, completion: str) -> float:
+        return word_problems.place_score(problem.word_problem, completion)
+
+    def max_new_tokens(self) -> int:
+        return word_problems.MAX_NEW_TOKENS

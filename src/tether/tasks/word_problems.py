@@ -15,6 +15,12 @@ writing (``8``, ``8.``, ``$8``, ``**8**``, ``8.0``, ``1,234``, "The answer is 8 
 strict about the value. A completion with an answer marker (``Answer:``, ``answer is``,
 ``####``) is read at the last marker; without one, its last number counts.
 
+**Preference pairs** (``task.name: word-problems-prefs``, :mod:`tether.tasks.preferences`) put
+the right answer, written as the instruction asks (``8``), over a plausible wrong one
+(:func:`wrong_answers`: the other operation's result, the answer off by one, or an operand
+copied from the question), picked by :func:`wrong_answer` from a generator seeded with the
+prompt, so the pairs are a function of the problems and the problem stream is the task's own.
+
 The design was chosen by measurement (``benchmarks/real_task_accuracy.py``; the table is in
 docs/rl.md, "A task for real models"): SmolLM2-135M-Instruct, through its chat template with
 its default system prompt, answers 16% [11.6, 21.7] of 200 problems with ``max_digits`` 1 when
@@ -219,3 +225,27 @@ def place_score(problem: Problem, completion: object) -> float:
     width = max(len(pred), len(true))
     pred, true = pred.rjust(width), true.rjust(width)
     return sum(x == y for x, y in zip(pred, true, strict=True)) / width
+
+
+# ----------------------------------------------------------------------------- wrong answers
+
+
+def wrong_answers(problem: Problem) -> tuple[int, ...]:
+    """The plausible wrong answers to ``problem``, ascending: the other operation's result
+    (a + b for a difference, |a − b| for a sum), the answer ± 1, and either operand, leaving
+    out the answer itself and negative numbers. Never empty (answer + 1 is always there).
+
+    E.g. 7 − 2 = 5: 9 (added), 4 and 6 (off by one), 7 and 2 (operands) → (2, 4, 6, 7, 9).
+    """
+    n = problem.answer
+    other = problem.a + problem.b if problem.op == "-" else abs(problem.a - problem.b)
+    candidates = {other, n - 1, n + 1, problem.a, problem.b}
+    return tuple(sorted(v for v in candidates if v >= 0 and v != n))
+
+
+def wrong_answer(problem: Problem) -> int:
+    """One of :func:`wrong_answers`, uniform, drawn by a generator seeded with the prompt: the
+    same problem always gets the same wrong answer, and drawing it takes nothing from the
+    caller's generator (so a preference task's problems are the plain task's)."""
+    choices = wrong_answers(problem)
+    return choices[Random(f"tether-wrong-answer/{problem.prompt}").randrange(len(choices))]
