@@ -32,7 +32,11 @@ def test_very_small_demo_writes_the_comparison(tmp_path):
     table = (out / "report" / "comparison.md").read_text()
     assert "standard KL" in table and "prioritised KL" in table
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert set(summary) == {"standard KL", "prioritised KL (β_c=150)"}
+    assert set(summary) == {"standard KL", "prioritised KL (β_c=150)", "paired"}
+    paired = summary["paired"]["prioritised KL (β_c=150)"]
+    assert paired["against"] == "standard KL"
+    assert set(paired["figures"]) == {"eval/acc_rl", "eval/acc_pretrain"}
+    assert "paired by seed" in result.output and "points, 95% CI" in result.output
     # the prioritised arm logs its token weights, the standard arm has none
     assert "kl_weight_mean" in summary["prioritised KL (β_c=150)"]
     assert "kl_weight_mean" not in summary["standard KL"]
@@ -83,7 +87,8 @@ def test_sweep_runs_one_arm_per_certainty_exponent(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert len(summary) == 1 + 6
+    assert len(summary) == 1 + 6 + 1  # the standard arm, six β_c, the paired differences
+    assert len(summary["paired"]) == 6
     assert "prioritised KL (β_c=10000)" in summary and "standard KL" in summary
 
 
@@ -107,3 +112,66 @@ def test_the_demo_summary_keeps_intervals_of_proportions_inside_0_1(tmp_path):
         assert summary[key]["ci_low"] == pytest.approx(0.82324, abs=1e-5)
         assert summary[key]["ci_high"] == 1.0
     assert summary["kl_sampled"]["ci_high"] == pytest.approx(1.11009, abs=1e-5)
+
+
+def _fake_run(folder, acc_rl, acc_pretrain):
+    folder.mkdir(parents=True)
+    rows = [
+        {"step": 0, "eval/acc_rl": 0.4, "eval/acc_pretrain": 1.0},
+        {"step": 8, "eval/acc_rl": acc_rl, "eval/acc_pretrain": acc_pretrain},
+    ]
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def test_paired_differences_by_hand(tmp_path):
+    """Three seeds: standard 0.50 / 0.60 / 0.40, prioritised 0.55 / 0.62 / 0.47 on N+1 digits:
+    differences +0.05, +0.02, +0.07, mean 0.0466..., sd 0.025166, t(0.975, 2) = 4.302653:
+    half-width 0.0625148. The first arm is the base; each value is the run's last one."""
+    from tether.studies.demo import paired_differences, paired_table
+
+    std = [_fake_run(tmp_path / f"s{i}", a, 1.0) for i, a in enumerate([0.50, 0.60, 0.40])]
+    pri = [
+        _fake_run(tmp_path / f"p{i}", a, b)
+        for i, (a, b) in enumerate([(0.55, 0.99), (0.62, 0.97), (0.47, 1.0)])
+    ]
+    paired = paired_differences({"standard KL": std, "prioritised KL": pri})
+    assert (
+        list(paired) == ["prioritised KL"] and paired["prioritised KL"]["against"] == "standard KL"
+    )
+    rl = paired["prioritised KL"]["figures"]["eval/acc_rl"]
+    assert rl["differences"] == pytest.approx([0.05, 0.02, 0.07])
+    assert rl["mean"] == pytest.approx(0.14 / 3)
+    half = 4.302653 * 0.0251661 / 3**0.5
+    assert rl["ci_low"] == pytest.approx(0.14 / 3 - half, abs=1e-5)
+    assert rl["ci_high"] == pytest.approx(0.14 / 3 + half, abs=1e-5)
+    pre = paired["prioritised KL"]["figures"]["eval/acc_pretrain"]
+    assert pre["differences"] == pytest.approx([-0.01, -0.03, 0.0])
+    table = paired_table(paired)
+    assert "| 0 | 50.0 | 55.0 | +5.0 | 100.0 | 99.0 | -1.0 |" in table
+    assert "**+4.7** [-1.6, +10.9]" in table  # 4.67 ± 6.25 points
+    assert "N+1 accuracy, prioritised KL − standard KL: +4.7 points" in table
+    assert "(half-width 6.3) over 3 seeds; not resolved" in table
+    # a difference whose interval excludes 0 is called resolved
+    pri2 = [_fake_run(tmp_path / f"q{i}", a + 0.1, 1.0) for i, a in enumerate([0.50, 0.60, 0.40])]
+    assert "resolved: the interval excludes 0" in paired_table(
+        paired_differences({"standard KL": std, "prioritised KL": pri2})
+    )
+
+
+def test_full_runs_the_comparison_then_the_sweep_reusing_its_runs(tmp_path):
+    """--full: the two arms, then the β_c sweep over the same seeds, whose standard and
+    β_c = 150 runs are the comparison's own (trained once: one folder each)."""
+    out = tmp_path / "full"
+    args = ["demo", "--full", "--out", str(out), "--seeds", "1", "--steps", "1", "--quiet"]
+    for override in ["rl.prompts_per_step=1", "rl.max_new_tokens=8", "eval.n=1"]:
+        args += ["--set", override]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    runs = sorted(p.name for p in out.iterdir() if p.name.endswith("-seed0"))
+    assert len(runs) == 1 + 6 and "standard-seed0" in runs and "prioritized-150-seed0" in runs
+    assert result.output.count("standard KL, seed 0") == 2  # asked for twice, trained once
+    sweep = json.loads((out / "report-sweep" / "summary.json").read_text())
+    assert len(sweep["paired"]) == 6
+    main = json.loads((out / "report" / "summary.json").read_text())
+    assert set(main["paired"]) == {"prioritised KL (β_c=150)"}

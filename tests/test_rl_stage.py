@@ -192,6 +192,49 @@ def test_minibatches_are_steps_on_shuffled_shares_of_the_rollout(tiny_checkpoint
         stage.updates(stage.next_batch())
 
 
+def test_a_step_with_minibatches_takes_one_optimizer_step_each_and_logs_the_whole_rollout(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    """rl.minibatches 2 with 8 rows: two Adam steps per loop step, and the logged reward is the
+    mean over the whole rollout (the two halves' mean), not the last minibatch's."""
+    from tether.stages.rl import RLStage
+
+    steps, rewards = [], []
+    original_step = torch.optim.AdamW.step
+    original_loss = RLStage.loss
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return original_step(self, *args, **kwargs)
+
+    def recording_loss(self, model, batch):
+        loss, stats = original_loss(self, model, batch)
+        rewards.append(float(batch.seq_rewards.mean()))
+        return loss, stats
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    monkeypatch.setattr(RLStage, "loss", recording_loss)
+    recipe = _recipe(
+        tiny_checkpoint,
+        "rl.algorithm=a2c",
+        "rl.minibatches=2",
+        "rl.prompts_per_step=8",
+        "rl.reward_wrong=0.0",
+        "rl.temperature=1.0",
+        "optim.lr=0.03",
+        "train.steps=3",
+    )
+    train(recipe, tmp_path / "run", progress=False)
+    assert len(steps) == 6  # 3 loop steps × 2 minibatches
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = [r["reward"] for r in rows if "reward" in r]
+    halves = list(zip(rewards[0::2], rewards[1::2], strict=True))
+    assert logged == pytest.approx([(a + b) / 2 for a, b in halves])
+    assert any(a != b for a, b in halves), halves  # the mean is not the last half's
+
+
 def test_the_certainty_over_the_tasks_characters(tiny_checkpoint):
     """rl.certainty_support task: the reference's certainty with every logit outside the
     scratchpad's characters and EOS at −inf, normalised by log |A|: the weights equal those

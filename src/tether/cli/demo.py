@@ -18,7 +18,13 @@ app = typer.Typer(add_completion=False)
 @friendly_errors
 def demo(
     out: Annotated[Path | None, typer.Option(help="output folder (default runs/demo-TIME)")] = None,
-    full: Annotated[bool, typer.Option(help="the larger setting: 10 seeds, 80 steps")] = False,
+    full: Annotated[
+        bool,
+        typer.Option(
+            help="the closest CPU analogue of the paper's §5.3 (10 seeds, 8 collects of 50 "
+            "episodes), then the β_c sweep on 5 of its seeds"
+        ),
+    ] = False,
     seeds: Annotated[int | None, typer.Option(min=1, help="override the number of seeds")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="override the RL steps per run")] = None,
     certainty_exponent: Annotated[
@@ -49,4 +55,5 @@ def demo(
         echo=typer.echo,
     )
     typer.echo((report.parent / "comparison.md").read_text())
+    typer.echo((report.parent / "paired.md").read_text())
     typer.echo(f"report: {report}  (plot: {report.parent / 'comparison.png'})")

@@ -19,6 +19,7 @@ from tether.cli.common import (
 )
 from tether.eval.addition import accuracy_table, certainty_table
 from tether.eval.checkpoint import evaluate_checkpoint
+from tether.eval.decisive import decisive_table
 from tether.eval.imitation import seeds_table
 from tether.tasks.enumerable import EnumerableTask
 
@@ -41,7 +42,11 @@ Digits = Annotated[str, typer.Option(help="digit lengths, N or LO-HI")]
 Problems = Annotated[int, typer.Option(min=1, help="problems per length and kind")]
 Temperature = Annotated[float, typer.Option(min=0.0, help="0 = greedy; > 0 = sampled Pass@1")]
 Certainty = Annotated[
-    bool, typer.Option(help="also the critical-token certainty analysis (Table 1)")
+    bool,
+    typer.Option(
+        help="also the critical-token certainty analysis: Table 1 (addition); on other tasks the "
+        "decisive positions of the greedy answers (a swap to the second choice makes them wrong)"
+    ),
 ]
 MaxDigits = Annotated[
     int | None, typer.Option(help="N of the model (default: from the checkpoint)")
@@ -159,6 +164,11 @@ def print_sampled(result: dict[str, Any]) -> None:
         )
         for ex in result["reward_examples"]:
             typer.echo(f"\n{ex['prompt']}\n  {ex['tokens']}")
+    if "decisive" in result:
+        typer.echo(
+            "\ncritical tokens: greedy answers, each position swapped for the second choice\n"
+        )
+        typer.echo(decisive_table(result["decisive"]))
 
 
 EXACT_ROWS = (

@@ -319,8 +319,10 @@ def train(
     with StopRequests() as stops:
         for step in bar:
             batch = stage.next_batch()
+            parts_stats: list[dict[str, float]] = []
             for part in stage.updates(batch):  # PPO's epochs, RL's minibatches: one step each
                 fault, grad_norm, stats = update(part)
+                parts_stats.append(stats)
                 if fault is not None:
                     if recipe.train.on_nonfinite == "stop":
                         kept = step_checkpoints(out)
@@ -333,6 +335,8 @@ def train(
                     carried["skipped"] += 1
                     break
             scheduler.step()
+            if fault is None:  # the step's figures: the mean over its updates (near-equal parts)
+                stats = weighted_stats([(1.0, s) for s in parts_stats])
             tokens_since += batch.num_tokens
             watch(step, stats)
 

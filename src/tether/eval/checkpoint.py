@@ -23,6 +23,7 @@ from tether.config import Recipe, RewardConfig, TaskConfig, first_line
 from tether.distributions.enumeration import NotEnumerableError
 from tether.distributions.infalign import DecodeMode
 from tether.eval import addition, imitation
+from tether.eval.decisive import decisive_positions, summarise_decisive
 from tether.eval.exact import exact_evaluation
 from tether.eval.winrate import WinRateReport, evaluate_winrate, plot_winrate
 from tether.models.loading import (
@@ -112,7 +113,18 @@ def evaluate_checkpoint(
     if task_name != "addition" or temperatures or rewards:
         sweep = list(temperatures) if temperatures else [temperature]
         return _sampled(
-            path, task_name, trained_on, n, sweep, temperature, k, rewards, seed, settings
+            path,
+            task_name,
+            trained_on,
+            n,
+            sweep,
+            temperature,
+            k,
+            rewards,
+            seed,
+            settings,
+            certainty,
+            max_digits,
         )
     return _addition(
         path, trained_on, digits, n, temperature, certainty, max_digits, seed, batch_size, progress
@@ -274,9 +286,14 @@ def _sampled(
     rewards: bool,
     seed: int,
     settings: _Settings,
+    certainty: bool = False,
+    max_digits: int | None = None,
 ) -> dict[str, Any]:
-    """Any task: accuracy, score and diversity per temperature; the implicit reward."""
-    task_cfg, task = _build_task(task_name, trained_on, settings)
+    """Any task: accuracy, score and diversity per temperature; the implicit reward; with
+    ``certainty``, the decisive positions of the model's greedy answers and its certainty
+    there (:mod:`tether.eval.decisive`). ``max_digits`` overrides the task's."""
+    overrides = {} if max_digits is None else {"max_digits": max_digits}
+    task_cfg, task = _build_task(task_name, trained_on, settings, **overrides)
     judged_by = None
     if not task.has_references:
         saved = dict(checkpoint_meta(path).get("reward") or {})
@@ -296,6 +313,13 @@ def _sampled(
     )
     if rewards:
         result.update(_reward_figures(model, tokenizer, task, problems, k, temperature, seed))
+    if certainty:
+        if not task.has_references:
+            raise EvaluationError(
+                f"--certainty: task {task_name} has no references to tell a decisive token by"
+            )
+        correct, branches = decisive_positions(model, tokenizer, task, problems)
+        result["decisive"] = summarise_decisive(correct, branches, seed=seed)
     return result
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from tether.config import load_recipe
 from tether.eval.report import make_group_report, read_metrics
-from tether.eval.stats import UNIT_INTERVAL, mean_ci
+from tether.eval.stats import UNIT_INTERVAL, mean_ci, paired_difference_ci
 from tether.studies.common import refuse_controlled_keys, train_once
 
 REPORT_KEYS = (
@@ -47,8 +47,15 @@ CONTROLLED = {
     "--certainty-exponent or --sweep",
 }
 
-SMALL = {"seeds": 3, "steps": 12, "eval_every": 4, "prompts_per_step": 32, "eval_n": 64}
-FULL = {"seeds": 10, "steps": 80, "eval_every": 10, "prompts_per_step": 50, "eval_n": 200}
+# The default is sized for a paired comparison in under 10 minutes on 2 cores: 6 seeds, each
+# arm of a seed from the same model with the same prompt stream, sampling generator and
+# held-out problems (200 N+1 and 200 1..N, greedy), so their difference removes what the seed
+# shares; evaluated before training and at the end. --full is the closest CPU analogue of the
+# paper's §5.3: 10 seeds, 8 collects of 50 episodes (400 episodes), then the β_c sweep on
+# the first SWEEP_SEEDS seeds (the standard and β_c = 150 runs reused).
+SMALL = {"seeds": 6, "steps": 12, "eval_every": 12, "prompts_per_step": 32, "eval_n": 200}
+FULL = {"seeds": 10, "steps": 8, "eval_every": 4, "prompts_per_step": 50, "eval_n": 200}
+SWEEP_SEEDS = 5
 
 
 def run_demo(
@@ -62,48 +69,67 @@ def run_demo(
     progress: bool = True,
     echo: Any = print,
 ) -> Path:
-    """Run the standard arm and the prioritised arm (or, with ``sweep``, one arm per β_c in
-    :data:`SWEEP_EXPONENTS`) over the seeds into ``out``; returns the report's markdown path.
-    ``overrides`` (``a.b=value``) apply to every arm."""
+    """Run the standard arm and the prioritised arm over the seeds into ``out`` and write the
+    report (``report/``: curves, finals, and the per-seed paired differences); returns the
+    report's markdown path. ``sweep`` runs one arm per β_c in :data:`SWEEP_EXPONENTS` instead
+    (at least :data:`SWEEP_SEEDS` seeds); ``full`` runs the larger setting and then the sweep
+    too (``report-sweep/``). ``overrides`` (``a.b=value``) apply to every arm. Finished runs
+    are reused and an interrupted one resumes, so a re-run picks up where one stopped."""
     refuse_controlled_keys(overrides or [], CONTROLLED, "tether demo")
     setting = dict(FULL if full else SMALL)
-    setting["seeds"] = seeds or setting["seeds"]
+    setting["seeds"] = seeds or (max(setting["seeds"], SWEEP_SEEDS) if sweep else setting["seeds"])
     setting["steps"] = steps or setting["steps"]
-    exponents = SWEEP_EXPONENTS if sweep else (certainty_exponent,)
-    # arm label -> (run-folder stem, recipe overrides)
-    arms: dict[str, tuple[str, list[str]]] = {"standard KL": ("standard", [])}
-    for b in exponents:
-        arms[f"prioritised KL (β_c={b:g})"] = (f"prioritized-{b:g}", [f"rl.certainty_exponent={b}"])
-    groups: dict[str, list[Path]] = {arm: [] for arm in arms}
     t0 = time.perf_counter()
-    for seed in range(setting["seeds"]):
-        for arm, (stem, extra) in arms.items():
-            name = f"{stem}-seed{seed}"
-            recipe = load_recipe(
-                "critical-tokens",
-                [
-                    f"seed={seed}",
-                    f"train.steps={setting['steps']}",
-                    f"train.eval_every={setting['eval_every']}",
-                    f"rl.prompts_per_step={setting['prompts_per_step']}",
-                    f"eval.n={setting['eval_n']}",
-                    *(overrides or []),
-                    *extra,
-                ],
-            )
-            echo(f"[{time.perf_counter() - t0:6.0f}s] {arm}, seed {seed}")
-            train_once(recipe, out / name, progress)  # a re-run reuses or resumes it
-            groups[arm].append(out / name)
-    report = make_group_report(
-        groups,
-        out / "report",
-        REPORT_KEYS,
-        title="Critical tokens: standard vs prioritised KL" + (" (β_c sweep)" if sweep else ""),
-        proportions=PROPORTIONS,
-    )
-    summary = _final_summary(groups)
-    (out / "report" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def run(exponents: tuple[float, ...], n_seeds: int, folder: str, title: str) -> Path:
+        # arm label -> (run-folder stem, recipe overrides)
+        arms: dict[str, tuple[str, list[str]]] = {"standard KL": ("standard", [])}
+        for b in exponents:
+            label = f"prioritised KL (β_c={b:g})"
+            arms[label] = (f"prioritized-{b:g}", [f"rl.certainty_exponent={b}"])
+        groups: dict[str, list[Path]] = {arm: [] for arm in arms}
+        for seed in range(n_seeds):
+            for arm, (stem, extra) in arms.items():  # the arms of a seed one after the other
+                name = f"{stem}-seed{seed}"
+                recipe = load_recipe(
+                    "critical-tokens",
+                    [
+                        f"seed={seed}",
+                        f"train.steps={setting['steps']}",
+                        f"train.eval_every={setting['eval_every']}",
+                        f"rl.prompts_per_step={setting['prompts_per_step']}",
+                        f"eval.n={setting['eval_n']}",
+                        *(overrides or []),
+                        *extra,
+                    ],
+                )
+                echo(f"[{time.perf_counter() - t0:6.0f}s] {arm}, seed {seed}")
+                train_once(recipe, out / name, progress)  # a re-run reuses or resumes it
+                groups[arm].append(out / name)
+        return write_report(groups, out / folder, title)
+
+    if sweep:
+        report = run(SWEEP_EXPONENTS, setting["seeds"], "report", SWEEP_TITLE)
+    else:
+        report = run((certainty_exponent,), setting["seeds"], "report", TITLE)
+        if full:
+            run(SWEEP_EXPONENTS, min(SWEEP_SEEDS, setting["seeds"]), "report-sweep", SWEEP_TITLE)
     echo(f"[{time.perf_counter() - t0:6.0f}s] done")
+    return report
+
+
+TITLE = "Critical tokens: standard vs prioritised KL"
+SWEEP_TITLE = TITLE + " (β_c sweep)"
+
+
+def write_report(groups: dict[str, list[Path]], folder: Path, title: str) -> Path:
+    """The comparison (curves and finals, :func:`make_group_report`), ``summary.json`` with
+    the paired differences, and ``paired.md``; returns the comparison's markdown path."""
+    report = make_group_report(groups, folder, REPORT_KEYS, title=title, proportions=PROPORTIONS)
+    summary = _final_summary(groups)
+    summary["paired"] = paired_differences(groups)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / "paired.md").write_text(paired_table(summary["paired"]))
     return report
 
 
@@ -122,10 +148,7 @@ def _final_summary(groups: dict[str, list[Path]]) -> dict[str, Any]:
     for arm, runs in groups.items():
         finals: dict[str, list[float]] = {}
         for run in runs:
-            last: dict[str, float] = {}
-            for row in read_metrics(run / "metrics.jsonl"):
-                last.update({k: v for k, v in row.items() if k in REPORT_KEYS})
-            for k, v in last.items():
+            for k, v in final_values(run, REPORT_KEYS).items():
                 finals.setdefault(k, []).append(v)
         summary[arm] = {
             k: dict(zip(("mean", "ci_low", "ci_high"), _interval(k, v), strict=True))
@@ -136,3 +159,114 @@ def _final_summary(groups: dict[str, list[Path]]) -> dict[str, Any]:
 
 def _interval(key: str, values: list[float]) -> tuple[float, float, float]:
     return mean_ci(values, bounds=UNIT_INTERVAL if key in PROPORTIONS else None)
+
+
+# ----------------------------------------------------------------------------- paired by seed
+
+# the figures compared arm against arm, seed by seed: N+1 accuracy (what RL trains for) and
+# 1..N accuracy (what the KL should retain)
+PAIRED_KEYS = {"eval/acc_rl": "N+1 accuracy", "eval/acc_pretrain": "1..N accuracy"}
+
+
+def final_values(run: Path, keys: Any) -> dict[str, float]:
+    """The last logged value of each of ``keys`` in a run's metrics."""
+    last: dict[str, float] = {}
+    for row in read_metrics(run / "metrics.jsonl"):
+        last.update({k: v for k, v in row.items() if k in keys})
+    return last
+
+
+def paired_differences(groups: dict[str, list[Path]]) -> dict[str, Any]:
+    """Each arm after the first against the first (the standard KL), seed by seed: the runs of
+    one seed share the starting model, the prompt stream's seed and the evaluation problems, so
+    the difference of their final figures removes what the seed and the problems share. Per
+    arm and :data:`PAIRED_KEYS` key: the per-seed values of both arms, their differences, and
+    the mean difference with a Student-t 95% interval over seeds (cut to [−1, 1])."""
+    arms = list(groups)
+    base = arms[0]
+    base_finals = [final_values(r, PAIRED_KEYS) for r in groups[base]]
+    out: dict[str, Any] = {}
+    for arm in arms[1:]:
+        finals = [final_values(r, PAIRED_KEYS) for r in groups[arm]]
+        per_key: dict[str, Any] = {}
+        for key in PAIRED_KEYS:
+            pairs = [
+                (b[key], a[key])
+                for b, a in zip(base_finals, finals, strict=True)
+                if key in a and key in b
+            ]
+            if not pairs:
+                continue
+            before, after = [p[0] for p in pairs], [p[1] for p in pairs]
+            mean, low, high = paired_difference_ci(before, after)
+            per_key[key] = {
+                "base": before,
+                "arm": after,
+                "differences": [a - b for b, a in pairs],
+                "mean": mean,
+                "ci_low": low,
+                "ci_high": high,
+                "seeds": len(pairs),
+            }
+        out[arm] = {"against": base, "figures": per_key}
+    return out
+
+
+def paired_table(paired: dict[str, Any]) -> str:
+    """Markdown: per compared arm, a row per seed (both arms and their difference, in points)
+    and the mean difference with its 95% interval, and whether the interval excludes 0."""
+    lines: list[str] = []
+    for arm, entry in paired.items():
+        figures = entry["figures"]
+        if not figures:
+            continue
+        base = entry["against"]
+        keys = list(figures)
+        lines += [f"## {arm} − {base}, paired by seed", ""]
+        header = "| seed |"
+        rule = "|---|"
+        for key in keys:
+            name = PAIRED_KEYS[key]
+            header += f" {name}: {base} | {arm} | difference |"
+            rule += "---|---|---|"
+        lines += [header, rule]
+        n = max(len(figures[k]["differences"]) for k in keys)
+        for seed in range(n):
+            row = f"| {seed} |"
+            for key in keys:
+                f = figures[key]
+                if seed < len(f["differences"]):
+                    row += (
+                        f" {100 * f['base'][seed]:.1f} | {100 * f['arm'][seed]:.1f} "
+                        f"| {100 * f['differences'][seed]:+.1f} |"
+                    )
+                else:
+                    row += " – | – | – |"
+            lines.append(row)
+        row = "| mean [95% CI] |"
+        for key in keys:
+            f = figures[key]
+            row += (
+                f" {100 * mean_ci(f['base'])[0]:.1f} | {100 * mean_ci(f['arm'])[0]:.1f} "
+                f"| **{100 * f['mean']:+.1f}** [{100 * f['ci_low']:+.1f}, {100 * f['ci_high']:+.1f}] |"
+            )
+        lines += [row, ""]
+        for key in keys:
+            lines.append(paired_sentence(arm, base, key, figures[key]))
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def paired_sentence(arm: str, base: str, key: str, f: dict[str, Any]) -> str:
+    """One line: the mean difference in points, its interval and half-width, and whether the
+    interval resolves the sign."""
+    half = 100 * (f["ci_high"] - f["ci_low"]) / 2
+    if f["ci_low"] > 0 or f["ci_high"] < 0:
+        verdict = "resolved: the interval excludes 0"
+    else:
+        verdict = "not resolved: the interval contains 0"
+    return (
+        f"- {PAIRED_KEYS[key]}, {arm} − {base}: {100 * f['mean']:+.1f} points, 95% CI "
+        f"[{100 * f['ci_low']:+.1f}, {100 * f['ci_high']:+.1f}] (half-width {half:.1f}) over "
+        f"{f['seeds']} seeds; {verdict}."
+    )

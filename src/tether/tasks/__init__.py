@@ -144,6 +144,9 @@ TASKS: dict[str, str] = {
     "a final-number verifier; set task.max_digits: 1",
     "jsonl": "your prompt/completion JSON Lines file (task.path)",
     "multistep-prefs": "preference pairs over multistep solutions (DPO, reward model)",
+    "addition-chat": "multi-digit sums put as a plain question ('What is 347 + 589?'), answered "
+    "in the model's own words and judged by its final number: critical tokens of a chat model "
+    "(tether eval --certainty); task.max_digits bounds the sum",
     "word-problems-prefs": "preference pairs on word problems: the right number over a "
     "plausible wrong one (DPO, reward model on SmolLM2); set task.max_digits: 1",
     "prefs-jsonl": "your preference JSON Lines file: prompt, chosen, rejected (task.path)",
@@ -186,6 +189,8 @@ def get_task(
         from tether.tasks.preferences import MultistepPrefsTask
 
         return MultistepPrefsTask(max_digits)
+    if name == "addition-chat":
+        return WordProblemTask(max_digits, operations=("+",), instruction="", kinds=("question",))
     if name == "word-problems-prefs":
         from tether.tasks.preferences import WordProblemPrefsTask
 
