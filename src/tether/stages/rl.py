@@ -93,7 +93,7 @@ class RLStage(Stage[RolloutBatch]):
         # rl.certainty_support task: the certainty over the task's characters and EOS only
         self.certainty_support = (
             task_token_ids(self.task, tokenizer, device)
-            if cfg.certainty_support == "task"
+            if cfg.certainty_support == "task" and cfg.certainty_exponent is not None
             else None
         )
         # the minibatches' order: its own stream (the prompt stream stays as it was)
@@ -392,12 +392,12 @@ def task_token_ids(task: Any, tokenizer: Any, device: torch.device) -> Tensor:
             "rl.certainty_support task: this task writes open text (it has no alphabet); "
             "use certainty_support vocabulary"
         )
-    vocab = tokenizer.get_vocab()
-    missing = [ch for ch in task.alphabet if ch not in vocab]
+    encoded = {ch: tokenizer.encode(ch, add_special_tokens=False) for ch in task.alphabet}
+    missing = [ch for ch, ids in encoded.items() if len(ids) != 1]
     if missing:
         raise RecipeError(
             "rl.certainty_support task needs one token per character of the task; the "
             f"tokenizer has none for {''.join(missing)!r}: use certainty_support vocabulary"
         )
-    ids = [vocab[ch] for ch in task.alphabet] + [tokenizer.eos_token_id]
+    ids = [encoded[ch][0] for ch in task.alphabet] + [tokenizer.eos_token_id]
     return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
