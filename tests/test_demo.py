@@ -164,7 +164,12 @@ def test_full_runs_the_comparison_then_the_sweep_reusing_its_runs(tmp_path):
     β_c = 150 runs are the comparison's own (trained once: one folder each)."""
     out = tmp_path / "full"
     args = ["demo", "--full", "--out", str(out), "--seeds", "1", "--steps", "1", "--quiet"]
-    for override in ["rl.prompts_per_step=1", "rl.max_new_tokens=8", "eval.n=1"]:
+    for override in [
+        "rl.prompts_per_step=1",
+        "rl.minibatches=1",
+        "rl.max_new_tokens=8",
+        "eval.n=1",
+    ]:
         args += ["--set", override]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -49,7 +49,10 @@ Certainty = Annotated[
     ),
 ]
 MaxDigits = Annotated[
-    int | None, typer.Option(help="N of the model (default: from the checkpoint)")
+    int | None,
+    typer.Option(
+        help="N of the model (addition); task.max_digits of another task (default: from the checkpoint)"
+    ),
 ]
 Seed = Annotated[
     int, typer.Option(min=0, max=MAX_SEED, help="seed of the problems and of sampling")

@@ -47,14 +47,29 @@ CONTROLLED = {
     "--certainty-exponent or --sweep",
 }
 
-# The default is sized for a paired comparison in under 10 minutes on 2 cores: 6 seeds, each
+# The default is sized for a paired comparison in under 10 minutes on 2 cores: 8 seeds, each
 # arm of a seed from the same model with the same prompt stream, sampling generator and
 # held-out problems (200 N+1 and 200 1..N, greedy), so their difference removes what the seed
-# shares; evaluated before training and at the end. --full is the closest CPU analogue of the
-# paper's §5.3: 10 seeds, 8 collects of 50 episodes (400 episodes), then the β_c sweep on
-# the first SWEEP_SEEDS seeds (the standard and β_c = 150 runs reused).
-SMALL = {"seeds": 6, "steps": 12, "eval_every": 12, "prompts_per_step": 32, "eval_n": 200}
-FULL = {"seeds": 10, "steps": 8, "eval_every": 4, "prompts_per_step": 50, "eval_n": 200}
+# shares; 24 steps of 16 episodes at the recipe's lr (1e-4), evaluated before training and at
+# the end. --full is the closest CPU analogue of the paper's §5.3: 10 seeds, 8 collects of 50
+# episodes (400) with 3 minibatch updates each (the same 24 updates of ~16 episodes), then the
+# β_c sweep on the first SWEEP_SEEDS seeds (the standard and β_c = 150 runs reused).
+SMALL = {
+    "seeds": 8,
+    "steps": 24,
+    "eval_every": 24,
+    "prompts_per_step": 16,
+    "minibatches": 1,
+    "eval_n": 200,
+}
+FULL = {
+    "seeds": 10,
+    "steps": 8,
+    "eval_every": 4,
+    "prompts_per_step": 50,
+    "minibatches": 3,
+    "eval_n": 200,
+}
 SWEEP_SEEDS = 5
 
 
@@ -98,6 +113,7 @@ def run_demo(
                         f"train.steps={setting['steps']}",
                         f"train.eval_every={setting['eval_every']}",
                         f"rl.prompts_per_step={setting['prompts_per_step']}",
+                        f"rl.minibatches={setting['minibatches']}",
                         f"eval.n={setting['eval_n']}",
                         *(overrides or []),
                         *extra,
