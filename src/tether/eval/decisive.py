@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tether.eval.stats import bootstrap_ci, wilson_ci
+from tether.generation.sampler import stop_token_ids
 from tether.models.loading import model_device
 from tether.objectives.common import certainty, uncertainty
 from tether.tasks.base import Task
@@ -95,10 +96,12 @@ def decisive_positions(
     task, and one :class:`Branch` per position of every correct answer (its EOS included).
     Returns (correct per problem, branches)."""
     budget = max_new_tokens or task.max_new_tokens()
-    eos_ids = sorted(
-        {tokenizer.eos_token_id}
-        | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
-    )
+    stops = stop_token_ids(tokenizer, model)
+    if stops is None:
+        raise ValueError(
+            "decisive positions need an end-of-sequence token (the tokenizer has none)"
+        )
+    eos_ids = stops.tolist()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     prompts = [
         tokenizer(task.model_input(tokenizer, p), add_special_tokens=False)["input_ids"]
@@ -155,12 +158,6 @@ def decisive_positions(
                 )
             )
     return correct, branches
-
-
-def _as_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
 
 
 def summarise_decisive(

@@ -53,7 +53,8 @@ from typing import Any
 import datasets
 from sacrebleu.metrics import BLEU
 
-from tether.tasks import multistep, word_problems
+import tether.tasks.multistep as multistep
+import tether.tasks.word_problems as word_problems
 from tether.tasks.addition import random_operand
 from tether.tasks.base import Task
 from tether.tasks.jsonl import (
