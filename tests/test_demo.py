@@ -180,3 +180,45 @@ def test_full_runs_the_comparison_then_the_sweep_reusing_its_runs(tmp_path):
     assert len(sweep["paired"]) == 6
     main = json.loads((out / "report" / "summary.json").read_text())
     assert set(main["paired"]) == {"prioritised KL (β_c=150)"}
+
+
+def _tiny_recipe(tmp_path):
+    """critical-tokens at its smallest, as a file: another recipe keeps its own sizes."""
+    import yaml
+
+    from tether.config import load_recipe
+
+    data = load_recipe("critical-tokens").model_dump(mode="json")
+    data["train"] |= {"steps": 1, "eval_every": 1}
+    data["rl"] |= {"prompts_per_step": 2, "max_new_tokens": 24}
+    data["eval"] |= {"n": 3}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
+
+
+def test_the_demo_runs_any_rl_recipe_with_its_own_sizes_and_in_parallel(tmp_path):
+    """--recipe: the arms of another recipe keep its steps, batch and evaluation (the demo's
+    sizes would set 24 steps and 200 problems); --jobs 2 trains two runs at once, each in a
+    process of its own on one thread, with the same report as one at a time."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--seeds", "1", "--quiet", "--jobs", "2"]
+    result = runner.invoke(app, [*args, "--recipe", str(_tiny_recipe(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert "standard KL, seed 0: done" in result.output
+    for run in ("standard-seed0", "prioritized-150-seed0"):
+        config = (out / run / "config.yaml").read_text()
+        assert "steps: 1\n" in config and "n: 3\n" in config and "threads: 1\n" in config
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["paired"]["prioritised KL (β_c=150)"]["figures"]["eval/acc_rl"]["seeds"] == 1
+
+
+def test_the_demo_refuses_full_with_another_recipe_and_a_missing_recipe(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--full", "--recipe", "rl-smollm2"])
+    assert result.exit_code != 0 and "--full" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, ["demo", "--out", str(out), "--recipe", str(tmp_path / "no.yaml")])
+    assert result.exit_code != 0 and "no.yaml" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())

@@ -59,11 +59,16 @@ STAGES = {
 }
 
 
-def torchrun(args: list[str], cwd: Path, script: list[str] | None = None) -> str:
+def torchrun(
+    args: list[str],
+    cwd: Path,
+    script: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
     """``torchrun --standalone --nproc_per_node 2 -m tether ARGS`` (or a script)."""
     target = script if script is not None else ["-m", "tether", *args]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(
         [*cmd, *target], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -215,8 +220,9 @@ def test_sampling_stages_run_on_two_processes_with_one_shared_state(
         train(load_recipe(run / "config.yaml"), run, progress=False, resume=True)
 
 
-def test_sampling_stages_refuse_sharded_weights():
-    """FSDP and ZeRO-3 shard the weights; a stage that samples from the policy says so."""
+def test_sampling_stages_refuse_zero3_but_not_fsdp():
+    """ZeRO-3 shards the weights and tether does not gather them for sampling; FSDP does
+    (tether.distributed.full_weights, tests/test_fsdp.py), but not LoRA's adapters."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -235,12 +241,19 @@ def test_sampling_stages_refuse_sharded_weights():
     )
     rl = load_recipe(None, ["task.name=first-digit", "model.init=x", "train.stage=rl"])
     online = load_recipe(None, ["train.stage=iqlearn", "imitation.online_fraction=0.25"])
-    for accelerator in (fsdp, zero3):
-        for recipe in (rl, online):
-            with pytest.raises(RecipeError, match="launch it with DDP"):
-                check_sharded_weights(accelerator, recipe)
-        check_sharded_weights(accelerator, load_recipe(None, ["train.stage=mle"]))
-    check_sharded_weights(zero2, rl)
+    for recipe in (rl, online):
+        with pytest.raises(RecipeError, match="launch it with DDP"):
+            check_sharded_weights(zero3, recipe)
+        check_sharded_weights(fsdp, recipe)
+        check_sharded_weights(zero2, recipe)
+    check_sharded_weights(zero3, load_recipe(None, ["train.stage=mle"]))
+    micro = load_recipe(None, ["train.stage=mle", "train.micro_batch_size=2"])
+    with pytest.raises(RecipeError, match="^train.micro_batch_size: under DeepSpeed"):
+        check_sharded_weights(zero2, micro)
+    check_sharded_weights(fsdp, micro)
+    lora = load_recipe(None, ["train.stage=mle", "model.init=x", "model.lora.r=4"])
+    with pytest.raises(RecipeError, match="^model.lora: .*launch LoRA runs with DDP"):
+        check_sharded_weights(fsdp, lora)
 
 
 def test_one_process_shards_nothing():
@@ -297,3 +310,36 @@ def test_a_two_process_rl_run_resumes_exactly(tiny_checkpoint, tmp_path):
 
     assert rows((run / "metrics.jsonl").read_text().splitlines()) == rows(whole)
     assert max_difference(final, weights(run)) == 0.0
+
+
+def test_two_nodes_on_one_machine_end_where_one_node_does(tmp_path):
+    """Two launches, node ranks 0 and 1, one process each, meeting at 127.0.0.1 (what two
+    machines do, with the first one's address) train as 2 processes on one node do."""
+    import socket
+
+    overrides = [*TINY, *STAGES["mle"]]
+    one_node = tmp_path / "one-node"
+    torchrun(train_args(one_node, overrides), tmp_path)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two_nodes = tmp_path / "two-nodes"
+    args = ["-m", "tether", *train_args(two_nodes, overrides)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}"]
+            + ["--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    assert max_difference(weights(one_node), weights(two_nodes)) == 0.0
+    assert (two_nodes / "metrics.jsonl").read_text().count('"loss"') == 3

@@ -190,3 +190,46 @@ def test_bf16_with_lora_starts_at_zero_kl_and_updates_the_adapters(tiny_checkpoi
     base = load_file(tiny_checkpoint / "model.safetensors")
     moved = [k for k in base if "proj" in k and not torch.equal(base[k], trained[k])]
     assert moved and all(trained[k].dtype == torch.float32 for k in trained)
+
+
+def test_bf16_sampling_runs_bf16_matmuls_and_stays_close_to_the_autocast_forward():
+    """sample(dtype=bf16) on the fp32 shipped model: the fast Llama runner in bf16 (fp32
+    residual stream) and the model's own forward under bf16 autocast (the generic runner)
+    draw the same greedy tokens on nearly every row, with log-probs within a few bf16 ulps of
+    the largest logit of each other; both differ from fp32 sampling, whose weights stay fp32."""
+    from tether.generation.sampler import sample
+
+    model, tok = load_model_and_tokenizer("addition-n3")
+    rng = random.Random(1)
+    prompts = [AdditionTask(3).pretrain_problem(rng).prompt for _ in range(16)]
+    kw = dict(max_new_tokens=40, temperature=0.0)
+    fast = sample(model, tok, prompts, dtype=torch.bfloat16, **kw)
+    generic = sample(model, tok, prompts, dtype=torch.bfloat16, fast=False, **kw)
+    fp32 = sample(model, tok, prompts, **kw)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    same = [
+        torch.equal(a, b) for a, b in zip(fast.completion_ids, generic.completion_ids, strict=True)
+    ]
+    assert sum(same) >= 14, same  # a near-tie may flip under a different op order
+    both = (fast.completion_mask * generic.completion_mask).bool()
+    for i in (i for i, s in enumerate(same) if s):
+        gap = (fast.logprobs[i] - generic.logprobs[i]).abs()[both[i]]
+        assert float(gap.max()) <= 4 * bf16_ulp(20.0)
+    # bf16 is not fp32: some log-prob moves (the arithmetic did change)
+    assert not torch.equal(fast.logprobs, fp32.logprobs)
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_in_one_line(monkeypatch):
+    from tether.engine import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match="no bf16 units") as caught:
+        precision.check_precision("bf16", CPU)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precision.check_precision("bf16", CPU)  # bf16 units: nothing to say
+        precision.check_precision("fp32", CPU)

@@ -41,7 +41,7 @@ EASY = [
 ]
 
 
-@pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "a2c", "ppo"])
+@pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "a2c", "ppo", "grpo"])
 def test_reward_rises_on_an_easy_task(algorithm, tiny_checkpoint, tmp_path):
     recipe = _recipe(tiny_checkpoint, f"rl.algorithm={algorithm}", *EASY)
     train(recipe, tmp_path / "run", progress=False)

@@ -30,9 +30,13 @@ EXPECTED = {
 WITH_LORA = sorted(set(EXPECTED) - {"imitation-smollm2"})
 
 
+# and the standard arm of the real-model critical-token comparison (tether demo --recipe)
+STUDY_RECIPES = {"critical-tokens-smollm2"}
+
+
 def test_there_is_one_smollm2_recipe_per_stage():
     shipped = {name for name in packaged_recipes() if name.endswith("-smollm2")}
-    assert shipped == set(EXPECTED)
+    assert shipped == set(EXPECTED) | STUDY_RECIPES
     assert {stage for stage, _ in EXPECTED.values()} == set(STAGES) - {"mle"}
 
 
@@ -51,6 +55,21 @@ def test_the_stage_recipes_train_lora_on_one_digit_problems_through_the_chat_tem
     assert recipe.task.max_digits == 1
     assert recipe.task.chat_template == "auto"
     assert recipe.train.threads == 2
+
+
+def test_the_critical_token_recipe_is_the_standard_arm_on_two_digit_sums():
+    """Its prioritised arm is the same recipe with rl.certainty_exponent set (tether demo)."""
+    recipe = load_recipe("critical-tokens-smollm2")
+    assert (recipe.train.stage, recipe.task.name, recipe.task.max_digits) == (
+        "rl",
+        "addition-chat",
+        2,
+    )
+    assert recipe.rl.certainty_exponent is None and recipe.rl.kl_coef > 0
+    assert recipe.model.init == "smollm2-135m-instruct" and recipe.model.lora is not None
+    prioritised = load_recipe("critical-tokens-smollm2", ["rl.certainty_exponent=150"])
+    assert prioritised.rl.certainty_exponent == 150.0
+    assert recipe.eval.temperature == 0.0 and recipe.train.eval_every >= recipe.train.steps
 
 
 def test_the_rl_recipe_evaluates_before_and_after_on_enough_problems():

@@ -191,6 +191,8 @@ class RolloutBatch:
     # health (frac_truncated...: tether.stages.base.sample_health)
     reward_stats: dict[str, float] | None = None
     share: Share | None = None  # a micro-batch's place in its batch
+    # [B] GRPO's group-normalised advantages, taken once over the whole rollout (else None)
+    advantages: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -211,6 +213,7 @@ class RolloutBatch:
             seq_rewards=_rows(self.seq_rewards, rows),
             correct=_rows(self.correct, rows),
             share=share,
+            advantages=None if self.advantages is None else _rows(self.advantages, rows),
         )
 
 

@@ -15,6 +15,13 @@ by construction (:func:`shard` refuses a batch that does not divide).
 
 With one process (or no process group) every function here is the identity, with no cost.
 Evaluation runs on every process alone: :func:`local` turns the collectives off inside it.
+
+Under FSDP (FSDP2's ``fully_shard``) each process holds a shard of every weight, and a forward
+pass all-gathers them: every process must run the same forward passes. Sampling, evaluation and
+saving do not (each process samples its own share, stops at its own lengths), so they run
+inside :func:`full_weights`, which gathers the whole weights once and keeps them until the end
+of the block: the forward passes inside touch no collective. A checkpoint's weights are
+gathered whole on the main process only (:func:`whole_state_dict`).
 """
 
 from __future__ import annotations
@@ -48,6 +55,17 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def fsdp_requested() -> bool:
+    """``accelerate launch`` with an FSDP config (or ``ACCELERATE_USE_FSDP=true`` under
+    ``torchrun``) asked for FSDP."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def deepspeed_requested() -> bool:
+    """``accelerate launch`` with a DeepSpeed config asked for DeepSpeed."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def launched_on_cpu() -> bool:
@@ -169,3 +187,73 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that FSDP2's ``fully_shard`` sharded (none: not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: every FSDP-sharded module of ``model`` holds its whole weights, gathered once
+    (one all-gather per FSDP unit, the same on every process), and keeps them across forward
+    passes, so a process may run any number of forward passes without the others (sampling
+    its own share, evaluating alone). (``state_dict()`` stays sharded, as FSDP2 makes it:
+    :func:`whole_state_dict` gathers one to save.) On leaving, the weights go back to their shards. Read-only: what is written into the
+    gathered weights is lost. Not sharded (DDP, one process): nothing happens."""
+    units = fsdp_modules(model)
+    if not units:
+        yield
+        return
+    # FSDP reshards after each forward unless told not to; remember each unit's setting
+    groups = [g for m in units for g in _param_groups(m)]
+    saved = [g.post_forward_mesh_info for g in groups]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+    for m in units:
+        m.unshard()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        for g, info in zip(groups, saved, strict=True):
+            g.post_forward_mesh_info = info
+        for m in units:
+            m.reshard()  # type: ignore[operator]
+        root = units[0]  # modules() lists the outermost first
+        if root._get_fsdp_state()._is_root:  # type: ignore[operator]  # it ran a forward pass
+            root.reset_iter_state()  # type: ignore[operator]  # forgets the passes' order
+
+
+def _param_groups(module: torch.nn.Module) -> list[Any]:
+    state = module._get_fsdp_state()  # type: ignore[operator]
+    return list(state._fsdp_param_groups)
+
+
+def load_whole_weights(model: torch.nn.Module, whole: dict[str, Any]) -> None:
+    """Load a whole state dict (every process has it) into an FSDP-sharded ``model``: each
+    process keeps its own shard of each weight."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True))
+
+
+def whole_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """The whole weights of an FSDP-sharded ``model``, on the CPU of the main process (every
+    process must call this: it gathers; the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def whole_weights(model: torch.nn.Module) -> dict[str, Any]:
+    """``model.state_dict()``, whole on every process: gathered when FSDP shards ``model``
+    (every process must call this then), the module's own otherwise."""
+    if not fsdp_modules(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

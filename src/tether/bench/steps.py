@@ -19,8 +19,13 @@ rollout sampling and the reference scoring too) and reports, per stage:
 
 ``bench trl`` runs the same job in tether and in TRL, one after the other in one process, and
 prints the throughput ratio: SFT (``SFTTrainer`` vs the mle stage), RL (``GRPOTrainer`` vs the
-rl stage with RLOO, :func:`tether.bench.trl.bench_rl`) and DPO (``DPOTrainer`` vs the dpo stage).
-Same model, same examples in the same order, same batch, fp32, no gradient checkpointing.
+rl stage with GRPO, :func:`tether.bench.trl.bench_rl`) and DPO (``DPOTrainer`` vs the dpo stage).
+Same model (with the same LoRA adapters where there are any), same examples in the same order,
+same batch, same precision (fp32, or bf16 autocast on both sides), no gradient checkpointing.
+
+Any model tether loads can be benchmarked; the jobs draw their data from the task that suits
+it (:mod:`tether.bench.models`: addition for an addition checkpoint, one-digit word problems
+through the chat template for a chat model such as SmolLM2).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import multiprocessing
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -43,7 +49,18 @@ import torch
 from datasets import Dataset
 
 from tether.bench.measure import MemoryProbe, count_flops_by_kind, peak_matmul, profile_breakdown
-from tether.bench.trl import KL_COEF, RLJob, StepTimer, bench_rl, rl_overrides, run_trl, trl_args
+from tether.bench.models import bench_target
+from tether.bench.trl import (
+    KL_COEF,
+    RLJob,
+    StepTimer,
+    bench_rl,
+    lora_overrides,
+    rl_overrides,
+    run_trl,
+    trl_args,
+    trl_peft_config,
+)
 from tether.config import Recipe, RecipeError, load_recipe
 from tether.engine.allocator import keep_freed_memory
 from tether.engine.checkpoints import save_checkpoint
@@ -62,24 +79,33 @@ from tether.tasks import task_from_config
 # the stages `tether bench steps` times (one of each kind of batch: demonstrations, rollouts, pairs)
 BENCHED_STAGES = ("mle", "iqlearn", "rl", "dpo")
 TRL_JOBS = ("sft", "rl", "dpo")
-# the preference pairs of the DPO job: multistep sums, a correct chain and one with a slip
-DPO_TASK = ["task.name=multistep-prefs", "task.max_digits=2"]
 
 
 @dataclass(frozen=True)
 class StepsJob:
     """The settings every stage's job shares."""
 
-    model: str = "addition-n3"  # checkpoint of the policy (and of the reference: RL, DPO)
+    model: str = "addition-n3"  # the policy (and the reference: RL, DPO): bench.models
     batch_size: int = 64  # rows per step: sequences (MLE, IQLearn), completions (RL), pairs (DPO)
     group: int = 4  # RL: completions per prompt (batch_size / group prompts per step)
-    max_new_tokens: int = 300  # RL: completion length limit
+    max_new_tokens: int | None = None  # RL: completion length limit (None: the model's default)
     steps: int = 3  # timed steps, after one warm-up step
     threads: int = 2
     seed: int = 0
     device: str = "cpu"
     compile: bool = False  # train.compile: the policy and the reference through torch.compile
     precision: str = "fp32"  # train.precision: bf16 runs the forward passes under autocast
+    lora: int | None = None  # LoRA rank (0: every weight trains; None: the model's default)
+
+    def resolved(self) -> StepsJob:
+        """The job with the model's defaults filled in (completion length, LoRA rank); a
+        ModelLoadError (one line) when ``model`` names no model."""
+        target = bench_target(self.model)
+        return dataclasses.replace(
+            self,
+            max_new_tokens=self.max_new_tokens or target.default_max_new_tokens,
+            lora=target.default_lora if self.lora is None else self.lora,
+        )
 
 
 def warmup_steps(job: StepsJob) -> int:
@@ -89,20 +115,25 @@ def warmup_steps(job: StepsJob) -> int:
 
 
 def stage_recipe(stage: str, job: StepsJob) -> Recipe:
-    """The recipe of one stage's job: the ``critical-tokens`` recipe (addition from
-    ``job.model``, AdamW, gradient clipping at 1) with the stage's own settings."""
-    common = [f"model.init={job.model}", f"seed={job.seed}", f"train.threads={job.threads}"]
+    """The recipe of one stage's job: the ``critical-tokens`` recipe (AdamW, gradient clipping
+    at 1) on ``job.model`` with the task that suits it (:mod:`tether.bench.models`), its LoRA
+    adapters, and the stage's own settings."""
+    job = job.resolved()
+    assert job.max_new_tokens is not None and job.lora is not None
+    target = bench_target(job.model)
+    common = [f"model.init={target.init}", f"seed={job.seed}", f"train.threads={job.threads}"]
     common += [f"train.precision={job.precision}", f"train.compile={job.compile}"]
+    common += lora_overrides(job.lora)
     if stage in ("mle", "iqlearn"):
-        extra = [f"train.stage={stage}", f"train.batch_size={job.batch_size}"]
+        extra = [*target.task, f"train.stage={stage}", f"train.batch_size={job.batch_size}"]
     elif stage == "rl":
         if job.batch_size % job.group:
             raise ValueError(f"batch size {job.batch_size} is not a multiple of group {job.group}")
-        extra = rl_overrides(
+        extra = target.task + rl_overrides(
             job.batch_size // job.group, job.group, job.max_new_tokens, temperature=1.0
         )
     elif stage == "dpo":
-        extra = ["train.stage=dpo", *DPO_TASK, f"train.batch_size={job.batch_size}"]
+        extra = ["train.stage=dpo", *target.dpo_task, f"train.batch_size={job.batch_size}"]
     else:
         raise ValueError(f"unknown stage {stage!r}: choose from {', '.join(BENCHED_STAGES)}")
     return load_recipe("critical-tokens", [*common, *extra])
@@ -292,7 +323,7 @@ def bench_steps(
     random Llama of that width and ``layers`` layers (:func:`random_checkpoint`)."""
     results = []
     with bench_model(job.model, width, layers) as path:
-        job = dataclasses.replace(job, model=path)
+        job = dataclasses.replace(job, model=path).resolved()
         if isolate:
             with _fresh_processes() as call:
                 for stage in stages:
@@ -370,7 +401,7 @@ def _tether_side(stage: str, job: StepsJob) -> dict[str, Any]:
 def _problems(stage: str, job: StepsJob) -> tuple[Any, list[Any]]:
     """The examples the stage draws over the warm-up and timed steps, in order."""
     recipe = stage_recipe(stage, job)
-    _, tokenizer = load_model_and_tokenizer(job.model)
+    _, tokenizer = load_model_and_tokenizer(bench_target(job.model).init)
     task = task_from_config(recipe.task, recipe.seed)
     rng = random.Random(recipe.seed)  # the stage's own stream
     steps = job.steps + warmup_steps(job)
@@ -384,7 +415,8 @@ def _run_trl_job(
     """TRL's ``{kind}Trainer`` (SFT or DPO) on ``stage``'s examples, in the same order and
     batches: a dataset with one column per entry of ``columns`` (the prompt, then each
     ``columns[name](problem)``), the shared TrainingArguments plus ``extra``, a policy (and
-    for DPO a frozen reference) loaded from the same checkpoint."""
+    for DPO a frozen reference, or with LoRA the adapters switched off) loaded from the same
+    checkpoint, with tether's LoRA adapters where tether's side has them."""
     import trl  # an optional dependency (tether[bench]): only this side needs it
 
     tokenizer, problems = _problems(stage, job)
@@ -398,9 +430,10 @@ def _run_trl_job(
         **extra,
     )
     # loaded as tether loads it: a Hugging Face folder, or an installed model's GGUF file
-    models = {"model": load_model_and_tokenizer(job.model)[0]}
-    if kind == "DPO":
-        models["ref_model"] = load_model_and_tokenizer(job.model)[0]
+    init = bench_target(job.model).init
+    models = {"model": load_model_and_tokenizer(init)[0]}
+    if kind == "DPO" and not job.lora:  # with LoRA, TRL's reference is the adapters off
+        models["ref_model"] = load_model_and_tokenizer(init)[0]
     timer = StepTimer()
     trainer = getattr(trl, f"{kind}Trainer")(
         **models,
@@ -408,6 +441,7 @@ def _run_trl_job(
         train_dataset=Dataset.from_dict(data),
         processing_class=tokenizer,
         callbacks=[timer],
+        peft_config=trl_peft_config(job.lora or 0),
     )
     return run_trl(trainer, timer, warmup_steps(job))
 
@@ -433,7 +467,17 @@ def _trl_round(name: str, job: StepsJob, prompts: int) -> dict[str, Any]:
     elif name == "dpo":
         ours, theirs = _tether_side("dpo", job), trl_dpo(job)
     elif name == "rl":
-        rl_job = RLJob(job.model, prompts, job.group, job.max_new_tokens, 1.0, job.steps, job.seed)
+        rl_job = RLJob(
+            job.model,
+            prompts,
+            job.group,
+            job.max_new_tokens,
+            1.0,
+            job.steps,
+            job.seed,
+            lora=job.lora,
+            precision=job.precision,
+        )
         rl = bench_rl(rl_job)
         ours, theirs, examples = rl["tether"], rl["trl_grpo"], prompts * job.group
     else:
@@ -464,15 +508,19 @@ def bench_trl(
     after the other is steadier than either side's throughput."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    job = job.resolved()
     torch.set_num_threads(job.threads)
     out: dict[str, Any] = {"job": {**dataclasses.asdict(job), "rounds": rounds}, "results": {}}
     for name in jobs:
-        runs = sorted((_trl_round(name, job, prompts) for _ in range(rounds)), key=_by_ratio)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the figures only
+            runs = [_trl_round(name, job, prompts) for _ in range(rounds)]
+        runs.sort(key=_by_ratio)
         median = runs[(len(runs) - 1) // 2]  # the lower middle round when there are two
         out["results"][name] = {**median, "ratios": [r["ratio"] for r in runs]}
     out["compiled"] = [n for n in jobs if n != "rl"] if job.compile else []  # RL: eager
     out["trl_trainers"] = {"sft": "SFTTrainer", "rl": "GRPOTrainer", "dpo": "DPOTrainer"}
-    out["kl"] = f"rl: k3 in the loss, coefficient {KL_COEF}"
+    out["kl"] = f"rl: GRPO on both sides, k3 in the loss, coefficient {KL_COEF}"
+    out["task"] = bench_target(job.model).kind
     return out
 
 

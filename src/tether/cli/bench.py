@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Annotated, Any
 
@@ -10,6 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tether.bench.models import bench_target
+from tether.bench.precision import PrecisionJob, bench_precision
+from tether.bench.sampler import SamplerJob, bench_sampler
 from tether.bench.steps import BENCHED_STAGES, TRL_JOBS, StepsJob, bench_steps, bench_trl
 from tether.bench.trl import RLJob, bench_imitation, bench_rl
 from tether.cli.common import UsageError, choices, echo_json, friendly_errors
@@ -62,42 +66,31 @@ def bench_imitation_command(
         )
 
 
-@app.command("rl")
-@friendly_errors
-def bench_rl_command(
-    model: BenchModel = "addition-n3",
-    prompts: Annotated[int, typer.Option(min=1, help="prompts per step")] = 8,
-    group: Annotated[int, typer.Option(min=2, help="completions per prompt")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 300,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    steps: Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")] = 3,
-    json_: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
-) -> None:
-    """The same RL job in tether and in TRL's GRPOTrainer: completions/s and their ratio."""
-    require_trl("rl")
-    result = bench_rl(RLJob(model, prompts, group, max_new_tokens, temperature, steps))
-    if json_:
-        echo_json(result)
-        return
-    split = result["tether"]["split"]
-    typer.echo(
-        f"tether: {result['tether']['completions_per_s']:.2f} completions/s "
-        f"(sampling {split['sample_s']:.0%}, reference {split['reference_s']:.0%}, update {split['update_s']:.0%})\n"
-        f"TRL GRPOTrainer: {result['trl_grpo']['completions_per_s']:.2f} completions/s\n"
-        f"ratio: {result['ratio']:.2f}x"
-    )
-
-
-# options `bench steps` and `bench trl` share
+# options the `bench` commands share
 BenchModel = Annotated[
     str,
     typer.Option(
-        help="the policy and reference: a shipped or installed model name (tether models), a "
-        "checkpoint or a Hugging Face folder"
+        help="the policy and reference: a shipped or installed model name (tether models; "
+        "smollm2 for short), a checkpoint or a Hugging Face folder; the jobs take the task "
+        "that suits it (addition for an addition checkpoint, word problems through the chat "
+        "template for a chat model)"
     ),
 ]
 BenchGroup = Annotated[int, typer.Option(min=2, help="RL: completions per prompt")]
-BenchMaxNew = Annotated[int, typer.Option(min=1, help="RL: completion length")]
+BenchMaxNew = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="RL: completion length (default: 300 on addition, 24 on a chat model)"
+    ),
+]
+BenchLora = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="LoRA rank on both sides, 0 = every weight trains (default: 8 on a chat "
+        "model, as its recipes, else 0)",
+    ),
+]
 BenchSteps = Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")]
 BenchThreads = Annotated[int, typer.Option(min=1, help="torch threads")]
 JsonOnly = Annotated[bool, typer.Option("--json", help="print the figures as JSON only")]
@@ -129,6 +122,38 @@ Profile = Annotated[
 Precision = Annotated[str, typer.Option(help="fp32, or bf16: the forward passes under autocast")]
 
 
+@app.command("rl")
+@friendly_errors
+def bench_rl_command(
+    model: BenchModel = "addition-n3",
+    prompts: Annotated[int, typer.Option(min=1, help="prompts per step")] = 8,
+    group: Annotated[int, typer.Option(min=2, help="completions per prompt")] = 4,
+    max_new_tokens: BenchMaxNew = None,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    steps: Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")] = 3,
+    lora: BenchLora = None,
+    precision: Precision = "fp32",
+    json_: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
+) -> None:
+    """The same GRPO job in tether (rl.algorithm grpo) and in TRL's GRPOTrainer:
+    completions/s and their ratio."""
+    require_trl("rl")
+    (precision,) = choices("--precision", [precision], ("fp32", "bf16"))
+    bench_target(model)  # a bad --model: one line, before anything loads
+    job = RLJob(model, prompts, group, max_new_tokens, temperature, steps)
+    result = bench_rl(dataclasses.replace(job, lora=lora, precision=precision))
+    if json_:
+        echo_json(result)
+        return
+    split = result["tether"]["split"]
+    typer.echo(
+        f"tether: {result['tether']['completions_per_s']:.2f} completions/s "
+        f"(sampling {split['sample_s']:.0%}, reference {split['reference_s']:.0%}, update {split['update_s']:.0%})\n"
+        f"TRL GRPOTrainer: {result['trl_grpo']['completions_per_s']:.2f} completions/s\n"
+        f"ratio: {result['ratio']:.2f}x"
+    )
+
+
 @app.command("steps")
 @friendly_errors
 def bench_steps_command(
@@ -138,7 +163,7 @@ def bench_steps_command(
     layers: Layers = 4,
     batch_size: StepsBatch = 64,
     group: BenchGroup = 4,
-    max_new_tokens: BenchMaxNew = 300,
+    max_new_tokens: BenchMaxNew = None,
     steps: BenchSteps = 3,
     threads: BenchThreads = 2,
     device: Device = "auto",
@@ -146,6 +171,7 @@ def bench_steps_command(
     profile: Profile = False,
     compile_: BenchCompile = False,
     precision: Precision = "fp32",
+    lora: BenchLora = None,
     json_: JsonOnly = False,
 ) -> None:
     """One whole training step of each stage (MLE, IQLearn, RL with sampling and reference
@@ -158,6 +184,8 @@ def bench_steps_command(
             f"--width {width}: must be a multiple of 8 (4 attention heads, each of an even size)"
         )
     (precision,) = choices("--precision", [precision], ("fp32", "bf16"))
+    if width is None:
+        bench_target(model)  # a bad --model: one line, before any process starts
     job = StepsJob(
         model,
         batch_size,
@@ -169,6 +197,7 @@ def bench_steps_command(
         parse_device(device),
         compile_,
         precision,
+        lora,
     )
     try:
         result = bench_steps(
@@ -192,9 +221,11 @@ def bench_trl_command(
     batch_size: Annotated[int, typer.Option(min=2, help="SFT: sequences, DPO: pairs")] = 64,
     prompts: Annotated[int, typer.Option(min=1, help="RL: prompts per step")] = 8,
     group: BenchGroup = 4,
-    max_new_tokens: BenchMaxNew = 300,
+    max_new_tokens: BenchMaxNew = None,
     steps: BenchSteps = 3,
     threads: BenchThreads = 2,
+    lora: BenchLora = None,
+    precision: Precision = "fp32",
     compile_: Annotated[
         bool,
         typer.Option(
@@ -210,18 +241,113 @@ def bench_trl_command(
     json_: JsonOnly = False,
 ) -> None:
     """tether against TRL on the same jobs, one side right after the other: SFT (SFTTrainer
-    vs the mle stage), RL (GRPOTrainer vs the rl stage with RLOO, as `bench rl`) and DPO
-    (DPOTrainer vs the dpo stage). Same model, examples, order and batch; fp32, no gradient
-    checkpointing. Prints examples/s of whole steps and the ratio tether / TRL (with
-    --rounds, the median round and every round's ratio)."""
+    vs the mle stage), RL (GRPOTrainer vs the rl stage with GRPO, as `bench rl`) and DPO
+    (DPOTrainer vs the dpo stage). Same model (and LoRA adapters), examples, order, batch and
+    precision, no gradient checkpointing. Prints examples/s of whole steps and the ratio
+    tether / TRL (with --rounds, the median round and every round's ratio)."""
     require_trl("trl")
     jobs = choices("--job", job, TRL_JOBS)
-    spec = StepsJob(model, batch_size, group, max_new_tokens, steps, threads, compile=compile_)
+    (precision,) = choices("--precision", [precision], ("fp32", "bf16"))
+    bench_target(model)  # a bad --model: one line, before anything loads
+    spec = StepsJob(
+        model,
+        batch_size,
+        group,
+        max_new_tokens,
+        steps,
+        threads,
+        compile=compile_,
+        precision=precision,
+        lora=lora,
+    )
     result = bench_trl(spec, jobs, prompts=prompts, rounds=rounds)
     if json_:
         echo_json(result)
     else:
         print_trl(result)
+
+
+@app.command("sampler")
+@friendly_errors
+def bench_sampler_command(
+    model: BenchModel = "addition-n3",
+    batch: Annotated[int, typer.Option(min=1, help="prompts, decoded together")] = 16,
+    new_tokens: Annotated[int, typer.Option(min=1, help="tokens per row (greedy)")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs of each side")] = 3,
+    threads: BenchThreads = 2,
+    precision: Annotated[
+        str, typer.Option(help="fp32, or bf16: tether samples in bf16, generate a bf16 copy")
+    ] = "fp32",
+    generate: Annotated[
+        bool, typer.Option("--generate/--no-generate", help="also time model.generate")
+    ] = True,
+    json_: JsonOnly = False,
+) -> None:
+    """tether's KV-cache sampler against model.generate on the same greedy job (every row
+    decodes --new-tokens tokens), and each against the decode bound (the larger of the weights
+    and KV-cache bytes over the memory bandwidth and the FLOPs over the peak matmul rate)."""
+    (precision,) = choices("--precision", [precision], ("fp32", "bf16"))
+    bench_target(model)  # a bad --model: one line, before anything loads
+    job = SamplerJob(model, batch, new_tokens, repeats, threads, precision, generate=generate)
+    result = bench_sampler(job)
+    if json_:
+        echo_json(result)
+        return
+    bound = result["bound"]
+    typer.echo(
+        f"{model}: batch {batch} × {new_tokens} new tokens (greedy), prompts of "
+        f"{result['job']['prompt_tokens']} tokens, {precision}, {threads} thread(s)"
+    )
+    for name in ("tether", "generate"):
+        if name in result:
+            r = result[name]
+            typer.echo(
+                f"{name:>9}: {r['tokens_per_s']:8.1f} tokens/s  (median of {repeats}: "
+                f"{r['median_s']:.2f} s, {r['of_bound']:.0%} of the bound)"
+            )
+    if "ratio" in result:
+        typer.echo(f"    ratio: {result['ratio']:.2f}× generate")
+    typer.echo(
+        f"    bound: {bound['total_s']:.3f} s (prefill {bound['prefill_s']:.3f} s); peak "
+        f"matmul {result['peak_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, memory "
+        f"{result['memory_bytes_per_s'] / 1e9:.1f} GB/s"
+    )
+
+
+@app.command("precision")
+@friendly_errors
+def bench_precision_command(
+    model: BenchModel = "smollm2",
+    prompts: Annotated[int, typer.Option(min=1, help="prompts, one completion each")] = 16,
+    new_tokens: Annotated[int, typer.Option(min=1, help="tokens per completion")] = 24,
+    temperature: Annotated[float, typer.Option(min=0.01, help="sampling and scoring")] = 1.0,
+    noise: Annotated[
+        float, typer.Option(min=0.0, help="π_θ: the model with this much relative weight noise")
+    ] = 0.02,
+    threads: BenchThreads = 2,
+    json_: JsonOnly = False,
+) -> None:
+    """What bf16 does to per-token log-probs and to the KL estimates k1/k2/k3, against fp32 on
+    the same sampled tokens: the bf16 autocast forward (scoring, training) and the bf16
+    sampler."""
+    bench_target(model)  # a bad --model: one line, before anything loads
+    job = PrecisionJob(model, prompts, new_tokens, temperature, noise, threads)
+    result = bench_precision(job)
+    if json_:
+        echo_json(result)
+        return
+    typer.echo(
+        f"{result['job']['model']}: {result['job']['tokens']} sampled tokens at T = "
+        f"{temperature}; π_θ = the model with {noise} relative weight noise"
+    )
+    for way in ("fp32", "bf16_forward", "bf16_sampler"):
+        r = result[way]
+        e, kl, zero = r["logp_error"], r["kl"], r["kl_against_fp32_reference_at_step_0"]
+        typer.echo(
+            f"{way:>13}: |Δlog π| mean {e['mean']:.1e} p99 {e['p99']:.1e} max {e['max']:.1e}; "
+            f"KL k1 {kl['k1']:.2e} k2 {kl['k2']:.2e} k3 {kl['k3']:.2e}; vs an fp32 reference "
+            f"at step 0: k1 {zero['k1']:.1e} k3 {zero['k3']:.1e}"
+        )
 
 
 def print_steps(result: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from tether.cli.common import UsageError, check_out, friendly_errors
-from tether.studies.demo import is_demo_folder, run_demo
+from tether.studies.demo import DEFAULT_RECIPE, is_demo_folder, run_demo
 
 app = typer.Typer(add_completion=False)
 
@@ -36,6 +36,21 @@ def demo(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a recipe key in every arm")
     ] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="the standard arm: any RL recipe (a shipped name or a file); the demo's sizes "
+            "apply to critical-tokens only, another recipe keeps its own (4 seeds by default)"
+        ),
+    ] = DEFAULT_RECIPE,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="runs at once, each in its own process on its share of the cores (default: 2 "
+            "for critical-tokens on 2 or more cores, else 1)",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The critical-token experiment at a small scale: standard vs prioritised KL, several seeds."""
@@ -53,6 +68,8 @@ def demo(
         overrides=set_ or [],
         progress=not quiet,
         echo=typer.echo,
+        recipe=recipe,
+        jobs=jobs,
     )
     typer.echo((report.parent / "comparison.md").read_text())
     typer.echo((report.parent / "paired.md").read_text())

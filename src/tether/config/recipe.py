@@ -104,7 +104,9 @@ class Recipe(Strict):
     def holds(self, when: When) -> bool:
         """Whether a registry property that holds ``when`` holds for this recipe."""
         online = when == "online" and self.imitation.online_fraction > 0
-        return when == "always" or online or (when == "ppo" and self.rl.algorithm == "ppo")
+        # "ppo": the algorithms with a ratio to the sampling policy (PPO, GRPO)
+        clipped = when == "ppo" and self.rl.algorithm in ("ppo", "grpo")
+        return when == "always" or online or clipped
 
     @property
     def samples_from_policy(self) -> bool:

@@ -212,8 +212,9 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="bf16: the forward passes in the losses (policy and reference scoring) run "
-        "under torch.autocast(bfloat16); log-probs, KL and losses stay fp32, and so do the "
-        "weights and the optimizer state (tether.engine.precision)",
+        "under torch.autocast(bfloat16) and the rollouts are sampled with bf16 matmuls; "
+        "log-probs, KL and losses stay fp32, and so do the weights and the optimizer state "
+        "(tether.engine.precision; fast on GPUs and CPUs with bf16 units)",
     )
     sampler: Literal["hf", "vllm"] = Field(
         "hf",
@@ -270,9 +271,11 @@ class RLConfig(Strict):
     (null: every token weighs 1) to the prioritised KL w = Ĵ(ref)^certainty_exponent.
     """
 
-    algorithm: Literal["reinforce", "rloo", "a2c", "ppo"] = "a2c"
+    algorithm: Literal["reinforce", "rloo", "a2c", "ppo", "grpo"] = "a2c"
     prompts_per_step: int = Field(50, ge=1, description="episodes per collect")
-    group_size: int = Field(1, ge=1, description="samples per prompt (RLOO needs >= 2)")
+    group_size: int = Field(
+        1, ge=1, description="samples per prompt (RLOO and GRPO need >= 2: TRL's num_generations)"
+    )
     temperature: float = Field(
         1.0,
         gt=0.0,
@@ -317,7 +320,26 @@ class RLConfig(Strict):
     gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
     value_coef: float = Field(0.1, ge=0.0)
     entropy_coef: float = Field(0.001, ge=0.0)
-    ppo_epochs: int = Field(4, ge=1)
+    ppo_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="ppo, grpo: optimizer passes over each collect (GRPO: TRL's "
+        "num_iterations, μ), the ratio taken against the sampling policy; null = 4 for ppo, "
+        "1 for grpo (TRL's default)",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="grpo: A = (r − mean of the prompt's group) / (std + 1e-4) with the group's "
+        "std (group, GRPO), the whole batch's (batch), or no division (none: Dr. GRPO); TRL's "
+        "scale_rewards",
+    )
+    grpo_loss: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "dapo",
+        description="grpo: how the per-token losses are reduced (TRL's loss_type): grpo = each "
+        "completion's token mean, then the mean over completions; dr_grpo = the sum over "
+        "tokens / (completions × max_new_tokens); dapo = the mean over the batch's tokens "
+        "(TRL 1.16's default)",
+    )
     minibatches: int = Field(
         1,
         ge=1,
@@ -335,10 +357,25 @@ class RLConfig(Strict):
         "samples once",
     )
 
+    @property
+    def epochs(self) -> int:
+        """Optimizer passes over each collect: ``ppo_epochs`` (null: 4 for ppo, 1 for grpo);
+        one for the algorithms without a ratio to the sampling policy."""
+        if self.algorithm not in ("ppo", "grpo"):
+            return 1
+        return self.ppo_epochs or (4 if self.algorithm == "ppo" else 1)
+
     @model_validator(mode="after")
     def _rloo_needs_a_group(self) -> RLConfig:
-        if self.algorithm == "rloo" and self.group_size < 2:
-            raise ValueError("algorithm rloo needs group_size >= 2 (samples per prompt)")
+        if self.algorithm in ("rloo", "grpo") and self.group_size < 2:
+            raise ValueError(
+                f"algorithm {self.algorithm} needs group_size >= 2 (samples per prompt)"
+            )
+        if self.algorithm == "grpo" and self.kl_placement != "loss":
+            raise ValueError(
+                "algorithm grpo puts the KL in its per-token loss, as TRL's GRPOTrainer: use "
+                "kl_placement loss (kl_estimator k3 is TRL's)"
+            )
         return self
 
     @model_validator(mode="after")

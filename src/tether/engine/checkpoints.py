@@ -3,7 +3,14 @@
 Every checkpoint is a ``save_pretrained`` folder written atomically (``NAME.tmp``, then a
 rename), with ``tether.json`` (how it was trained) and, for ``checkpoints/step-N``,
 ``trainer_state.pt``: the optimizer, scheduler, the stage's data position and every RNG, so
-that ``--resume`` continues bit for bit."""
+that ``--resume`` continues bit for bit.
+
+Under FSDP every process holds a shard of the weights and of the optimizer's state. The
+weights are saved whole (gathered on the main process by
+:func:`tether.distributed.whole_state_dict`: the folder stays a ``save_pretrained`` one), the optimizer's state as one file per process
+(``optimizer-rank-R.pt``, that process's shard, never gathered): every process writes its
+file into ``NAME.tmp`` before the main one renames the folder, so the checkpoint appears whole
+or not at all."""
 
 from __future__ import annotations
 
@@ -51,14 +58,32 @@ def save_checkpoint(
     meta: dict[str, Any],
     state: dict[str, Any] | None = None,
     extra: Callable[[Path], None] | None = None,
+    main: bool = True,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write to a temporary sibling (``NAME.tmp``), then rename, so a crash never leaves a
     half checkpoint under the final name (and loaders refuse ``*.tmp`` folders).
-    ``state`` is the trainer state that ``--resume`` needs (optimizer, RNGs, data position)."""
+    ``state`` is the trainer state that ``--resume`` needs (optimizer, RNGs, data position).
+    A state from :func:`training_state` with a sharded optimizer (FSDP) is saved by every
+    process, each writing its own shard; the main one (``main``) writes everything else.
+    ``weights``: the model's whole state dict, where ``model.state_dict()`` is not it (FSDP:
+    :func:`tether.distributed.whole_state_dict`)."""
     tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
+    shard = None if state is None else state.pop(_OWN_SHARD, None)
+    if main and tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tmp)  # LoRA: the merged weights, and the adapter in adapter/
+    if shard is not None:  # every process: its optimizer shard, into the folder being written
+        if main:
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        torch.save(shard, tmp / _shard_file(distributed.rank()))
+        distributed.barrier()
+    if not main:
+        return
+    if weights is not None:
+        model.save_pretrained(tmp, state_dict=weights)
+    else:
+        save_model(model, tmp)  # LoRA: the merged weights, and the adapter in adapter/
     tokenizer.save_pretrained(tmp)
     if state is not None:
         torch.save(state, tmp / TRAINER_STATE)
@@ -73,6 +98,11 @@ def save_checkpoint(
 # ---------------------------------------------------------------- checkpoints and resuming
 
 TRAINER_STATE = "trainer_state.pt"
+_OWN_SHARD = "own_optimizer_shard"  # in a training_state(), until save_checkpoint writes it
+
+
+def _shard_file(rank: int) -> str:
+    return f"optimizer-rank-{rank}.pt"
 
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -113,9 +143,13 @@ def training_state(
     """Everything besides the weights that makes a resumed run continue bit for bit. Across
     processes (every one calls this) ``ranks`` holds each process's stage and RNG states: its
     share of the prompts is sampled with its own generator."""
+    optimizer_state = optimizer.state_dict()
+    own = None
+    if _sharded(optimizer_state):  # FSDP, ZeRO: each process's shard goes to its own file
+        own, optimizer_state = _local_shards(optimizer_state), None
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "stage": stage.state_dict(),
         "rng": rng_state(),
@@ -125,7 +159,68 @@ def training_state(
         state["ranks"] = distributed.gather_objects(
             {"stage": state.pop("stage"), "rng": state.pop("rng")}
         )
+    if own is not None:
+        state[_OWN_SHARD] = own
     return state
+
+
+def _sharded(optimizer_state: dict[str, Any]) -> bool:
+    """Whether an optimizer's state is this process's alone: it holds DTensors (shards of
+    FSDP2's parameters), or it is DeepSpeed ZeRO's (partitioned, in its own format)."""
+    from torch.distributed.tensor import DTensor
+
+    if "state" not in optimizer_state:  # DeepSpeed's ZeRO optimizer
+        return True
+    return any(
+        isinstance(v, DTensor) for per in optimizer_state["state"].values() for v in per.values()
+    )
+
+
+def _local_shards(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's state with each DTensor replaced by this process's shard (a plain
+    tensor, copied when it is a view of a larger buffer, so the file holds the shard only)."""
+    from torch.distributed.tensor import DTensor
+
+    if "state" not in optimizer_state:  # DeepSpeed's: already this process's partition
+        return optimizer_state
+
+    def local(v: Any) -> Any:
+        if not isinstance(v, DTensor):
+            return v
+        t = v.to_local()
+        return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+    per_param = {
+        i: {k: local(v) for k, v in per.items()} for i, per in optimizer_state["state"].items()
+    }
+    return {**optimizer_state, "state": per_param}
+
+
+def _as_shards_of(shard_state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """Undo :func:`_local_shards` for this optimizer: a saved tensor of a DTensor parameter's
+    local shape becomes a DTensor sharded as the parameter is."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = {}
+    for i, per in shard_state["state"].items():
+        p = params[int(i)]
+        if isinstance(p, DTensor):
+            per = {
+                k: DTensor.from_local(
+                    v,
+                    p.device_mesh,
+                    p.placements,
+                    run_check=False,
+                    shape=p.shape,
+                    stride=p.stride(),
+                )
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape == p.to_local().shape
+                else v
+                for k, v in per.items()
+            }
+        out[i] = per
+    return {**shard_state, "state": out}
 
 
 def check_resumable(out: Path) -> Path:
@@ -151,7 +246,10 @@ def restore_training(
             load_adapter(model, checkpoint)
         else:
             saved = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
-            model.load_state_dict(saved.state_dict())  # in place: the optimizer keeps its own
+            if distributed.fsdp_modules(model):  # each process keeps its shard of each weight
+                distributed.load_whole_weights(model, saved.state_dict())
+            else:
+                model.load_state_dict(saved.state_dict())  # in place: the optimizer keeps its own
     except Exception as err:  # a damaged file: safetensors, JSON, shapes
         raise RunDirError(
             f"--resume: the weights in {str(checkpoint)!r} cannot be loaded ({first_line(err)}); "
@@ -175,7 +273,16 @@ def restore_training(
             "generator are part of the state)"
         )
     own = state["ranks"][distributed.rank()] if world > 1 else state
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is None:  # sharded (FSDP): this process's own file
+        shard = torch.load(checkpoint / _shard_file(distributed.rank()), weights_only=False)
+        if "state" not in shard:
+            raise RunDirError(
+                f"--resume {str(checkpoint)!r}: written under DeepSpeed, whose partitioned "
+                "optimizer state tether does not restore; resume runs of DDP or FSDP"
+            )
+        optimizer.load_state_dict(_as_shards_of(shard, optimizer))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     stage.load_state_dict(own["stage"])
     random.setstate(own["rng"]["python"])

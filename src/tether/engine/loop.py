@@ -24,7 +24,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from tether.engine.memory import peak_memory
 from tether.engine.precision import check_precision
 from tether.engine.setup import (
     build_policy,
+    make_accelerator,
     make_optimizer,
     prepare_models,
     seed_everything,
@@ -101,21 +102,35 @@ def tracker_config(recipe: Recipe) -> dict[str, Any]:
 
 
 def check_sharded_weights(accelerator: Accelerator, recipe: Recipe) -> None:
-    """FSDP and ZeRO-3 shard the weights across processes; tether's samplers read the whole
-    weights of the policy, so the sampling stages run under DDP or ZeRO-2 only."""
+    """ZeRO-3 shards the weights across processes; tether's samplers read the whole weights of
+    the policy, so the sampling stages run under DDP, FSDP (which gathers them for sampling,
+    :func:`tether.distributed.full_weights`) or ZeRO-2. LoRA runs under DDP, not FSDP."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP and recipe.model.lora is not None:
+        raise RecipeError(
+            "model.lora: adapters are not sharded by tether's FSDP set-up (their weights are "
+            "small; the frozen base is what FSDP would shard); launch LoRA runs with DDP"
+        )
+    if kind == DistributedType.DEEPSPEED and recipe.train.micro_batch_size is not None:
+        raise RecipeError(
+            "train.micro_batch_size: under DeepSpeed accelerate steps the optimizer on every "
+            "backward pass, so micro-batches cannot accumulate; remove the key, or use DDP or FSDP"
+        )
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    sharded = kind == DistributedType.FSDP or (
-        kind == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
-    )
+    sharded = kind == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
     if sharded and recipe.samples_from_policy:
         raise RecipeError(
             f"train.stage {recipe.train.stage}: samples from the policy while training, which "
             "needs its whole weights on every process; launch it with DDP "
-            "(configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2, not FSDP or ZeRO-3"
+            "(configs/accelerate/ddp.yaml), FSDP or DeepSpeed ZeRO-2, not ZeRO-3"
         )
+
+
+@contextlib.contextmanager
+def _as_is(model: torch.nn.Module) -> Iterator[None]:
+    yield
 
 
 def check_micro_batches(recipe: Recipe, stage: Stage[Any]) -> None:
@@ -153,15 +168,7 @@ def train(
     run completes, so a run directory without it is unfinished.
     """
     out = Path(out)
-    # launched with `accelerate launch` or `torchrun`, this joins the process group (DDP);
-    # the scheduler steps once per optimizer step, as in one process (every process sees
-    # a share of the same global batch, not a batch of its own)
-    accelerator = Accelerator(
-        log_with=recipe.tracking.trackers or None,
-        project_dir=str(out),
-        step_scheduler_with_optimizer=False,
-        cpu=distributed.launched_on_cpu(),  # accelerate sets up gloo DDP on CPUs only if asked
-    )
+    accelerator = make_accelerator(recipe, str(out))  # one process, DDP, FSDP, DeepSpeed
     main = accelerator.is_main_process
     check_sharded_weights(accelerator, recipe)
     resume_from = check_resumable(out) if resume else None
@@ -179,6 +186,11 @@ def train(
     model.to(accelerator.device)
     stage = make_stage(recipe, tokenizer, model, accelerator.device)
     check_micro_batches(recipe, stage)
+    if accelerator.distributed_type == "DEEPSPEED" and stage.parameters():
+        raise RecipeError(
+            f"train.stage {recipe.train.stage}: its own parameters (a head) live outside the "
+            "model, and DeepSpeed's engine takes the model's only; launch it with DDP or FSDP"
+        )
     prepare_models(model, stage, recipe, accelerator.device)
     if resume_from is None and main:  # written once the models load: a bad path leaves no folder
         out.mkdir(parents=True, exist_ok=True)
@@ -188,15 +200,25 @@ def train(
         tqdm.write(f"data: {data_report.summary()}", file=sys.stderr)
     if recipe.tracking.trackers:
         accelerator.init_trackers(recipe.name, config=tracker_config(recipe))
-    optimizer = make_optimizer(model, recipe, stage.parameters())
+    if accelerator.is_fsdp2:  # shard first (in place): the optimizer takes the shards and
+        model = accelerator.prepare(model)  # the stage's own parameters (accelerate takes
+    optimizer = make_optimizer(model, recipe, stage.parameters())  # only the model's)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,
         num_warmup_steps=recipe.optim.warmup_steps,
         num_training_steps=recipe.train.steps,
         min_lr_rate=recipe.optim.min_lr_ratio,
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if not accelerator.is_fsdp2:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
+    # FSDP: a process that runs the policy alone (sampling its share, evaluating) holds its
+    # whole weights meanwhile (tether.distributed.full_weights)
+    sharded = bool(distributed.fsdp_modules(model))
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    zero3 = ds is not None and ds.zero_stage == 3
+    alone = sharded and recipe.samples_from_policy
+    batch_weights = distributed.full_weights if alone else _as_is
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     named += [(f"stage parameter {i}", p) for i, p in enumerate(stage.parameters())]
     trainable = [p for _, p in named]
@@ -242,8 +264,8 @@ def train(
             distributed.average_gradients(stage.parameters())  # DDP holds the model's
             # one pass over the gradients: the total norm (clipping, when on, returns it);
             # only a non-finite norm sends us looking for the parameter to name
-            if recipe.optim.grad_clip is not None:
-                clip = recipe.optim.grad_clip
+            if recipe.optim.grad_clip is not None or sharded:  # FSDP: the norm of the shards'
+                clip = recipe.optim.grad_clip or math.inf
                 grad_norm = float(accelerator.clip_grad_norm_(trainable, clip))
             else:
                 grad_norm = gradient_norm(trainable)
@@ -269,7 +291,8 @@ def train(
         outcomes are kept for the summary's paired gains."""
         unwrapped = accelerator.unwrap_model(model)
         result = Evaluation()
-        with distributed.local():  # every process evaluates alone; the main one logs
+        # every process evaluates alone; the main one logs
+        with distributed.full_weights(model), distributed.local():
             if stage.generation_eval:
                 result = evaluate_run(unwrapped, tokenizer, recipe, stage.task, stage.reward)
             last_outcomes.clear()
@@ -292,15 +315,30 @@ def train(
         carried["first_outcomes"] = dict(last_outcomes)  # step 0's, kept through a resume
         log.log(0, carried["last_eval"])
 
+    def whole_weights() -> dict[str, torch.Tensor] | None:
+        """FSDP, ZeRO-3: the whole weights, gathered on the main process (every process
+        calls this); None where ``state_dict()`` is already whole."""
+        if sharded:
+            return distributed.whole_state_dict(model)
+        if zero3:  # needs zero3_save_16bit_model (configs/accelerate/deepspeed-zero3.yaml)
+            return accelerator.get_state_dict(model)  # type: ignore[no-any-return]
+        return None
+
     def checkpoint(step: int) -> Path:
         path = out / "checkpoints" / f"step-{step:06d}"
         carried["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
         state = training_state(step, optimizer, scheduler, stage, carried)  # every process
+        save_checkpoint(
+            accelerator.unwrap_model(model),
+            tokenizer,
+            path,
+            {**meta, "step": step},
+            state,
+            stage.save_extra,
+            main=main,  # FSDP: every process writes its optimizer shard
+            weights=whole_weights(),
+        )
         if main:
-            unwrapped = accelerator.unwrap_model(model)
-            save_checkpoint(
-                unwrapped, tokenizer, path, {**meta, "step": step}, state, stage.save_extra
-            )
             prune_checkpoints(out, recipe.train.keep_checkpoints)
         distributed.barrier()
         return path
@@ -318,7 +356,8 @@ def train(
     )
     with StopRequests() as stops:
         for step in bar:
-            batch = stage.next_batch()
+            with batch_weights(model):
+                batch = stage.next_batch()
             parts_stats: list[dict[str, float]] = []
             for part in stage.updates(batch):  # PPO's epochs, RL's minibatches: one step each
                 fault, grad_norm, stats = update(part)
@@ -372,16 +411,19 @@ def train(
                 raise TrainingInterrupted(out, step, signum, checkpoint(step))
     bar.close()
 
+    weights = whole_weights()
+    if main:
+        save_checkpoint(
+            accelerator.unwrap_model(model),
+            tokenizer,
+            out / "model",
+            {**meta, "step": recipe.train.steps},
+            extra=stage.save_extra,
+            weights=weights,
+        )
     if not main:
-        distributed.barrier()  # the main process writes the model and the summary
+        distributed.barrier()  # the main process writes the summary
         return json.loads((out / "summary.json").read_text())
-    save_checkpoint(
-        accelerator.unwrap_model(model),
-        tokenizer,
-        out / "model",
-        {**meta, "step": recipe.train.steps},
-        extra=stage.save_extra,
-    )
     last, last_eval = carried["last"], carried["last_eval"]
     summary = {
         "name": recipe.name,

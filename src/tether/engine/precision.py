@@ -18,14 +18,23 @@ Here policy and reference go through the same arithmetic. It also leaves the out
 (accelerate copies every output, all hidden states included, to fp32), so only the slices the
 losses use are upcast.
 
-The KV-cache sampler's fast GPT-2/Llama runners do not call ``forward`` and compute in the
-weights' dtype (fp32); the rollout log-probs used as ``old_logp`` are then recomputed by the
-policy's own (bf16) forward (:mod:`tether.generation.rollouts`), so PPO's first ratio is exactly 1.
+The rollouts are sampled in bf16 too (``sample(dtype=bfloat16)``: the fast Llama runner's
+matmuls, attention and KV cache in bf16, its residual stream and norms in fp32, as under
+autocast); its own op order differs from the forward's, so the rollout log-probs used as
+``old_logp`` (PPO, GRPO) are recomputed by the policy's own (bf16) forward
+(:mod:`tether.generation.rollouts`), and the first ratio is exactly 1.
+
+Hardware: on CUDA bf16 needs a GPU that supports it (a RecipeError otherwise); on a CPU it runs
+everywhere, but only a CPU with bf16 units (``avx512_bf16``, AMX: oneDNN's bf16 kernels) runs
+it faster than fp32; elsewhere a bf16 matmul takes some 40× as long as fp32 and
+:func:`check_precision` warns in one line. docs/performance.md measures what bf16 does to the
+log-probs and the KL estimates.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from types import MethodType
 from typing import Any
 
@@ -38,9 +47,25 @@ from tether.config import RecipeError
 _MARK = "_tether_autocast"
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 natively (``avx512_bf16`` or AMX: oneDNN's kernels)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def check_precision(precision: str, device: torch.device) -> None:
-    """RecipeError when ``device`` cannot run ``precision`` (bf16 on a GPU without it)."""
-    if precision != "bf16" or device.type != "cuda":
+    """RecipeError when ``device`` cannot run ``precision`` (bf16 on a GPU without it); a
+    one-line warning for bf16 on a CPU without bf16 units (it runs, slowly)."""
+    if precision != "bf16":
+        return
+    if device.type == "cpu":
+        if not cpu_has_bf16_units():
+            warnings.warn(
+                "train.precision bf16: this CPU has no bf16 units (avx512_bf16, AMX), so bf16 "
+                "matmuls run far slower than fp32 here; fp32 is faster on it",
+                stacklevel=2,
+            )
+        return
+    if device.type != "cuda":
         return
     if not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name(device)

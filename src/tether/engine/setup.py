@@ -1,5 +1,6 @@
-"""Setting a run up: seeds, the policy (new, loaded, or with LoRA adapters; activation
-checkpointing), precision and compilation, the optimizer, and the thread count."""
+"""Setting a run up: the accelerator (one process, DDP, FSDP, DeepSpeed; on CPUs too), seeds,
+the policy (new, loaded, or with LoRA adapters; activation checkpointing), precision and
+compilation, the optimizer, and the thread count."""
 
 from __future__ import annotations
 
@@ -10,17 +11,96 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from tether import distributed
 from tether.config import Recipe, RecipeError
 from tether.engine.precision import autocast_forward
 from tether.models.loading import build_model, char_tokenizer, load_model_and_tokenizer
 from tether.models.lora import is_lora, with_adapters
 from tether.stages.base import Stage
+
+
+def make_accelerator(recipe: Recipe, out: str) -> Accelerator:
+    """The run's accelerator. Launched with ``accelerate launch`` or ``torchrun`` it joins the
+    process group. The scheduler steps once per optimizer step, as in one process (every
+    process sees a share of the same global batch, not a batch of its own).
+
+    On CPUs accelerate sets up gloo DDP only when told ``cpu=True``, and then ignores an FSDP
+    config (it sets FSDP up on accelerators only); FSDP2 itself runs on CPUs over gloo, so
+    when the launcher asked for FSDP (``ACCELERATE_USE_FSDP``, set by ``accelerate launch``
+    from an FSDP config) the state is made FSDP with the plugin read from the launcher's
+    ``FSDP_*`` variables, as accelerate does on GPUs."""
+    cpu = distributed.launched_on_cpu()
+    accelerator = Accelerator(
+        log_with=recipe.tracking.trackers or None,
+        project_dir=out,
+        step_scheduler_with_optimizer=False,
+        cpu=cpu,
+    )
+    if cpu and distributed.fsdp_requested():
+        _fsdp_on_cpu(accelerator)
+    elif cpu and distributed.deepspeed_requested():
+        _deepspeed_on_cpu(accelerator)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and not plugin.zero3_init_flag:
+        # accelerate still tells transformers "ZeRO-3" (HfDeepSpeedConfig), which then loads
+        # every checkpoint partitioned (an embedding of 0 rows): zero3_init_flag false means
+        # load whole; DeepSpeed partitions the policy when it is prepared
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        plugin.dschf = None
+        unset_hf_deepspeed_config()
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Turn the CPU's gloo DDP state into FSDP2 (what accelerate's state does on GPUs)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise RecipeError(
+            f"fsdp_version: {plugin.fsdp_version}; on CPUs tether runs FSDP2 only "
+            "(fsdp_version: 2 in the accelerate config, or FSDP_VERSION=2)"
+        )
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    for state in (AcceleratorState, PartialState):
+        state._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _deepspeed_on_cpu(accelerator: Accelerator) -> None:
+    """Turn the CPU's gloo DDP state into DeepSpeed (its CPU accelerator, over the same gloo
+    group), as accelerate's state does on GPUs: the plugin read from the launcher's
+    ``ACCELERATE_DEEPSPEED_*`` variables. tether gives DeepSpeed no data loader, so the
+    micro-batch size DeepSpeed asks for (it only reports throughput with it) is set to 1."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    try:
+        from deepspeed import comm
+    except ImportError as err:
+        raise RecipeError(
+            f"DeepSpeed was asked for (ACCELERATE_USE_DEEPSPEED) but does not import ({err}); "
+            "pip install deepspeed, or launch with DDP or FSDP"
+        ) from err
+    if not comm.is_initialized():  # joins the process group accelerate set up
+        comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    plugin = DeepSpeedPlugin()
+    if plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+    for state in (AcceleratorState, PartialState):
+        state._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    AcceleratorState._shared_state["deepspeed_plugins"] = {"default": plugin}
+    plugin.set_mixed_precision("no")
+    plugin.select(_from_accelerator_state=True)
+    accelerator.state.deepspeed_plugins = {"default": plugin}
 
 
 def seed_everything(seed: int) -> None:

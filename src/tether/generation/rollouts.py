@@ -14,7 +14,8 @@ Both put the model in eval mode for the rollout and back afterwards. The log-pro
 (PPO's ``old_logp``, DPG's log q) are those of the distribution the loss computes, so they are
 recomputed by the model's own forward (:func:`rescore`) whenever the sampler's arithmetic is
 not the loss's: always for vLLM (its kernels are not the trainer's), and for ``hf`` with
-``train.precision: bf16`` (the fast runners compute in fp32, the loss's forward in bf16).
+``train.precision: bf16`` (the fast runners compute in bf16 with their own op order, the
+loss's forward under autocast).
 """
 
 from __future__ import annotations
@@ -69,12 +70,14 @@ class RolloutBackend:
 
 
 class HFRolloutBackend(RolloutBackend):
-    """The built-in KV-cache sampler; with ``rescore`` the log-probs are recomputed by the
-    model's forward (``train.precision: bf16``)."""
+    """The built-in KV-cache sampler, in ``dtype`` (None: the weights'; ``train.precision:
+    bf16`` samples in bf16); with ``rescore`` the log-probs are recomputed by the model's
+    forward (``train.precision: bf16``: the loss's autocast arithmetic, not the sampler's)."""
 
-    def __init__(self, tokenizer: Any, rescore: bool = False):
+    def __init__(self, tokenizer: Any, rescore: bool = False, dtype: torch.dtype | None = None):
         self.tokenizer = tokenizer
         self.rescore = rescore
+        self.dtype = dtype
 
     def draw(self, model: nn.Module, prompts: list[str], how: Draw) -> SampleOutput:
         return sample(
@@ -85,4 +88,5 @@ class HFRolloutBackend(RolloutBackend):
             temperature=how.temperature,
             generator=how.generator,
             allowed_token_ids=how.allowed_token_ids,
+            dtype=self.dtype,
         )

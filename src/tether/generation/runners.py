@@ -41,6 +41,13 @@ finished rows when completions have different lengths.
 Any other architecture (or ``fast=False``) goes through :class:`GenericRunner`: the model's
 own ``forward`` with ``past_key_values``, ``attention_mask`` and ``position_ids``, the cache
 compacted with ``Cache.reorder_cache``.
+
+bf16 (``dtype=torch.bfloat16`` on an fp32 model, ``train.precision: bf16``): the Llama runner
+casts its (already copied and folded) weight matrices to bf16 once per call and runs every
+matmul, the attention and the KV cache in bf16, with the residual stream, the RMSNorm
+statistics and RoPE in fp32, as the model's forward does under bf16 autocast; the logits come
+out in bf16 and the sampler takes its softmax in fp32. The other runners run the model's own
+forward under ``torch.autocast``.
 """
 
 from __future__ import annotations
@@ -73,25 +80,42 @@ class DecodeRunner(Protocol):
 
 
 def make_runner(
-    model: Any, fast: bool, prompt_mask: torch.Tensor, lens: list[int], max_new: int
+    model: Any,
+    fast: bool,
+    prompt_mask: torch.Tensor,
+    lens: list[int],
+    max_new: int,
+    dtype: torch.dtype | None = None,
 ) -> DecodeRunner:
     """The fast runner for a plain GPT-2 or Llama model it supports (unless ``fast`` is False),
-    else the generic runner: prefilled and stepped by :func:`tether.generation.sampler.sample`."""
-    if fast and type(model) is GPT2LMHeadModel and GPT2Runner.supports(model):
+    else the generic runner: prefilled and stepped by :func:`tether.generation.sampler.sample`.
+    ``dtype``: the arithmetic's (None: the weights'; module docstring)."""
+    weights = next(model.parameters()).dtype
+    mixed = dtype is not None and dtype != weights
+    if fast and not mixed and type(model) is GPT2LMHeadModel and GPT2Runner.supports(model):
         return GPT2Runner(model, prompt_mask, lens, max_new)
     if fast and type(model) is LlamaForCausalLM and LlamaRunner.supports(model):
-        return LlamaRunner(model, prompt_mask, lens, max_new)
-    return GenericRunner(model, prompt_mask, lens, max_new)
+        return LlamaRunner(model, prompt_mask, lens, max_new, dtype)
+    return GenericRunner(model, prompt_mask, lens, max_new, dtype if mixed else None)
 
 
 # ----------------------------------------------------------------------------- generic path
 
 
 class GenericRunner:
-    """Any HF causal LM through its own ``forward`` and cache."""
+    """Any HF causal LM through its own ``forward`` and cache; with ``autocast`` (a dtype)
+    under ``torch.autocast``."""
 
-    def __init__(self, model: Any, prompt_mask: torch.Tensor, lens: list[int], max_new: int):
+    def __init__(
+        self,
+        model: Any,
+        prompt_mask: torch.Tensor,
+        lens: list[int],
+        max_new: int,
+        autocast: torch.dtype | None = None,
+    ):
         self.model = model
+        self.autocast = autocast
         B, P = prompt_mask.shape
         device = prompt_mask.device
         # the 2-D attention mask for the whole run; step t uses its first P + t + 1 columns
@@ -106,7 +130,7 @@ class GenericRunner:
         positions = (self.prompt_mask.cumsum(-1) - 1).clamp_(min=0)
         # only the last position's logits are needed, where the model lets us say so
         extra = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_params() else {}
-        out = self.model(
+        out = self._call(
             input_ids=prompt_ids,
             attention_mask=self.prompt_mask,
             position_ids=positions,
@@ -116,6 +140,12 @@ class GenericRunner:
         self.past = out.past_key_values
         return out.logits[:, -1]
 
+    def _call(self, **kwargs: Any) -> Any:
+        if self.autocast is None:
+            return self.model(**kwargs)
+        with torch.autocast(self.prompt_mask.device.type, dtype=self.autocast):
+            return self.model(**kwargs)
+
     def _forward_params(self) -> set[str]:
         try:
             return set(inspect.signature(self.model.forward).parameters)
@@ -124,7 +154,7 @@ class GenericRunner:
 
     def step(self, nxt: torch.Tensor) -> torch.Tensor:
         n = nxt.shape[0]
-        out = self.model(
+        out = self._call(
             input_ids=nxt[:, None],
             attention_mask=self.mask[:n, : self.cur + 1],
             position_ids=self.pos[:, None],
@@ -367,7 +397,14 @@ class LlamaRunner(FastRunner):
             and hasattr(model.model.rotary_emb, "inv_freq")
         )
 
-    def __init__(self, model: Any, prompt_mask: torch.Tensor, lens: list[int], max_new: int):
+    def __init__(
+        self,
+        model: Any,
+        prompt_mask: torch.Tensor,
+        lens: list[int],
+        max_new: int,
+        dtype: torch.dtype | None = None,
+    ):
         cfg = model.config
         base = model.model
         self.n_layers, self.n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
@@ -376,7 +413,10 @@ class LlamaRunner(FastRunner):
         self.width, self.inter = cfg.hidden_size, cfg.intermediate_size
         self.scale = self.head_dim**-0.5
         self.embed = base.embed_tokens.weight
-        dtype, device = self.embed.dtype, self.embed.device
+        device, weights = self.embed.device, self.embed.dtype
+        # the matmuls' dtype; the residual stream stays in the weights' (fp32 master weights
+        # with bf16 arithmetic: fp32, as under autocast)
+        dtype = dtype or weights
         H, Hkv, D, C = self.n_heads, self.n_kv_heads, self.head_dim, self.width
 
         # RMSNorm(x) * g feeds a matmul W, and
@@ -385,6 +425,9 @@ class LlamaRunner(FastRunner):
         # vector_norm, hypot, div (instead of HF's pow, mean, add, rsqrt, mul, mul).
         self.norm_eps = torch.tensor((C * cfg.rms_norm_eps) ** 0.5, device=device)
         root_c = C**0.5
+
+        def cast(b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if b is None else b.to(dtype)
 
         def fold(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
             # [out, in] * g -> [in, out], contiguous for x @ W
@@ -407,12 +450,13 @@ class LlamaRunner(FastRunner):
             bgu = None
             if mlp.gate_proj.bias is not None:
                 bgu = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-            # o and down as [in, out] views, for addmm's fused residual add
-            wo, wdown = at.o_proj.weight.t(), mlp.down_proj.weight.t()
+            # o and down as [in, out] views, for addmm's fused residual add (copies in bf16)
+            wo, wdown = at.o_proj.weight.t().to(dtype), mlp.down_proj.weight.t().to(dtype)
             self.blocks.append(
-                (wqkv, bqkv, wo, at.o_proj.bias, wgu, bgu, wdown, mlp.down_proj.bias)
-            )
-        self.head = (fold(model.lm_head.weight, base.norm.weight).t(), model.lm_head.bias)
+                (wqkv, cast(bqkv), wo, cast(at.o_proj.bias), wgu, cast(bgu), wdown,
+                 cast(mlp.down_proj.bias))
+            )  # fmt: skip
+        self.head = (fold(model.lm_head.weight, base.norm.weight).t(), cast(model.lm_head.bias))
 
         # RoPE as complex factors e^{i * position * inv_freq}, computed as HF computes cos/sin
         # (fp32 angles, times attention_scaling, 1 for the default RoPE), for every position
@@ -427,23 +471,34 @@ class LlamaRunner(FastRunner):
         self.rope = torch.ones(n_pos, H + 2 * Hkv, D // 2, dtype=turn.dtype, device=device)
         self.rope[:, : H + Hkv] = turn[:, None]
         self.fp32 = dtype == torch.float32
+        self.dtype = dtype
         self._setup(prompt_mask, lens, max_new, dtype)
 
     def _rms(self, x: torch.Tensor) -> torch.Tensor:
-        """x / hypot(|x|, sqrt(C eps)): RMSNorm up to the factor folded into the next matmul.
-        Statistics in fp32, as HF computes them."""
+        """x / hypot(|x|, sqrt(C eps)): RMSNorm up to the factor folded into the next matmul,
+        in the matmuls' dtype. Statistics in fp32, as HF computes them."""
         if self.fp32:
             return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.norm_eps)
         x32 = x.float()
         norm = torch.hypot(torch.linalg.vector_norm(x32, dim=-1, keepdim=True), self.norm_eps)
-        return (x32 / norm).to(x.dtype)
+        return (x32 / norm).to(self.dtype)
+
+    @staticmethod
+    def _add(
+        x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The residual x + a @ w (+ b), fused when x is in the matmul's dtype; with an fp32
+        residual and bf16 matmuls, the bf16 product added into x."""
+        if x.dtype == a.dtype:
+            return torch.addmm(x, a, w) if b is None else torch.addmm(b, a, w).add_(x)
+        return x.add_(torch.mm(a, w) if b is None else torch.addmm(b, a, w))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         n, S = ids.shape
         C, H, Hkv, D, inter = self.width, self.n_heads, self.n_kv_heads, self.head_dim, self.inter
         heads = H + 2 * Hkv
         rms, fp32, scale = self._rms, self.fp32, self.scale
-        x = F.embedding(ids, self.embed).view(n * S, C)
+        x = F.embedding(ids, self.embed).view(n * S, C)  # the residual stream's dtype
         rope = self.rope[positions]  # [n, S, heads, D/2]
         for layer, (wqkv, bqkv, wo, bo, wgu, bgu, wdown, bdown) in enumerate(self.blocks):
             h = rms(x)
@@ -454,15 +509,15 @@ class LlamaRunner(FastRunner):
             qkv = torch.view_as_complex(proj.view(n, S, heads, D // 2, 2)) * rope
             qkv = torch.view_as_real(qkv).view(n, S, heads, D)
             if not fp32:
-                qkv = qkv.to(x.dtype)
+                qkv = qkv.to(self.dtype)
             kv = qkv[:, :, H:].view(n, S, 2, Hkv, D)
             a = self._attend(layer, qkv[:, :, :H].transpose(1, 2), kv, scale)
             a = a.transpose(1, 2).reshape(n * S, H * D)
-            x = torch.addmm(x, a, wo) if bo is None else torch.addmm(bo, a, wo).add_(x)
+            x = self._add(x, a, wo, bo)
             h = rms(x)
             gu = torch.mm(h, wgu) if bgu is None else torch.addmm(bgu, h, wgu)
             g = F.silu(gu[:, :inter]).mul_(gu[:, inter:])
-            x = torch.addmm(x, g, wdown) if bdown is None else torch.addmm(bdown, g, wdown).add_(x)
+            x = self._add(x, g, wdown, bdown)
         last = x.view(n, S, C)[:, -1]
         return F.linear(rms(last), *self.head)
 

@@ -13,6 +13,10 @@ two agree token for token with each other and with ``model.generate``.
 Logprobs are fp32 ``log_softmax(logits / T)`` (T = 1 for greedy) at the chosen token: the
 log-probability under the distribution the token was drawn from.
 
+``dtype=torch.bfloat16`` samples an fp32 model with bf16 arithmetic (matmuls, attention, KV
+cache; the residual stream, norms and softmax in fp32): what ``train.precision: bf16`` does to
+the rollouts. docs/performance.md measures what it does to the log-probs and the KL estimates.
+
 Stop strings are checked cheaply: a per-token table says which tokens can complete a stop
 string (their text contains a stop string's last character), and only rows that just
 produced such a token decode their last few tokens to look for it.
@@ -80,6 +84,7 @@ def sample(
     fast: bool = True,
     ignore_eos: bool = False,
     allowed_token_ids: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SampleOutput:
     """Complete each prompt with up to ``max_new_tokens`` tokens.
 
@@ -99,6 +104,9 @@ def sample(
     renormalised over the allowed set, and ``logprobs`` are under that distribution. It is the
     restricted policy π_V of :mod:`tether.distributions.exact` (the enumerable task samples from exactly the
     distribution it enumerates). None (the default) leaves the vocabulary whole.
+
+    ``dtype``: the arithmetic's (None: the weights'); ``torch.bfloat16`` on an fp32 model
+    runs bf16 matmuls with an fp32 residual stream (:mod:`tether.generation.runners`).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -138,6 +146,7 @@ def sample(
                     fast=fast,
                     allowed=allowed,
                     device=device,
+                    dtype=dtype,
                 )
             )
 
@@ -325,6 +334,7 @@ def _sample_chunk(
     fast: bool,
     device: torch.device,
     allowed: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> _Chunk:
     B = len(encoded)
     lens = [len(row) for row in encoded]
@@ -341,7 +351,7 @@ def _sample_chunk(
     lengths = [max_new_tokens] * B
     finished = [False] * B
     if max_new_tokens > 0:
-        runner = make_runner(model, fast, prompt_mask, lens, max_new_tokens)
+        runner = make_runner(model, fast, prompt_mask, lens, max_new_tokens, dtype)
         logits = runner.prefill(prompt_ids)
         _decode(
             runner,

@@ -324,6 +324,7 @@ def load_model_and_tokenizer(
         # the GGUF weights were dequantised to fp32 on loading: nothing quantised remains, so
         # let save_pretrained write ordinary checkpoints of the fine-tuned model
         setattr(model, "hf_quantizer", None)  # noqa: B010
+        setattr(model, "is_quantized", False)  # noqa: B010  (Trainer refuses a quantized model)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     embedding_rows = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[index]

@@ -1,6 +1,7 @@
 """Policy-gradient pieces of KL-regularised RL: returns, advantages and losses (docs/methods.md §2).
 
-REINFORCE with a baseline, RLOO, A2C (value head + GAE(γ, λ)) and PPO-clip are assembled from
+REINFORCE with a baseline, RLOO, A2C (value head + GAE(γ, λ)), PPO-clip and GRPO / Dr. GRPO
+(group-normalised advantages, TRL's ``GRPOTrainer`` loss) are assembled from
 these pure functions (the RL stage's whole loss: :func:`tether.objectives.rl.rl_loss`). Tensors
 are [B, T] over completion tokens with a float ``mask`` [B, T] (1 = real token, 0 = padding),
 right-padded: each row's real tokens come first. Every episode ends at its last real token
@@ -14,6 +15,8 @@ loss (``tether.objectives.kl``).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -131,6 +134,59 @@ def rloo_baseline(seq_rewards: Tensor, group_size: int) -> Tensor:
     return (groups - leave_one_out_mean).view(-1)
 
 
+RewardScale = Literal["group", "batch", "none"]
+REWARD_SCALES: tuple[RewardScale, ...] = ("group", "batch", "none")
+GRPOAggregation = Literal["grpo", "dr_grpo", "dapo"]
+GRPO_AGGREGATIONS: tuple[GRPOAggregation, ...] = ("grpo", "dr_grpo", "dapo")
+GRPO_STD_EPS = 1e-4  # TRL's ε in (r − mean) / (std + ε)
+
+
+def sample_std(values: Tensor, dim: int | None = None) -> Tensor:
+    """The standard deviation with Bessel's correction, √(Σ(x − x̄)² / (n − 1)) (TRL's
+    ``nanstd`` without NaNs); 0 for a single value instead of NaN."""
+    n = values.numel() if dim is None else values.shape[dim]
+    if n < 2:
+        return torch.zeros_like(values.mean() if dim is None else values.mean(dim=dim))
+    return values.std() if dim is None else values.std(dim=dim)
+
+
+def grpo_advantages(
+    seq_rewards: Tensor,
+    group_size: int,
+    scale: RewardScale = "group",
+    batch_std: Tensor | None = None,
+) -> Tensor:
+    """GRPO's advantages [B] (Shao et al. 2024; TRL's ``GRPOTrainer``): each completion's
+    reward against the mean of its prompt's group of k, scaled by a standard deviation,
+
+        A_i = (r_i − mean_group r) / (std + ε),   ε = 1e-4,
+
+    std = the group's (``scale="group"``, GRPO), the whole batch's (``"batch"``), or no scaling
+    at all, A_i = r_i − mean_group r (``"none"``: Dr. GRPO, Liu et al. 2025, which drops the
+    std because it weighs easy and hard questions unequally). The std has Bessel's correction,
+    as TRL's. Rows [0, k) are one group, [k, 2k) the next... ``batch_std``: the std of every
+    process's rewards for ``"batch"`` (None: this batch's). Detached.
+    """
+    k = int(group_size)
+    if k < 1 or seq_rewards.dim() != 1 or seq_rewards.shape[0] % k != 0:
+        raise ValueError(
+            f"GRPO needs 1-D rewards whose length is a multiple of group_size={group_size}, "
+            f"got shape {tuple(seq_rewards.shape)}"
+        )
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"unknown reward scale {scale!r}: choose one of {REWARD_SCALES}")
+    rewards = at_least_fp32(seq_rewards).detach()
+    groups = rewards.view(-1, k)
+    centred = (groups - groups.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = sample_std(groups, dim=1).repeat_interleave(k)
+    else:
+        std = sample_std(rewards) if batch_std is None else at_least_fp32(batch_std).detach()
+    return centred / (std + GRPO_STD_EPS)
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -149,6 +205,50 @@ def reinforce_loss(
     advantage_mean = masked_mean(advantages, mask, token_count)
     stats = {"pg_loss": loss.item(), "advantage_mean": advantage_mean.item()}
     return loss, stats
+
+
+def clipped_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped objective per token [B, T] (to maximise; 0 at padding),
+
+        ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t),   min(ρ_t·A_t, clip(ρ_t, 1 − ε, 1 + ε)·A_t),
+
+    with ``old_logp`` (the sampling policy) and ``advantages`` ([B, T] or [B]) detached, and
+    the per-token diagnostics (no gradient): ``ratio``, ``outside_band`` (|ρ − 1| > ε),
+    ``clip_active`` (the clipped term wins, so the token's gradient is 0) and ``approx_kl``
+    (k3 of KL(π_old‖π_θ) = ρ − 1 − log ρ on these samples)."""
+    logp = at_least_fp32(logp)
+    old_logp = at_least_fp32(old_logp).detach()
+    advantages = _per_token(at_least_fp32(advantages).detach(), logp)
+    real = mask > 0
+    # padding may hold anything: a zero log-ratio there keeps exp() finite
+    log_ratio = torch.where(real, logp - old_logp, torch.zeros_like(logp))
+    ratio = log_ratio.exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    objective = _on_real(torch.minimum(unclipped, clipped), mask)
+    with torch.no_grad():
+        diagnostics = {
+            "ratio": ratio.detach(),
+            "outside_band": ((ratio - 1.0).abs() > clip_eps).to(logp.dtype),
+            "clip_active": (clipped < unclipped).to(logp.dtype),
+            # samples come from π_old, so KL(π_old‖π_θ) takes k3 with the roles swapped
+            "approx_kl": kl_estimate(old_logp, logp.detach(), "k3"),
+        }
+    return objective, diagnostics
+
+
+def _surrogate_stats(
+    diagnostics: dict[str, Tensor], mask: Tensor, token_count: Tensor | None
+) -> dict[str, float]:
+    names = {
+        "clip_fraction": "outside_band",
+        "clip_active_fraction": "clip_active",
+        "approx_kl": "approx_kl",
+        "ratio_mean": "ratio",
+    }
+    return {k: masked_mean(diagnostics[v], mask, token_count).item() for k, v in names.items()}
 
 
 def ppo_clip_loss(
@@ -170,28 +270,79 @@ def ppo_clip_loss(
     ``approx_kl``: the k3 estimate of KL(π_old‖π_θ) = mean(ρ − 1 − log ρ) on these samples.
     ``token_count`` replaces the denominator of the token means (module docstring).
     """
-    logp = at_least_fp32(logp)
-    old_logp = at_least_fp32(old_logp).detach()
-    advantages = _per_token(at_least_fp32(advantages).detach(), logp)
-    real = mask > 0
-    # padding may hold anything: a zero log-ratio there keeps exp() finite
-    log_ratio = torch.where(real, logp - old_logp, torch.zeros_like(logp))
-    ratio = log_ratio.exp()
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    loss = -masked_mean(torch.minimum(unclipped, clipped), mask, token_count)
-    with torch.no_grad():
-        outside_band = ((ratio - 1.0).abs() > clip_eps).to(logp.dtype)
-        clip_active = (clipped < unclipped).to(logp.dtype)
-        # samples come from π_old, so KL(π_old‖π_θ) takes k3 with the roles swapped
-        approx_kl = kl_estimate(old_logp, logp.detach(), "k3")
-        stats = {
-            "pg_loss": loss.item(),
-            "clip_fraction": masked_mean(outside_band, mask, token_count).item(),
-            "clip_active_fraction": masked_mean(clip_active, mask, token_count).item(),
-            "approx_kl": masked_mean(approx_kl, mask, token_count).item(),
-            "ratio_mean": masked_mean(ratio, mask, token_count).item(),
-        }
+    objective, diagnostics = clipped_surrogate(logp, old_logp, advantages, mask, clip_eps)
+    loss = -masked_mean(objective, mask, token_count)
+    stats = {"pg_loss": loss.item(), **_surrogate_stats(diagnostics, mask, token_count)}
+    return loss, stats
+
+
+def aggregate_token_losses(
+    per_token: Tensor,
+    mask: Tensor,
+    aggregation: GRPOAggregation,
+    max_completion_length: int | None = None,
+    token_count: Tensor | None = None,
+) -> Tensor:
+    """A scalar loss from per-token losses ℓ [B, T] as TRL's ``loss_type`` reduces them:
+
+    - ``"grpo"``: (1/B)·Σ_b (Σ_t m·ℓ / Σ_t m), each sequence's token mean, then the mean over
+      sequences (GRPO's paper; a short completion's tokens weigh more);
+    - ``"dr_grpo"``: Σ_{b,t} m·ℓ / (B·L), L = ``max_completion_length`` (Dr. GRPO: a constant
+      denominator, no length bias);
+    - ``"dapo"``: Σ_{b,t} m·ℓ / N, the mean over the batch's real tokens (DAPO; TRL 1.16's
+      default). ``token_count`` replaces N (across processes N / W, module docstring).
+
+    B is this batch's row count: a micro-batch of w·B rows, weighted by w, or one of W
+    processes, averaged by DDP, adds up to the whole batch's value for ``grpo`` and
+    ``dr_grpo`` with no global count."""
+    per_token = _on_real(at_least_fp32(per_token), mask)
+    mask = mask.to(per_token.dtype)
+    rows = max(per_token.shape[0], 1)
+    if aggregation == "grpo":
+        lengths = mask.sum(dim=1).clamp_min(1.0)
+        return ((per_token * mask).sum(dim=1) / lengths).sum() / rows
+    if aggregation == "dr_grpo":
+        if max_completion_length is None or max_completion_length < 1:
+            raise ValueError("aggregation dr_grpo needs max_completion_length >= 1")
+        return (per_token * mask).sum() / (rows * max_completion_length)
+    if aggregation == "dapo":
+        return masked_mean(per_token, mask, token_count)
+    raise ValueError(f"unknown aggregation {aggregation!r}: choose one of {GRPO_AGGREGATIONS}")
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    kl: Tensor | None = None,
+    kl_coef: float = 0.0,
+    aggregation: GRPOAggregation = "dapo",
+    max_completion_length: int | None = None,
+    token_count: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """GRPO's loss as TRL's ``GRPOTrainer`` computes it (docs/methods.md §2, "GRPO"):
+
+        ℓ_t = −min(ρ_t·A, clip(ρ_t, 1 − ε, 1 + ε)·A) + β·KL_t,    ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t),
+
+    reduced over tokens by ``aggregation`` (:func:`aggregate_token_losses`). A [B] comes from
+    :func:`grpo_advantages`; ``kl`` [B, T] is the per-token penalty with its gradient (TRL:
+    k3 = π_ref/π_θ − log(π_ref/π_θ) − 1, :func:`tether.objectives.kl.kl_penalty`), β =
+    ``kl_coef``, inside the per-token loss, so it is reduced as the policy term is. Stats: the
+    PPO ones (:func:`ppo_clip_loss`, as token means), ``pg_loss`` (the clipped term alone,
+    reduced the same way) and ``advantage_std``."""
+    objective, diagnostics = clipped_surrogate(logp, old_logp, advantages, mask, clip_eps)
+    per_token = -objective
+    pg = aggregate_token_losses(per_token, mask, aggregation, max_completion_length, token_count)
+    loss = pg
+    if kl is not None and kl_coef != 0.0:
+        kl_term = aggregate_token_losses(
+            kl_coef * at_least_fp32(kl), mask, aggregation, max_completion_length, token_count
+        )
+        loss = loss + kl_term
+    stats = {"pg_loss": pg.item(), **_surrogate_stats(diagnostics, mask, token_count)}
+    stats["advantage_std"] = float(sample_std(at_least_fp32(advantages).detach().reshape(-1)))
     return loss, stats
 
 

@@ -15,6 +15,13 @@ sequence-KL penalty: k2, k3 and exact are refused there, and k1 in the loss, who
 gradient is zero). w_t = 1 (standard KL) or Ĵ_ref(s_t)^β_c (prioritised KL, ``kl_weights``).
 Every mean is over the batch's real tokens: Σ_{b,t} m·x / N, N = ``token_count``.
 
+GRPO (``algorithm: grpo``, TRL's ``GRPOTrainer``) puts the KL inside its per-token loss,
+
+    loss = agg_t[ −min(ρ_t·A, clip(ρ_t, 1 ± ε)·A) + α·w_t·KL_t ] − c_H · mean_t H
+
+with A the group-normalised advantage and agg the ``grpo_loss`` reduction
+(:func:`~tether.objectives.policy_gradient.grpo_loss`).
+
 Nothing here communicates: across processes the stage passes N / W as ``token_count`` and
 REINFORCE's batch-mean baseline as ``baseline`` (the mean return over every process's tokens,
 :func:`rl_returns` averaged), so the loss of each process is its share of the global one.
@@ -31,8 +38,12 @@ from torch import Tensor
 from tether.objectives.common import entropy_from_log_softmax, masked_mean
 from tether.objectives.kl import KLEstimator, exact_kl_from_log_softmax, kl_penalty
 from tether.objectives.policy_gradient import (
+    GRPOAggregation,
+    RewardScale,
     discounted_returns,
     gae,
+    grpo_advantages,
+    grpo_loss,
     ppo_clip_loss,
     reinforce_loss,
     rloo_baseline,
@@ -41,7 +52,7 @@ from tether.objectives.policy_gradient import (
     value_loss,
 )
 
-RLAlgorithm = Literal["reinforce", "rloo", "a2c", "ppo"]
+RLAlgorithm = Literal["reinforce", "rloo", "a2c", "ppo", "grpo"]
 RLKLEstimator = Literal["k1", "k2", "k3", "exact"]
 KLPlacement = Literal["loss", "reward"]
 
@@ -58,8 +69,11 @@ class RLLossSettings:
     value_coef: float = 0.0  # c_V (a2c, ppo)
     gamma: float = 1.0
     gae_lambda: float = 0.95  # λ (a2c, ppo)
-    clip_eps: float = 0.2  # ε (ppo)
-    group_size: int = 1  # samples per prompt, consecutive rows (rloo)
+    clip_eps: float = 0.2  # ε (ppo, grpo)
+    group_size: int = 1  # samples per prompt, consecutive rows (rloo, grpo)
+    reward_scale: RewardScale = "group"  # grpo: the advantages' std (TRL's scale_rewards)
+    grpo_loss: GRPOAggregation = "dapo"  # grpo: the token reduction (TRL's loss_type)
+    max_completion_length: int | None = None  # grpo_loss dr_grpo: L of B·L
 
     def __post_init__(self) -> None:
         if self.kl_placement == "reward" and self.kl_estimator != "k1":
@@ -69,6 +83,8 @@ class RLLossSettings:
             )
         if self.kl_placement == "loss" and self.kl_estimator == "k1":
             raise ValueError("kl_estimator k1 in the loss has zero expected gradient")
+        if self.algorithm == "grpo" and self.kl_placement != "loss":
+            raise ValueError("algorithm grpo puts the KL in its per-token loss (kl_placement loss)")
 
 
 def rl_returns(
@@ -122,6 +138,7 @@ def rl_loss(
     correct: Tensor | None = None,
     token_count: Tensor | None = None,
     baseline: Tensor | None = None,
+    advantages: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The RL stage's loss and the figures it logs (module docstring).
 
@@ -133,7 +150,8 @@ def rl_loss(
     policy's (PPO); ``kl_weights`` [B, T]: the prioritised KL's w (None: w = 1); ``correct``
     [B]: the task's checker, logged as ``accuracy``. ``token_count``: N of the token means
     (default Σ m). ``baseline``: REINFORCE's b (default: the mean of :func:`rl_returns` over
-    this batch's real tokens).
+    this batch's real tokens). ``advantages`` [B]: GRPO's, computed once over the whole
+    rollout (default: :func:`grpo_advantages` of this batch's rewards).
 
     Stats: those of the policy-gradient and value losses, ``loss``, ``reward``, ``accuracy``,
     ``kl_penalty`` (mean w·KL), ``kl_sampled`` (mean k1), ``entropy``, ``completion_tokens``,
@@ -163,25 +181,43 @@ def rl_loss(
         pg, stats = reinforce_loss(logp, (returns - baseline).detach(), mask, token_count)
     elif s.algorithm == "rloo":
         seq_return = (rewards * mask).sum(1)
-        advantages = rloo_baseline(seq_return, s.group_size)
-        pg, stats = reinforce_loss(logp, advantages, mask, token_count)
+        pg, stats = reinforce_loss(logp, rloo_baseline(seq_return, s.group_size), mask, token_count)
+    elif s.algorithm == "grpo":
+        if old_logp is None:
+            raise ValueError("algorithm grpo needs the sampling policy's old_logp")
+        if advantages is None:
+            advantages = grpo_advantages(seq_rewards, s.group_size, s.reward_scale)
+        pg, stats = grpo_loss(
+            logp,
+            old_logp,
+            advantages,
+            mask,
+            s.clip_eps,
+            kl=penalty,
+            kl_coef=s.kl_coef,
+            aggregation=s.grpo_loss,
+            max_completion_length=s.max_completion_length,
+            token_count=token_count,
+        )
     else:
         if values is None:
             raise ValueError(f"algorithm {s.algorithm} needs the value head's values")
-        advantages, returns = gae(rewards, values, mask, s.gamma, s.gae_lambda)
+        token_advantages, returns = gae(rewards, values, mask, s.gamma, s.gae_lambda)
         if s.algorithm == "a2c":
-            pg, stats = reinforce_loss(logp, advantages, mask, token_count)
+            pg, stats = reinforce_loss(logp, token_advantages, mask, token_count)
         else:
             if old_logp is None:
                 raise ValueError("algorithm ppo needs the sampling policy's old_logp")
-            pg, stats = ppo_clip_loss(logp, old_logp, advantages, mask, s.clip_eps, token_count)
+            pg, stats = ppo_clip_loss(
+                logp, old_logp, token_advantages, mask, s.clip_eps, token_count
+            )
         v_loss, v_stats = value_loss(values, returns, mask, token_count=token_count)
         pg = pg + s.value_coef * v_loss
         stats.update(v_stats)
 
     kl_mean = masked_mean(penalty, mask, token_count)
     loss = pg
-    if s.kl_placement == "loss":
+    if s.kl_placement == "loss" and s.algorithm != "grpo":  # grpo: inside its per-token loss
         loss = loss + s.kl_coef * kl_mean
     if s.entropy_coef > 0:
         entropy = masked_mean(entropy_from_log_softmax(log_p), mask, token_count)

@@ -215,4 +215,5 @@ def make_rollout_backend(
         return VLLMRolloutBackend(recipe, policy, tokenizer, device)
     # bf16: the log-probs must be the losses' own (autocast) numbers, where a loss reads them
     rescore = recipe.train.precision != "fp32" and recipe.reads_sampler_logprobs
-    return HFRolloutBackend(tokenizer, rescore=rescore)
+    dtype = torch.bfloat16 if recipe.train.precision == "bf16" else None  # bf16 rollouts too
+    return HFRolloutBackend(tokenizer, rescore=rescore, dtype=dtype)

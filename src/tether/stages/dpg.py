@@ -360,7 +360,7 @@ class DPGStage(Stage[DPGBatch]):
         kl_pi, kl_q = kl_pi_sum / n, kl_q_sum / n
         update = kl_pi < kl_q  # a NaN (no sample inside a hard constraint) keeps q
         if update:
-            self.proposal.load_state_dict(self.policy.state_dict())
+            self.proposal.load_state_dict(distributed.whole_weights(self.policy))  # FSDP: gathered
             self.proposal_updates += 1
         batch.stats.update(
             {

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 # When a property holds for a stage: always, never, or only under one setting of its recipe
-#   "online": imitation.online_fraction > 0 (online IQLearn);  "ppo": rl.algorithm ppo
+#   "online": imitation.online_fraction > 0 (online IQLearn);  "ppo": rl.algorithm ppo or grpo
 When = Literal["always", "never", "online", "ppo"]
 
 

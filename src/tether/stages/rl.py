@@ -4,7 +4,7 @@ One step: draw prompts from the task's RL distribution, sample completions from 
 temperature T with the KV-cache sampler, score them with the task (terminal reward), score the
 same tokens under the frozen reference at the same temperature, then
 
-    loss = policy-gradient loss (REINFORCE / RLOO / A2C / PPO-clip)
+    loss = policy-gradient loss (REINFORCE / RLOO / A2C / PPO-clip / GRPO)
          + α · mean_t w_t·KL_t        (KL in the loss)       or  r_t − α·w_t·k1_t (in the reward)
          − c_H · entropy + c_V · value loss (A2C, PPO)
 
@@ -43,6 +43,7 @@ from tether.generation.rollouts import RolloutBackend
 from tether.generation.sampler import sample, vocab_bias
 from tether.objectives import (
     RLLossSettings,
+    grpo_advantages,
     log_softmax_and_token_logprobs,
     prioritized_kl_weights,
     rl_loss,
@@ -83,13 +84,16 @@ class RLStage(Stage[RolloutBatch]):
             gae_lambda=cfg.gae_lambda,
             clip_eps=cfg.clip_eps,
             group_size=cfg.group_size,
+            reward_scale=cfg.scale_rewards,
+            grpo_loss=cfg.grpo_loss,
+            max_completion_length=cfg.max_new_tokens or self.task.max_new_tokens(),
         )
         self.value_head: nn.Linear | None = None
         if cfg.algorithm in ("a2c", "ppo"):
             self.value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
-        self.epochs_per_batch = cfg.ppo_epochs if cfg.algorithm == "ppo" else 1
+        self.epochs_per_batch = cfg.epochs  # ppo, grpo: rl.ppo_epochs (TRL's num_iterations)
         # rl.certainty_support task: the certainty over the task's characters and EOS only
         self.certainty_support = (
             task_token_ids(self.task, tokenizer, device)
@@ -231,6 +235,7 @@ class RLStage(Stage[RolloutBatch]):
         # normalised once here: the loss reads the reference's log-probs, never its logits
         ref_log_softmax, ref_logp = log_softmax_and_token_logprobs(ref_logits, completion_ids)
         rollout = RolloutBatch(
+            advantages=self._grpo_advantages(seq_rewards),
             input_ids=input_ids,
             attention_mask=attention_mask,
             prompt_len=prompt_len,
@@ -250,16 +255,41 @@ class RLStage(Stage[RolloutBatch]):
         }
         return rollout
 
+    def _grpo_advantages(self, seq_rewards: Tensor) -> Tensor | None:
+        """GRPO's advantages of the whole rollout, once, before it is cut into minibatches and
+        micro-batches (as TRL takes them once per generation batch); with
+        ``rl.scale_rewards batch`` the std of every process's rewards. None for the others."""
+        if self.settings.algorithm != "grpo":
+            return None
+        batch_std = None
+        if self.settings.reward_scale == "batch":
+            r = seq_rewards.double()
+            n, total, squares = (
+                distributed.all_sum(x)
+                for x in (r.new_tensor(float(r.numel())), r.sum(), r.square().sum())
+            )
+            variance = (squares - total * total / n) / (n - 1).clamp_min(1.0)
+            batch_std = variance.clamp_min(0.0).sqrt().float()
+        return grpo_advantages(
+            seq_rewards, self.settings.group_size, self.settings.reward_scale, batch_std
+        )
+
+    @property
+    def unit(self) -> int:
+        """Rows the loss reads together: a prompt group for RLOO and GRPO (their baselines read
+        each other), else one row."""
+        return self.cfg.group_size if self.settings.algorithm in ("rloo", "grpo") else 1
+
     # ------------------------------------------------------------------ minibatches
 
     def updates(self, rollout: RolloutBatch) -> list[RolloutBatch]:
-        """Each epoch (PPO: ``rl.ppo_epochs``, else one) the rollout's units (rows; RLOO: prompt
-        groups) shuffled and cut into ``rl.minibatches`` near-equal minibatches, one optimizer
-        step each, on its own token mean: the released critical-token code's granularity
-        (several updates per collect) at the size of minibatch a CPU affords."""
+        """Each epoch (PPO, GRPO: ``rl.ppo_epochs``, else one) the rollout's units (rows; RLOO,
+        GRPO: prompt groups) shuffled and cut into ``rl.minibatches`` near-equal minibatches,
+        one optimizer step each, on its own token mean: the released critical-token code's
+        granularity (several updates per collect) at the size of minibatch a CPU affords."""
         if self.cfg.minibatches == 1:
             return super().updates(rollout)
-        unit = self.cfg.group_size if self.settings.algorithm == "rloo" else 1
+        unit = self.unit
         units = rollout.input_ids.shape[0] // unit
         if self.cfg.minibatches > units:
             raise RecipeError(
@@ -279,9 +309,9 @@ class RLStage(Stage[RolloutBatch]):
     def micro_batches(
         self, model: nn.Module, rollout: RolloutBatch, size: int
     ) -> list[RolloutBatch]:
-        """Micro-batches of rows (RLOO: of whole prompt groups) with the whole rollout's token
+        """Micro-batches of rows (RLOO, GRPO: of whole prompt groups) with the whole rollout's token
         count N / W and, for REINFORCE, its baseline (:meth:`Stage.micro_batches`)."""
-        unit = self.cfg.group_size if self.settings.algorithm == "rloo" else 1
+        unit = self.unit
         parts = [
             (_unit_rows(units, unit), share)
             for units, share in micro_parts(
@@ -373,6 +403,7 @@ class RLStage(Stage[RolloutBatch]):
             if share is None
             else share.denominator(),
             baseline=baseline,
+            advantages=rollout.advantages,
         )
         if rollout.reward_stats:
             stats.update(rollout.reward_stats)

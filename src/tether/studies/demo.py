@@ -9,11 +9,14 @@ pre-training distribution over training, the critical-token probabilities, and t
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from tether.config import load_recipe
+from tether.config import Recipe, RecipeError, load_recipe
 from tether.eval.report import make_group_report, read_metrics
 from tether.eval.stats import UNIT_INTERVAL, mean_ci, paired_difference_ci
 from tether.studies.common import refuse_controlled_keys, train_once
@@ -47,7 +50,9 @@ CONTROLLED = {
     "--certainty-exponent or --sweep",
 }
 
-# The default is sized for a paired comparison in under 10 minutes on 2 cores: 8 seeds, each
+# The default is sized for a paired comparison in under 10 minutes on 2 cores: 16 seeds (the
+# per-seed differences of 8 seeds had an SD of 8.6 points, so 16 bring the interval's
+# half-width under 5), two runs at once on one thread each (--jobs), each
 # arm of a seed from the same model with the same prompt stream, sampling generator and
 # held-out problems (200 N+1 and 200 1..N, greedy), so their difference removes what the seed
 # shares; 24 steps of 16 episodes at the recipe's lr (1e-4), evaluated before training and at
@@ -55,7 +60,7 @@ CONTROLLED = {
 # episodes (400) with 3 minibatch updates each (the same 24 updates of ~16 episodes), then the
 # β_c sweep on the first SWEEP_SEEDS seeds (the standard and β_c = 150 runs reused).
 SMALL = {
-    "seeds": 8,
+    "seeds": 16,
     "steps": 24,
     "eval_every": 24,
     "prompts_per_step": 16,
@@ -71,6 +76,10 @@ FULL = {
     "eval_n": 200,
 }
 SWEEP_SEEDS = 5
+# the recipe the sizes above are for; another RL recipe (--recipe) keeps its own sizes and
+# runs OTHER_RECIPE_SEEDS seeds unless --seeds says otherwise
+DEFAULT_RECIPE = "critical-tokens"
+OTHER_RECIPE_SEEDS = 4
 
 
 def run_demo(
@@ -83,18 +92,48 @@ def run_demo(
     overrides: list[str] | None = None,
     progress: bool = True,
     echo: Any = print,
+    recipe: str = DEFAULT_RECIPE,
+    jobs: int | None = None,
 ) -> Path:
     """Run the standard arm and the prioritised arm over the seeds into ``out`` and write the
     report (``report/``: curves, finals, and the per-seed paired differences); returns the
     report's markdown path. ``sweep`` runs one arm per β_c in :data:`SWEEP_EXPONENTS` instead
     (at least :data:`SWEEP_SEEDS` seeds); ``full`` runs the larger setting and then the sweep
-    too (``report-sweep/``). ``overrides`` (``a.b=value``) apply to every arm. Finished runs
-    are reused and an interrupted one resumes, so a re-run picks up where one stopped."""
+    too (``report-sweep/``). ``overrides`` (``a.b=value``) apply to every arm. ``recipe`` is
+    the standard arm (any RL recipe: a shipped name or a file); the demo's own sizes
+    (:data:`SMALL`, :data:`FULL`) apply to the default recipe only, another one keeps its own
+    steps, batch and evaluation. ``jobs`` runs that many runs at once, each on its share of
+    the CPU threads (None: two on the default recipe where there are two cores, whose
+    0.6M-parameter model leaves a second core idle in its small matmuls; one otherwise). Finished runs are reused and an interrupted one resumes, so a re-run
+    picks up where one stopped."""
     refuse_controlled_keys(overrides or [], CONTROLLED, "tether demo")
+    if jobs is None:
+        jobs = min(2, cpu_threads()) if recipe == DEFAULT_RECIPE else 1
+    if jobs < 1:
+        raise RecipeError(f"--jobs: {jobs} runs at once; give 1 or more")
+    own_sizes = recipe == DEFAULT_RECIPE
+    if full and not own_sizes:
+        raise RecipeError(f"--full: sized for {DEFAULT_RECIPE}; drop --recipe {recipe} or --full")
+    load_recipe(recipe, overrides or [])  # a bad recipe or --set is one line before any run
     setting = dict(FULL if full else SMALL)
+    if not own_sizes:
+        setting["seeds"] = OTHER_RECIPE_SEEDS
     setting["seeds"] = seeds or (max(setting["seeds"], SWEEP_SEEDS) if sweep else setting["seeds"])
-    setting["steps"] = steps or setting["steps"]
     t0 = time.perf_counter()
+
+    def sized(seed: int) -> list[str]:
+        keys = [f"seed={seed}"]
+        if own_sizes:
+            keys += [
+                f"train.steps={steps or setting['steps']}",
+                f"train.eval_every={setting['eval_every']}",
+                f"rl.prompts_per_step={setting['prompts_per_step']}",
+                f"rl.minibatches={setting['minibatches']}",
+                f"eval.n={setting['eval_n']}",
+            ]
+        elif steps:
+            keys.append(f"train.steps={steps}")
+        return keys
 
     def run(exponents: tuple[float, ...], n_seeds: int, folder: str, title: str) -> Path:
         # arm label -> (run-folder stem, recipe overrides)
@@ -103,25 +142,18 @@ def run_demo(
             label = f"prioritised KL (β_c={b:g})"
             arms[label] = (f"prioritized-{b:g}", [f"rl.certainty_exponent={b}"])
         groups: dict[str, list[Path]] = {arm: [] for arm in arms}
+        planned: list[tuple[str, Recipe, Path]] = []
         for seed in range(n_seeds):
             for arm, (stem, extra) in arms.items():  # the arms of a seed one after the other
-                name = f"{stem}-seed{seed}"
-                recipe = load_recipe(
-                    "critical-tokens",
-                    [
-                        f"seed={seed}",
-                        f"train.steps={setting['steps']}",
-                        f"train.eval_every={setting['eval_every']}",
-                        f"rl.prompts_per_step={setting['prompts_per_step']}",
-                        f"rl.minibatches={setting['minibatches']}",
-                        f"eval.n={setting['eval_n']}",
-                        *(overrides or []),
-                        *extra,
-                    ],
+                threads = [f"train.threads={cpu_threads() // jobs}"] if jobs > 1 else []
+                keys = [*sized(seed), *(overrides or []), *extra, *threads]
+                planned.append(
+                    (f"{arm}, seed {seed}", load_recipe(recipe, keys), out / f"{stem}-seed{seed}")
                 )
-                echo(f"[{time.perf_counter() - t0:6.0f}s] {arm}, seed {seed}")
-                train_once(recipe, out / name, progress)  # a re-run reuses or resumes it
-                groups[arm].append(out / name)
+                groups[arm].append(out / f"{stem}-seed{seed}")
+        run_all(
+            planned, jobs, progress, lambda text: echo(f"[{time.perf_counter() - t0:6.0f}s] {text}")
+        )
         return write_report(groups, out / folder, title)
 
     if sweep:
@@ -132,6 +164,32 @@ def run_demo(
             run(SWEEP_EXPONENTS, min(SWEEP_SEEDS, setting["seeds"]), "report-sweep", SWEEP_TITLE)
     echo(f"[{time.perf_counter() - t0:6.0f}s] done")
     return report
+
+
+def cpu_threads() -> int:
+    """The CPU cores this process may use (at least 1)."""
+    return max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
+
+
+def run_all(planned: list[tuple[str, Recipe, Path]], jobs: int, progress: bool, echo: Any) -> None:
+    """Train every planned (label, recipe, run folder), ``jobs`` at a time (each in its own
+    process when ``jobs`` > 1, without progress bars); a failed run stops the demo with its
+    error once the runs under way have ended."""
+    if jobs == 1:
+        for label, recipe, folder in planned:
+            echo(label)
+            train_once(recipe, folder, progress)  # a re-run reuses or resumes it
+        return
+    context = multiprocessing.get_context("spawn")  # no torch state shared with the parent
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {}
+        for label, recipe, folder in planned:
+            futures[pool.submit(train_once, recipe, folder, False)] = label
+        for future in as_completed(futures):
+            future.result()  # re-raises a run's error here
+            echo(f"{futures[future]}: done")
 
 
 TITLE = "Critical tokens: standard vs prioritised KL"

