@@ -222,3 +222,13 @@ def test_the_demo_refuses_full_with_another_recipe_and_a_missing_recipe(tmp_path
     assert result.exit_code != 0 and "no.yaml" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_one_seed_is_never_called_resolved():
+    from tether.studies.demo import paired_sentence
+
+    one = {"mean": 0.04, "ci_low": 0.04, "ci_high": 0.04, "seeds": 1}
+    line = paired_sentence("prioritised KL", "standard KL", "eval/acc_rl", one)
+    assert "not resolved" in line and "one seed" in line
+    two = {"mean": 0.04, "ci_low": 0.01, "ci_high": 0.07, "seeds": 2}
+    assert "resolved: the interval excludes 0" in paired_sentence("a", "b", "eval/acc_rl", two)

@@ -335,6 +335,11 @@ def paired_sentence(arm: str, base: str, key: str, f: dict[str, Any]) -> str:
     """One line: the mean difference in points, its interval and half-width, and whether the
     interval resolves the sign."""
     half = 100 * (f["ci_high"] - f["ci_low"]) / 2
+    if f["seeds"] < 2:
+        return (
+            f"- {PAIRED_KEYS[key]}, {arm} − {base}: {100 * f['mean']:+.1f} points from one seed; "
+            "one seed gives no interval: not resolved."
+        )
     if f["ci_low"] > 0 or f["ci_high"] < 0:
         verdict = "resolved: the interval excludes 0"
     else:
