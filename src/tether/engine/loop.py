@@ -24,7 +24,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,11 +128,6 @@ def check_sharded_weights(accelerator: Accelerator, recipe: Recipe) -> None:
         )
 
 
-@contextlib.contextmanager
-def _as_is(model: torch.nn.Module) -> Iterator[None]:
-    yield
-
-
 def check_micro_batches(recipe: Recipe, stage: Stage[Any]) -> None:
     """``train.micro_batch_size`` needs a stage that can cut its batches."""
     if recipe.train.micro_batch_size is not None and not stage.splits_batches:
@@ -218,7 +213,7 @@ def train(
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
     zero3 = ds is not None and ds.zero_stage == 3
     alone = sharded and recipe.samples_from_policy
-    batch_weights = distributed.full_weights if alone else _as_is
+    batch_weights = distributed.full_weights if alone else contextlib.nullcontext
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     named += [(f"stage parameter {i}", p) for i, p in enumerate(stage.parameters())]
     trainable = [p for _, p in named]

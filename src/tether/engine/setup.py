@@ -192,14 +192,19 @@ def make_optimizer(
     )
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may use (its affinity on Linux), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def warn_oversubscribed(threads: int, processes: int = 1) -> None:
     """A line on stderr when ``train.threads`` × processes exceeds the CPU cores this process
     may use: OpenMP threads then wait on one another (measured: 1,024 threads on 2 cores made
     a 6-second run take about 7 minutes)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     if threads * processes > cores:
         tqdm.write(
             f"warning: train.threads={threads} × {processes} process(es) exceeds the {cores} CPU "

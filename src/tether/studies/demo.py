@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from tether.config import Recipe, RecipeError, load_recipe
+from tether.engine.setup import usable_cores
 from tether.eval.report import make_group_report, read_metrics
 from tether.eval.stats import UNIT_INTERVAL, mean_ci, paired_difference_ci
 from tether.studies.common import refuse_controlled_keys, train_once
@@ -108,7 +108,7 @@ def run_demo(
     picks up where one stopped."""
     refuse_controlled_keys(overrides or [], CONTROLLED, "tether demo")
     if jobs is None:
-        jobs = min(2, cpu_threads()) if recipe == DEFAULT_RECIPE else 1
+        jobs = min(2, usable_cores()) if recipe == DEFAULT_RECIPE else 1
     if jobs < 1:
         raise RecipeError(f"--jobs: {jobs} runs at once; give 1 or more")
     own_sizes = recipe == DEFAULT_RECIPE
@@ -145,7 +145,7 @@ def run_demo(
         planned: list[tuple[str, Recipe, Path]] = []
         for seed in range(n_seeds):
             for arm, (stem, extra) in arms.items():  # the arms of a seed one after the other
-                threads = [f"train.threads={cpu_threads() // jobs}"] if jobs > 1 else []
+                threads = [f"train.threads={usable_cores() // jobs}"] if jobs > 1 else []
                 keys = [*sized(seed), *(overrides or []), *extra, *threads]
                 planned.append(
                     (f"{arm}, seed {seed}", load_recipe(recipe, keys), out / f"{stem}-seed{seed}")
@@ -164,13 +164,6 @@ def run_demo(
             run(SWEEP_EXPONENTS, min(SWEEP_SEEDS, setting["seeds"]), "report-sweep", SWEEP_TITLE)
     echo(f"[{time.perf_counter() - t0:6.0f}s] done")
     return report
-
-
-def cpu_threads() -> int:
-    """The CPU cores this process may use (at least 1)."""
-    return max(
-        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
 
 
 def run_all(planned: list[tuple[str, Recipe, Path]], jobs: int, progress: bool, echo: Any) -> None:
@@ -337,8 +330,8 @@ def paired_sentence(arm: str, base: str, key: str, f: dict[str, Any]) -> str:
     half = 100 * (f["ci_high"] - f["ci_low"]) / 2
     if f["seeds"] < 2:
         return (
-            f"- {PAIRED_KEYS[key]}, {arm} − {base}: {100 * f['mean']:+.1f} points from one seed; "
-            "one seed gives no interval: not resolved."
+            f"- {PAIRED_KEYS[key]}, {arm} − {base}: {100 * f['mean']:+.1f} points, 95% CI: none "
+            "from one seed (an interval needs 2 or more); not resolved."
         )
     if f["ci_low"] > 0 or f["ci_high"] < 0:
         verdict = "resolved: the interval excludes 0"
