@@ -45,6 +45,10 @@ def test_very_small_demo_writes_the_comparison(tmp_path):
         for line in (out / "standard-seed0" / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows[0]["step"] == 0 and "eval/acc_rl" in rows[0]  # the starting model at step 0
+    # evaluated once per seed: the prioritised arm (same model, same problems) does not repeat it
+    other = (out / "prioritized-150-seed0" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(other[0])["step"] == 1
+    assert "eval_at_start: false" in (out / "prioritized-150-seed0" / "config.yaml").read_text()
 
 
 def test_demo_refuses_a_non_empty_output_folder(tmp_path):

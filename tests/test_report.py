@@ -10,6 +10,7 @@ import pytest
 
 from tether.eval.report import (
     flatten,
+    group_curves,
     make_group_report,
     make_report,
     read_metrics,
@@ -154,3 +155,31 @@ def test_group_report_cuts_nothing_by_default(tmp_path):
     assert acc.startswith("0.03333 [-0.")  # below 0: not declared a proportion
     report = make_group_report(groups, tmp_path / "cut", ["eval/acc"], proportions=["eval/acc"])
     assert _table_row(report, "seeds of one arm")[2] == "0.03333 [0, 0.1768]"
+
+
+def test_a_run_without_a_start_takes_it_from_its_seeds_start_run(tmp_path):
+    """tether demo evaluates each seed's starting model once (the first arm); the other arms'
+    runs log no step 0, and their curves begin at the first arm's step 0 of the same seed —
+    by position, never another seed's, and never over a step 0 a run logged itself."""
+
+    def run(name: str, rows: list[dict]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    first = [
+        run("a0", [{"step": 0, "acc": 0.40}, {"step": 2, "acc": 0.50}]),
+        run("a1", [{"step": 0, "acc": 0.45}, {"step": 2, "acc": 0.55}]),
+    ]
+    second = [
+        run("b0", [{"step": 2, "acc": 0.70}]),
+        run("b1", [{"step": 0, "acc": 0.99}, {"step": 2, "acc": 0.75}]),  # its own start stays
+    ]
+    third = [run("c0", [{"step": 2, "acc": 0.1}])]  # no start run at position 1 needed
+    groups = {"a": first, "b": second, "c": third}
+    curves = group_curves(groups, ["acc"], start_runs=first)
+    assert curves["a"]["acc"] == {0: [0.40, 0.45], 2: [0.50, 0.55]}
+    assert curves["b"]["acc"] == {0: [0.40, 0.99], 2: [0.70, 0.75]}
+    assert curves["c"]["acc"] == {0: [0.40], 2: [0.1]}
+    assert group_curves(groups, ["acc"])["b"]["acc"] == {0: [0.99], 2: [0.70, 0.75]}

@@ -199,6 +199,12 @@ class TrainConfig(Strict):
     batch_size: int = Field(64, ge=1, le=65536)
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(500, ge=1)
+    eval_at_start: bool = Field(
+        True,
+        description="evaluate the starting model before step 1 (the stages that do: rl, "
+        "online-dpo, xpo, dpg...); false skips it, e.g. when another run from the same model "
+        "on the same problems already has it (tether demo's second arm)",
+    )
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int | None = Field(
         3, ge=1, description="keep the newest K checkpoints/step-N folders; null keeps all"

@@ -305,7 +305,7 @@ def train(
         if main:
             truncate_metrics(out / "metrics.jsonl", done)
         first_step = done + 1
-    elif stage.spec.evaluates_at_start:  # the start's figures
+    elif stage.spec.evaluates_at_start and recipe.train.eval_at_start:  # the start's figures
         carried["last_eval"] = evaluate()
         carried["first_outcomes"] = dict(last_outcomes)  # step 0's, kept through a resume
         log.log(0, carried["last_eval"])

@@ -208,6 +208,7 @@ def make_group_report(
     keys: Sequence[str],
     title: str = "Comparison",
     proportions: Collection[str] = (),
+    start_runs: Sequence[Path] = (),
 ) -> Path:
     """Runs grouped by arm (e.g. standard vs prioritised KL), several seeds each: every key in
     ``keys`` plotted over steps as the mean across seeds with a 95% band, and a markdown table of
@@ -215,21 +216,18 @@ def make_group_report(
     ``comparison.md`` into ``out``; returns the markdown path.
 
     The keys in ``proportions`` hold values in [0, 1] (accuracies, probabilities, shares): their
-    intervals are cut to [0, 1], where a t-interval of a few seeds near 0 or 1 would leave it."""
+    intervals are cut to [0, 1], where a t-interval of a few seeds near 0 or 1 would leave it.
+
+    ``start_runs``: per seed (the position of a run in its arm), a run whose step-0 figures
+    stand for those of every arm's run at that position that logged none, because they would
+    be the same: the same starting model evaluated on the same problems (``tether demo``
+    evaluates the start once per seed, ``train.eval_at_start: false`` on the other arms)."""
     out.mkdir(parents=True, exist_ok=True)
 
     def interval(key: str, values: list[float]) -> tuple[float, float, float]:
         return mean_ci(values, bounds=UNIT_INTERVAL if key in proportions else None)
 
-    curves: dict[str, dict[str, dict[float, list[float]]]] = {}
-    for arm, runs in groups.items():
-        per_key: dict[str, dict[float, list[float]]] = {k: {} for k in keys}
-        for run in runs:
-            for key, (steps, values) in _series(read_metrics(Path(run) / "metrics.jsonl")).items():
-                if key in per_key:
-                    for s, v in zip(steps, values, strict=True):
-                        per_key[key].setdefault(s, []).append(v)
-        curves[arm] = per_key
+    curves = group_curves(groups, keys, start_runs)
     present = [k for k in keys if any(curves[a][k] for a in curves)]
     cols = min(3, max(1, len(present)))
     rows = math.ceil(len(present) / cols) if present else 1
@@ -278,3 +276,26 @@ def make_group_report(
     path = out / "comparison.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def group_curves(
+    groups: Mapping[str, Sequence[Path]], keys: Sequence[str], start_runs: Sequence[Path] = ()
+) -> dict[str, dict[str, dict[float, list[float]]]]:
+    """arm -> key -> step -> the runs' values at that step (one per seed); a run that logged
+    no step 0 takes it from ``start_runs`` at its position (:func:`make_group_report`)."""
+    starts = [_series(read_metrics(Path(r) / "metrics.jsonl")) for r in start_runs]
+    curves: dict[str, dict[str, dict[float, list[float]]]] = {}
+    for arm, runs in groups.items():
+        per_key: dict[str, dict[float, list[float]]] = {k: {} for k in keys}
+        for i, run in enumerate(runs):
+            series = _series(read_metrics(Path(run) / "metrics.jsonl"))
+            for key, (steps0, values0) in (starts[i] if i < len(starts) else {}).items():
+                if 0 in steps0 and 0 not in series.get(key, ([], []))[0]:
+                    steps, values = series.get(key, ([], []))
+                    series[key] = ([0, *steps], [values0[steps0.index(0)], *values])
+            for key, (steps, values) in series.items():
+                if key in per_key:
+                    for s, v in zip(steps, values, strict=True):
+                        per_key[key].setdefault(s, []).append(v)
+        curves[arm] = per_key
+    return curves
