@@ -72,9 +72,18 @@ def torchrun(
     proc = subprocess.run(
         [*cmd, *target], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
-    said = [line for line in proc.stderr.splitlines() if "rror" in line]
-    assert proc.returncode == 0, "\n".join(said[-20:])
+    assert proc.returncode == 0, launch_failure(proc.stderr)
     return proc.stderr
+
+
+def launch_failure(stderr: str) -> str:
+    """What a failed 2-process launch said: its error lines and how each process ended
+    (torchrun's ``exitcode`` and ``Signal`` lines). A process killed by a signal prints no
+    traceback, so its error lines alone are only ``ChildFailedError``: ``exitcode: -9``
+    (SIGKILL) is the kernel's OOM killer on a machine short of memory."""
+    keep = ("rror", "exitcode", "Signal ")
+    said = [line for line in stderr.splitlines() if any(k in line for k in keep)]
+    return "\n".join(said[-30:]) or stderr[-3000:]
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -68,6 +68,24 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def name_deepspeeds_accelerator() -> None:
+    """On a machine with no accelerator torch can use (``torch.accelerator``), tell DeepSpeed
+    its accelerator is the CPU (``DS_ACCELERATOR``, DeepSpeed's own override; one already set
+    is kept). Where DeepSpeed is installed accelerate imports it in every training run,
+    DeepSpeed or not (to unwrap a model), and DeepSpeed left to guess warns on every process
+    that it found none ("Setting accelerator to CPU..."); told, it says nothing. Where there
+    is a GPU, DeepSpeed's own detection stands. Called by every ``tether`` command and
+    :func:`tether.engine.setup.make_accelerator`."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, ROCm, MPS, XPU...
+        found = torch.accelerator.is_available()
+    else:
+        found = torch.cuda.is_available() or torch.backends.mps.is_available()
+    if not found:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def launched_on_cpu() -> bool:
     """Launched as several processes (``torchrun``, ``accelerate launch``) on a machine with
     no CUDA device: accelerate must be told to use the CPU to set up DDP over gloo."""
@@ -189,6 +207,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def numel(p: torch.Tensor) -> int:
+    """The number of elements of the whole parameter ``p``: a parameter ZeRO-3 partitioned
+    holds none outside a forward pass (``ds_numel`` is its whole size); FSDP2's (a DTensor)
+    counts the whole."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of ``model`` that FSDP2's ``fully_shard`` sharded (none: not sharded)."""
     from torch.distributed.fsdp import FSDPModule
@@ -202,8 +227,15 @@ def full_weights(model: torch.nn.Module) -> Iterator[None]:
     (one all-gather per FSDP unit, the same on every process), and keeps them across forward
     passes, so a process may run any number of forward passes without the others (sampling
     its own share, evaluating alone). (``state_dict()`` stays sharded, as FSDP2 makes it:
-    :func:`whole_state_dict` gathers one to save.) On leaving, the weights go back to their shards. Read-only: what is written into the
-    gathered weights is lost. Not sharded (DDP, one process): nothing happens."""
+    :func:`whole_state_dict` gathers one to save.) On leaving, the weights go back to their
+    shards. Read-only: what is written into the gathered weights is lost. DeepSpeed ZeRO-3
+    (its engine as ``model``): the same, by :func:`_zero3_full_weights`. Not sharded (DDP,
+    ZeRO-2, one process): nothing happens."""
+    offload = _zero3_offload(model)
+    if offload is not None:
+        with _zero3_full_weights(offload):
+            yield
+        return
     units = fsdp_modules(model)
     if not units:
         yield
@@ -225,6 +257,37 @@ def full_weights(model: torch.nn.Module) -> Iterator[None]:
         root = units[0]  # modules() lists the outermost first
         if root._get_fsdp_state()._is_root:  # type: ignore[operator]  # it ran a forward pass
             root.reset_iter_state()  # type: ignore[operator]  # forgets the passes' order
+
+
+def _zero3_offload(model: torch.nn.Module) -> Any | None:
+    """What holds ZeRO-3's partitioned weights and forward hooks when ``model`` is a DeepSpeed
+    engine under ZeRO-3 (its optimizer's ``parameter_offload``); None otherwise."""
+    optimizer = getattr(model, "optimizer", None)
+    return getattr(optimizer, "parameter_offload", None)
+
+
+@contextlib.contextmanager
+def _zero3_full_weights(offload: Any) -> Iterator[None]:
+    """ZeRO-3's :func:`full_weights`. Its hooks gather a module's weights before each forward
+    pass and free them after it (a collective per module per pass), and tether's fast
+    samplers read the weights without a forward pass at all; so the whole weights are
+    gathered once (``deepspeed.zero.GatheredParameters``, read-only: partitioned again,
+    unchanged, on leaving) and the hooks are off inside, as TRL does to generate under
+    ZeRO-3 (``trl.models.utils.unwrap_model_for_generation``)."""
+    import deepspeed
+
+    module = offload.module
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        for p in params:
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:  # the hooks back; the passes' order it recorded is forgotten
+            offload._register_deepspeed_module(module)
 
 
 def _param_groups(module: torch.nn.Module) -> list[Any]:

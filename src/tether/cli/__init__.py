@@ -84,8 +84,11 @@ app = typer.Typer(
 
 @app.callback()
 def _before_every_command() -> None:
+    from tether.distributed import name_deepspeeds_accelerator  # imports torch: not for --help
+
     hf_logging.disable_progress_bar()  # no "Loading weights" bars around every command
     keep_freed_memory()  # steps reuse freed pages instead of faulting new ones in
+    name_deepspeeds_accelerator()  # no "Setting accelerator to CPU" from DeepSpeed on CPUs
 
 
 def main() -> None:

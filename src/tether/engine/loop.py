@@ -229,8 +229,8 @@ def train(
         **stage.checkpoint_metadata(),
         **({"lora": recipe.model.lora.model_dump()} if recipe.model.lora is not None else {}),
     }
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trained = sum(p.numel() for p in trainable)
+    n_params = sum(distributed.numel(p) for p in model.parameters())
+    n_trained = sum(distributed.numel(p) for p in trainable)
     micro_batch_size = recipe.train.micro_batch_size
     monitor = SetupMonitor()
 

@@ -36,6 +36,7 @@ def make_accelerator(recipe: Recipe, out: str) -> Accelerator:
     when the launcher asked for FSDP (``ACCELERATE_USE_FSDP``, set by ``accelerate launch``
     from an FSDP config) the state is made FSDP with the plugin read from the launcher's
     ``FSDP_*`` variables, as accelerate does on GPUs."""
+    distributed.name_deepspeeds_accelerator()
     cpu = distributed.launched_on_cpu()
     accelerator = Accelerator(
         log_with=recipe.tracking.trackers or None,
@@ -88,9 +89,16 @@ def _deepspeed_on_cpu(accelerator: Accelerator) -> None:
     except ImportError as err:
         raise RecipeError(
             f"DeepSpeed was asked for (ACCELERATE_USE_DEEPSPEED) but does not import ({err}); "
-            "pip install deepspeed, or launch with DDP or FSDP"
+            "install tether's deepspeed extra (pip install -e '.[deepspeed]'), or use DDP or FSDP"
         ) from err
     if not comm.is_initialized():  # joins the process group accelerate set up
+        # DeepSpeed's CPU back end would compile a shared-memory all-reduce here (C++,
+        # deepspeed_shm_comm: 2 min on 2 cores, on every machine's first run) that only its
+        # inference tensor parallelism calls; ZeRO's collectives are gloo's. DeepSpeed builds
+        # no op it was told is incompatible (its ops.__compatible_ops__, a mutable table).
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     plugin = DeepSpeedPlugin()
     if plugin.is_auto("train_micro_batch_size_per_gpu"):
