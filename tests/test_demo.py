@@ -82,7 +82,7 @@ def test_sweep_runs_one_arm_per_certainty_exponent(tmp_path):
     out = tmp_path / "sweep"
     args = ["demo", "--sweep", "--out", str(out), "--seeds", "1", "--steps", "1", "--quiet"]
     for override in [
-        "rl.prompts_per_step=1",
+        "rl.prompts_per_step=2",  # the demo's 2 minibatches need 2 rows
         "rl.max_new_tokens=8",
         "eval.n=1",
         "train.eval_every=1",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -146,6 +146,7 @@ def test_arbitrary_bytes_as_a_recipe(raw, tmp_path):
 
 
 @settings(max_examples=100, deadline=None)
+@example(override="0\n0=")  # a line break inside the key once reached the message
 @given(override=st.text(max_size=30))
 def test_arbitrary_set_overrides(override):
     try:

@@ -55,6 +55,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".")]
     if not all(path):
         raise RecipeError(f"--set {text!r}: empty part in key {key!r}")
+    if any(c.isspace() for part in path for c in part):
+        # no recipe key has one, and the key is echoed in one-line errors
+        raise RecipeError(f"--set {text!r}: the key {key.strip()!r} holds a space or line break")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
