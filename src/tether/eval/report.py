@@ -283,12 +283,20 @@ def group_curves(
 ) -> dict[str, dict[str, dict[float, list[float]]]]:
     """arm -> key -> step -> the runs' values at that step (one per seed); a run that logged
     no step 0 takes it from ``start_runs`` at its position (:func:`make_group_report`)."""
-    starts = [_series(read_metrics(Path(r) / "metrics.jsonl")) for r in start_runs]
+    read: dict[Path, dict[str, tuple[list[float], list[float]]]] = {}
+
+    def series_of(run: Path) -> dict[str, tuple[list[float], list[float]]]:
+        """A run's series, read once (the start runs are usually one arm's own runs)."""
+        if Path(run) not in read:
+            read[Path(run)] = _series(read_metrics(Path(run) / "metrics.jsonl"))
+        return read[Path(run)]
+
+    starts = [series_of(r) for r in start_runs]
     curves: dict[str, dict[str, dict[float, list[float]]]] = {}
     for arm, runs in groups.items():
         per_key: dict[str, dict[float, list[float]]] = {k: {} for k in keys}
         for i, run in enumerate(runs):
-            series = _series(read_metrics(Path(run) / "metrics.jsonl"))
+            series = dict(series_of(run))  # a copy: a borrowed step 0 stays this run's
             for key, (steps0, values0) in (starts[i] if i < len(starts) else {}).items():
                 if 0 in steps0 and 0 not in series.get(key, ([], []))[0]:
                     steps, values = series.get(key, ([], []))
