@@ -221,7 +221,8 @@ def make_group_report(
     ``start_runs``: per seed (the position of a run in its arm), a run whose step-0 figures
     stand for those of every arm's run at that position that logged none, because they would
     be the same: the same starting model evaluated on the same problems (``tether demo``
-    evaluates the start once per seed, ``train.eval_at_start: false`` on the other arms)."""
+    evaluates the start once, on seed 0: ``train.eval_at_start: false`` on every other run, so
+    its step 0 is seed 0's alone)."""
     out.mkdir(parents=True, exist_ok=True)
 
     def interval(key: str, values: list[float]) -> tuple[float, float, float]:

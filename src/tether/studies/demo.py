@@ -51,19 +51,20 @@ CONTROLLED = {
 }
 
 # The default is sized for a paired comparison whose 95% interval has a half-width of at most
-# 5 points: the per-seed differences of 16 seeds of 24 collects of 16 had an SD of 11.0 points
-# (half-width 5.9); with the collects below the SD measured 8.7, and 24 seeds gave 3.7. Each arm of a seed starts from the same model with the same
-# prompt stream, sampling generator and held-out problems (200 N+1 and 200 1..N, greedy), so
-# their difference removes what the seed shares; the starting model is evaluated once per seed
-# (the first arm's run; the others set train.eval_at_start false: the same model on the same
-# problems). Each run: 12 collects of 32 episodes with 2 minibatch updates each, the same 24
-# updates of 16 episodes at the recipe's lr (1e-4) as 24 collects of 16, for 60% of the
-# sampling time (a batch of 32 decodes in 1.2x the time of 16); two runs at once on one thread
-# each (--jobs). --full is the closest CPU analogue of the paper's §5.3: 10 seeds, 8 collects
-# of 50 episodes (400) with 3 minibatch updates each, then the β_c sweep on the first
-# SWEEP_SEEDS seeds (the standard and β_c = 150 runs reused).
+# 5 points: the per-seed differences of 24 seeds of the collects below had an SD of 8.7
+# points (16 seeds of 24 collects of 16: 11.0), and t(15) * 8.7 / sqrt(16) = 4.6. Each arm of a
+# seed starts from the same model with the same prompt stream, sampling generator and held-out
+# problems (200 N+1 and 200 1..N, greedy), so their difference removes what the seed shares.
+# The starting model is evaluated once, on seed 0's problems (the first arm's run; every other
+# run sets train.eval_at_start false): the paired differences use the finals only, and the
+# start's 9 s per seed would add an eighth to a seed's cost. Each run: 12 collects of 32 episodes with 2 minibatch
+# updates each, the same 24 updates of 16 episodes at the recipe's lr (1e-4) as 24 collects of
+# 16, for 60% of the sampling time (a batch of 32 decodes in 1.2x the time of 16); two runs at
+# once on one thread each (--jobs). --full is the closest CPU analogue of the paper's §5.3: 10
+# seeds, 8 collects of 50 episodes (400) with 3 minibatch updates each, then the β_c sweep on
+# the first SWEEP_SEEDS seeds (the standard and β_c = 150 runs reused).
 SMALL = {
-    "seeds": 24,
+    "seeds": 16,
     "steps": 12,
     "eval_every": 12,
     "prompts_per_step": 32,
@@ -149,8 +150,8 @@ def run_demo(
         threads = [f"train.threads={usable_cores() // jobs}"] if jobs > 1 else []
         for seed in range(n_seeds):
             for i, (arm, (stem, extra)) in enumerate(arms.items()):  # a seed's arms in turn
-                # the start is evaluated once per seed: the first arm's run has it
-                start = [] if i == 0 else ["train.eval_at_start=false"]
+                # the start is evaluated once: seed 0's first arm
+                start = [] if i == seed == 0 else ["train.eval_at_start=false"]
                 keys = [*sized(seed), *(overrides or []), *extra, *threads, *start]
                 planned.append(
                     (f"{arm}, seed {seed}", load_recipe(recipe, keys), out / f"{stem}-seed{seed}")
@@ -181,13 +182,26 @@ def run_all(planned: list[tuple[str, Recipe, Path]], jobs: int, progress: bool, 
             train_once(recipe, folder, progress)  # a re-run reuses or resumes it
         return
     context = multiprocessing.get_context("spawn")  # no torch state shared with the parent
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_set_up_worker
+    ) as pool:
         futures = {}
         for label, recipe, folder in planned:
             futures[pool.submit(train_once, recipe, folder, False)] = label
         for future in as_completed(futures):
             future.result()  # re-raises a run's error here
             echo(f"{futures[future]}: done")
+
+
+def _set_up_worker() -> None:
+    """What the CLI sets in its own process, for a spawned run: no "Loading weights" bars, and
+    freed memory kept for the next step instead of returned and faulted in again."""
+    from transformers.utils import logging as hf_logging
+
+    from tether.engine.allocator import keep_freed_memory
+
+    hf_logging.disable_progress_bar()
+    keep_freed_memory()
 
 
 TITLE = "Critical tokens: standard vs prioritised KL"
@@ -197,7 +211,7 @@ SWEEP_TITLE = TITLE + " (β_c sweep)"
 def write_report(groups: dict[str, list[Path]], folder: Path, title: str) -> Path:
     """The comparison (curves and finals, :func:`make_group_report`), ``summary.json`` with
     the paired differences, and ``paired.md``; returns the comparison's markdown path."""
-    first = next(iter(groups.values()))  # the runs that evaluated each seed's start
+    first = next(iter(groups.values()))[:1]  # the run that evaluated the start (seed 0)
     report = make_group_report(
         groups, folder, REPORT_KEYS, title=title, proportions=PROPORTIONS, start_runs=first
     )
@@ -341,7 +355,12 @@ def paired_sentence(arm: str, base: str, key: str, f: dict[str, Any]) -> str:
             f"- {PAIRED_KEYS[key]}, {arm} − {base}: {100 * f['mean']:+.1f} points, 95% CI: none "
             "from one seed (an interval needs 2 or more); not resolved."
         )
-    if f["ci_low"] > 0 or f["ci_high"] < 0:
+    if len(set(f["differences"])) == 1:  # no spread: the t-interval has no width
+        verdict = (
+            "not resolved: every seed gave the same difference, so the interval has no width "
+            "and says nothing of other seeds"
+        )
+    elif f["ci_low"] > 0 or f["ci_high"] < 0:
         verdict = "resolved: the interval excludes 0"
     else:
         verdict = "not resolved: the interval contains 0"
