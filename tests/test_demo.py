@@ -18,7 +18,7 @@ def test_demo_help():
 
 def test_very_small_demo_writes_the_comparison(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--seeds", "1", "--steps", "1", "--quiet"]
+    args = ["demo", "--out", str(out), "--seeds", "2", "--steps", "1", "--quiet"]
     for override in [
         "rl.prompts_per_step=2",
         "rl.max_new_tokens=24",
@@ -45,10 +45,26 @@ def test_very_small_demo_writes_the_comparison(tmp_path):
         for line in (out / "standard-seed0" / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows[0]["step"] == 0 and "eval/acc_rl" in rows[0]  # the starting model at step 0
-    # evaluated once per seed: the prioritised arm (same model, same problems) does not repeat it
-    other = (out / "prioritized-150-seed0" / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(other[0])["step"] == 1
-    assert "eval_at_start: false" in (out / "prioritized-150-seed0" / "config.yaml").read_text()
+    # evaluated once, on seed 0: no other run repeats it
+    for run in ("prioritized-150-seed0", "standard-seed1", "prioritized-150-seed1"):
+        other = (out / run / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(other[0])["step"] == 1
+        assert "eval_at_start: false" in (out / run / "config.yaml").read_text()
+    assert "eval_at_start: false" not in (out / "standard-seed0" / "config.yaml").read_text()
+
+
+def test_the_paired_verdict_names_an_interval_of_no_width():
+    """Every seed with the same difference gives a t-interval of zero width: it excludes 0 but
+    says nothing of other seeds, so it is not called resolved; a spread one that excludes 0 is."""
+    from tether.studies.demo import paired_sentence
+
+    same = {"differences": [-0.005, -0.005], "mean": -0.005, "ci_low": -0.005, "ci_high": -0.005}
+    line = paired_sentence("b", "a", "eval/acc_pretrain", {**same, "seeds": 2})
+    assert "not resolved" in line and "no width" in line
+    spread = {"differences": [0.15, 0.17], "mean": 0.16, "ci_low": 0.033, "ci_high": 0.287}
+    line = paired_sentence("b", "a", "eval/acc_rl", {**spread, "seeds": 2})
+    assert "resolved: the interval excludes 0" in line and "not resolved" not in line
+    assert "+16.0 points, 95% CI [+3.3, +28.7] (half-width 12.7) over 2 seeds" in line
 
 
 def test_demo_refuses_a_non_empty_output_folder(tmp_path):
@@ -156,10 +172,18 @@ def test_paired_differences_by_hand(tmp_path):
     assert "**+4.7** [-1.6, +10.9]" in table  # 4.67 ± 6.25 points
     assert "N+1 accuracy, prioritised KL − standard KL: +4.7 points" in table
     assert "(half-width 6.3) over 3 seeds; not resolved" in table
-    # a difference whose interval excludes 0 is called resolved
-    pri2 = [_fake_run(tmp_path / f"q{i}", a + 0.1, 1.0) for i, a in enumerate([0.50, 0.60, 0.40])]
-    assert "resolved: the interval excludes 0" in paired_table(
-        paired_differences({"standard KL": std, "prioritised KL": pri2})
+    # a difference whose interval excludes 0 is called resolved (+8, +10, +12 points)
+    shifted = zip([0.50, 0.60, 0.40], [0.08, 0.10, 0.12], strict=True)
+    pri2 = [_fake_run(tmp_path / f"q{i}", a + d, 1.0) for i, (a, d) in enumerate(shifted)]
+    table = paired_table(paired_differences({"standard KL": std, "prioritised KL": pri2}))
+    assert "+10.0 points, 95% CI [+5.0, +15.0]" in table  # 10 ± 4.303 * 2 / sqrt(3)
+    assert "N+1 accuracy, prioritised KL − standard KL: +10.0 points" in table
+    assert "over 3 seeds; resolved: the interval excludes 0" in table
+    # the same +10 on every seed: an interval of no width, not called resolved
+    pri3 = [_fake_run(tmp_path / f"r{i}", a + 0.1, 1.0) for i, a in enumerate([0.50, 0.60, 0.40])]
+    table = paired_table(paired_differences({"standard KL": std, "prioritised KL": pri3}))
+    assert (
+        "+10.0 points, 95% CI [+10.0, +10.0] (half-width 0.0) over 3 seeds; not resolved" in table
     )
 
 
@@ -234,5 +258,5 @@ def test_one_seed_is_never_called_resolved():
     one = {"mean": 0.04, "ci_low": 0.04, "ci_high": 0.04, "seeds": 1}
     line = paired_sentence("prioritised KL", "standard KL", "eval/acc_rl", one)
     assert "not resolved" in line and "one seed" in line
-    two = {"mean": 0.04, "ci_low": 0.01, "ci_high": 0.07, "seeds": 2}
+    two = {"mean": 0.04, "ci_low": 0.01, "ci_high": 0.07, "seeds": 2, "differences": [0.02, 0.06]}
     assert "resolved: the interval excludes 0" in paired_sentence("a", "b", "eval/acc_rl", two)

@@ -183,3 +183,29 @@ def test_a_run_without_a_start_takes_it_from_its_seeds_start_run(tmp_path):
     assert curves["b"]["acc"] == {0: [0.40, 0.99], 2: [0.70, 0.75]}
     assert curves["c"]["acc"] == {0: [0.40], 2: [0.1]}
     assert group_curves(groups, ["acc"])["b"]["acc"] == {0: [0.99], 2: [0.70, 0.75]}
+
+
+def test_a_step_with_fewer_seeds_is_named_apart_from_the_curve(tmp_path):
+    """The demo's start is seed 0's alone: its step 0 has one value where step 2 has two. The
+    report says such a step is drawn apart (hollow, off the line) rather than joined to a curve
+    of other seeds; with every step on every seed it says nothing of the kind."""
+
+    def run(name: str, rows: list[dict]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    arm = [
+        run("s0", [{"step": 0, "acc": 0.45}, {"step": 2, "acc": 0.50}]),
+        run("s1", [{"step": 2, "acc": 0.52}]),
+    ]
+    assert group_curves({"a": arm}, ["acc"])["a"]["acc"] == {0: [0.45], 2: [0.50, 0.52]}
+    report = make_group_report({"a": arm}, tmp_path / "few", ["acc"], proportions=["acc"])
+    assert "Hollow markers" in report.read_text()
+    assert (tmp_path / "few" / "comparison.png").is_file()
+    even = [run("t0", [{"step": 2, "acc": 0.5}, {"step": 4, "acc": 0.6}])]
+    even.append(run("t1", [{"step": 2, "acc": 0.4}, {"step": 4, "acc": 0.7}]))
+    report = make_group_report({"a": even}, tmp_path / "even", ["acc"])
+    assert "Hollow" not in report.read_text()
+    assert _table_row(report, "a")[2].startswith("0.65 [")

@@ -233,21 +233,36 @@ def make_group_report(
     cols = min(3, max(1, len(present)))
     rows = math.ceil(len(present) / cols) if present else 1
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    partial = False  # whether some step has fewer seeds than the rest of its curve
     for ax, key in zip(axes.flat, present, strict=False):
         for i, arm in enumerate(curves):  # a fixed colour per arm, even where an arm has no data
             points = sorted(curves[arm][key].items())
             if not points:
                 continue
-            xs = [s for s, _ in points]
-            stats_ = [interval(key, v) for _, v in points]
-            ax.plot(xs, [m for m, _, _ in stats_], marker="o", ms=3, label=arm, color=f"C{i}")
-            ax.fill_between(
-                xs,
-                [lo for _, lo, _ in stats_],
-                [hi for _, _, hi in stats_],
-                alpha=0.2,
-                color=f"C{i}",
-            )
+            # a step with fewer seeds than the others (the demo's start: seed 0 only) is a
+            # hollow marker off the line: joined to the rest it would draw a change of seeds
+            # as a change over training
+            seeds = max(len(v) for _, v in points)
+            full = [(s, v) for s, v in points if len(v) == seeds]
+            few = [(s, v) for s, v in points if len(v) < seeds]
+            partial = partial or bool(few)
+            xs = [s for s, _ in full]
+            stats_ = [interval(key, v) for _, v in full]
+            means = [m for m, _, _ in stats_]
+            lows, highs = [lo for _, lo, _ in stats_], [hi for _, _, hi in stats_]
+            if len(full) > 1:
+                ax.plot(xs, means, marker="o", ms=3, label=arm, color=f"C{i}")
+                ax.fill_between(xs, lows, highs, alpha=0.2, color=f"C{i}")
+            else:  # one step: its interval as an error bar
+                bars = [[m - lo for m, lo in zip(means, lows, strict=True)]]
+                bars.append([hi - m for m, hi in zip(means, highs, strict=True)])
+                ax.errorbar(
+                    xs, means, yerr=bars, fmt="o", ms=4, capsize=4, label=arm, color=f"C{i}"
+                )
+            for s, v in few:
+                ax.plot(
+                    [s], [interval(key, v)[0]], marker="o", ms=6, fillstyle="none", color=f"C{i}"
+                )
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -255,7 +270,8 @@ def make_group_report(
         ax.axis("off")
     if present:
         axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{title} (mean and 95% interval across seeds)")
+    note = "; hollow: fewer seeds" if partial else ""
+    fig.suptitle(f"{title} (mean and 95% interval across seeds{note})")
     fig.tight_layout()
     fig.savefig(out / "comparison.png", dpi=110)
     plt.close(fig)
@@ -274,6 +290,12 @@ def make_group_report(
             cells.append(f"{_format(m)} [{_format(lo)}, {_format(hi)}]")
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", "![comparison](comparison.png)", ""]
+    if partial:
+        lines += [
+            "Hollow markers: steps with fewer seeds than the rest of their curve (a start "
+            "evaluated on one seed's problems), drawn apart from the curve.",
+            "",
+        ]
     path = out / "comparison.md"
     path.write_text("\n".join(lines))
     return path

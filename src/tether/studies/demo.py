@@ -355,7 +355,7 @@ def paired_sentence(arm: str, base: str, key: str, f: dict[str, Any]) -> str:
             f"- {PAIRED_KEYS[key]}, {arm} − {base}: {100 * f['mean']:+.1f} points, 95% CI: none "
             "from one seed (an interval needs 2 or more); not resolved."
         )
-    if len(set(f["differences"])) == 1:  # no spread: the t-interval has no width
+    if max(f["differences"]) - min(f["differences"]) < 1e-12:  # no spread: no width
         verdict = (
             "not resolved: every seed gave the same difference, so the interval has no width "
             "and says nothing of other seeds"
