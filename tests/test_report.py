@@ -3,6 +3,7 @@ comparison of seed groups."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -157,16 +158,20 @@ def test_group_report_cuts_nothing_by_default(tmp_path):
     assert _table_row(report, "seeds of one arm")[2] == "0.03333 [0, 0.1768]"
 
 
+def _metrics_run(root: Path, name: str, rows: list[dict]) -> Path:
+    """A run folder under ``root`` whose metrics.jsonl holds ``rows``."""
+    folder = root / name
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 def test_a_run_without_a_start_takes_it_from_its_seeds_start_run(tmp_path):
     """tether demo evaluates each seed's starting model once (the first arm); the other arms'
     runs log no step 0, and their curves begin at the first arm's step 0 of the same seed —
     by position, never another seed's, and never over a step 0 a run logged itself."""
 
-    def run(name: str, rows: list[dict]) -> Path:
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return folder
+    run = functools.partial(_metrics_run, tmp_path)
 
     first = [
         run("a0", [{"step": 0, "acc": 0.40}, {"step": 2, "acc": 0.50}]),
@@ -190,11 +195,7 @@ def test_a_step_with_fewer_seeds_is_named_apart_from_the_curve(tmp_path):
     report says such a step is drawn apart (hollow, off the line) rather than joined to a curve
     of other seeds; with every step on every seed it says nothing of the kind."""
 
-    def run(name: str, rows: list[dict]) -> Path:
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return folder
+    run = functools.partial(_metrics_run, tmp_path)
 
     arm = [
         run("s0", [{"step": 0, "acc": 0.45}, {"step": 2, "acc": 0.50}]),

@@ -430,8 +430,9 @@ class LlamaRunner(FastRunner):
             return None if b is None else b.to(dtype)
 
         def fold(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-            # [out, in] * g -> [in, out], contiguous for x @ W
-            return (w.float() * (g.float() * root_c)).to(dtype).t().contiguous()
+            # [out, in] * g, kept [out, in] for F.linear (x W^T): at decode shapes (a few rows
+            # against a wide weight) the CPU GEMM runs it faster than x @ W on an [in, out] copy
+            return (w.float() * (g.float() * root_c)).to(dtype).contiguous()
 
         self.blocks = []
         for layer in base.layers[: cfg.num_hidden_layers]:
@@ -456,7 +457,7 @@ class LlamaRunner(FastRunner):
                 (wqkv, cast(bqkv), wo, cast(at.o_proj.bias), wgu, cast(bgu), wdown,
                  cast(mlp.down_proj.bias))
             )  # fmt: skip
-        self.head = (fold(model.lm_head.weight, base.norm.weight).t(), cast(model.lm_head.bias))
+        self.head = (fold(model.lm_head.weight, base.norm.weight), cast(model.lm_head.bias))
 
         # RoPE as complex factors e^{i * position * inv_freq}, computed as HF computes cos/sin
         # (fp32 angles, times attention_scaling, 1 for the default RoPE), for every position
@@ -502,7 +503,7 @@ class LlamaRunner(FastRunner):
         rope = self.rope[positions]  # [n, S, heads, D/2]
         for layer, (wqkv, bqkv, wo, bo, wgu, bgu, wdown, bdown) in enumerate(self.blocks):
             h = rms(x)
-            proj = torch.mm(h, wqkv) if bqkv is None else torch.addmm(bqkv, h, wqkv)
+            proj = F.linear(h, wqkv, bqkv)
             if not fp32:  # complex32 is barely supported: rotate in fp32
                 proj = proj.float()
             # RoPE: (x_i + i y_i) * e^{i theta_i} on q and k pairs, times 1 on v
@@ -515,7 +516,7 @@ class LlamaRunner(FastRunner):
             a = a.transpose(1, 2).reshape(n * S, H * D)
             x = self._add(x, a, wo, bo)
             h = rms(x)
-            gu = torch.mm(h, wgu) if bgu is None else torch.addmm(bgu, h, wgu)
+            gu = F.linear(h, wgu, bgu)
             g = F.silu(gu[:, :inter]).mul_(gu[:, inter:])
             x = self._add(x, g, wdown, bdown)
         last = x.view(n, S, C)[:, -1]
