@@ -260,3 +260,46 @@ def test_one_seed_is_never_called_resolved():
     assert "not resolved" in line and "one seed" in line
     two = {"mean": 0.04, "ci_low": 0.01, "ci_high": 0.07, "seeds": 2, "differences": [0.02, 0.06]}
     assert "resolved: the interval excludes 0" in paired_sentence("a", "b", "eval/acc_rl", two)
+
+
+def test_a_control_arm_is_paired_against_both_other_arms(tmp_path):
+    """--control-kl-coef adds a uniform tether as loose on average as the prioritised one: the
+    report pairs every arm against the standard KL, and the prioritised arm against the
+    control too (by hand: 0.55 − 0.52, 0.62 − 0.58, 0.47 − 0.45 = +3, +4, +2 points)."""
+    from tether.studies.demo import write_report
+
+    std = [_fake_run(tmp_path / f"s{i}", a, 1.0) for i, a in enumerate([0.50, 0.60, 0.40])]
+    ctl = [_fake_run(tmp_path / f"c{i}", a, 1.0) for i, a in enumerate([0.52, 0.58, 0.45])]
+    pri = [_fake_run(tmp_path / f"p{i}", a, 1.0) for i, a in enumerate([0.55, 0.62, 0.47])]
+    groups = {"standard KL": std, "standard KL (α=2.5)": ctl, "prioritised KL": pri}
+    write_report(groups, tmp_path / "report", "t", control="standard KL (α=2.5)")
+    paired = json.loads((tmp_path / "report" / "summary.json").read_text())["paired"]
+    assert list(paired) == [
+        "standard KL (α=2.5)",
+        "prioritised KL",
+        "prioritised KL against standard KL (α=2.5)",
+    ]
+    against = paired["prioritised KL against standard KL (α=2.5)"]
+    assert (against["arm"], against["against"]) == ("prioritised KL", "standard KL (α=2.5)")
+    assert against["figures"]["eval/acc_rl"]["differences"] == pytest.approx([0.03, 0.04, 0.02])
+    assert against["figures"]["eval/acc_rl"]["mean"] == pytest.approx(0.03)
+    assert paired["prioritised KL"]["against"] == "standard KL"
+    table = (tmp_path / "report" / "paired.md").read_text()
+    assert "## prioritised KL − standard KL (α=2.5), paired by seed" in table
+    assert "## prioritised KL − standard KL, paired by seed" in table
+
+
+def test_a_control_arm_runs_at_its_own_coefficient(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--seeds", "1", "--steps", "1", "--quiet"]
+    args += ["--control-kl-coef", "2.5"]
+    for override in ["rl.prompts_per_step=2", "rl.max_new_tokens=8", "eval.n=2"]:
+        args += ["--set", override]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "kl_coef: 2.5" in (out / "standard-kl2.5-seed0" / "config.yaml").read_text()
+    assert "kl_coef: 5.0" in (out / "standard-seed0" / "config.yaml").read_text()
+    assert "prioritised KL (β_c=150) − standard KL (α=2.5), paired by seed" in result.output
+    refused = runner.invoke(app, ["demo", "--sweep", "--control-kl-coef", "2.5", "--out", str(out)])
+    assert refused.exit_code == 2 and "--control-kl-coef" in refused.output
+    assert "Traceback" not in refused.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -296,3 +297,43 @@ def test_retire_moves_only_survivors_into_holes():
     assert _retire(3, {0, 1, 2}) == ([], [])
     order, moves = _retire(4, {0, 3})
     assert order == [2, 1] and moves == [(2, 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_is_the_same_product_for_any_row_count(dtype):
+    """The runner's Linear: with oneDNN (every x86 CPU build of torch) the weight is reordered
+    once for a row count and then multiplies any number of rows (rows retire, the prefill has
+    many) to F.linear's product; with packing off it is F.linear itself."""
+    from tether.generation import runners
+
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 48).to(dtype), torch.randn(96).to(dtype)
+    lin = runners.Linear(w, rows=16)
+    if torch.backends.mkldnn.is_available():
+        assert lin.packed is not None  # the packed path is the one tested below
+    tol = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.25, "rtol": 0.02}
+    for n in (1, 7, 16, 300):
+        x = torch.randn(n, 48).to(dtype)
+        torch.testing.assert_close(lin(x), F.linear(x, w), **tol)
+        torch.testing.assert_close(lin(x, b), F.linear(x, w, b), **tol)
+    off = runners.PACK_WEIGHTS
+    runners.PACK_WEIGHTS = False
+    try:
+        plain = runners.Linear(w, rows=16)
+    finally:
+        runners.PACK_WEIGHTS = off
+    assert plain.packed is None
+    x = torch.randn(5, 48).to(dtype)
+    assert torch.equal(plain(x, b), F.linear(x, w, b))
+
+
+def test_packed_weights_sample_what_plain_weights_sample(eos_model, tok, monkeypatch):
+    """Greedy completions with the runner's packed weights are those of plain F.linear, and
+    their log-probs agree to fp32 rounding (the packed GEMM sums in another order)."""
+    from tether.generation import runners
+
+    packed = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
+    monkeypatch.setattr(runners, "PACK_WEIGHTS", False)
+    plain = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
+    assert torch.equal(packed.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=0)

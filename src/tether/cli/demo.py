@@ -51,6 +51,13 @@ def demo(
             "for critical-tokens on 2 or more cores, else 1)",
         ),
     ] = None,
+    control_kl_coef: Annotated[
+        float | None,
+        typer.Option(
+            help="add a third arm: the standard KL at this coefficient (e.g. 2.5, the "
+            "prioritised arm's mean weight times α), paired against both other arms"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The critical-token experiment at a small scale: standard vs prioritised KL, several seeds."""
@@ -70,6 +77,7 @@ def demo(
         echo=typer.echo,
         recipe=recipe,
         jobs=jobs,
+        control_kl_coef=control_kl_coef,
     )
     typer.echo((report.parent / "comparison.md").read_text())
     typer.echo((report.parent / "paired.md").read_text())

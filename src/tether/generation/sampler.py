@@ -252,9 +252,9 @@ def _pick(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [n] and their fp32 logprobs [n] from the last-position logits [n, V]."""
     logits = logits.float()
-    if temperature == 0:
-        nxt = logits.argmax(-1)
-        logp = torch.log_softmax(logits, -1)
+    if temperature == 0:  # the top logit minus the log-normaliser: no [n, V] log-softmax
+        top, nxt = logits.max(-1)
+        return nxt, top - torch.logsumexp(logits, -1)
     else:
         logp = torch.log_softmax(logits / temperature, -1)
         nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)

@@ -98,6 +98,7 @@ def run_demo(
     echo: Any = print,
     recipe: str = DEFAULT_RECIPE,
     jobs: int | None = None,
+    control_kl_coef: float | None = None,
 ) -> Path:
     """Run the standard arm and the prioritised arm over the seeds into ``out`` and write the
     report (``report/``: curves, finals, and the per-seed paired differences); returns the
@@ -108,14 +109,21 @@ def run_demo(
     (:data:`SMALL`, :data:`FULL`) apply to the default recipe only, another one keeps its own
     steps, batch and evaluation. ``jobs`` runs that many runs at once, each on its share of
     the CPU threads (None: two on the default recipe where there are two cores, whose
-    0.6M-parameter model leaves a second core idle in its small matmuls; one otherwise). Finished runs are reused and an interrupted one resumes, so a re-run
-    picks up where one stopped."""
+    0.6M-parameter model leaves a second core idle in its small matmuls; one otherwise).
+    ``control_kl_coef`` adds a third arm to the comparison (not to the sweep): the standard KL
+    at that coefficient, e.g. α times the prioritised arm's mean weight, so that the report
+    also pairs the prioritised arm against a uniform tether as loose on average. Finished runs
+    are reused and an interrupted one resumes, so a re-run picks up where one stopped."""
     refuse_controlled_keys(overrides or [], CONTROLLED, "tether demo")
     if jobs is None:
         jobs = min(2, usable_cores()) if recipe == DEFAULT_RECIPE else 1
     if jobs < 1:
         raise RecipeError(f"--jobs: {jobs} runs at once; give 1 or more")
     own_sizes = recipe == DEFAULT_RECIPE
+    if control_kl_coef is not None and sweep:
+        raise RecipeError("--control-kl-coef: adds an arm to the comparison; drop --sweep")
+    if control_kl_coef is not None and control_kl_coef <= 0:
+        raise RecipeError(f"--control-kl-coef: {control_kl_coef:g}; give a coefficient above 0")
     if full and not own_sizes:
         raise RecipeError(f"--full: sized for {DEFAULT_RECIPE}; drop --recipe {recipe} or --full")
     load_recipe(recipe, overrides or [])  # a bad recipe or --set is one line before any run
@@ -139,9 +147,19 @@ def run_demo(
             keys.append(f"train.steps={steps}")
         return keys
 
-    def run(exponents: tuple[float, ...], n_seeds: int, folder: str, title: str) -> Path:
+    def run(
+        exponents: tuple[float, ...],
+        n_seeds: int,
+        folder: str,
+        title: str,
+        control: float | None = None,
+    ) -> Path:
         # arm label -> (run-folder stem, recipe overrides)
         arms: dict[str, tuple[str, list[str]]] = {"standard KL": ("standard", [])}
+        control_arm = None
+        if control is not None:
+            control_arm = f"standard KL (α={control:g})"
+            arms[control_arm] = (f"standard-kl{control:g}", [f"rl.kl_coef={control}"])
         for b in exponents:
             label = f"prioritised KL (β_c={b:g})"
             arms[label] = (f"prioritized-{b:g}", [f"rl.certainty_exponent={b}"])
@@ -160,12 +178,14 @@ def run_demo(
         run_all(
             planned, jobs, progress, lambda text: echo(f"[{time.perf_counter() - t0:6.0f}s] {text}")
         )
-        return write_report(groups, out / folder, title)
+        return write_report(groups, out / folder, title, control_arm)
 
     if sweep:
         report = run(SWEEP_EXPONENTS, setting["seeds"], "report", SWEEP_TITLE)
     else:
-        report = run((certainty_exponent,), setting["seeds"], "report", TITLE)
+        report = run(
+            (certainty_exponent,), setting["seeds"], "report", TITLE, control=control_kl_coef
+        )
         if full:
             run(SWEEP_EXPONENTS, min(SWEEP_SEEDS, setting["seeds"]), "report-sweep", SWEEP_TITLE)
     echo(f"[{time.perf_counter() - t0:6.0f}s] done")
@@ -208,15 +228,23 @@ TITLE = "Critical tokens: standard vs prioritised KL"
 SWEEP_TITLE = TITLE + " (β_c sweep)"
 
 
-def write_report(groups: dict[str, list[Path]], folder: Path, title: str) -> Path:
+def write_report(
+    groups: dict[str, list[Path]], folder: Path, title: str, control: str | None = None
+) -> Path:
     """The comparison (curves and finals, :func:`make_group_report`), ``summary.json`` with
-    the paired differences, and ``paired.md``; returns the comparison's markdown path."""
+    the paired differences (every arm against the first; with a ``control`` arm, every
+    prioritised arm against it too), and ``paired.md``; returns the comparison's markdown
+    path."""
     first = next(iter(groups.values()))[:1]  # the run that evaluated the start (seed 0)
     report = make_group_report(
         groups, folder, REPORT_KEYS, title=title, proportions=PROPORTIONS, start_runs=first
     )
     summary = _final_summary(groups)
-    summary["paired"] = paired_differences(groups)
+    arms = list(groups)
+    pairs = [(arms[0], arm) for arm in arms[1:]]
+    if control is not None:
+        pairs += [(control, arm) for arm in arms[1:] if arm != control]
+    summary["paired"] = paired_differences(groups, pairs)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (folder / "paired.md").write_text(paired_table(summary["paired"]))
     return report
@@ -265,39 +293,42 @@ def final_values(run: Path, keys: Any) -> dict[str, float]:
     return last
 
 
-def paired_differences(groups: dict[str, list[Path]]) -> dict[str, Any]:
-    """Each arm after the first against the first (the standard KL), seed by seed: the runs of
-    one seed share the starting model, the prompt stream's seed and the evaluation problems, so
-    the difference of their final figures removes what the seed and the problems share. Per
-    arm and :data:`PAIRED_KEYS` key: the per-seed values of both arms, their differences, and
-    the mean difference with a Student-t 95% interval over seeds (cut to [−1, 1])."""
+def paired_differences(
+    groups: dict[str, list[Path]], pairs: list[tuple[str, str]] | None = None
+) -> dict[str, Any]:
+    """Arm against arm, seed by seed, for each (base, arm) of ``pairs`` (default: each arm
+    after the first against the first, the standard KL): the runs of one seed share the
+    starting model, the prompt stream's seed and the evaluation problems, so the difference of
+    their final figures removes what the seed and the problems share. Per pair, keyed by the
+    arm (by "ARM against BASE" when the arm has an earlier pair) and per :data:`PAIRED_KEYS`
+    key: the per-seed values of both arms, their differences, and the mean difference with a
+    Student-t 95% interval over seeds (cut to [−1, 1])."""
     arms = list(groups)
-    base = arms[0]
-    base_finals = [final_values(r, PAIRED_KEYS) for r in groups[base]]
+    finals_of = {arm: [final_values(r, PAIRED_KEYS) for r in runs] for arm, runs in groups.items()}
     out: dict[str, Any] = {}
-    for arm in arms[1:]:
-        finals = [final_values(r, PAIRED_KEYS) for r in groups[arm]]
+    for base, arm in pairs if pairs is not None else [(arms[0], a) for a in arms[1:]]:
         per_key: dict[str, Any] = {}
         for key in PAIRED_KEYS:
-            pairs = [
+            both = [
                 (b[key], a[key])
-                for b, a in zip(base_finals, finals, strict=True)
+                for b, a in zip(finals_of[base], finals_of[arm], strict=True)
                 if key in a and key in b
             ]
-            if not pairs:
+            if not both:
                 continue
-            before, after = [p[0] for p in pairs], [p[1] for p in pairs]
+            before, after = [b for b, _ in both], [a for _, a in both]
             mean, low, high = paired_difference_ci(before, after)
             per_key[key] = {
                 "base": before,
                 "arm": after,
-                "differences": [a - b for b, a in pairs],
+                "differences": [a - b for b, a in both],
                 "mean": mean,
                 "ci_low": low,
                 "ci_high": high,
-                "seeds": len(pairs),
+                "seeds": len(both),
             }
-        out[arm] = {"against": base, "figures": per_key}
+        label = arm if arm not in out else f"{arm} against {base}"
+        out[label] = {"arm": arm, "against": base, "figures": per_key}
     return out
 
 
@@ -305,11 +336,11 @@ def paired_table(paired: dict[str, Any]) -> str:
     """Markdown: per compared arm, a row per seed (both arms and their difference, in points)
     and the mean difference with its 95% interval, and whether the interval excludes 0."""
     lines: list[str] = []
-    for arm, entry in paired.items():
+    for label, entry in paired.items():
         figures = entry["figures"]
         if not figures:
             continue
-        base = entry["against"]
+        arm, base = entry.get("arm", label), entry["against"]
         keys = list(figures)
         lines += [f"## {arm} − {base}, paired by seed", ""]
         header = "| seed |"
