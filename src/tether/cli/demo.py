@@ -13,18 +13,29 @@ from tether.studies.demo import DEFAULT_RECIPE, is_demo_folder, run_demo
 
 app = typer.Typer(add_completion=False)
 
+FULL_HELP = (
+    "the closest CPU analogue of the paper's §5.3 (10 seeds, 8 collects of 50 episodes), then "
+    "the β_c sweep on 5 of its seeds"
+)
+RECIPE_HELP = (
+    "the standard arm: any RL recipe (a shipped name or a file); the demo's sizes apply to "
+    "critical-tokens only, another recipe keeps its own (4 seeds by default)"
+)
+JOBS_HELP = (
+    "runs at once, each in its own process on its share of the cores (default: 2 for "
+    "critical-tokens on 2 or more cores, else 1)"
+)
+CONTROL_HELP = (
+    "add a third arm: the standard KL at this coefficient (e.g. 2.5, the prioritised arm's "
+    "mean weight times α), paired against both other arms"
+)
+
 
 @app.command()
 @friendly_errors
 def demo(
     out: Annotated[Path | None, typer.Option(help="output folder (default runs/demo-TIME)")] = None,
-    full: Annotated[
-        bool,
-        typer.Option(
-            help="the closest CPU analogue of the paper's §5.3 (10 seeds, 8 collects of 50 "
-            "episodes), then the β_c sweep on 5 of its seeds"
-        ),
-    ] = False,
+    full: Annotated[bool, typer.Option(help=FULL_HELP)] = False,
     seeds: Annotated[int | None, typer.Option(min=1, help="override the number of seeds")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="override the RL steps per run")] = None,
     certainty_exponent: Annotated[
@@ -36,28 +47,9 @@ def demo(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a recipe key in every arm")
     ] = None,
-    recipe: Annotated[
-        str,
-        typer.Option(
-            help="the standard arm: any RL recipe (a shipped name or a file); the demo's sizes "
-            "apply to critical-tokens only, another recipe keeps its own (4 seeds by default)"
-        ),
-    ] = DEFAULT_RECIPE,
-    jobs: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="runs at once, each in its own process on its share of the cores (default: 2 "
-            "for critical-tokens on 2 or more cores, else 1)",
-        ),
-    ] = None,
-    control_kl_coef: Annotated[
-        float | None,
-        typer.Option(
-            help="add a third arm: the standard KL at this coefficient (e.g. 2.5, the "
-            "prioritised arm's mean weight times α), paired against both other arms"
-        ),
-    ] = None,
+    recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = DEFAULT_RECIPE,
+    jobs: Annotated[int | None, typer.Option(min=1, help=JOBS_HELP)] = None,
+    control_kl_coef: Annotated[float | None, typer.Option(help=CONTROL_HELP)] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The critical-token experiment at a small scale: standard vs prioritised KL, several seeds."""
