@@ -14,10 +14,9 @@ import importlib
 from typing import Any
 
 import typer
-from transformers.utils import logging as hf_logging
 from typer.core import TyperCommand, TyperGroup
 
-from tether.engine.allocator import keep_freed_memory
+from tether.engine.process import prepare_process
 
 # command -> the line `tether --help` shows for it: the first paragraph of the command's
 # help (tests/test_cli_commands.py checks they agree). Its module is tether.cli.<command>.
@@ -84,11 +83,7 @@ app = typer.Typer(
 
 @app.callback()
 def _before_every_command() -> None:
-    from tether.distributed import name_deepspeeds_accelerator  # imports torch: not for --help
-
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars around every command
-    keep_freed_memory()  # steps reuse freed pages instead of faulting new ones in
-    name_deepspeeds_accelerator()  # no "Setting accelerator to CPU" from DeepSpeed on CPUs
+    prepare_process()  # progress bars, allocator, DeepSpeed's accelerator name
 
 
 def main() -> None:

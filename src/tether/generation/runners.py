@@ -52,6 +52,7 @@ forward under ``torch.autocast``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Any, Protocol
@@ -389,15 +390,21 @@ PACK_WEIGHTS = True
 PACK_MIN_NUMEL = 1 << 18
 
 
+# whether this torch build has oneDNN's packed linear (checked once)
+_ONEDNN_LINEAR = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+
+
 def _can_pack(w: torch.Tensor) -> bool:
     return (
         PACK_WEIGHTS
+        and _ONEDNN_LINEAR
         and w.numel() >= PACK_MIN_NUMEL
         and w.device.type == "cpu"
         and w.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
 
@@ -413,10 +420,8 @@ class Linear:
         self.weight = weight.contiguous()
         self.packed: torch.Tensor | None = None
         if _can_pack(self.weight):
-            try:
+            with contextlib.suppress(RuntimeError):  # a shape oneDNN does not take: F.linear
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
-            except RuntimeError:  # a build or shape oneDNN does not take: F.linear
-                self.packed = None
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is not None:

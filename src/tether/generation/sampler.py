@@ -255,9 +255,8 @@ def _pick(
     if temperature == 0:  # the top logit minus the log-normaliser: no [n, V] log-softmax
         top, nxt = logits.max(-1)
         return nxt, top - torch.logsumexp(logits, -1)
-    else:
-        logp = torch.log_softmax(logits / temperature, -1)
-        nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+    logp = torch.log_softmax(logits / temperature, -1)
+    nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
     return nxt, logp.gather(1, nxt.unsqueeze(1)).squeeze(1)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.config import Recipe, RecipeError, load_recipe
+from tether.engine.process import prepare_process
 from tether.engine.setup import usable_cores
 from tether.eval.report import make_group_report, read_metrics
 from tether.eval.stats import UNIT_INTERVAL, mean_ci, paired_difference_ci
@@ -203,7 +204,7 @@ def run_all(planned: list[tuple[str, Recipe, Path]], jobs: int, progress: bool, 
         return
     context = multiprocessing.get_context("spawn")  # no torch state shared with the parent
     with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_set_up_worker
+        max_workers=jobs, mp_context=context, initializer=prepare_process
     ) as pool:
         futures = {}
         for label, recipe, folder in planned:
@@ -211,17 +212,6 @@ def run_all(planned: list[tuple[str, Recipe, Path]], jobs: int, progress: bool, 
         for future in as_completed(futures):
             future.result()  # re-raises a run's error here
             echo(f"{futures[future]}: done")
-
-
-def _set_up_worker() -> None:
-    """What the CLI sets in its own process, for a spawned run: no "Loading weights" bars, and
-    freed memory kept for the next step instead of returned and faulted in again."""
-    from transformers.utils import logging as hf_logging
-
-    from tether.engine.allocator import keep_freed_memory
-
-    hf_logging.disable_progress_bar()
-    keep_freed_memory()
 
 
 TITLE = "Critical tokens: standard vs prioritised KL"
