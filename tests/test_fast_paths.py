@@ -107,11 +107,27 @@ def test_sampler_rows_become_right_padded_and_the_window_finds_the_completion():
     assert window[0, :3].tolist() == [6, 7, 8] and window[1].tolist() == [6, 10, 11, 12, 13]
 
 
-@pytest.mark.parametrize("hidden", [False, True])
-def test_grouped_completion_logits_equal_the_masked_pass(tiny_checkpoint, hidden, monkeypatch):
+@pytest.mark.parametrize(
+    ("hidden", "window"), [(False, True), (False, False), (True, False)],
+    ids=["window-head", "whole-head", "hidden"],
+)  # fmt: skip
+def test_grouped_completion_logits_equal_the_masked_pass(
+    tiny_checkpoint, hidden, window, monkeypatch
+):
+    """Values and gradients of the masked pass, in length groups; with the LM head on the
+    completion windows only (``logits_to_keep``) or on every position."""
     import tether.scoring
 
     monkeypatch.setattr(tether.scoring, "PASS_COST_POSITIONS", 1)  # a group per length
+    calls = []
+    real_window = tether.scoring.completion_window_logits
+    monkeypatch.setattr(
+        tether.scoring,
+        "completion_window_logits",
+        lambda *a: calls.append(1) or real_window(*a),
+    )
+    if not window:
+        monkeypatch.setattr(tether.scoring, "keeps_logits", lambda model: False)
     model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
     g = torch.Generator().manual_seed(1)
     prompt_lens, completion_lens, P, T = [3, 7, 5, 7], [9, 2, 6, 9], 7, 9
@@ -136,6 +152,41 @@ def test_grouped_completion_logits_equal_the_masked_pass(tiny_checkpoint, hidden
     _assert_close_all(
         _grads(value(grouped), params), _grads(value(plain), params), atol=2e-5, rtol=1e-4
     )
+    assert len(calls) == int(window)
+
+
+def test_the_lm_head_runs_on_the_completion_windows_only(tiny_checkpoint, monkeypatch):
+    """With ``logits_to_keep`` the head sees the positions from the group's earliest window on:
+    rows whose prompts are 3 and 7 of 7 columns long and completions 9 long keep 10 of 12 and
+    10 of 16 positions, not all of them."""
+    import tether.scoring
+
+    monkeypatch.setattr(tether.scoring, "PASS_COST_POSITIONS", 1)  # a group per length
+    model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    P, T = 7, 9
+    ids = torch.full((2, P + T), 5, dtype=torch.long)
+    mask = torch.ones(2, P + T, dtype=torch.long)
+    mask[0, : P - 3] = 0
+    grouped_completion_logits(model, ids, mask, P, 1.0)
+    assert sorted(seen) == [10, 10]
+
+
+def test_keeps_logits_looks_through_the_wrappers(tiny_checkpoint):
+    from peft import LoraConfig, get_peft_model
+
+    from tether.scoring import keeps_logits
+
+    model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
+    assert keeps_logits(model)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert keeps_logits(lora)
+    assert keeps_logits(torch.compile(lora))
+    from tether.models.lora import LoraReference
+
+    assert keeps_logits(LoraReference(lora))
+    assert not keeps_logits(torch.nn.Linear(2, 2))
 
 
 def _reference_passes(overrides):
@@ -200,3 +251,117 @@ def test_train_compile_gives_the_eager_loss_and_gradients(tiny_checkpoint):
     grads = torch.autograd.grad(loss, params, allow_unused=True)  # no retain: compiled backward
     _assert_close_all(grads, eager_grads, atol=1e-5, rtol=1e-4)
     assert type(model).__name__ == "LlamaForCausalLM"  # compiled in place: still the HF model
+
+
+def test_entropy_and_exact_kl_metrics_equal_the_differentiable_ones():
+    """The one-pass metrics give entropy_from_log_softmax's and exact_kl_from_log_softmax's
+    values, with tokens of probability 0 (−inf) on either side, and carry no gradient."""
+    from tether.objectives import entropy_and_exact_kl
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 6, 50, generator=g, requires_grad=True)
+    ref = torch.randn(4, 6, 50, generator=g)
+    cut = torch.zeros(50)
+    cut[40:] = float("-inf")  # π(a) = 0 for the last ten tokens
+    for bias in (torch.zeros(50), cut):
+        log_p = torch.log_softmax(logits + bias, -1)
+        log_q = torch.log_softmax(ref + bias.flip(0).clamp_min(-1e3), -1)
+        entropy, kl = entropy_and_exact_kl(log_p, log_q)
+        assert not entropy.requires_grad and not kl.requires_grad
+        torch.testing.assert_close(entropy, entropy_from_log_softmax(log_p).detach())
+        torch.testing.assert_close(kl, exact_kl_from_log_softmax(log_p, log_q).detach())
+        assert torch.isfinite(entropy).all() and torch.isfinite(kl).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_token_logprobs_pass_a_finite_difference_check_chunk_by_chunk(
+    temperature, monkeypatch
+):
+    """log π(a|s) by chunks of positions with its own backward g·(onehot − softmax)/T: the
+    values of token_logprobs, and gradients that pass gradcheck, over several chunks."""
+    import tether.objectives.common as common
+    from tether.objectives import chunked_token_logprobs
+
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 40)  # 3 positions of 11 a chunk
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 4), generator=g)
+    got = chunked_token_logprobs(logits, tokens, temperature)
+    torch.testing.assert_close(got, token_logprobs(logits, tokens, temperature))
+    assert torch.autograd.gradcheck(
+        lambda x: chunked_token_logprobs(x, tokens, temperature), (logits,)
+    )
+
+
+def test_chunked_token_logprobs_hand_bf16_logits_a_bf16_gradient():
+    """bf16 logits: fp32 log-probs equal to the plain path's (the upcast is exact), and the
+    gradient comes back in bf16, the fp32 gradient rounded once."""
+    from tether.objectives import chunked_token_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 7, 300, generator=g).bfloat16().requires_grad_()
+    tokens = torch.randint(0, 300, (5, 7), generator=g)
+    weights = torch.randn(5, 7, generator=g)
+    got = chunked_token_logprobs(logits, tokens, 0.9)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, token_logprobs(logits, tokens, 0.9))
+    (grad,) = torch.autograd.grad((got * weights).sum(), logits)
+    (plain,) = torch.autograd.grad((token_logprobs(logits, tokens, 0.9) * weights).sum(), logits)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), plain.float(), atol=0, rtol=0)
+
+
+def test_chunked_metrics_equal_the_one_pass_metrics(monkeypatch):
+    import tether.objectives.common as common
+    from tether.objectives import chunked_entropy_and_exact_kl, entropy_and_exact_kl
+
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 100)
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 6, 50, generator=g).bfloat16()
+    log_q = torch.log_softmax(torch.randn(4, 6, 50, generator=g), -1)
+    for t in (1.0, 0.8):
+        got = chunked_entropy_and_exact_kl(logits, log_q, t)
+        want = entropy_and_exact_kl(torch.log_softmax(logits.float() / t, -1), log_q)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "ppo"])
+def test_the_rl_loss_by_chunks_equals_the_full_log_softmax(algorithm, tiny_checkpoint):
+    """Without the exact KL and an entropy bonus the stage scores only the sampled tokens, by
+    chunks (stage.chunked): the loss, its gradient and every logged figure are those of the
+    full log-softmax path."""
+    recipe = load_recipe(
+        None,
+        [
+            f"model.init={tiny_checkpoint}",
+            "train.stage=rl",
+            f"rl.algorithm={algorithm}",
+            "rl.group_size=2",
+            "rl.prompts_per_step=3",
+            "rl.max_new_tokens=4",
+            "rl.kl_estimator=k3",
+            "rl.kl_coef=0.2",
+            "rl.entropy_coef=0",
+        ],
+    )
+    torch.manual_seed(0)
+    model, tokenizer = build_policy(recipe)
+    stage = make_stage(recipe, tokenizer, model, torch.device("cpu"))
+    with torch.no_grad():  # off the reference: a KL and its gradient that are not 0
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert stage.chunked
+    rollout = stage.next_batch()
+    params = [p for p in [*model.parameters(), *stage.parameters()] if p.requires_grad]
+    results = []
+    for chunked in (True, False):
+        stage.chunked = chunked
+        loss, stats = stage.loss(model, rollout)
+        results.append((loss, stats, torch.autograd.grad(loss, params)))
+    (loss_c, stats_c, grads_c), (loss_f, stats_f, grads_f) = results
+    torch.testing.assert_close(loss_c, loss_f)
+    assert stats_c.keys() == stats_f.keys()
+    for key in stats_c:
+        assert stats_c[key] == pytest.approx(stats_f[key], rel=1e-5, abs=1e-6), key
+    _assert_close_all(grads_c, grads_f, atol=1e-6, rtol=1e-4)

@@ -60,7 +60,11 @@ def test_recipe_keys_defaults_and_refusals(tiny_checkpoint):
     assert _recipe(tiny_checkpoint, "rl.ppo_epochs=3").rl.epochs == 3
     ppo = load_recipe(None, ["train.stage=rl", "rl.algorithm=ppo", f"model.init={tiny_checkpoint}"])
     assert ppo.rl.epochs == 4 and ppo.reads_sampler_logprobs
-    assert _recipe(tiny_checkpoint).reads_sampler_logprobs  # ρ = π_θ / π_old reads π_old
+    # ρ = π_θ / π_old reads π_old where the policy changed since the collect; with one update
+    # per collect π_old is the loss's own π_θ, detached (TRL's num_iterations 1)
+    assert not _recipe(tiny_checkpoint).reads_sampler_logprobs
+    assert _recipe(tiny_checkpoint, "rl.ppo_epochs=2").reads_sampler_logprobs
+    assert _recipe(tiny_checkpoint, "rl.minibatches=2").reads_sampler_logprobs
     with pytest.raises(RecipeError, match="group_size >= 2"):
         _recipe(tiny_checkpoint, "rl.group_size=1")
     with pytest.raises(RecipeError, match="kl_placement loss"):
@@ -80,6 +84,29 @@ def test_advantages_are_taken_once_over_the_whole_rollout(tiny_checkpoint):
     # a minibatch keeps the whole rollout's advantages (the batch std is not its own)
     part = rollout.select(torch.tensor([4, 5]), None)
     assert torch.equal(part.advantages, rollout.advantages[4:])
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_one_update_per_collect_takes_the_ratio_against_the_loss_own_log_probs(
+    epochs, tiny_checkpoint
+):
+    """With one update per collect the sampling policy is the one being updated: ρ = 1 in
+    value, π_θ/sg(π_θ) in gradient, whatever the rollout's stored log-probs say (so bf16 runs
+    need no rescoring pass); with two epochs the stored ones are read."""
+    stage, model = _stage(_recipe(tiny_checkpoint, f"rl.ppo_epochs={epochs}"))
+    rollout = stage.next_batch()
+    signs = torch.tensor([1.0, -1.0]).repeat(rollout.seq_rewards.shape[0] // 2)
+    rollout = replace(rollout, advantages=signs)  # whatever the rewards were: A ≠ 0
+    shifted = replace(rollout, old_logp=rollout.old_logp + 0.1)
+    losses, grads = [], []
+    for batch in (rollout, shifted):
+        loss, _ = stage.loss(model, batch)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
+    same = bool(torch.equal(losses[0], losses[1])) and all(
+        torch.equal(a, b) for a, b in zip(*grads, strict=True)
+    )
+    assert same == (epochs == 1)
 
 
 def test_minibatches_keep_prompt_groups_whole(tiny_checkpoint):

@@ -28,6 +28,7 @@ under FSDP or DeepSpeed (one trimmed, mask-free pass is used).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -132,27 +133,44 @@ def bucketed(
     run = forward if forward is not None else logits_of(model)
     if not right_padded(attention_mask):
         return apply(run(input_ids, attention_mask), input_ids)
+    width = input_ids.shape[1]
+
+    def group(_: Tensor | None, ids: Tensor) -> Tensor:
+        return _pad_to(apply(run(ids, None), ids), width)
+
+    return _real_only(
+        by_length_groups(model, input_ids, attention_mask, group, pass_cost), attention_mask
+    )
+
+
+def by_length_groups(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    run_group: Callable[[Tensor | None, Tensor], Tensor],
+    pass_cost: int | None = None,
+) -> Tensor:
+    """The rows of a right-padded batch in length groups (:func:`length_buckets`; one group
+    under a wrapper that allows one pass per backward): ``run_group(index, ids)`` gets a group's
+    row indices (None: every row, in order) and its ids trimmed to its longest row, and returns
+    one value per row ([n, ...]); the values come back in row order."""
     lengths = attention_mask.sum(dim=1).tolist()
-    batch, width = input_ids.shape
-    if _single_pass_only(model):
-        groups = [list(range(batch))]
-    else:
-        groups = length_buckets(lengths, pass_cost)
+    batch = input_ids.shape[0]
+    groups = (
+        [list(range(batch))] if _single_pass_only(model) else length_buckets(lengths, pass_cost)
+    )
     if len(groups) == 1:
-        longest = max(lengths)
-        ids = input_ids[:, :longest].contiguous()  # one layout: a compiled model's guards hold
-        out = apply(run(ids, None), ids)
-        return _real_only(_pad_to(out, width), attention_mask)
+        # one layout: a compiled model's guards hold
+        return run_group(None, input_ids[:, : max(lengths)].contiguous())
     parts, rows = [], []
     for group in groups:
         index = torch.tensor(group, device=input_ids.device)
         longest = max(lengths[i] for i in group)
-        ids = input_ids.index_select(0, index)[:, :longest].contiguous()
-        parts.append(_pad_to(apply(run(ids, None), ids), width))
+        parts.append(run_group(index, input_ids.index_select(0, index)[:, :longest].contiguous()))
         rows.append(index)
     inverse = torch.empty(batch, dtype=torch.long, device=input_ids.device)
     inverse[torch.cat(rows)] = torch.arange(batch, device=input_ids.device)
-    return _real_only(torch.cat(parts).index_select(0, inverse), attention_mask)
+    return torch.cat(parts).index_select(0, inverse)
 
 
 def left_to_right_padded(
@@ -205,14 +223,30 @@ def grouped_completion_logits(
     prompt_len: int,
     temperature: float,
     hidden: bool = False,
+    raw: bool = False,
 ) -> Any:
     """Logits/T at the positions that predict each completion token, [B, T, V] fp32, of rows
-    [B, P+T] with the prompt (left-padded) in the first ``prompt_len`` columns. The rows are
+    [B, P+T] with the prompt (left-padded) in the first ``prompt_len`` columns (``raw``: the
+    logits as the model gives them, its dtype, not divided by T, for
+    :func:`~tether.objectives.common.chunked_token_logprobs`). The rows are
     made right-padded and run in length groups without a mask (:mod:`tether.scoring`): the
     values of one masked pass at real completion tokens, up to float rounding, for less work
     (no pass over most padding, no [B, 1, L, L] mask); zeros at completion padding. With
-    ``hidden`` also the last hidden states there, as fp32."""
+    ``hidden`` also the last hidden states there, as fp32.
+
+    A model that takes ``logits_to_keep`` (Hugging Face causal LMs) computes its LM head only
+    from the first completion window of the group on (:func:`completion_window_logits`): on a
+    chat model the prompt is most of each row, and the [B, L, V] logits over a 49k vocabulary
+    (their head, casts, gathers and backward) were the biggest part of a scoring pass."""
     ids, mask, starts = left_to_right_padded(input_ids, attention_mask, prompt_len)
+    length = input_ids.shape[1] - prompt_len
+    if not hidden and keeps_logits(model) and right_padded(mask):
+        check_positions(model, ids.shape[1])
+        logits = completion_window_logits(model, ids, mask, starts, length)
+        if raw:
+            return logits
+        logits = logits.float()
+        return logits / temperature if temperature != 1.0 else logits
     forward, vocab = None, None
     if hidden:
 
@@ -223,11 +257,59 @@ def grouped_completion_logits(
             return torch.cat([out.logits.float(), out.hidden_states[-1].float()], dim=-1)
 
     values = bucketed(model, ids, mask, forward=forward)
-    window = completion_window(values, starts, input_ids.shape[1] - prompt_len)
+    window = completion_window(values, starts, length)
     logits = window[..., :vocab].float() if hidden else window.float()
-    if temperature != 1.0:
+    if temperature != 1.0 and not raw:
         logits = logits / temperature
     return (logits, window[..., vocab:]) if hidden else logits
+
+
+def completion_window_logits(
+    model: nn.Module, ids: Tensor, mask: Tensor, starts: Tensor, length: int
+) -> Tensor:
+    """The model's logits at the positions that predict each completion token of right-padded
+    rows (completions beginning at ``starts``), [B, length, V] in the model's dtype, 0 past
+    each row's end: :func:`completion_window` of :func:`bucketed`'s logits, with the LM head
+    run only on the positions from the group's earliest window on (``logits_to_keep``)."""
+    row_lengths = mask.sum(dim=1)
+    steps = torch.arange(length, device=ids.device)
+
+    def window(index: Tensor | None, group_ids: Tensor) -> Tensor:
+        first = starts if index is None else starts.index_select(0, index)
+        ends = row_lengths if index is None else row_lengths.index_select(0, index)
+        low = int(first.min()) - 1  # the group's first position that predicts a completion token
+        keep = group_ids.shape[1] - low
+        logits = model(input_ids=group_ids, use_cache=False, logits_to_keep=keep).logits
+        positions = first[:, None] - 1 + steps  # [n, length], in the row
+        index_in = (positions - low).clamp(max=keep - 1)
+        picked = logits.gather(1, index_in[..., None].expand(-1, -1, logits.shape[-1]))
+        real = (positions < ends[:, None])[..., None]
+        return torch.where(real, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+
+    return by_length_groups(model, ids, mask, window)
+
+
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether ``model`` (under a DDP, DeepSpeed, ``torch.compile`` or PEFT wrapper, or a LoRA
+    run's reference, :class:`~tether.models.lora.LoraReference`) is a causal LM whose forward
+    takes ``logits_to_keep`` (the LM head on the last positions only)."""
+    inner: Any = model
+    for _ in range(5):  # the wrappers' own module attributes, outermost first
+        if isinstance(getattr(inner, "policy", None), nn.Module):  # tether.models.lora's
+            inner = inner.policy
+        elif hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            inner = inner._orig_mod
+        elif isinstance(getattr(inner, "module", None), nn.Module):
+            inner = inner.module
+        else:
+            break
+    return _forward_takes(inner.forward, "logits_to_keep")
+
+
+def _forward_takes(forward: Any, name: str) -> bool:
+    return name in inspect.signature(forward).parameters
 
 
 @torch.no_grad()

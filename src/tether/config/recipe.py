@@ -104,8 +104,13 @@ class Recipe(Strict):
     def holds(self, when: When) -> bool:
         """Whether a registry property that holds ``when`` holds for this recipe."""
         online = when == "online" and self.imitation.online_fraction > 0
-        # "ppo": the algorithms with a ratio to the sampling policy (PPO, GRPO)
-        clipped = when == "ppo" and self.rl.algorithm in ("ppo", "grpo")
+        # "ppo": the algorithms with a ratio to the sampling policy (PPO, GRPO), where the policy
+        # changes between the collect and an update (one update: the loss's own, detached)
+        clipped = (
+            when == "ppo"
+            and self.rl.algorithm in ("ppo", "grpo")
+            and self.rl.updates_per_collect > 1
+        )
         return when == "always" or online or clipped
 
     @property

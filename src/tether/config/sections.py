@@ -371,6 +371,13 @@ class RLConfig(Strict):
             return 1
         return self.ppo_epochs or (4 if self.algorithm == "ppo" else 1)
 
+    @property
+    def updates_per_collect(self) -> int:
+        """Optimizer steps taken on each collect (epochs × minibatches). With one, the policy
+        that sampled is the policy being updated: PPO's and GRPO's ratio is taken against the
+        loss's own log-probs, detached (TRL with num_iterations 1), not the sampler's."""
+        return self.epochs * self.minibatches
+
     @model_validator(mode="after")
     def _rloo_needs_a_group(self) -> RLConfig:
         if self.algorithm in ("rloo", "grpo") and self.group_size < 2:

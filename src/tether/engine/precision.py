@@ -33,6 +33,7 @@ log-probs and the KL estimates.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from types import MethodType
@@ -40,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tether.config import RecipeError
 
@@ -72,6 +74,31 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise RecipeError(f"train.precision bf16: {name} does not support bfloat16; use fp32")
 
 
+# Up to this many tokens a row, a bf16 forward on the CPU takes SDPA's math backend: the flash
+# kernel's bf16 backward costs some 18 ms a layer at SmolLM2's RL shapes (16 rows of 88 tokens,
+# 9 heads over 3 KV heads), the math backend's forward and backward 5-9 ms; flash wins again
+# from about 256 tokens (8 × 256: 19 against 33 ms). Passes without gradient (the reference's,
+# a rescoring) take the same kernel, so that policy and reference, sampler log-probs and loss
+# log-probs stay the same arithmetic. fp32 keeps flash (faster at every length measured).
+# Measured on a 2-core Xeon with AMX (docs/performance.md).
+CPU_BF16_MATH_ATTENTION_MAX_LEN = 192
+
+
+def attention_kernels(
+    device: torch.device, input_ids: Any
+) -> contextlib.AbstractContextManager[Any]:
+    """The SDPA backends of a bf16 forward (:data:`CPU_BF16_MATH_ATTENTION_MAX_LEN`): the math
+    backend for a CPU pass over rows of at most that many tokens, else SDPA's own choice.
+    Values agree with flash's to bf16 rounding; only the kernel differs."""
+    short = (
+        isinstance(input_ids, torch.Tensor)
+        and input_ids.shape[-1] <= CPU_BF16_MATH_ATTENTION_MAX_LEN
+    )
+    if device.type == "cpu" and short:
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
 def autocast_forward(model: nn.Module | None, precision: str, device: torch.device) -> None:
     """Make every call of ``model`` run its forward under bf16 autocast (``precision`` bf16;
     fp32 leaves it alone). In place and idempotent. The wrapper is a method bound to the model,
@@ -85,7 +112,8 @@ def autocast_forward(model: nn.Module | None, precision: str, device: torch.devi
 
     @functools.wraps(original)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type, dtype=torch.bfloat16):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        with torch.autocast(device_type, dtype=torch.bfloat16), attention_kernels(device, ids):
             return original(self, *args, **kwargs)
 
     model.forward = MethodType(forward, model)  # type: ignore[method-assign]

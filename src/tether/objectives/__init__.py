@@ -2,6 +2,9 @@
 
 from tether.objectives.common import (
     certainty,
+    chunked_entropy_and_exact_kl,
+    chunked_token_logprobs,
+    entropy_and_exact_kl,
     entropy_from_log_softmax,
     log_softmax_and_token_logprobs,
     masked_mean,
@@ -70,6 +73,8 @@ from tether.objectives.preference import (
 from tether.objectives.rl import RLLossSettings, rl_loss, rl_returns
 
 __all__ = [
+    "chunked_entropy_and_exact_kl",
+    "chunked_token_logprobs",
     "FDPG_BASELINES",
     "F_DIVERGENCES",
     "GRPO_AGGREGATIONS",
@@ -93,6 +98,7 @@ __all__ = [
     "dpo_loss",
     "entropy_from_log_softmax",
     "exact_kl",
+    "entropy_and_exact_kl",
     "exact_kl_from_log_softmax",
     "f_dpg_loss",
     "f_dpg_pseudo_reward",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -57,6 +57,83 @@ def token_logprobs(
     return picked - torch.logsumexp(scaled, dim=-1)
 
 
+# Positions × vocabulary entries that :func:`chunked_token_logprobs` and
+# :func:`chunked_entropy_and_exact_kl` take at once: 2^22 fp32 values are 16 MiB, under glibc's
+# 32 MiB mmap threshold (tether.engine.allocator), so a chunk's temporaries reuse heap memory
+# that the previous chunk freed. A [16, 24, 49152] tensor of SmolLM2 logits is 75 MB in fp32:
+# served by mmap, each one is page-faulted and zeroed afresh.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(rows: int, width: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log π(a|s) from logits [N, V] of any float dtype: forward and backward by row chunks,
+    in fp32, the gradient ∂/∂ℓ = g·(onehot(a) − softmax(ℓ/T))/T returned in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+        dtype = at_least_fp32(logits[:0]).dtype  # fp32, or fp64 for gradient checks
+        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        for rows in _row_chunks(*logits.shape):
+            x = at_least_fp32(logits[rows])
+            lse[rows] = torch.logsumexp(x / temperature if temperature != 1.0 else x, dim=-1)
+        picked = at_least_fp32(logits.gather(1, tokens[:, None]).squeeze(1))
+        picked = picked / temperature if temperature != 1.0 else picked
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature = temperature
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, tokens, lse = ctx.saved_tensors
+        t = ctx.temperature
+        scale = grad.to(lse.dtype) / t
+        out = torch.empty_like(logits)
+        for rows in _row_chunks(*logits.shape):
+            x = at_least_fp32(logits[rows])
+            p = torch.exp((x / t if t != 1.0 else x) - lse[rows, None])
+            p.mul_(-scale[rows, None])
+            p.scatter_add_(1, tokens[rows, None], scale[rows, None])
+            out[rows] = p
+        return out, None, None
+
+
+def chunked_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """:func:`token_logprobs` — log π(a|s) = ℓ(s,a)/T − logsumexp ℓ(s,·)/T, [..., V] → [...]
+    in fp32 — computed a chunk of positions at a time (:data:`CHUNK_ELEMENTS`), with its own
+    backward: no [..., V] fp32 copy, log-softmax or gradient of a gather is kept whole, and the
+    gradient reaches bf16 logits as bf16. For large vocabularies (SmolLM2's 49k), where those
+    tensors were most of the RL loss's time. Equal to :func:`token_logprobs` in value and
+    gradient up to float rounding."""
+    vocab = logits.shape[-1]
+    flat = _ChunkedTokenLogprobs.apply(
+        logits.reshape(-1, vocab), tokens.reshape(-1), float(temperature)
+    )
+    return flat.view(tokens.shape)
+
+
+@torch.no_grad()
+def chunked_entropy_and_exact_kl(
+    logits: Tensor, log_q: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The metrics H(π) and KL(π‖π_ref) per position, π = softmax(ℓ/T) from ``logits``
+    [..., V] and log π_ref = ``log_q``: :func:`entropy_and_exact_kl` a
+    chunk of positions at a time, without gradient."""
+    vocab = logits.shape[-1]
+    flat, flat_q = logits.reshape(-1, vocab), log_q.reshape(-1, vocab)
+    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    kl = torch.empty_like(entropy)
+    for rows in _row_chunks(*flat.shape):
+        x = at_least_fp32(flat[rows])
+        log_p = torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+        entropy[rows], kl[rows] = entropy_and_exact_kl(log_p, flat_q[rows])
+    return entropy.view(logits.shape[:-1]), kl.view(logits.shape[:-1])
+
+
 def log_softmax_and_token_logprobs(
     logits: Tensor, tokens: Tensor, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
@@ -76,6 +153,22 @@ def entropy_from_log_softmax(log_p: Tensor) -> Tensor:
     of probability 0 (logit −inf), in the value and in the gradient."""
     p = log_p.exp()
     return -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(dim=-1)
+
+
+@torch.no_grad()
+def entropy_and_exact_kl(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """The metrics H(π) = −Σ π·log π and KL(π‖π_ref) = Σ π·(log π − log π_ref) per position from
+    log π and log π_ref [..., V], without gradient: the values of
+    :func:`entropy_from_log_softmax` and
+    :func:`tether.objectives.kl.exact_kl_from_log_softmax` from one exp and dot products over the vocabulary, not
+    two exps and a dozen element-wise passes (at a 49k vocabulary they were a third of the RL
+    loss's forward). 0·log 0 = 0: a −inf log-prob is clamped to the least finite float, whose
+    product with π = 0 is 0 (a π > 0 has log π > −104 in fp32, so no other term moves)."""
+    least = torch.finfo(log_p.dtype).min
+    p = log_p.exp()
+    own = torch.linalg.vecdot(p, log_p.clamp_min(least))  # Σ π·log π = −H
+    cross = torch.linalg.vecdot(p, log_q.to(log_p.dtype).clamp_min(least))  # Σ π·log π_ref
+    return -own, own - cross
 
 
 def shifted_token_logprobs(

@@ -35,8 +35,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from tether.objectives.common import entropy_from_log_softmax, masked_mean
-from tether.objectives.kl import KLEstimator, exact_kl_from_log_softmax, kl_penalty
+from tether.objectives.common import entropy_and_exact_kl, entropy_from_log_softmax, masked_mean
+from tether.objectives.kl import (
+    KLEstimator,
+    exact_kl_from_log_softmax,
+    kl_penalty,
+)
 from tether.objectives.policy_gradient import (
     GRPOAggregation,
     RewardScale,
@@ -124,7 +128,7 @@ def _token_rewards(
 
 
 def rl_loss(
-    log_p: Tensor,
+    log_p: Tensor | None,
     logp: Tensor,
     ref_logp: Tensor,
     ref_log_softmax: Tensor,
@@ -139,6 +143,7 @@ def rl_loss(
     token_count: Tensor | None = None,
     baseline: Tensor | None = None,
     advantages: Tensor | None = None,
+    metrics: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The RL stage's loss and the figures it logs (module docstring).
 
@@ -151,7 +156,10 @@ def rl_loss(
     [B]: the task's checker, logged as ``accuracy``. ``token_count``: N of the token means
     (default Σ m). ``baseline``: REINFORCE's b (default: the mean of :func:`rl_returns` over
     this batch's real tokens). ``advantages`` [B]: GRPO's, computed once over the whole
-    rollout (default: :func:`grpo_advantages` of this batch's rewards).
+    rollout (default: :func:`grpo_advantages` of this batch's rewards). ``metrics``: the
+    entropy and exact KL per position [B, T], already computed (the stage's chunked pass over a
+    large vocabulary); then ``log_p`` may be None, unless the loss itself needs it (the exact
+    estimator, an entropy bonus).
 
     Stats: those of the policy-gradient and value losses, ``loss``, ``reward``, ``accuracy``,
     ``kl_penalty`` (mean w·KL), ``kl_sampled`` (mean k1), ``entropy``, ``completion_tokens``,
@@ -159,11 +167,20 @@ def rl_loss(
     weights, their distribution (:func:`kl_weight_stats`).
     """
     s = settings
-    # the exact KL per position: the penalty with the exact estimator, a metric always
-    exact = exact_kl_from_log_softmax(
-        log_p if s.kl_estimator == "exact" else log_p.detach(), ref_log_softmax
-    )
+    # the exact KL per position and the entropy: metrics always (one pass, no gradient), and
+    # with gradient where they are in the loss (the exact estimator, an entropy bonus)
+    if log_p is None and (metrics is None or s.kl_estimator == "exact" or s.entropy_coef > 0):
+        raise ValueError(
+            "rl_loss needs log_p (the full log π) for its metrics, the exact KL or an entropy bonus"
+        )
+    if metrics is not None:
+        entropy_metric, exact = metrics
+    else:
+        assert log_p is not None
+        entropy_metric, exact = entropy_and_exact_kl(log_p, ref_log_softmax)
     if s.kl_estimator == "exact":
+        assert log_p is not None
+        exact = exact_kl_from_log_softmax(log_p, ref_log_softmax)
         penalty = torch.where(mask > 0, exact, torch.zeros_like(exact))
         if kl_weights is not None:
             penalty = penalty * kl_weights
@@ -220,11 +237,11 @@ def rl_loss(
     if s.kl_placement == "loss" and s.algorithm != "grpo":  # grpo: inside its per-token loss
         loss = loss + s.kl_coef * kl_mean
     if s.entropy_coef > 0:
+        assert log_p is not None
         entropy = masked_mean(entropy_from_log_softmax(log_p), mask, token_count)
         loss = loss - s.entropy_coef * entropy
     else:  # a metric only: no backward pass through it
-        with torch.no_grad():
-            entropy = masked_mean(entropy_from_log_softmax(log_p.detach()), mask, token_count)
+        entropy = masked_mean(entropy_metric, mask, token_count)
 
     with torch.no_grad():
         log_ratio = logp - ref_logp  # k1: unbiased KL(π‖π_ref) per token

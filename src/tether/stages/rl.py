@@ -49,7 +49,11 @@ from tether.objectives import (
     rl_loss,
     rl_returns,
 )
-from tether.objectives.common import uncertainty
+from tether.objectives.common import (
+    chunked_entropy_and_exact_kl,
+    chunked_token_logprobs,
+    uncertainty,
+)
 from tether.rewards.functions import CalibratedReward, RewardFunction
 from tether.scoring import grouped_completion_logits
 from tether.stages.base import Stage, micro_parts, sample_health
@@ -94,6 +98,9 @@ class RLStage(Stage[RolloutBatch]):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.epochs_per_batch = cfg.epochs  # ppo, grpo: rl.ppo_epochs (TRL's num_iterations)
+        # the loss reads log π at the sampled tokens only (no exact KL, no entropy bonus): they
+        # and the metrics are computed by chunks of positions, the full log π never kept
+        self.chunked = cfg.kl_estimator != "exact" and cfg.entropy_coef == 0
         # rl.certainty_support task: the certainty over the task's characters and EOS only
         self.certainty_support = (
             task_token_ids(self.task, tokenizer, device)
@@ -234,6 +241,8 @@ class RLStage(Stage[RolloutBatch]):
             )
         # normalised once here: the loss reads the reference's log-probs, never its logits
         ref_log_softmax, ref_logp = log_softmax_and_token_logprobs(ref_logits, completion_ids)
+        if self.chunked:  # the policy's arithmetic: at step 0 log π − log π_ref is exactly 0
+            ref_logp = chunked_token_logprobs(ref_logits, completion_ids)
         rollout = RolloutBatch(
             advantages=self._grpo_advantages(seq_rewards),
             input_ids=input_ids,
@@ -366,15 +375,23 @@ class RLStage(Stage[RolloutBatch]):
             rollout.prompt_len,
             self.cfg.temperature,
             hidden=self.value_head is not None,
+            raw=self.chunked,
         )
         if self.value_head is not None:
             logits, hidden = scored
             values = self.value_head(hidden.float()).squeeze(-1)
         else:
             logits = scored
-        # one fp32 log-softmax over the vocabulary serves log π of the sampled tokens, the
-        # exact KL and the entropy
-        log_p, logp = log_softmax_and_token_logprobs(logits, completion_ids)
+        log_p, metrics = None, None
+        if self.chunked:  # log π of the sampled tokens only; the metrics without gradient
+            logp = chunked_token_logprobs(logits, completion_ids, self.cfg.temperature)
+            metrics = chunked_entropy_and_exact_kl(
+                logits, rollout.ref_log_softmax, self.cfg.temperature
+            )
+        else:
+            # one fp32 log-softmax over the vocabulary serves log π of the sampled tokens, the
+            # exact KL and the entropy
+            log_p, logp = log_softmax_and_token_logprobs(logits, completion_ids)
         share = rollout.share  # a micro-batch: the whole rollout's baseline and token count
         baseline = None if share is None else share.baseline
         if self.settings.algorithm == "reinforce" and share is None:
@@ -394,7 +411,8 @@ class RLStage(Stage[RolloutBatch]):
             rollout.seq_rewards,
             self.settings,
             values=values,
-            old_logp=rollout.old_logp,
+            # one update per collect: the sampling policy is this one (rl.updates_per_collect)
+            old_logp=rollout.old_logp if self.cfg.updates_per_collect > 1 else logp.detach(),
             kl_weights=rollout.kl_weights,
             correct=rollout.correct,
             # across processes N / W, so DDP's gradient average is the global token mean's;
@@ -404,6 +422,7 @@ class RLStage(Stage[RolloutBatch]):
             else share.denominator(),
             baseline=baseline,
             advantages=rollout.advantages,
+            metrics=metrics,
         )
         if rollout.reward_stats:
             stats.update(rollout.reward_stats)
