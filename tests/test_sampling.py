@@ -339,3 +339,34 @@ def test_packed_weights_sample_what_plain_weights_sample(eos_model, tok, monkeyp
     plain = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
     assert torch.equal(packed.completion_ids, plain.completion_ids)
     torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+
+
+def test_the_kv_cache_storage_is_reused_only_by_a_runner_that_follows(eos_model, tok):
+    """A fast runner's KV cache reuses the storage of the previous runner's once that runner
+    is gone and the storage is large enough; while it lives, or when it is too small, a new
+    one; a reused (dirty) storage samples exactly what a fresh one does."""
+    from tether.generation import runners
+
+    shape, bf16, cpu = (2, 3, 4), torch.bfloat16, torch.device("cpu")
+    first = runners.kv_buffer(shape, bf16, cpu)
+    while_alive = runners.kv_buffer(shape, bf16, cpu)
+    assert while_alive.data_ptr() != first.data_ptr()
+    pointer = first.data_ptr()
+    del first, while_alive
+    again = runners.kv_buffer((3, 4), bf16, cpu)  # smaller: a view of the same storage
+    assert again.data_ptr() == pointer and again.shape == (3, 4)
+    del again
+    larger = runners.kv_buffer((5, 6, 7), bf16, cpu)
+    assert larger.numel() == 210 and larger.data_ptr() != pointer
+    del larger
+    sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)  # leaves its cache's storage
+    storage = runners._KV_BUFFER["storage"]
+    with torch.inference_mode():  # sample's mode, in which the storage was made
+        storage.fill_(float("nan"))  # whatever the last run left there
+    reused = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
+    assert runners._KV_BUFFER["storage"] is storage
+    del storage
+    runners._KV_BUFFER.update(storage=None, view=None)
+    fresh = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
+    assert torch.equal(reused.completion_ids, fresh.completion_ids)
+    assert torch.equal(reused.logprobs, fresh.logprobs)
