@@ -293,6 +293,32 @@ def test_chunked_token_logprobs_pass_a_finite_difference_check_chunk_by_chunk(
     )
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_chunked_entropy_is_h_of_the_softmax_with_its_gradient(temperature, monkeypatch):
+    """H(π) per position from the same chunks: entropy_from_log_softmax's value, −inf logits
+    (π = 0) included, and a gradient (alone and with log π's) that passes gradcheck."""
+    import tether.objectives.common as common
+    from tether.objectives import chunked_token_logprobs_and_entropy
+
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 40)
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 4, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 8, (3, 4), generator=g)
+    weights = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    cut = torch.zeros(11, dtype=torch.float64)
+    cut[8:] = float("-inf")
+    logp, h = chunked_token_logprobs_and_entropy(logits + cut, tokens, temperature)
+    log_p = torch.log_softmax((logits + cut) / temperature, -1)
+    torch.testing.assert_close(h, entropy_from_log_softmax(log_p))
+    torch.testing.assert_close(logp, token_logprobs(logits + cut, tokens, temperature))
+    (grad,) = torch.autograd.grad((h * weights).sum(), logits)
+    (plain,) = torch.autograd.grad((entropy_from_log_softmax(log_p) * weights).sum(), logits)
+    torch.testing.assert_close(grad, plain)
+    assert torch.autograd.gradcheck(
+        lambda x: chunked_token_logprobs_and_entropy(x, tokens, temperature), (logits,)
+    )
+
+
 def test_chunked_token_logprobs_hand_bf16_logits_a_bf16_gradient():
     """bf16 logits: fp32 log-probs equal to the plain path's (the upcast is exact), and the
     gradient comes back in bf16, the fp32 gradient rounded once."""
@@ -326,11 +352,15 @@ def test_chunked_metrics_equal_the_one_pass_metrics(monkeypatch):
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "ppo"])
-def test_the_rl_loss_by_chunks_equals_the_full_log_softmax(algorithm, tiny_checkpoint):
-    """Without the exact KL and an entropy bonus the stage scores only the sampled tokens, by
-    chunks (stage.chunked): the loss, its gradient and every logged figure are those of the
-    full log-softmax path."""
+@pytest.mark.parametrize(
+    ("algorithm", "entropy_coef"), [("grpo", 0.0), ("rloo", 0.0), ("ppo", 0.0), ("grpo", 0.05)]
+)
+def test_the_rl_loss_by_chunks_equals_the_full_log_softmax(
+    algorithm, entropy_coef, tiny_checkpoint
+):
+    """Without the exact KL the stage scores only the sampled tokens (and H for an entropy
+    bonus), by chunks (stage.chunked): the loss, its gradient and every logged figure are
+    those of the full log-softmax path."""
     recipe = load_recipe(
         None,
         [
@@ -342,7 +372,7 @@ def test_the_rl_loss_by_chunks_equals_the_full_log_softmax(algorithm, tiny_check
             "rl.max_new_tokens=4",
             "rl.kl_estimator=k3",
             "rl.kl_coef=0.2",
-            "rl.entropy_coef=0",
+            f"rl.entropy_coef={entropy_coef}",
         ],
     )
     torch.manual_seed(0)

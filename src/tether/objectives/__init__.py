@@ -4,6 +4,7 @@ from tether.objectives.common import (
     certainty,
     chunked_entropy_and_exact_kl,
     chunked_token_logprobs,
+    chunked_token_logprobs_and_entropy,
     entropy_and_exact_kl,
     entropy_from_log_softmax,
     log_softmax_and_token_logprobs,
@@ -75,6 +76,7 @@ from tether.objectives.rl import RLLossSettings, rl_loss, rl_returns
 __all__ = [
     "chunked_entropy_and_exact_kl",
     "chunked_token_logprobs",
+    "chunked_token_logprobs_and_entropy",
     "FDPG_BASELINES",
     "F_DIVERGENCES",
     "GRPO_AGGREGATIONS",

@@ -71,35 +71,60 @@ def _row_chunks(rows: int, width: int) -> list[slice]:
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """log π(a|s) from logits [N, V] of any float dtype: forward and backward by row chunks,
-    in fp32, the gradient ∂/∂ℓ = g·(onehot(a) − softmax(ℓ/T))/T returned in the logits' dtype."""
+    """log π(a|s) and, with ``entropy``, H(π) = −Σ π·log π per position, from logits [N, V] of
+    any float dtype, π = softmax(ℓ/T): forward and backward by row chunks, in fp32, the
+    gradient ∂/∂ℓ = [g_a·(onehot(a) − π) − g_H·π·(log π + H)]/T returned in the logits'
+    dtype."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    def forward(
+        ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, entropy: bool
+    ) -> tuple[Tensor, Tensor]:
         dtype = at_least_fp32(logits[:0]).dtype  # fp32, or fp64 for gradient checks
-        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        logp = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        h = torch.zeros(logits.shape[0] if entropy else 0, dtype=dtype, device=logits.device)
         for rows in _row_chunks(*logits.shape):
-            x = at_least_fp32(logits[rows])
-            lse[rows] = torch.logsumexp(x / temperature if temperature != 1.0 else x, dim=-1)
-        picked = at_least_fp32(logits.gather(1, tokens[:, None]).squeeze(1))
-        picked = picked / temperature if temperature != 1.0 else picked
-        ctx.save_for_backward(logits, tokens, lse)
+            # torch's log-softmax, row by row: the very numbers of the whole-tensor log-softmax
+            # that rescoring and the other losses take, so ratios and KLs between them are exact
+            log_p = torch.log_softmax(_scaled(logits[rows], temperature), dim=-1)
+            logp[rows] = log_p.gather(1, tokens[rows, None]).squeeze(1)
+            if entropy:
+                h[rows] = -_dot_with_probs(log_p)
+        ctx.save_for_backward(logits, tokens, h)
         ctx.temperature = temperature
-        return picked - lse
+        return logp, h
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        logits, tokens, lse = ctx.saved_tensors
+    def backward(
+        ctx: Any, grad: Tensor | None, grad_entropy: Tensor | None
+    ) -> tuple[Tensor, None, None, None]:
+        logits, tokens, h = ctx.saved_tensors
         t = ctx.temperature
-        scale = grad.to(lse.dtype) / t
         out = torch.empty_like(logits)
         for rows in _row_chunks(*logits.shape):
-            x = at_least_fp32(logits[rows])
-            p = torch.exp((x / t if t != 1.0 else x) - lse[rows, None])
-            p.mul_(-scale[rows, None])
-            p.scatter_add_(1, tokens[rows, None], scale[rows, None])
-            out[rows] = p
-        return out, None, None
+            log_p = torch.log_softmax(_scaled(logits[rows], t), dim=-1)
+            p = log_p.exp()
+            total = torch.zeros_like(p)
+            if grad is not None:
+                g = grad[rows, None].to(p.dtype)
+                total.sub_(p * g).scatter_add_(1, tokens[rows, None], g)
+            if grad_entropy is not None and h.numel():
+                g = grad_entropy[rows, None].to(p.dtype)
+                finite = log_p.clamp_min(torch.finfo(p.dtype).min)  # π = 0: 0, not NaN
+                total.sub_(p * (finite + h[rows, None]) * g)
+            out[rows] = total / t if t != 1.0 else total
+        return out, None, None, None
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    x = at_least_fp32(logits)
+    return x / temperature if temperature != 1.0 else x
+
+
+def _dot_with_probs(log_p: Tensor) -> Tensor:
+    """Σ π·log π over the last dimension, 0·log 0 = 0 (see :func:`entropy_and_exact_kl`)."""
+    finite = log_p.clamp_min(torch.finfo(log_p.dtype).min)
+    return torch.linalg.vecdot(log_p.exp(), finite)
 
 
 def chunked_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
@@ -109,11 +134,20 @@ def chunked_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 
     gradient reaches bf16 logits as bf16. For large vocabularies (SmolLM2's 49k), where those
     tensors were most of the RL loss's time. Equal to :func:`token_logprobs` in value and
     gradient up to float rounding."""
+    return chunked_token_logprobs_and_entropy(logits, tokens, temperature, entropy=False)[0]
+
+
+def chunked_token_logprobs_and_entropy(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, entropy: bool = True
+) -> tuple[Tensor, Tensor]:
+    """:func:`chunked_token_logprobs` and, differentiable too, the entropy H(π) per position
+    (:func:`entropy_from_log_softmax` of softmax(ℓ/T)), both [...] fp32, from the same chunks:
+    an entropy bonus without the whole log π. ``entropy=False``: an empty second tensor."""
     vocab = logits.shape[-1]
-    flat = _ChunkedTokenLogprobs.apply(
-        logits.reshape(-1, vocab), tokens.reshape(-1), float(temperature)
+    logp, h = _ChunkedTokenLogprobs.apply(
+        logits.reshape(-1, vocab), tokens.reshape(-1), float(temperature), entropy
     )
-    return flat.view(tokens.shape)
+    return logp.view(tokens.shape), (h.view(tokens.shape) if entropy else h)
 
 
 @torch.no_grad()

@@ -144,6 +144,7 @@ def rl_loss(
     baseline: Tensor | None = None,
     advantages: Tensor | None = None,
     metrics: tuple[Tensor, Tensor] | None = None,
+    token_entropy: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The RL stage's loss and the figures it logs (module docstring).
 
@@ -159,7 +160,7 @@ def rl_loss(
     rollout (default: :func:`grpo_advantages` of this batch's rewards). ``metrics``: the
     entropy and exact KL per position [B, T], already computed (the stage's chunked pass over a
     large vocabulary); then ``log_p`` may be None, unless the loss itself needs it (the exact
-    estimator, an entropy bonus).
+    estimator; an entropy bonus, unless ``token_entropy`` [B, T] gives H with its gradient).
 
     Stats: those of the policy-gradient and value losses, ``loss``, ``reward``, ``accuracy``,
     ``kl_penalty`` (mean w·KL), ``kl_sampled`` (mean k1), ``entropy``, ``completion_tokens``,
@@ -169,7 +170,8 @@ def rl_loss(
     s = settings
     # the exact KL per position and the entropy: metrics always (one pass, no gradient), and
     # with gradient where they are in the loss (the exact estimator, an entropy bonus)
-    if log_p is None and (metrics is None or s.kl_estimator == "exact" or s.entropy_coef > 0):
+    bonus_without_h = s.entropy_coef > 0 and token_entropy is None
+    if log_p is None and (metrics is None or s.kl_estimator == "exact" or bonus_without_h):
         raise ValueError(
             "rl_loss needs log_p (the full log π) for its metrics, the exact KL or an entropy bonus"
         )
@@ -237,8 +239,9 @@ def rl_loss(
     if s.kl_placement == "loss" and s.algorithm != "grpo":  # grpo: inside its per-token loss
         loss = loss + s.kl_coef * kl_mean
     if s.entropy_coef > 0:
-        assert log_p is not None
-        entropy = masked_mean(entropy_from_log_softmax(log_p), mask, token_count)
+        h = token_entropy if log_p is None else entropy_from_log_softmax(log_p)
+        assert h is not None
+        entropy = masked_mean(h, mask, token_count)
         loss = loss - s.entropy_coef * entropy
     else:  # a metric only: no backward pass through it
         entropy = masked_mean(entropy_metric, mask, token_count)

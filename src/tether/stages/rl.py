@@ -52,6 +52,7 @@ from tether.objectives import (
 from tether.objectives.common import (
     chunked_entropy_and_exact_kl,
     chunked_token_logprobs,
+    chunked_token_logprobs_and_entropy,
     uncertainty,
 )
 from tether.rewards.functions import CalibratedReward, RewardFunction
@@ -98,9 +99,10 @@ class RLStage(Stage[RolloutBatch]):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.epochs_per_batch = cfg.epochs  # ppo, grpo: rl.ppo_epochs (TRL's num_iterations)
-        # the loss reads log π at the sampled tokens only (no exact KL, no entropy bonus): they
-        # and the metrics are computed by chunks of positions, the full log π never kept
-        self.chunked = cfg.kl_estimator != "exact" and cfg.entropy_coef == 0
+        # the loss reads log π at the sampled tokens (and H for an entropy bonus) only, not the
+        # exact KL: they and the metrics are computed by chunks of positions, the full log π
+        # never kept
+        self.chunked = cfg.kl_estimator != "exact"
         # rl.certainty_support task: the certainty over the task's characters and EOS only
         self.certainty_support = (
             task_token_ids(self.task, tokenizer, device)
@@ -382,9 +384,11 @@ class RLStage(Stage[RolloutBatch]):
             values = self.value_head(hidden.float()).squeeze(-1)
         else:
             logits = scored
-        log_p, metrics = None, None
-        if self.chunked:  # log π of the sampled tokens only; the metrics without gradient
-            logp = chunked_token_logprobs(logits, completion_ids, self.cfg.temperature)
+        log_p, metrics, token_entropy = None, None, None
+        if self.chunked:  # log π of the sampled tokens (and H for a bonus); metrics: no gradient
+            logp, token_entropy = chunked_token_logprobs_and_entropy(
+                logits, completion_ids, self.cfg.temperature, entropy=self.cfg.entropy_coef > 0
+            )
             metrics = chunked_entropy_and_exact_kl(
                 logits, rollout.ref_log_softmax, self.cfg.temperature
             )
@@ -423,6 +427,7 @@ class RLStage(Stage[RolloutBatch]):
             baseline=baseline,
             advantages=rollout.advantages,
             metrics=metrics,
+            token_entropy=token_entropy if self.cfg.entropy_coef > 0 else None,
         )
         if rollout.reward_stats:
             stats.update(rollout.reward_stats)
