@@ -305,11 +305,7 @@ def keeps_logits(model: nn.Module) -> bool:
             inner = inner.module
         else:
             break
-    return _forward_takes(inner.forward, "logits_to_keep")
-
-
-def _forward_takes(forward: Any, name: str) -> bool:
-    return name in inspect.signature(forward).parameters
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from tether.objectives.common import (
     certainty,
     chunked_entropy_and_exact_kl,
+    chunked_logprobs_and_metrics,
     chunked_token_logprobs,
     chunked_token_logprobs_and_entropy,
     entropy_and_exact_kl,
@@ -75,6 +76,7 @@ from tether.objectives.rl import RLLossSettings, rl_loss, rl_returns
 
 __all__ = [
     "chunked_entropy_and_exact_kl",
+    "chunked_logprobs_and_metrics",
     "chunked_token_logprobs",
     "chunked_token_logprobs_and_entropy",
     "FDPG_BASELINES",

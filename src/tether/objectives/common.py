@@ -78,25 +78,30 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, entropy: bool
-    ) -> tuple[Tensor, Tensor]:
+        ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, log_q: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         dtype = at_least_fp32(logits[:0]).dtype  # fp32, or fp64 for gradient checks
         logp = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
-        h = torch.zeros(logits.shape[0] if entropy else 0, dtype=dtype, device=logits.device)
+        h = torch.empty_like(logp)
+        kl = torch.empty(logits.shape[0] if log_q is not None else 0, dtype=dtype, device=h.device)
         for rows in _row_chunks(*logits.shape):
             # torch's log-softmax, row by row: the very numbers of the whole-tensor log-softmax
             # that rescoring and the other losses take, so ratios and KLs between them are exact
             log_p = torch.log_softmax(_scaled(logits[rows], temperature), dim=-1)
             logp[rows] = log_p.gather(1, tokens[rows, None]).squeeze(1)
-            if entropy:
+            if log_q is None:
                 h[rows] = -_dot_with_probs(log_p)
+            else:  # the metrics from the same chunk: one log-softmax for the whole loss
+                h[rows], kl[rows] = entropy_and_exact_kl(log_p, log_q[rows])
         ctx.save_for_backward(logits, tokens, h)
         ctx.temperature = temperature
-        return logp, h
+        ctx.mark_non_differentiable(kl)
+        ctx.set_materialize_grads(False)  # an output the loss does not read: None, no work
+        return logp, h, kl
 
     @staticmethod
     def backward(
-        ctx: Any, grad: Tensor | None, grad_entropy: Tensor | None
+        ctx: Any, grad: Tensor | None, grad_entropy: Tensor | None, _: Any
     ) -> tuple[Tensor, None, None, None]:
         logits, tokens, h = ctx.saved_tensors
         t = ctx.temperature
@@ -108,7 +113,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if grad is not None:
                 g = grad[rows, None].to(p.dtype)
                 total.sub_(p * g).scatter_add_(1, tokens[rows, None], g)
-            if grad_entropy is not None and h.numel():
+            if grad_entropy is not None:
                 g = grad_entropy[rows, None].to(p.dtype)
                 finite = log_p.clamp_min(torch.finfo(p.dtype).min)  # π = 0: 0, not NaN
                 total.sub_(p * (finite + h[rows, None]) * g)
@@ -134,7 +139,7 @@ def chunked_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 
     gradient reaches bf16 logits as bf16. For large vocabularies (SmolLM2's 49k), where those
     tensors were most of the RL loss's time. Equal to :func:`token_logprobs` in value and
     gradient up to float rounding."""
-    return chunked_token_logprobs_and_entropy(logits, tokens, temperature, entropy=False)[0]
+    return chunked_logprobs_and_metrics(logits, tokens, temperature)[0]
 
 
 def chunked_token_logprobs_and_entropy(
@@ -143,11 +148,23 @@ def chunked_token_logprobs_and_entropy(
     """:func:`chunked_token_logprobs` and, differentiable too, the entropy H(π) per position
     (:func:`entropy_from_log_softmax` of softmax(ℓ/T)), both [...] fp32, from the same chunks:
     an entropy bonus without the whole log π. ``entropy=False``: an empty second tensor."""
+    logp, h, _ = chunked_logprobs_and_metrics(logits, tokens, temperature)
+    return logp, (h if entropy else h.new_empty(0))
+
+
+def chunked_logprobs_and_metrics(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, log_q: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log π(a|s) of ``tokens`` and H(π), differentiable, and with ``log_q`` (log π_ref
+    [..., V]) KL(π‖π_ref) without gradient (else empty), all [...] fp32, from one chunked
+    log-softmax of ``logits`` [..., V] / T (:class:`_ChunkedTokenLogprobs`)."""
     vocab = logits.shape[-1]
-    logp, h = _ChunkedTokenLogprobs.apply(
-        logits.reshape(-1, vocab), tokens.reshape(-1), float(temperature), entropy
+    flat_q = None if log_q is None else log_q.reshape(-1, vocab)
+    logp, h, kl = _ChunkedTokenLogprobs.apply(
+        logits.reshape(-1, vocab), tokens.reshape(-1), float(temperature), flat_q
     )
-    return logp.view(tokens.shape), (h.view(tokens.shape) if entropy else h)
+    shape = tokens.shape
+    return logp.view(shape), h.view(shape), (kl if log_q is None else kl.view(shape))
 
 
 @torch.no_grad()
@@ -155,17 +172,11 @@ def chunked_entropy_and_exact_kl(
     logits: Tensor, log_q: Tensor, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """The metrics H(π) and KL(π‖π_ref) per position, π = softmax(ℓ/T) from ``logits``
-    [..., V] and log π_ref = ``log_q``: :func:`entropy_and_exact_kl` a
-    chunk of positions at a time, without gradient."""
-    vocab = logits.shape[-1]
-    flat, flat_q = logits.reshape(-1, vocab), log_q.reshape(-1, vocab)
-    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-    kl = torch.empty_like(entropy)
-    for rows in _row_chunks(*flat.shape):
-        x = at_least_fp32(flat[rows])
-        log_p = torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
-        entropy[rows], kl[rows] = entropy_and_exact_kl(log_p, flat_q[rows])
-    return entropy.view(logits.shape[:-1]), kl.view(logits.shape[:-1])
+    [..., V] and log π_ref = ``log_q``: :func:`entropy_and_exact_kl` a chunk of positions at a
+    time, without gradient."""
+    tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    _, h, kl = chunked_logprobs_and_metrics(logits, tokens, temperature, log_q)
+    return h, kl
 
 
 def log_softmax_and_token_logprobs(

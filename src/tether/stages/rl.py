@@ -49,12 +49,7 @@ from tether.objectives import (
     rl_loss,
     rl_returns,
 )
-from tether.objectives.common import (
-    chunked_entropy_and_exact_kl,
-    chunked_token_logprobs,
-    chunked_token_logprobs_and_entropy,
-    uncertainty,
-)
+from tether.objectives.common import chunked_logprobs_and_metrics, uncertainty
 from tether.rewards.functions import CalibratedReward, RewardFunction
 from tether.scoring import grouped_completion_logits
 from tether.stages.base import Stage, micro_parts, sample_health
@@ -243,8 +238,6 @@ class RLStage(Stage[RolloutBatch]):
             )
         # normalised once here: the loss reads the reference's log-probs, never its logits
         ref_log_softmax, ref_logp = log_softmax_and_token_logprobs(ref_logits, completion_ids)
-        if self.chunked:  # the policy's arithmetic: at step 0 log π − log π_ref is exactly 0
-            ref_logp = chunked_token_logprobs(ref_logits, completion_ids)
         rollout = RolloutBatch(
             advantages=self._grpo_advantages(seq_rewards),
             input_ids=input_ids,
@@ -385,13 +378,11 @@ class RLStage(Stage[RolloutBatch]):
         else:
             logits = scored
         log_p, metrics, token_entropy = None, None, None
-        if self.chunked:  # log π of the sampled tokens (and H for a bonus); metrics: no gradient
-            logp, token_entropy = chunked_token_logprobs_and_entropy(
-                logits, completion_ids, self.cfg.temperature, entropy=self.cfg.entropy_coef > 0
+        if self.chunked:  # log π of the sampled tokens, H (a bonus's) and the exact KL metric
+            logp, token_entropy, kl = chunked_logprobs_and_metrics(
+                logits, completion_ids, self.cfg.temperature, rollout.ref_log_softmax
             )
-            metrics = chunked_entropy_and_exact_kl(
-                logits, rollout.ref_log_softmax, self.cfg.temperature
-            )
+            metrics = (token_entropy.detach(), kl)
         else:
             # one fp32 log-softmax over the vocabulary serves log π of the sampled tokens, the
             # exact KL and the entropy
