@@ -328,6 +328,39 @@ def test_packed_linear_is_the_same_product_for_any_row_count(dtype):
     assert torch.equal(plain(x, b), F.linear(x, w, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gate_up_is_silu_of_the_gate_times_the_up_projection(dtype, bias):
+    """The Llama runner's GateUp: with both halves packed, the activation and the product
+    run as oneDNN post-ops of the two GEMMs; either way it is silu(x Wg^T + bg) * (x Wu^T +
+    bu) for the stacked weight [Wg; Wu], for any row count (fp32 reference)."""
+    from tether.generation import runners
+
+    torch.manual_seed(0)
+    inter, width = 640, 512  # each half large enough to pack
+    w = (torch.randn(2 * inter, width) * 0.05).to(dtype)
+    b = torch.randn(2 * inter).to(dtype) if bias else None
+    gate_up = runners.GateUp(w, b, rows=16)
+    if torch.backends.mkldnn.is_available():
+        assert gate_up.packed is not None  # the fused path is the one tested below
+    w32 = w.float()
+    b32 = (None, None) if b is None else (b[:inter].float(), b[inter:].float())
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    for n in (1, 7, 16, 300):
+        x = torch.randn(n, width).to(dtype)
+        ref = F.silu(F.linear(x.float(), w32[:inter], b32[0])) * F.linear(
+            x.float(), w32[inter:], b32[1]
+        )
+        out = gate_up(x)
+        assert out.dtype == dtype and out.shape == (n, inter)
+        torch.testing.assert_close(out.float(), ref, **tol)
+    small = runners.GateUp(w[:, :64].contiguous(), None, rows=16)  # too small to pack
+    assert small.packed is None
+    x = torch.randn(3, 64).to(dtype)
+    gu = F.linear(x, w[:, :64])
+    assert torch.equal(small(x), F.silu(gu[:, :inter]) * gu[:, inter:])
+
+
 def test_packed_weights_sample_what_plain_weights_sample(eos_model, tok, monkeypatch):
     """Greedy completions with the runner's packed weights are those of plain F.linear, and
     their log-probs agree to fp32 rounding (the packed GEMM sums in another order)."""

@@ -251,10 +251,13 @@ def _pick(
     logits: torch.Tensor, temperature: float, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [n] and their fp32 logprobs [n] from the last-position logits [n, V]."""
-    logits = logits.float()
     if temperature == 0:  # the top logit minus the log-normaliser: no [n, V] log-softmax
-        top, nxt = logits.max(-1)
-        return nxt, top - torch.logsumexp(logits, -1)
+        # on an fp32 copy (a new tensor even for fp32 logits) shifted in place by the top
+        # logit: log p(top) = -log(sum(exp(logits - top)))
+        shifted = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        top, nxt = shifted.max(-1, keepdim=True)
+        return nxt.view(-1), shifted.sub_(top).exp_().sum(-1).log_().neg_()
+    logits = logits.float()
     logp = torch.log_softmax(logits / temperature, -1)
     nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
     return nxt, logp.gather(1, nxt.unsqueeze(1)).squeeze(1)
