@@ -108,8 +108,8 @@ def test_sampler_rows_become_right_padded_and_the_window_finds_the_completion():
 
 
 @pytest.mark.parametrize(
-    ("hidden", "window"), [(False, True), (False, False), (True, False)],
-    ids=["window-head", "whole-head", "hidden"],
+    ("hidden", "window"), [(False, True), (False, False), (True, True), (True, False)],
+    ids=["window-head", "whole-head", "hidden-window-head", "hidden-whole-head"],
 )  # fmt: skip
 def test_grouped_completion_logits_equal_the_masked_pass(
     tiny_checkpoint, hidden, window, monkeypatch
@@ -124,7 +124,7 @@ def test_grouped_completion_logits_equal_the_masked_pass(
     monkeypatch.setattr(
         tether.scoring,
         "completion_window_logits",
-        lambda *a: calls.append(1) or real_window(*a),
+        lambda *a, **k: calls.append(1) or real_window(*a, **k),
     )
     if not window:
         monkeypatch.setattr(tether.scoring, "keeps_logits", lambda model: False)

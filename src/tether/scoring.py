@@ -147,13 +147,13 @@ def by_length_groups(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
-    run_group: Callable[[Tensor | None, Tensor], Tensor],
+    run_group: Callable[[Tensor | None, Tensor], Any],
     pass_cost: int | None = None,
-) -> Tensor:
+) -> Any:
     """The rows of a right-padded batch in length groups (:func:`length_buckets`; one group
     under a wrapper that allows one pass per backward): ``run_group(index, ids)`` gets a group's
     row indices (None: every row, in order) and its ids trimmed to its longest row, and returns
-    one value per row ([n, ...]); the values come back in row order."""
+    one value per row ([n, ...]) or a tuple of such values; they come back in row order."""
     lengths = attention_mask.sum(dim=1).tolist()
     batch = input_ids.shape[0]
     groups = (
@@ -170,6 +170,9 @@ def by_length_groups(
         rows.append(index)
     inverse = torch.empty(batch, dtype=torch.long, device=input_ids.device)
     inverse[torch.cat(rows)] = torch.arange(batch, device=input_ids.device)
+    if isinstance(parts[0], tuple):  # several values per row: each in row order
+        columns = zip(*parts, strict=True)
+        return tuple(torch.cat(values).index_select(0, inverse) for values in columns)
     return torch.cat(parts).index_select(0, inverse)
 
 
@@ -240,13 +243,14 @@ def grouped_completion_logits(
     (their head, casts, gathers and backward) were the biggest part of a scoring pass."""
     ids, mask, starts = left_to_right_padded(input_ids, attention_mask, prompt_len)
     length = input_ids.shape[1] - prompt_len
-    if not hidden and keeps_logits(model) and right_padded(mask):
+    if keeps_logits(model) and right_padded(mask):
         check_positions(model, ids.shape[1])
-        logits = completion_window_logits(model, ids, mask, starts, length)
-        if raw:
-            return logits
-        logits = logits.float()
-        return logits / temperature if temperature != 1.0 else logits
+        out = completion_window_logits(model, ids, mask, starts, length, hidden=hidden)
+        logits, states = out if hidden else (out, None)
+        if not raw:
+            logits = logits.float()
+            logits = logits / temperature if temperature != 1.0 else logits
+        return (logits, states) if hidden else logits
     forward, vocab = None, None
     if hidden:
 
@@ -265,26 +269,38 @@ def grouped_completion_logits(
 
 
 def completion_window_logits(
-    model: nn.Module, ids: Tensor, mask: Tensor, starts: Tensor, length: int
-) -> Tensor:
+    model: nn.Module, ids: Tensor, mask: Tensor, starts: Tensor, length: int, hidden: bool = False
+) -> Any:
     """The model's logits at the positions that predict each completion token of right-padded
     rows (completions beginning at ``starts``), [B, length, V] in the model's dtype, 0 past
     each row's end: :func:`completion_window` of :func:`bucketed`'s logits, with the LM head
-    run only on the positions from the group's earliest window on (``logits_to_keep``)."""
+    run only on the positions from the group's earliest window on (``logits_to_keep``). With
+    ``hidden``, (logits, the last hidden states at the same positions [B, length, C] in
+    fp32)."""
     row_lengths = mask.sum(dim=1)
     steps = torch.arange(length, device=ids.device)
 
-    def window(index: Tensor | None, group_ids: Tensor) -> Tensor:
+    def window(index: Tensor | None, group_ids: Tensor) -> Any:
         first = starts if index is None else starts.index_select(0, index)
         ends = row_lengths if index is None else row_lengths.index_select(0, index)
         low = int(first.min()) - 1  # the group's first position that predicts a completion token
         keep = group_ids.shape[1] - low
-        logits = model(input_ids=group_ids, use_cache=False, logits_to_keep=keep).logits
+        out = model(
+            input_ids=group_ids, use_cache=False, logits_to_keep=keep, output_hidden_states=hidden
+        )
         positions = first[:, None] - 1 + steps  # [n, length], in the row
-        index_in = (positions - low).clamp(max=keep - 1)
-        picked = logits.gather(1, index_in[..., None].expand(-1, -1, logits.shape[-1]))
+        index_in = (positions - low).clamp(max=keep - 1)[..., None]
         real = (positions < ends[:, None])[..., None]
-        return torch.where(real, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+
+        def pick(values: Tensor) -> Tensor:  # [n, keep, ...] -> [n, length, ...], 0 past ends
+            picked = values.gather(1, index_in.expand(-1, -1, values.shape[-1]))
+            zero = torch.zeros((), dtype=picked.dtype, device=picked.device)
+            return torch.where(real, picked, zero)
+
+        logits = pick(out.logits)
+        if not hidden:
+            return logits
+        return logits, pick(out.hidden_states[-1][:, low:].float())
 
     return by_length_groups(model, ids, mask, window)
 
