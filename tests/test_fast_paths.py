@@ -173,6 +173,52 @@ def test_the_lm_head_runs_on_the_completion_windows_only(tiny_checkpoint, monkey
     assert sorted(seen) == [10, 10]
 
 
+@pytest.mark.parametrize("window", [True, False], ids=["window-head", "whole-head"])
+def test_loss_token_logprobs_equal_the_shifted_log_probs_at_the_loss_positions(
+    tiny_checkpoint, window, monkeypatch
+):
+    """MLE's and DPO's log-probs: at every loss position the values and gradients of one
+    masked pass's shifted log-probs; the LM head runs from each length group's earliest loss
+    position on (two rows of 12 with loss from columns 4 and 6: 9 positions, not 12)."""
+    import tether.scoring
+    from tether.objectives import shifted_token_logprobs
+    from tether.scoring import loss_token_logprobs
+
+    monkeypatch.setattr(tether.scoring, "PASS_COST_POSITIONS", 1)  # a group per length
+    if not window:
+        monkeypatch.setattr(tether.scoring, "keeps_logits", lambda model: False)
+    model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    g = torch.Generator().manual_seed(2)
+    lengths, starts, L = [12, 9, 12, 7], [4, 3, 6, 5], 12  # right-padded rows, loss from start
+    ids = torch.zeros(4, L, dtype=torch.long)
+    mask = torch.zeros(4, L, dtype=torch.long)
+    loss_mask = torch.zeros(4, L, dtype=torch.long)
+    for i, (n, s) in enumerate(zip(lengths, starts, strict=True)):
+        ids[i, :n] = torch.randint(3, 90, (n,), generator=g)
+        mask[i, :n] = 1
+        loss_mask[i, s:n] = 1
+    params = list(model.parameters())
+    plain = shifted_token_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
+    seen.clear()
+    got = loss_token_logprobs(model, ids, mask, loss_mask)
+    real = loss_mask.bool()
+    assert got.shape == (4, L)
+    torch.testing.assert_close(got[real], plain[real], atol=2e-5, rtol=1e-5)
+    assert bool((got[~mask.bool()] == 0).all())  # padding stays 0
+    if window:  # groups: rows 0 and 2 (length 12, loss from 4 and 6), row 1 (9), row 3 (7)
+        assert sorted(seen) == sorted([12 - 3, 9 - 2, 7 - 4])
+    else:
+        assert sorted(seen) == sorted([12, 9, 7])
+    _assert_close_all(
+        _grads((got * real).sum(), params),
+        _grads((plain * real).sum(), params),
+        atol=2e-5,
+        rtol=1e-4,
+    )
+
+
 def test_keeps_logits_looks_through_the_wrappers(tiny_checkpoint):
     from peft import LoraConfig, get_peft_model
 

@@ -36,7 +36,10 @@ def rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_iqlearn_at_lambda_zero_is_mle_bit_for_bit(tmp_path):
+def test_iqlearn_at_lambda_zero_is_mle(tmp_path):
+    """The same losses, bit for bit, and the same weights to float rounding: the MLE step runs
+    its LM head from the completions on (tether.scoring.loss_token_logprobs), IQLearn's on
+    every position, so their gradients are summed in another order."""
     train(load_recipe(None, TINY), tmp_path / "mle", progress=False)
     iq = load_recipe(None, [*TINY, "train.stage=iqlearn", "imitation.lam=0"])
     train(iq, tmp_path / "iq", progress=False)
@@ -45,7 +48,8 @@ def test_iqlearn_at_lambda_zero_is_mle_bit_for_bit(tmp_path):
     assert mle_loss == iq_loss
     a = load_file(tmp_path / "mle" / "model" / "model.safetensors")
     b = load_file(tmp_path / "iq" / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
     # and with λ > 0 the run differs and logs the TD figures
     iq = load_recipe(None, [*TINY, "train.stage=iqlearn", "imitation.lam=0.5"])
     train(iq, tmp_path / "iq5", progress=False)

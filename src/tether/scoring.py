@@ -34,10 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tether.generation.sampler import SampleOutput, vocab_bias
-from tether.objectives.common import log_softmax_and_token_logprobs
+from tether.objectives.common import (
+    log_softmax_and_token_logprobs,
+    shifted_token_logprobs,
+    token_logprobs,
+)
 
 # One more forward and backward pass costs about as much as this many padded positions on the
 # demo model (Python and op dispatch of a 4-layer pass, ~10-20 ms, against ~50-90 µs a
@@ -141,6 +146,34 @@ def bucketed(
     return _real_only(
         by_length_groups(model, input_ids, attention_mask, group, pass_cost), attention_mask
     )
+
+
+def loss_token_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
+) -> Tensor:
+    """:func:`bucketed`'s ``shifted_token_logprobs`` of every row at its loss positions ([B, L]
+    fp32, aligned with ``input_ids``; 0 at padding), for losses that read only the positions
+    ``loss_mask`` marks (MLE on completions, DPO's sequence log-ratios). A model that takes
+    ``logits_to_keep`` runs its LM head only from each length group's earliest loss position
+    on, and the other columns before it are 0: on a chat model the prompt, template included,
+    is much of each row, and the head over a 49k vocabulary and the log-softmax over its
+    output are a large part of the step. Other models: :func:`bucketed`, every position."""
+    if not keeps_logits(model) or not right_padded(attention_mask):
+        return bucketed(model, input_ids, attention_mask, shifted_token_logprobs)
+    check_positions(model, input_ids.shape[1])
+    width = input_ids.shape[1]
+    # each row's first loss position (0 for a row without one: the whole row is scored)
+    first = loss_mask.ne(0).to(torch.int64).argmax(dim=1)
+
+    def group(index: Tensor | None, ids: Tensor) -> Tensor:
+        firsts = first if index is None else first.index_select(0, index)
+        start = max(int(firsts.min()) - 1, 0)  # its logits predict the token at start + 1
+        keep = ids.shape[1] - start
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+        values = token_logprobs(logits[:, :-1], ids[:, start + 1 :])  # tokens start+1 ...
+        return F.pad(values, (start + 1, width - ids.shape[1]))
+
+    return _real_only(by_length_groups(model, input_ids, attention_mask, group), attention_mask)
 
 
 def by_length_groups(

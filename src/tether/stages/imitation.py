@@ -29,9 +29,8 @@ from tether.objectives import (
     lambda_schedule,
     mle_entropy_loss,
     mle_loss,
-    shifted_token_logprobs,
 )
-from tether.scoring import bucketed
+from tether.scoring import bucketed, loss_token_logprobs
 from tether.stages.base import Stage, micro_parts
 
 
@@ -207,8 +206,9 @@ class ImitationStage(Stage[DemonstrationBatch]):
             logits = bucketed(model, ids, attention)
             eps = self.cfg.label_smoothing
             return label_smoothed_mle_loss(logits, ids, mask, eps, completion_tokens)
-        # plain MLE: log-probs group by group, no [B, L, V] copy
-        logprobs = bucketed(model, ids, attention, shifted_token_logprobs)
+        # plain MLE: log-probs group by group, no [B, L, V] copy, the LM head from the
+        # completions on (tether.scoring.loss_token_logprobs)
+        logprobs = loss_token_logprobs(model, ids, attention, mask)
         return mle_loss(logprobs, mask, completion_tokens)
 
     def _soft_q_token_counts(self, batch: DemonstrationBatch) -> tuple[Tensor, Tensor | None]:

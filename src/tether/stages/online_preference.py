@@ -47,11 +47,10 @@ from tether.objectives import (
     preference_pairs,
     sequence_logprobs,
     sequence_logratios,
-    shifted_token_logprobs,
     xpo_loss,
 )
 from tether.rewards.functions import RewardFunction
-from tether.scoring import bucketed
+from tether.scoring import loss_token_logprobs
 from tether.stages.base import Stage, micro_parts, sample_health
 
 
@@ -119,8 +118,8 @@ class OnlinePreferenceStage(Stage[OnlinePairBatch]):
         rows = collate_token_rows(prompt_a + prompt_b, comp_a + comp_b, pad_id(self.tokenizer))
         tokens = rows.to(self.device)
         # rows in length groups, without a mask (tether.scoring), as the loss scores them
-        ref_logp = bucketed(
-            self.reference, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs
+        ref_logp = loss_token_logprobs(
+            self.reference, tokens.input_ids, tokens.attention_mask, tokens.loss_mask
         )
         correct = torch.tensor(
             [self.task.is_correct(p, t) for p, t in zip(problems, ours.texts, strict=True)],
@@ -152,8 +151,8 @@ class OnlinePreferenceStage(Stage[OnlinePairBatch]):
 
     def loss(self, model: nn.Module, batch: OnlinePairBatch) -> tuple[Tensor, dict[str, float]]:
         tokens, b = batch.tokens, batch.tokens.input_ids.shape[0] // 2
-        logp = bucketed(model, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs)
         mask = tokens.loss_mask
+        logp = loss_token_logprobs(model, tokens.input_ids, tokens.attention_mask, mask)
         h = sequence_logratios(logp, batch.ref_logp, mask, average=self.cfg.length_normalize)
         chosen, rejected = PreferencePairs(batch.policy_is_chosen, batch.tie).order(h[:b], h[b:])
         # log π_θ(ỹ|x) of the second responses ỹ ∼ π_ref: XPO's exploration bonus

@@ -59,7 +59,7 @@ from tether.objectives import (
     shifted_token_logprobs,
 )
 from tether.rewards.reward_model import last_token_scores, save_reward_head
-from tether.scoring import bucketed
+from tether.scoring import loss_token_logprobs
 from tether.stages.base import Stage, micro_parts
 
 
@@ -147,9 +147,9 @@ class DPOStage(_PairStream):
     @torch.no_grad()
     def next_batch(self) -> OfflinePairBatch:
         tokens = self.draw_pairs()
-        ref_logp = bucketed(
-            self.reference, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs
-        )  # once per batch, rows in length groups (tether.scoring)
+        ref_logp = loss_token_logprobs(
+            self.reference, tokens.input_ids, tokens.attention_mask, tokens.loss_mask
+        )  # once per batch, rows in length groups, the head on the responses (tether.scoring)
         return OfflinePairBatch(tokens, ref_logp)
 
     def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:
@@ -167,8 +167,8 @@ class DPOStage(_PairStream):
     def loss(self, model: nn.Module, batch: OfflinePairBatch) -> tuple[Tensor, dict[str, float]]:
         assert batch.ref_logp is not None
         tokens, b = batch.tokens, batch.pairs
-        logp = bucketed(model, tokens.input_ids, tokens.attention_mask, shifted_token_logprobs)
         mask = tokens.loss_mask
+        logp = loss_token_logprobs(model, tokens.input_ids, tokens.attention_mask, mask)
         h = sequence_logratios(logp, batch.ref_logp, mask, average=self.cfg.length_normalize)
         loss, stats = preference_loss(
             h[:b], h[b:], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing
