@@ -27,6 +27,14 @@ def test_each_model_gets_the_task_that_suits_it(tmp_path, tiny_checkpoint):
     assert "task.name=addition" in shipped.task and "task.name=multistep-prefs" in shipped.dpo_task
     chat = bench_target(str(save_tiny_llama(tmp_path / "chat")))  # a BPE tokenizer + template
     assert (chat.kind, chat.default_lora, chat.default_max_new_tokens) == ("chat", 8, 24)
+    # a job's unset batch size is the model's: 64 rows on addition, 16 on a chat model
+    from tether.bench.steps import StepsJob
+
+    assert StepsJob().resolved().rows == shipped.default_batch_size == 64
+    assert StepsJob(model=chat.init).resolved().rows == chat.default_batch_size == 16
+    assert StepsJob(model=chat.init, batch_size=6).resolved().rows == 6
+    with pytest.raises(ValueError, match="resolved"):
+        _ = StepsJob().rows
     assert "task.name=word-problems" in chat.task
     assert "task.name=word-problems-prefs" in chat.dpo_task
     plain = bench_target(str(tiny_checkpoint))  # a char tokenizer, no template, no tether.json

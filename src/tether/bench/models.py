@@ -36,6 +36,9 @@ ALIASES = {"smollm2": SMOLLM2}
 # the RL job's completion length when --max-new-tokens is not given: addition-n3's 4-digit
 # scratchpads fit in 300; a bare number from SmolLM2 takes 1-3 tokens (the issue's 24)
 DEFAULT_MAX_NEW_TOKENS: dict[BenchKind, int] = {"addition": 300, "chat": 24}
+# rows per step when none is asked for: a 135M chat model's SFT step at 64 rows in fp32 ran
+# the development machine (24 GiB) out of memory on TRL's side
+DEFAULT_BATCH_SIZE: dict[BenchKind, int] = {"addition": 64, "chat": 16}
 CHAT_LORA_RANK = 8  # rl-smollm2 and dpo-smollm2's adapters
 
 
@@ -70,6 +73,10 @@ class BenchTarget:
     @property
     def default_max_new_tokens(self) -> int:
         return DEFAULT_MAX_NEW_TOKENS[self.kind]
+
+    @property
+    def default_batch_size(self) -> int:
+        return DEFAULT_BATCH_SIZE[self.kind]
 
 
 def bench_target(name: str) -> BenchTarget:

@@ -86,7 +86,8 @@ class StepsJob:
     """The settings every stage's job shares."""
 
     model: str = "addition-n3"  # the policy (and the reference: RL, DPO): bench.models
-    batch_size: int = 64  # rows per step: sequences (MLE, IQLearn), completions (RL), pairs (DPO)
+    # rows per step: sequences (MLE, IQLearn), completions (RL), pairs (DPO); None: the model's
+    batch_size: int | None = None
     group: int = 4  # RL: completions per prompt (batch_size / group prompts per step)
     max_new_tokens: int | None = None  # RL: completion length limit (None: the model's default)
     steps: int = 3  # timed steps, after one warm-up step
@@ -97,12 +98,20 @@ class StepsJob:
     precision: str = "fp32"  # train.precision: bf16 runs the forward passes under autocast
     lora: int | None = None  # LoRA rank (0: every weight trains; None: the model's default)
 
+    @property
+    def rows(self) -> int:
+        """The batch size of a resolved job (:meth:`resolved`)."""
+        if self.batch_size is None:
+            raise ValueError("the job's batch size is not resolved: call resolved() first")
+        return self.batch_size
+
     def resolved(self) -> StepsJob:
-        """The job with the model's defaults filled in (completion length, LoRA rank); a
-        ModelLoadError (one line) when ``model`` names no model."""
+        """The job with the model's defaults filled in (batch size, completion length, LoRA
+        rank); a ModelLoadError (one line) when ``model`` names no model."""
         target = bench_target(self.model)
         return dataclasses.replace(
             self,
+            batch_size=self.batch_size or target.default_batch_size,
             max_new_tokens=self.max_new_tokens or target.default_max_new_tokens,
             lora=target.default_lora if self.lora is None else self.lora,
         )
@@ -125,15 +134,15 @@ def stage_recipe(stage: str, job: StepsJob) -> Recipe:
     common += [f"train.precision={job.precision}", f"train.compile={job.compile}"]
     common += lora_overrides(job.lora)
     if stage in ("mle", "iqlearn"):
-        extra = [*target.task, f"train.stage={stage}", f"train.batch_size={job.batch_size}"]
+        extra = [*target.task, f"train.stage={stage}", f"train.batch_size={job.rows}"]
     elif stage == "rl":
-        if job.batch_size % job.group:
-            raise ValueError(f"batch size {job.batch_size} is not a multiple of group {job.group}")
+        if job.rows % job.group:
+            raise ValueError(f"batch size {job.rows} is not a multiple of group {job.group}")
         extra = target.task + rl_overrides(
-            job.batch_size // job.group, job.group, job.max_new_tokens, temperature=1.0
+            job.rows // job.group, job.group, job.max_new_tokens, temperature=1.0
         )
     elif stage == "dpo":
-        extra = ["train.stage=dpo", *target.dpo_task, f"train.batch_size={job.batch_size}"]
+        extra = ["train.stage=dpo", *target.dpo_task, f"train.batch_size={job.rows}"]
     else:
         raise ValueError(f"unknown stage {stage!r}: choose from {', '.join(BENCHED_STAGES)}")
     return load_recipe("critical-tokens", [*common, *extra])
@@ -405,7 +414,7 @@ def _problems(stage: str, job: StepsJob) -> tuple[Any, list[Any]]:
     task = task_from_config(recipe.task, recipe.seed)
     rng = random.Random(recipe.seed)  # the stage's own stream
     steps = job.steps + warmup_steps(job)
-    problems = [task.pretrain_problem(rng) for _ in range(job.batch_size * steps)]
+    problems = [task.pretrain_problem(rng) for _ in range(job.rows * steps)]
     return tokenizer, [(task.model_input(tokenizer, p), p) for p in problems]
 
 
@@ -424,7 +433,7 @@ def _run_trl_job(
     data.update({name: [get(x) for _, x in problems] for name, get in columns.items()})
     config = getattr(trl, f"{kind}Config")(
         **trl_args(job, warmup_steps(job)),
-        per_device_train_batch_size=job.batch_size,
+        per_device_train_batch_size=job.rows,
         max_length=None,
         torch_compile=job.compile,
         **extra,
@@ -461,7 +470,7 @@ def trl_dpo(job: StepsJob) -> dict[str, Any]:
 
 def _trl_round(name: str, job: StepsJob, prompts: int) -> dict[str, Any]:
     """One round of one job: tether's side, then TRL's, and their ratios."""
-    examples = job.batch_size  # per step: sequences (SFT), pairs (DPO)
+    examples = job.rows  # per step: sequences (SFT), pairs (DPO)
     if name == "sft":
         ours, theirs = _tether_side("mle", job), trl_sft(job)
     elif name == "dpo":

@@ -106,7 +106,12 @@ Width = Annotated[
 ]
 Layers = Annotated[int, typer.Option(min=1, help="with --width: its layers")]
 StepsBatch = Annotated[
-    int, typer.Option(min=2, help="sequences per step (RL: completions; DPO: pairs)")
+    int | None,
+    typer.Option(
+        min=2,
+        help="sequences per step (RL: completions; DPO: pairs; default: 64 on addition, 16 on "
+        "a chat model)",
+    ),
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 Isolate = Annotated[
@@ -161,7 +166,7 @@ def bench_steps_command(
     model: BenchModel = "addition-n3",
     width: Width = None,
     layers: Layers = 4,
-    batch_size: StepsBatch = 64,
+    batch_size: StepsBatch = None,
     group: BenchGroup = 4,
     max_new_tokens: BenchMaxNew = None,
     steps: BenchSteps = 3,
@@ -218,7 +223,12 @@ def bench_trl_command(
         list[str] | None, typer.Option(help="sft, rl or dpo; repeat it (default all three)")
     ] = None,
     model: BenchModel = "addition-n3",
-    batch_size: Annotated[int, typer.Option(min=2, help="SFT: sequences, DPO: pairs")] = 64,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=2, help="SFT: sequences, DPO: pairs (default: 64 on addition, 16 on a chat model)"
+        ),
+    ] = None,
     prompts: Annotated[int, typer.Option(min=1, help="RL: prompts per step")] = 8,
     group: BenchGroup = 4,
     max_new_tokens: BenchMaxNew = None,
