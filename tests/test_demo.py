@@ -187,7 +187,24 @@ def test_paired_differences_by_hand(tmp_path):
     )
 
 
-def test_full_runs_the_comparison_then_the_sweep_reusing_its_runs(tmp_path):
+def test_paired_figures_are_named_for_the_runs_task(tmp_path):
+    """Addition's figures are named by digit counts; another task's (a chat model's word
+    problems) by what they are, from the base arm's config.yaml."""
+    from tether.studies.demo import paired_differences, paired_table
+
+    std = [_fake_run(tmp_path / f"s{i}", a, 1.0) for i, a in enumerate([0.50, 0.60])]
+    pri = [_fake_run(tmp_path / f"p{i}", a, 1.0) for i, a in enumerate([0.55, 0.70])]
+    for run in std:
+        (run / "config.yaml").write_text("task:\n  name: word-problems\n")
+    table = paired_table(paired_differences({"standard KL": std, "prioritised KL": pri}))
+    assert "accuracy on the RL problems, prioritised KL − standard KL: +7.5 points" in table
+    assert "| seed | accuracy on the RL problems: standard KL |" in table
+    assert "N+1" not in table
+    for run in std:
+        (run / "config.yaml").write_text("task:\n  name: addition\n")
+    table = paired_table(paired_differences({"standard KL": std, "prioritised KL": pri}))
+    assert "N+1 accuracy, prioritised KL − standard KL: +7.5 points" in table
+
     """--full: the two arms, then the β_c sweep over the same seeds, whose standard and
     β_c = 150 runs are the comparison's own (trained once: one folder each)."""
     out = tmp_path / "full"

@@ -15,6 +15,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tether.config import Recipe, RecipeError, load_recipe
 from tether.engine.process import prepare_process
 from tether.engine.setup import usable_cores
@@ -271,8 +273,20 @@ def _interval(key: str, values: list[float]) -> tuple[float, float, float]:
 # ----------------------------------------------------------------------------- paired by seed
 
 # the figures compared arm against arm, seed by seed: N+1 accuracy (what RL trains for) and
-# 1..N accuracy (what the KL should retain)
+# 1..N accuracy (what the KL should retain); on another task only the first, named as such
 PAIRED_KEYS = {"eval/acc_rl": "N+1 accuracy", "eval/acc_pretrain": "1..N accuracy"}
+OTHER_TASK_NAMES = {"eval/acc_rl": "accuracy on the RL problems"}
+
+
+def figure_names(run: Path) -> dict[str, str]:
+    """The names of :data:`PAIRED_KEYS` for a run's task (its ``config.yaml``): the digit
+    counts on addition (and where the run has no readable config), else plain names."""
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        task = str(config.get("task", {}).get("name", "addition"))
+    except (OSError, yaml.YAMLError, AttributeError):
+        task = "addition"
+    return dict(PAIRED_KEYS) if task == "addition" else {**PAIRED_KEYS, **OTHER_TASK_NAMES}
 
 
 def final_values(run: Path, keys: Any) -> dict[str, float]:
@@ -309,6 +323,7 @@ def paired_differences(
             before, after = [b for b, _ in both], [a for _, a in both]
             mean, low, high = paired_difference_ci(before, after)
             per_key[key] = {
+                "name": figure_names(groups[base][0])[key],
                 "base": before,
                 "arm": after,
                 "differences": [a - b for b, a in both],
@@ -336,7 +351,7 @@ def paired_table(paired: dict[str, Any]) -> str:
         header = "| seed |"
         rule = "|---|"
         for key in keys:
-            name = PAIRED_KEYS[key]
+            name = figures[key].get("name", PAIRED_KEYS[key])
             header += f" {name}: {base} | {arm} | difference |"
             rule += "---|---|---|"
         lines += [header, rule]
@@ -371,9 +386,10 @@ def paired_sentence(arm: str, base: str, key: str, f: dict[str, Any]) -> str:
     """One line: the mean difference in points, its interval and half-width, and whether the
     interval resolves the sign."""
     half = 100 * (f["ci_high"] - f["ci_low"]) / 2
+    name = f.get("name", PAIRED_KEYS[key])
     if f["seeds"] < 2:
         return (
-            f"- {PAIRED_KEYS[key]}, {arm} − {base}: {100 * f['mean']:+.1f} points, 95% CI: none "
+            f"- {name}, {arm} − {base}: {100 * f['mean']:+.1f} points, 95% CI: none "
             "from one seed (an interval needs 2 or more); not resolved."
         )
     if max(f["differences"]) - min(f["differences"]) < 1e-12:  # no spread: no width
@@ -386,7 +402,7 @@ def paired_sentence(arm: str, base: str, key: str, f: dict[str, Any]) -> str:
     else:
         verdict = "not resolved: the interval contains 0"
     return (
-        f"- {PAIRED_KEYS[key]}, {arm} − {base}: {100 * f['mean']:+.1f} points, 95% CI "
+        f"- {name}, {arm} − {base}: {100 * f['mean']:+.1f} points, 95% CI "
         f"[{100 * f['ci_low']:+.1f}, {100 * f['ci_high']:+.1f}] (half-width {half:.1f}) over "
         f"{f['seeds']} seeds; {verdict}."
     )
