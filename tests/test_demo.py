@@ -205,6 +205,8 @@ def test_paired_figures_are_named_for_the_runs_task(tmp_path):
     table = paired_table(paired_differences({"standard KL": std, "prioritised KL": pri}))
     assert "N+1 accuracy, prioritised KL − standard KL: +7.5 points" in table
 
+
+def test_full_runs_the_comparison_then_the_sweep_reusing_its_runs(tmp_path):
     """--full: the two arms, then the β_c sweep over the same seeds, whose standard and
     β_c = 150 runs are the comparison's own (trained once: one folder each)."""
     out = tmp_path / "full"
