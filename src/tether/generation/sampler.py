@@ -254,7 +254,7 @@ def _pick(
     if temperature == 0:  # the top logit minus the log-normaliser: no [n, V] log-softmax
         # on an fp32 copy (a new tensor even for fp32 logits) shifted in place by the top
         # logit: log p(top) = -log(sum(exp(logits - top)))
-        shifted = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        shifted = logits.to(torch.float32, copy=True)
         top, nxt = shifted.max(-1, keepdim=True)
         return nxt.view(-1), shifted.sub_(top).exp_().sum(-1).log_().neg_()
     logits = logits.float()

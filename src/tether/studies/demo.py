@@ -15,8 +15,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tether.config import Recipe, RecipeError, load_recipe
 from tether.engine.process import prepare_process
 from tether.engine.setup import usable_cores
@@ -279,12 +277,12 @@ OTHER_TASK_NAMES = {"eval/acc_rl": "accuracy on the RL problems"}
 
 
 def figure_names(run: Path) -> dict[str, str]:
-    """The names of :data:`PAIRED_KEYS` for a run's task (its ``config.yaml``): the digit
-    counts on addition (and where the run has no readable config), else plain names."""
+    """The names of :data:`PAIRED_KEYS` for a run's task (the recipe in its ``config.yaml``):
+    the digit counts on addition (and where the run has no readable recipe), else plain
+    names."""
     try:
-        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        task = str(config.get("task", {}).get("name", "addition"))
-    except (OSError, yaml.YAMLError, AttributeError):
+        task = load_recipe(run / "config.yaml").task.name
+    except RecipeError:
         task = "addition"
     return dict(PAIRED_KEYS) if task == "addition" else {**PAIRED_KEYS, **OTHER_TASK_NAMES}
 
@@ -311,6 +309,7 @@ def paired_differences(
     finals_of = {arm: [final_values(r, PAIRED_KEYS) for r in runs] for arm, runs in groups.items()}
     out: dict[str, Any] = {}
     for base, arm in pairs if pairs is not None else [(arms[0], a) for a in arms[1:]]:
+        names = figure_names(groups[base][0])
         per_key: dict[str, Any] = {}
         for key in PAIRED_KEYS:
             both = [
@@ -323,7 +322,7 @@ def paired_differences(
             before, after = [b for b, _ in both], [a for _, a in both]
             mean, low, high = paired_difference_ci(before, after)
             per_key[key] = {
-                "name": figure_names(groups[base][0])[key],
+                "name": names[key],
                 "base": before,
                 "arm": after,
                 "differences": [a - b for b, a in both],
