@@ -37,15 +37,16 @@ def rows(run):
 
 
 def test_iqlearn_at_lambda_zero_is_mle(tmp_path):
-    """The same losses, bit for bit, and the same weights to float rounding: the MLE step runs
-    its LM head from the completions on (tether.scoring.loss_token_logprobs), IQLearn's on
-    every position, so their gradients are summed in another order."""
+    """The same losses and weights to float rounding (1e-6): the MLE step runs its LM head
+    from the completions on (tether.scoring.loss_token_logprobs), IQLearn's on every position,
+    so their gradients are summed in another order and the runs part by a few ulps."""
     train(load_recipe(None, TINY), tmp_path / "mle", progress=False)
     iq = load_recipe(None, [*TINY, "train.stage=iqlearn", "imitation.lam=0"])
     train(iq, tmp_path / "iq", progress=False)
     mle_loss = [r["loss"] for r in rows(tmp_path / "mle") if "loss" in r]
     iq_loss = [r["loss"] for r in rows(tmp_path / "iq") if "loss" in r]
-    assert mle_loss == iq_loss
+    assert len(mle_loss) == len(iq_loss) > 1
+    torch.testing.assert_close(iq_loss, mle_loss, rtol=1e-6, atol=0)
     a = load_file(tmp_path / "mle" / "model" / "model.safetensors")
     b = load_file(tmp_path / "iq" / "model" / "model.safetensors")
     for k in a:
