@@ -219,6 +219,77 @@ def test_loss_token_logprobs_equal_the_shifted_log_probs_at_the_loss_positions(
     )
 
 
+def _pair_rows(chosen, rejected, starts):
+    """Right-padded pair rows (chosen rows, then rejected rows) with loss from ``starts``."""
+    rows = chosen + rejected
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    loss_mask = torch.zeros_like(ids)
+    for i, (row, start) in enumerate(zip(rows, starts + starts, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        loss_mask[i, start : len(row)] = 1
+    return ids, mask, loss_mask
+
+
+@pytest.mark.parametrize("groups", ["one-group", "a-group-per-length"])
+def test_pair_log_probs_run_the_shared_prefix_once_and_equal_each_row_scored_alone(
+    tiny_checkpoint, groups, monkeypatch
+):
+    """Each pair packed into one row (the chosen row, then the rejected row after their shared
+    prefix, at its own positions, under a 4D mask): at every loss position the values and
+    gradients of each row scored alone. Pairs: a long shared prefix, rows that part at their
+    first token, a rejected row that is the chosen row cut short, identical rows, a chosen
+    row that is a prefix of the rejected one."""
+    import tether.scoring
+    from tether.objectives import shifted_token_logprobs
+    from tether.scoring import pair_token_logprobs, shared_prefix_lengths
+
+    if groups == "a-group-per-length":
+        monkeypatch.setattr(tether.scoring, "PASS_COST_POSITIONS", 1)
+    model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
+    g = torch.Generator().manual_seed(3)
+
+    def tokens(n):
+        return torch.randint(3, 90, (n,), generator=g).tolist()
+
+    a, b, c = tokens(12), tokens(9), tokens(7)
+    d, e = tokens(6), tokens(5)
+    chosen = [a, b, c, d, e]
+    rejected = [a[:8] + tokens(5), tokens(1) + b[1:], c[:5], d, e + tokens(3)]
+    rejected[1][0] = (b[0] + 1) % 90 + 3  # parts at the first token
+    ids, mask, loss_mask = _pair_rows(chosen, rejected, [4, 3, 2, 2, 3])
+    assert shared_prefix_lengths(ids, mask, 5).tolist() == [8, 0, 5, 6, 5]
+    seen, passes = [], []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    embed = model.get_input_embeddings()
+    embed.register_forward_hook(lambda m, args, out: passes.append(tuple(args[0].shape)))
+    got = pair_token_logprobs(model, ids, mask, loss_mask)
+    head = [tuple(s[:2]) for s in seen]  # [rows, positions] of each LM head call
+    ran = list(passes)
+    alone = torch.zeros(ids.shape)
+    for i, n in enumerate(mask.sum(dim=1).tolist()):  # each row alone, unpadded
+        row = ids[i : i + 1, :n]
+        alone[i, :n] = shifted_token_logprobs(model(input_ids=row).logits, row)[0]
+    real = loss_mask.bool()
+    torch.testing.assert_close(got[real], alone[real], atol=2e-5, rtol=1e-5)
+    assert bool((got[~mask.bool()] == 0).all())
+    # the shared prefixes ran once: 5 packed rows of 12+5, 9+9, 7+0, 6+0, 5+3 tokens (56, not
+    # the pairs' 80), the head from each group's earliest loss position on
+    if groups == "one-group":
+        assert ran == [(5, 18)] and head == [(5, 17)]  # from column 1 (loss from column 2)
+    else:  # groups where a cut saves more than a position: 17 + 18, 6 + 7, 8 (58 positions)
+        assert sorted(ran) == [(1, 8), (2, 7), (2, 18)]
+    params = list(model.parameters())
+    _assert_close_all(
+        _grads((got * real).sum(), params),
+        _grads((alone * real).sum(), params),
+        atol=2e-5,
+        rtol=1e-4,
+    )
+
+
 def test_keeps_logits_looks_through_the_wrappers(tiny_checkpoint):
     from peft import LoraConfig, get_peft_model
 

@@ -21,6 +21,11 @@ outputs at real positions are those of the masked pass, and the model takes its 
 mask-free path (no [B, 1, L, L] mask built; SDPA with ``is_causal``). Positions are 0..L−1 in
 both. Outputs at padded positions are set to 0.
 
+**Pairs.** Preference batches (the chosen rows, then the rejected rows of the same prompts)
+go through :func:`pair_token_logprobs`: each pair is one packed row in which the tokens both
+rows start with are computed once, under a 4D attention mask that gives every token the
+context it has in its own row.
+
 Not for left-padded or gapped masks (the plain masked pass is used), nor under
 ``DistributedDataParallel``, whose gradient hooks allow one forward pass per backward, nor
 under FSDP or DeepSpeed (one trimmed, mask-free pass is used).
@@ -39,6 +44,7 @@ from torch import Tensor, nn
 
 from tether.generation.sampler import SampleOutput, vocab_bias
 from tether.objectives.common import (
+    at_least_fp32,
     log_softmax_and_token_logprobs,
     shifted_token_logprobs,
     token_logprobs,
@@ -174,6 +180,96 @@ def loss_token_logprobs(
         return F.pad(values, (start + 1, width - ids.shape[1]))
 
     return _real_only(by_length_groups(model, input_ids, attention_mask, group), attention_mask)
+
+
+def shared_prefix_lengths(input_ids: Tensor, attention_mask: Tensor, pairs: int) -> Tensor:
+    """[pairs]: how many tokens rows i and ``pairs`` + i (a pair's chosen and rejected rows,
+    right-padded) have in common from their start."""
+    real = attention_mask.bool()
+    same = (input_ids[:pairs] == input_ids[pairs:]) & real[:pairs] & real[pairs:]
+    return same.to(torch.int64).cumprod(dim=1).sum(dim=1)
+
+
+def pair_token_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
+) -> Tensor:
+    """:func:`loss_token_logprobs` of preference pairs, the B chosen rows then the B rejected
+    rows of the same prompts, with the tokens the two rows of a pair share from their start
+    (the prompt, and often the start of both responses) run once.
+
+    Each pair becomes one packed row: the chosen row, then the rejected row's tokens after the
+    shared prefix of length c, at their own positions c, c+1, ... (``position_ids``), with a
+    4D attention mask under which every chosen token sees the chosen tokens before it and
+    every rejected token sees the shared prefix and the rejected tokens before it: each token
+    has exactly the context it has in its own row, so each log-prob is the unpacked one (to
+    float rounding). Rejected token t is scored from packed position t − 1 while t ≤ c (the
+    shared prefix), from position L_w + t − 1 − c after it. Packed rows go through
+    :func:`by_length_groups`, the LM head from each group's earliest loss position on.
+    Models without ``logits_to_keep``, and batches that are not right-padded, take
+    :func:`loss_token_logprobs`."""
+    if not keeps_logits(model) or not right_padded(attention_mask):
+        return loss_token_logprobs(model, input_ids, attention_mask, loss_mask)
+    pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
+    device = input_ids.device
+    lengths = attention_mask.sum(dim=1)
+    chosen_len, rejected_len = lengths[:pairs], lengths[pairs:]
+    shared = torch.minimum(shared_prefix_lengths(input_ids, attention_mask, pairs), chosen_len)
+    packed_len = chosen_len + rejected_len - shared
+    check_positions(model, width)
+    # packed row p: chosen tokens at columns 0 .. L_w - 1, then the rejected row's tokens
+    # c .. L_r - 1 at columns L_w .. ; `position` is each column's position in its own row
+    columns = torch.arange(int(packed_len.max()), device=device)
+    in_rejected = columns[None, :] >= chosen_len[:, None]
+    position = torch.where(in_rejected, columns - chosen_len[:, None] + shared[:, None], columns)
+    real = columns[None, :] < packed_len[:, None]
+    pair = torch.arange(pairs, device=device)[:, None]
+    source = torch.where(in_rejected, pairs + pair, pair)  # the row a column's token is from
+    position = torch.where(real, position, 0)
+    packed_ids = input_ids[source, position.clamp(max=width - 1)] * real
+    # where each row's token t is predicted from (column of its context's last token)
+    t = torch.arange(width, device=device)
+    chosen_from = (t - 1).expand(pairs, -1)
+    rejected_from = torch.where(
+        t[None, :] <= shared[:, None], t - 1, chosen_len[:, None] + t - 1 - shared[:, None]
+    )
+    first = loss_mask.ne(0).to(torch.int64).argmax(dim=1)
+    first = torch.minimum(first[:pairs], first[pairs:])
+
+    def group(index: Tensor | None, ids: Tensor) -> tuple[Tensor, Tensor]:
+        rows = torch.arange(pairs, device=device) if index is None else index
+        n, cols = ids.shape
+        pos, rej, ok = position[rows, :cols], in_rejected[rows, :cols], real[rows, :cols]
+        c = shared[rows]
+        # query q sees key k: k real, k's position ≤ q's, and k in q's segment or the prefix
+        sees = (pos[:, None, :] <= pos[:, :, None]) & ok[:, None, :]
+        sees &= (rej[:, None, :] == rej[:, :, None]) | (~rej & (pos < c[:, None]))[:, None, :]
+        sees[:, :, 0] |= ~ok  # padding queries see column 0 (no empty softmax row)
+        start = max(int(first[rows].min()) - 1, 0)
+        logits = model(
+            input_ids=ids,
+            attention_mask=sees[:, None],
+            position_ids=pos,
+            use_cache=False,
+            logits_to_keep=cols - start,
+        ).logits
+        # log π(token | context) = logit − logsumexp, one logsumexp per packed column (the
+        # last prefix column serves both rows), gathered without copying [.., V] rows
+        logits = at_least_fp32(logits)
+        kept, vocab = logits.shape[1], logits.shape[2]
+        normaliser = torch.logsumexp(logits, dim=-1)
+        flat = logits.flatten(1)
+        values = []
+        for offset, sources in ((0, chosen_from), (pairs, rejected_from)):
+            at = sources[rows] - start  # [n, width]: the column of `logits` for token t
+            usable = (at >= 0) & (t[None, :] >= 1) & (t[None, :] < lengths[offset + rows, None])
+            at = at.clamp(0, kept - 1)
+            picked = flat.gather(1, at * vocab + input_ids[offset + rows])
+            values.append(torch.where(usable, picked - normaliser.gather(1, at), 0.0))
+        return values[0], values[1]
+
+    packed_mask = real.to(attention_mask.dtype)
+    chosen, rejected = by_length_groups(model, packed_ids, packed_mask, group)
+    return _real_only(torch.cat([chosen, rejected]), attention_mask)
 
 
 def by_length_groups(

@@ -50,7 +50,7 @@ from tether.objectives import (
     xpo_loss,
 )
 from tether.rewards.functions import RewardFunction
-from tether.scoring import loss_token_logprobs
+from tether.scoring import pair_token_logprobs
 from tether.stages.base import Stage, micro_parts, sample_health
 
 
@@ -117,8 +117,9 @@ class OnlinePreferenceStage(Stage[OnlinePairBatch]):
         prompt_b, comp_b = theirs.token_rows()
         rows = collate_token_rows(prompt_a + prompt_b, comp_a + comp_b, pad_id(self.tokenizer))
         tokens = rows.to(self.device)
-        # rows in length groups, without a mask (tether.scoring), as the loss scores them
-        ref_logp = loss_token_logprobs(
+        # each pair as one packed row, its shared prompt run once (tether.scoring), as the
+        # loss scores them
+        ref_logp = pair_token_logprobs(
             self.reference, tokens.input_ids, tokens.attention_mask, tokens.loss_mask
         )
         correct = torch.tensor(
@@ -152,7 +153,7 @@ class OnlinePreferenceStage(Stage[OnlinePairBatch]):
     def loss(self, model: nn.Module, batch: OnlinePairBatch) -> tuple[Tensor, dict[str, float]]:
         tokens, b = batch.tokens, batch.tokens.input_ids.shape[0] // 2
         mask = tokens.loss_mask
-        logp = loss_token_logprobs(model, tokens.input_ids, tokens.attention_mask, mask)
+        logp = pair_token_logprobs(model, tokens.input_ids, tokens.attention_mask, mask)
         h = sequence_logratios(logp, batch.ref_logp, mask, average=self.cfg.length_normalize)
         chosen, rejected = PreferencePairs(batch.policy_is_chosen, batch.tie).order(h[:b], h[b:])
         # log π_θ(ỹ|x) of the second responses ỹ ∼ π_ref: XPO's exploration bonus

@@ -13,6 +13,11 @@ under ``model.lora`` the policy with its adapters off):
     sigmoid:  L = −(1 − ε)·log σ(β·(h_w − h_l)) − ε·log σ(−β·(h_w − h_l))
     ipo:      L = (h_w − h_l − 1/(2β))²
 
+The two rows of a pair share their prompt, and on the addition task most of their responses
+too: the log-probs of both models are taken with each pair packed into one row, the shared
+prefix run once (:func:`tether.scoring.pair_token_logprobs`; the values of each row scored
+alone, to float rounding). On the demo model's DPO batches that is a third fewer positions.
+
 At step 0 the policy is the reference, so every h is 0 and the sigmoid loss is log 2.
 Logged: the loss, the implicit-reward margin β·(h_w − h_l), the reward accuracy (share of pairs
 with a positive margin), the mean implicit rewards, and the policy's mean sequence log-probs
@@ -59,7 +64,7 @@ from tether.objectives import (
     shifted_token_logprobs,
 )
 from tether.rewards.reward_model import last_token_scores, save_reward_head
-from tether.scoring import loss_token_logprobs
+from tether.scoring import pair_token_logprobs
 from tether.stages.base import Stage, micro_parts
 
 
@@ -147,9 +152,9 @@ class DPOStage(_PairStream):
     @torch.no_grad()
     def next_batch(self) -> OfflinePairBatch:
         tokens = self.draw_pairs()
-        ref_logp = loss_token_logprobs(
+        ref_logp = pair_token_logprobs(
             self.reference, tokens.input_ids, tokens.attention_mask, tokens.loss_mask
-        )  # once per batch, rows in length groups, the head on the responses (tether.scoring)
+        )  # once per batch; each pair's shared prefix run once (tether.scoring)
         return OfflinePairBatch(tokens, ref_logp)
 
     def pair_scores(self, model: nn.Module, tokens: TokenBatch) -> Tensor:
@@ -168,7 +173,7 @@ class DPOStage(_PairStream):
         assert batch.ref_logp is not None
         tokens, b = batch.tokens, batch.pairs
         mask = tokens.loss_mask
-        logp = loss_token_logprobs(model, tokens.input_ids, tokens.attention_mask, mask)
+        logp = pair_token_logprobs(model, tokens.input_ids, tokens.attention_mask, mask)
         h = sequence_logratios(logp, batch.ref_logp, mask, average=self.cfg.length_normalize)
         loss, stats = preference_loss(
             h[:b], h[b:], self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing
