@@ -254,12 +254,11 @@ def test_pair_log_probs_run_the_shared_prefix_once_and_equal_each_row_scored_alo
     def tokens(n):
         return torch.randint(3, 90, (n,), generator=g).tolist()
 
-    a, b, c = tokens(12), tokens(9), tokens(7)
+    a, b, c = tokens(12), tokens(3), tokens(7)
     d, e = tokens(6), tokens(5)
     chosen = [a, b, c, d, e]
-    rejected = [a[:8] + tokens(5), tokens(1) + b[1:], c[:5], d, e + tokens(3)]
-    rejected[1][0] = (b[0] + 1) % 90 + 3  # parts at the first token
-    ids, mask, loss_mask = _pair_rows(chosen, rejected, [4, 3, 2, 2, 3])
+    rejected = [a[:8] + tokens(5), [(b[0] + 1) % 90 + 3, *tokens(2)], c[:5], d, e + tokens(3)]
+    ids, mask, loss_mask = _pair_rows(chosen, rejected, [4, 1, 2, 2, 3])
     assert shared_prefix_lengths(ids, mask, 5).tolist() == [8, 0, 5, 6, 5]
     seen, passes = [], []
     model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
@@ -275,12 +274,12 @@ def test_pair_log_probs_run_the_shared_prefix_once_and_equal_each_row_scored_alo
     real = loss_mask.bool()
     torch.testing.assert_close(got[real], alone[real], atol=2e-5, rtol=1e-5)
     assert bool((got[~mask.bool()] == 0).all())
-    # the shared prefixes ran once: 5 packed rows of 12+5, 9+9, 7+0, 6+0, 5+3 tokens (56, not
-    # the pairs' 80), the head from each group's earliest loss position on
+    # the shared prefixes ran once: 5 packed rows of 12+5, 3+3, 7+0, 6+0, 5+3 tokens (44, not
+    # the pairs' 68), the head from each group's earliest loss position on
     if groups == "one-group":
-        assert ran == [(5, 18)] and head == [(5, 17)]  # from column 1 (loss from column 2)
-    else:  # groups where a cut saves more than a position: 17 + 18, 6 + 7, 8 (58 positions)
-        assert sorted(ran) == [(1, 8), (2, 7), (2, 18)]
+        assert ran == [(5, 17)] and head == [(5, 17)]  # from column 0 (loss from column 1)
+    else:  # groups where a cut saves more than a position: 17, then 8 + 7, then 6 + 6
+        assert sorted(ran) == [(1, 17), (2, 6), (2, 8)]
     params = list(model.parameters())
     _assert_close_all(
         _grads((got * real).sum(), params),
@@ -288,6 +287,30 @@ def test_pair_log_probs_run_the_shared_prefix_once_and_equal_each_row_scored_alo
         atol=2e-5,
         rtol=1e-4,
     )
+
+
+def test_pairs_that_share_little_are_scored_unpacked(tiny_checkpoint):
+    """Packing pays when the packed rows' attention squares add up to no more than the rows'
+    own: 10 + 10 tokens sharing 4 pack into 16 (256 ≤ 200? no: unpacked), sharing 7 into 13
+    (169 ≤ 200: packed); rows over PACKED_ROW_MAX never pack."""
+    from tether.scoring import loss_token_logprobs, packing_pays, pair_token_logprobs
+
+    ten = torch.tensor([10])
+    assert not packing_pays(ten, ten, torch.tensor([16]))
+    assert packing_pays(ten, ten, torch.tensor([13]))
+    assert packing_pays(ten, ten, torch.tensor([14]))  # 196 ≤ 200
+    assert not packing_pays(torch.tensor([1000]), torch.tensor([1000]), torch.tensor([1025]))
+    model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
+    g = torch.Generator().manual_seed(4)
+    chosen = [torch.randint(3, 90, (10,), generator=g).tolist() for _ in range(3)]
+    rejected = [row[:4] + [(row[4] + 1) % 90 + 3] + row[5:] for row in chosen]
+    ids, mask, loss_mask = _pair_rows(chosen, rejected, [2, 2, 2])
+    passes = []
+    embed = model.get_input_embeddings()
+    embed.register_forward_hook(lambda m, args, out: passes.append(tuple(args[0].shape)))
+    got = pair_token_logprobs(model, ids, mask, loss_mask)
+    assert passes == [(6, 10)]  # the six rows as they are
+    torch.testing.assert_close(got, loss_token_logprobs(model, ids, mask, loss_mask))
 
 
 def test_keeps_logits_looks_through_the_wrappers(tiny_checkpoint):

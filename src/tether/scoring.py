@@ -190,6 +190,21 @@ def shared_prefix_lengths(input_ids: Tensor, attention_mask: Tensor, pairs: int)
     return same.to(torch.int64).cumprod(dim=1).sum(dim=1)
 
 
+# Packed pair rows longer than this take the unpacked path: a packed row's attention needs an
+# explicit [L, L] mask per row (a bool, and SDPA's float copy of it on the CPU).
+PACKED_ROW_MAX = 1024
+
+
+def packing_pays(chosen_len: Tensor, rejected_len: Tensor, packed_len: Tensor) -> bool:
+    """Whether :func:`pair_token_logprobs` packs a batch: packing always computes fewer
+    positions, but a packed row's attention covers its whole square, so pairs that share little
+    would cost more attention than their two rows alone (rows sharing nothing: twice as much).
+    Packed when the packed rows' squares add up to no more than the rows' own, and no packed row
+    is longer than :data:`PACKED_ROW_MAX`."""
+    squares = chosen_len.square().sum() + rejected_len.square().sum()
+    return bool(packed_len.square().sum() <= squares) and int(packed_len.max()) <= PACKED_ROW_MAX
+
+
 def pair_token_logprobs(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
 ) -> Tensor:
@@ -205,8 +220,8 @@ def pair_token_logprobs(
     float rounding). Rejected token t is scored from packed position t − 1 while t ≤ c (the
     shared prefix), from position L_w + t − 1 − c after it. Packed rows go through
     :func:`by_length_groups`, the LM head from each group's earliest loss position on.
-    Models without ``logits_to_keep``, and batches that are not right-padded, take
-    :func:`loss_token_logprobs`."""
+    Models without ``logits_to_keep``, batches that are not right-padded and batches whose pairs
+    share too little (:func:`packing_pays`) take :func:`loss_token_logprobs`."""
     if not keeps_logits(model) or not right_padded(attention_mask):
         return loss_token_logprobs(model, input_ids, attention_mask, loss_mask)
     pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
@@ -215,6 +230,8 @@ def pair_token_logprobs(
     chosen_len, rejected_len = lengths[:pairs], lengths[pairs:]
     shared = torch.minimum(shared_prefix_lengths(input_ids, attention_mask, pairs), chosen_len)
     packed_len = chosen_len + rejected_len - shared
+    if not packing_pays(chosen_len, rejected_len, packed_len):
+        return loss_token_logprobs(model, input_ids, attention_mask, loss_mask)
     check_positions(model, width)
     # packed row p: chosen tokens at columns 0 .. L_w - 1, then the rejected row's tokens
     # c .. L_r - 1 at columns L_w .. ; `position` is each column's position in its own row
