@@ -313,6 +313,20 @@ def test_pairs_that_share_little_are_scored_unpacked(tiny_checkpoint):
     torch.testing.assert_close(got, loss_token_logprobs(model, ids, mask, loss_mask))
 
 
+def test_pairs_are_packed_only_under_attention_that_takes_a_custom_mask(tiny_checkpoint):
+    from peft import LoraConfig, get_peft_model
+
+    from tether.models.lora import LoraReference
+    from tether.scoring import takes_4d_masks
+
+    model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
+    assert model.config._attn_implementation == "sdpa" and takes_4d_masks(model)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert takes_4d_masks(LoraReference(lora))
+    model.config._attn_implementation = "flash_attention_2"  # padding masks only
+    assert not takes_4d_masks(lora)
+
+
 def test_keeps_logits_looks_through_the_wrappers(tiny_checkpoint):
     from peft import LoraConfig, get_peft_model
 

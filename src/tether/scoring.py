@@ -220,9 +220,10 @@ def pair_token_logprobs(
     float rounding). Rejected token t is scored from packed position t − 1 while t ≤ c (the
     shared prefix), from position L_w + t − 1 − c after it. Packed rows go through
     :func:`by_length_groups`, the LM head from each group's earliest loss position on.
-    Models without ``logits_to_keep``, batches that are not right-padded and batches whose pairs
-    share too little (:func:`packing_pays`) take :func:`loss_token_logprobs`."""
-    if not keeps_logits(model) or not right_padded(attention_mask):
+    Models without ``logits_to_keep`` or custom attention masks (:func:`takes_4d_masks`),
+    batches that are not right-padded and batches whose pairs share too little
+    (:func:`packing_pays`) take :func:`loss_token_logprobs`."""
+    if not (keeps_logits(model) and takes_4d_masks(model) and right_padded(attention_mask)):
         return loss_token_logprobs(model, input_ids, attention_mask, loss_mask)
     pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
     device = input_ids.device
@@ -451,10 +452,9 @@ def completion_window_logits(
     return by_length_groups(model, ids, mask, window)
 
 
-def keeps_logits(model: nn.Module) -> bool:
-    """Whether ``model`` (under a DDP, DeepSpeed, ``torch.compile`` or PEFT wrapper, or a LoRA
-    run's reference, :class:`~tether.models.lora.LoraReference`) is a causal LM whose forward
-    takes ``logits_to_keep`` (the LM head on the last positions only)."""
+def unwrapped(model: nn.Module) -> Any:
+    """The causal LM inside a DDP, DeepSpeed, ``torch.compile`` or PEFT wrapper, or a LoRA
+    run's reference (:class:`~tether.models.lora.LoraReference`)."""
     inner: Any = model
     for _ in range(5):  # the wrappers' own module attributes, outermost first
         if isinstance(getattr(inner, "policy", None), nn.Module):  # tether.models.lora's
@@ -467,7 +467,21 @@ def keeps_logits(model: nn.Module) -> bool:
             inner = inner.module
         else:
             break
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return inner
+
+
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether ``model`` (under any of :func:`unwrapped`'s wrappers) is a causal LM whose
+    forward takes ``logits_to_keep`` (the LM head on the last positions only)."""
+    return "logits_to_keep" in inspect.signature(unwrapped(model).forward).parameters
+
+
+def takes_4d_masks(model: nn.Module) -> bool:
+    """Whether ``model`` attends under a custom [B, 1, L, L] mask: Hugging Face's ``sdpa`` and
+    ``eager`` attention do; FlashAttention and the kernels of other back ends take padding
+    masks only."""
+    config = getattr(unwrapped(model), "config", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 @torch.no_grad()
