@@ -154,6 +154,18 @@ def bucketed(
     )
 
 
+def _first_loss_positions(loss_mask: Tensor) -> Tensor:
+    """Each row's first loss position ([B]; 0 for a row without one: the whole row is
+    scored)."""
+    return loss_mask.ne(0).to(torch.int64).argmax(dim=1)
+
+
+def _head_start(first: Tensor) -> int:
+    """The column a group's LM head starts from (``logits_to_keep``): its logits predict
+    the group's earliest loss token, ``first.min()``."""
+    return max(int(first.min()) - 1, 0)
+
+
 def loss_token_logprobs(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
 ) -> Tensor:
@@ -168,12 +180,11 @@ def loss_token_logprobs(
         return bucketed(model, input_ids, attention_mask, shifted_token_logprobs)
     check_positions(model, input_ids.shape[1])
     width = input_ids.shape[1]
-    # each row's first loss position (0 for a row without one: the whole row is scored)
-    first = loss_mask.ne(0).to(torch.int64).argmax(dim=1)
+    first = _first_loss_positions(loss_mask)
 
     def group(index: Tensor | None, ids: Tensor) -> Tensor:
         firsts = first if index is None else first.index_select(0, index)
-        start = max(int(firsts.min()) - 1, 0)  # its logits predict the token at start + 1
+        start = _head_start(firsts)
         keep = ids.shape[1] - start
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
         values = token_logprobs(logits[:, :-1], ids[:, start + 1 :])  # tokens start+1 ...
@@ -229,7 +240,7 @@ def pair_token_logprobs(
     device = input_ids.device
     lengths = attention_mask.sum(dim=1)
     chosen_len, rejected_len = lengths[:pairs], lengths[pairs:]
-    shared = torch.minimum(shared_prefix_lengths(input_ids, attention_mask, pairs), chosen_len)
+    shared = shared_prefix_lengths(input_ids, attention_mask, pairs)  # ≤ both rows' lengths
     packed_len = chosen_len + rejected_len - shared
     if not packing_pays(chosen_len, rejected_len, packed_len):
         return loss_token_logprobs(model, input_ids, attention_mask, loss_mask)
@@ -250,7 +261,7 @@ def pair_token_logprobs(
     rejected_from = torch.where(
         t[None, :] <= shared[:, None], t - 1, chosen_len[:, None] + t - 1 - shared[:, None]
     )
-    first = loss_mask.ne(0).to(torch.int64).argmax(dim=1)
+    first = _first_loss_positions(loss_mask)
     first = torch.minimum(first[:pairs], first[pairs:])
 
     def group(index: Tensor | None, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -262,7 +273,7 @@ def pair_token_logprobs(
         sees = (pos[:, None, :] <= pos[:, :, None]) & ok[:, None, :]
         sees &= (rej[:, None, :] == rej[:, :, None]) | (~rej & (pos < c[:, None]))[:, None, :]
         sees[:, :, 0] |= ~ok  # padding queries see column 0 (no empty softmax row)
-        start = max(int(first[rows].min()) - 1, 0)
+        start = _head_start(first[rows])
         logits = model(
             input_ids=ids,
             attention_mask=sees[:, None],
