@@ -155,6 +155,118 @@ def test_grouped_completion_logits_equal_the_masked_pass(
     assert len(calls) == int(window)
 
 
+def _model_and_tokens(checkpoint, seed, monkeypatch=None):
+    """The tiny policy and a random-token maker; with ``monkeypatch``, a pass per length."""
+    import tether.scoring
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(tether.scoring, "PASS_COST_POSITIONS", 1)
+    model, _ = build_policy(load_recipe(None, [f"model.init={checkpoint}"]))
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(3, 90, (n,), generator=g).tolist()
+
+    return model, g, tokens
+
+
+def _group_rows(prompts, completions):
+    """Sampler rows: each prompt left-padded into the first P columns, its completion
+    right-padded after them."""
+    P, T = max(map(len, prompts)), max(map(len, completions))
+    ids = torch.zeros(len(prompts), P + T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids[i, P - len(p) : P + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        mask[i, P - len(p) : P + len(c)] = 1
+    return ids, mask, P
+
+
+@pytest.mark.parametrize("groups", ["one-pass", "a-pass-per-length"])
+@pytest.mark.parametrize("hidden", [False, True], ids=["logits", "hidden"])
+def test_a_groups_shared_prompt_runs_once_and_each_row_scores_as_alone(
+    tiny_checkpoint, groups, hidden, monkeypatch
+):
+    """Rows with the same prompt (a GRPO group) packed into one row: the group's first row,
+    then each other row after the prefix it shares with it, under a 4D mask. Logits and
+    hidden states at every completion position, and their gradients, equal the rows run as
+    they are (the unpacked path, itself checked against the masked pass above) and each row
+    alone. Groups, interleaved: prompt A with a completion, one that shares its first two
+    tokens, an identical one and an empty one; prompt B with two that share their first
+    token; prompt C alone."""
+    import tether.scoring
+
+    per_length = monkeypatch if groups == "a-pass-per-length" else None
+    model, g, tokens = _model_and_tokens(tiny_checkpoint, 5, per_length)
+    A, B, C = tokens(5), tokens(3), tokens(4)
+    a1, b1 = tokens(4), tokens(6)
+    a2 = a1[:2] + [(a1[2] + 1) % 90 + 3] + tokens(2)
+    rows = [
+        (A, a1),
+        (B, b1),
+        (A, a2),
+        (C, tokens(3)),
+        (A, list(a1)),
+        (B, [b1[0], *tokens(1)]),
+        (A, []),
+    ]
+    ids, mask, P = _group_rows(*zip(*rows, strict=True))
+    passes = []
+    embed = model.get_input_embeddings()
+    embed.register_forward_hook(lambda m, args, out: passes.append(tuple(args[0].shape)))
+    packed = grouped_completion_logits(model, ids, mask, P, 0.8, hidden=hidden)
+    ran = list(passes)
+    passes.clear()
+    monkeypatch.setattr(tether.scoring, "takes_4d_masks", lambda model: False)
+    plain = grouped_completion_logits(model, ids, mask, P, 0.8, hidden=hidden)
+    # packed rows: A 9 + 3 (a2 after the 7 tokens it shares) + 0 + 0, B 9 + 1 (the second
+    # row shares the first one's first completion token), C 7: 3 rows of 27 positions, not 7
+    # of 54
+    if groups == "one-pass":
+        assert ran == [(3, 12)]
+    else:
+        assert sorted(ran) == [(1, 7), (1, 10), (1, 12)]
+    real = mask[:, P:].bool()
+    real[6, 0] = True  # the empty completion's window: the logits after its prompt
+    got = packed if hidden else (packed,)
+    expected = plain if hidden else (plain,)
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a[real], b[real], atol=2e-5, rtol=1e-5)
+    # each row alone, unpadded
+    for i, (prompt, completion) in enumerate(rows):
+        row = torch.tensor([prompt + completion])
+        logits = model(input_ids=row).logits[0, len(prompt) - 1 :].float() / 0.8
+        n = max(len(completion), 1)
+        torch.testing.assert_close(got[0][i, :n], logits[:n], atol=2e-5, rtol=1e-5)
+    params = list(model.parameters())
+    weights = [torch.randn(v.shape, generator=g) * real[..., None] for v in got]
+
+    def value(out):
+        return sum((v.float() * w).sum() for v, w in zip(out, weights, strict=True))
+
+    _assert_close_all(_grads(value(got), params), _grads(value(expected), params), atol=2e-5,
+                      rtol=1e-4)  # fmt: skip
+
+
+def test_groups_pack_only_where_it_pays(tiny_checkpoint):
+    """Distinct prompts, and a group whose completions are long beside its prompt (a packed
+    row of 3 + 3 × 20 = 63 positions against three rows of 23: 3,969 > 1,587), run as they
+    are."""
+    from tether.scoring import left_to_right_padded, packed_completion_window_logits
+
+    model, _, tokens = _model_and_tokens(tiny_checkpoint, 6)
+    prompt = tokens(3)
+    for rows in (
+        [(tokens(3), tokens(4)) for _ in range(3)],
+        [(prompt, tokens(20)) for _ in range(3)],
+    ):
+        ids, mask, P = _group_rows(*zip(*rows, strict=True))
+        right, right_mask, starts = left_to_right_padded(ids, mask, P)
+        length = ids.shape[1] - P
+        assert packed_completion_window_logits(model, right, right_mask, starts, length) is None
+
+
 def test_the_lm_head_runs_on_the_completion_windows_only(tiny_checkpoint, monkeypatch):
     """With ``logits_to_keep`` the head sees the positions from the group's earliest window on:
     rows whose prompts are 3 and 7 of 7 columns long and completions 9 long keep 10 of 12 and
@@ -242,18 +354,11 @@ def test_pair_log_probs_run_the_shared_prefix_once_and_equal_each_row_scored_alo
     gradients of each row scored alone. Pairs: a long shared prefix, rows that part at their
     first token, a rejected row that is the chosen row cut short, identical rows, a chosen
     row that is a prefix of the rejected one."""
-    import tether.scoring
     from tether.objectives import shifted_token_logprobs
     from tether.scoring import pair_token_logprobs, shared_prefix_lengths
 
-    if groups == "a-group-per-length":
-        monkeypatch.setattr(tether.scoring, "PASS_COST_POSITIONS", 1)
-    model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
-    g = torch.Generator().manual_seed(3)
-
-    def tokens(n):
-        return torch.randint(3, 90, (n,), generator=g).tolist()
-
+    per_length = monkeypatch if groups == "a-group-per-length" else None
+    model, _, tokens = _model_and_tokens(tiny_checkpoint, 3, per_length)
     a, b, c = tokens(12), tokens(3), tokens(7)
     d, e = tokens(6), tokens(5)
     chosen = [a, b, c, d, e]
@@ -295,11 +400,13 @@ def test_pairs_that_share_little_are_scored_unpacked(tiny_checkpoint):
     (169 ≤ 200: packed); rows over PACKED_ROW_MAX never pack."""
     from tether.scoring import loss_token_logprobs, packing_pays, pair_token_logprobs
 
-    ten = torch.tensor([10])
-    assert not packing_pays(ten, ten, torch.tensor([16]))
-    assert packing_pays(ten, ten, torch.tensor([13]))
-    assert packing_pays(ten, ten, torch.tensor([14]))  # 196 ≤ 200
-    assert not packing_pays(torch.tensor([1000]), torch.tensor([1000]), torch.tensor([1025]))
+    ten = torch.tensor([10, 10])
+    assert not packing_pays(ten, torch.tensor([16]))
+    assert packing_pays(ten, torch.tensor([13]))
+    assert packing_pays(ten, torch.tensor([14]))  # 196 ≤ 200
+    assert not packing_pays(torch.tensor([1000, 1000]), torch.tensor([1025]))
+    assert not packing_pays(torch.tensor([82] * 8), torch.tensor([250]))  # 62,500 > 53,792
+    assert packing_pays(torch.tensor([82] * 8), torch.tensor([231]))  # 53,361
     model, _ = build_policy(load_recipe(None, [f"model.init={tiny_checkpoint}"]))
     g = torch.Generator().manual_seed(4)
     chosen = [torch.randint(3, 90, (10,), generator=g).tolist() for _ in range(3)]

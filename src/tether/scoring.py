@@ -24,7 +24,9 @@ both. Outputs at padded positions are set to 0.
 **Pairs.** Preference batches (the chosen rows, then the rejected rows of the same prompts)
 go through :func:`pair_token_logprobs`: each pair is one packed row in which the tokens both
 rows start with are computed once, under a 4D attention mask that gives every token the
-context it has in its own row.
+context it has in its own row. Rows that share a prompt (the completions of a GRPO or RLOO
+group) are packed the same way by :func:`packed_completion_window_logits`: the prompt is run
+once for the group, in the reference pass and in the update.
 
 Not for left-padded or gapped masks (the plain masked pass is used), nor under
 ``DistributedDataParallel``, whose gradient hooks allow one forward pass per backward, nor
@@ -206,13 +208,14 @@ def shared_prefix_lengths(input_ids: Tensor, attention_mask: Tensor, pairs: int)
 PACKED_ROW_MAX = 1024
 
 
-def packing_pays(chosen_len: Tensor, rejected_len: Tensor, packed_len: Tensor) -> bool:
-    """Whether :func:`pair_token_logprobs` packs a batch: packing always computes fewer
-    positions, but a packed row's attention covers its whole square, so pairs that share little
-    would cost more attention than their two rows alone (rows sharing nothing: twice as much).
-    Packed when the packed rows' squares add up to no more than the rows' own, and no packed row
-    is longer than :data:`PACKED_ROW_MAX`."""
-    squares = chosen_len.square().sum() + rejected_len.square().sum()
+def packing_pays(row_len: Tensor, packed_len: Tensor) -> bool:
+    """Whether rows of lengths ``row_len`` are worth packing into rows of lengths
+    ``packed_len`` (:func:`pair_token_logprobs`, :func:`packed_completion_window_logits`):
+    packing always computes fewer positions, but a packed row's attention covers its whole
+    square, so rows that share little would cost more attention than alone (a pair sharing
+    nothing: twice as much). Packed when the packed rows' squares add up to no more than the
+    rows' own, and no packed row is longer than :data:`PACKED_ROW_MAX`."""
+    squares = row_len.square().sum()
     return bool(packed_len.square().sum() <= squares) and int(packed_len.max()) <= PACKED_ROW_MAX
 
 
@@ -242,7 +245,7 @@ def pair_token_logprobs(
     chosen_len, rejected_len = lengths[:pairs], lengths[pairs:]
     shared = shared_prefix_lengths(input_ids, attention_mask, pairs)  # ≤ both rows' lengths
     packed_len = chosen_len + rejected_len - shared
-    if not packing_pays(chosen_len, rejected_len, packed_len):
+    if not packing_pays(lengths, packed_len):
         return loss_token_logprobs(model, input_ids, attention_mask, loss_mask)
     check_positions(model, width)
     # packed row p: chosen tokens at columns 0 .. L_w - 1, then the rejected row's tokens
@@ -403,7 +406,11 @@ def grouped_completion_logits(
     length = input_ids.shape[1] - prompt_len
     if keeps_logits(model) and right_padded(mask):
         check_positions(model, ids.shape[1])
-        out = completion_window_logits(model, ids, mask, starts, length, hidden=hidden)
+        out = None
+        if takes_4d_masks(model):  # the group's shared prompt run once, where that pays
+            out = packed_completion_window_logits(model, ids, mask, starts, length, hidden)
+        if out is None:
+            out = completion_window_logits(model, ids, mask, starts, length, hidden=hidden)
         logits, states = out if hidden else (out, None)
         if not raw:
             logits = logits.float()
@@ -461,6 +468,122 @@ def completion_window_logits(
         return logits, pick(out.hidden_states[-1][:, low:].float())
 
     return by_length_groups(model, ids, mask, window)
+
+
+def packed_completion_window_logits(
+    model: nn.Module, ids: Tensor, mask: Tensor, starts: Tensor, length: int, hidden: bool = False
+) -> Any:
+    """:func:`completion_window_logits` with the prompt that a group's rows share run once,
+    or None where that does not pay (then the caller runs the rows as they are).
+
+    The rows with the same prompt (the k completions of a GRPO or RLOO group) become one packed
+    row: the group's first row, then each other row's tokens after the prefix it shares with
+    the first row (at least the prompt), at their own positions (``position_ids``), under a 4D
+    attention mask in which a token sees its own row's tokens before it and the first row's
+    tokens in their shared prefix: every token keeps exactly its own row's context, as in
+    :func:`pair_token_logprobs`. Row b's token t is predicted from the first row's column
+    t − 1 while t − 1 is inside their shared prefix, else from its own segment. Only for
+    right-padded rows (:func:`left_to_right_padded`) of a model that takes ``logits_to_keep``
+    and custom masks (:func:`takes_4d_masks`); packed where :func:`packing_pays`."""
+    batch, width = ids.shape
+    device = ids.device
+    columns = torch.arange(width, device=device)
+    prompts = torch.where(columns[None, :] < starts[:, None], ids, -1)
+    _, group_of = torch.unique(prompts, dim=0, return_inverse=True)
+    n_groups = int(group_of.max()) + 1
+    if n_groups == batch:
+        return None
+    rows = torch.arange(batch, device=device)
+    # each group's first row, and each row's slot (rank) in its group
+    first_row = torch.full((n_groups,), batch, device=device).scatter_reduce(
+        0, group_of, rows, reduce="amin"
+    )
+    same_group = group_of[:, None] == group_of[None, :]
+    slot = (same_group & (rows[None, :] < rows[:, None])).sum(dim=1)
+    slots = int(slot.max()) + 1
+    base = first_row[group_of]
+    lengths = mask.sum(dim=1)
+    real = mask.bool()
+    same = (ids == ids[base]) & real & real[base]
+    shared = same.to(torch.int64).cumprod(dim=1).sum(dim=1)
+    shared = torch.where(base == rows, 0, shared)  # the first row packs whole
+    own = lengths - shared  # the columns each row adds to its packed row
+    # segment start: the lengths added by the rows before it in its group
+    before = same_group & (rows[None, :] < rows[:, None])
+    offset = (before.to(torch.int64) * own[None, :]).sum(dim=1)
+    packed_len = torch.zeros(n_groups, dtype=torch.int64, device=device).index_add_(
+        0, group_of, own
+    )
+    if not packing_pays(lengths, packed_len):
+        return None
+    # the packed layout: row b's tokens shared .. length-1 at columns offset + (t - shared)
+    packed_width = int(packed_len.max())
+    source = torch.full((n_groups, packed_width), -1, dtype=torch.int64, device=device)
+    position = torch.zeros((n_groups, packed_width), dtype=torch.int64, device=device)
+    placed = (columns[None, :] >= shared[:, None]) & real
+    b, t = placed.nonzero(as_tuple=True)
+    at = group_of[b] * packed_width + offset[b] + t - shared[b]
+    source.view(-1)[at] = b
+    position.view(-1)[at] = t
+    packed_real = source >= 0
+    packed_ids = torch.where(packed_real, ids[source.clamp(min=0), position], 0)
+    cut = torch.where(packed_real, shared[source.clamp(min=0)], 0)  # 0 in the first row
+    in_first = packed_real & (source == first_row[:, None])
+    # row b's completion step j: token starts + j, predicted from position starts + j - 1
+    steps = torch.arange(length, device=device)
+    context = starts[:, None] - 1 + steps
+    from_column = torch.where(
+        context < shared[:, None], context, offset[:, None] + context - shared[:, None]
+    )
+    window_real = context < lengths[:, None]  # as completion_window_logits: the last real
+    # position's logits too (they predict the token after the row)
+    # [groups, slots, length]: the column each slot's window reads, and where it is real
+    read = torch.zeros((n_groups, slots, length), dtype=torch.int64, device=device)
+    read[group_of, slot] = from_column
+    read_real = torch.zeros((n_groups, slots, length), dtype=torch.bool, device=device)
+    read_real[group_of, slot] = window_real
+
+    def group(index: Tensor | None, group_ids: Tensor) -> Any:
+        chosen = torch.arange(n_groups, device=device) if index is None else index
+        n, cols = group_ids.shape
+        pos, src = position[chosen, :cols], source[chosen, :cols]
+        ok, first, limit = packed_real[chosen, :cols], in_first[chosen, :cols], cut[chosen, :cols]
+        # query q sees key k: k real, k's position ≤ q's, and k in q's row or in the first
+        # row's part of the prefix q's row shares with it
+        sees = (pos[:, None, :] <= pos[:, :, None]) & ok[:, None, :]
+        sees &= (src[:, None, :] == src[:, :, None]) | (
+            first[:, None, :] & (pos[:, None, :] < limit[:, :, None])
+        )
+        sees[:, :, 0] |= ~ok  # padding queries see column 0 (no empty softmax row)
+        where, live = read[chosen], read_real[chosen]
+        low = int(where[live].min()) if bool(live.any()) else cols - 1
+        keep = cols - low
+        out = model(
+            input_ids=group_ids,
+            attention_mask=sees[:, None],
+            position_ids=pos,
+            use_cache=False,
+            logits_to_keep=keep,
+            output_hidden_states=hidden,
+        )
+        index_in = (where - low).clamp(0, keep - 1).view(n, slots * length, 1)
+
+        def pick(values: Tensor) -> Tensor:  # [n, keep, ...] -> [n, slots, length, ...]
+            picked = values.gather(1, index_in.expand(-1, -1, values.shape[-1]))
+            picked = picked.view(n, slots, length, values.shape[-1])
+            zero = torch.zeros((), dtype=picked.dtype, device=picked.device)
+            return torch.where(live[..., None], picked, zero)
+
+        logits = pick(out.logits)
+        if not hidden:
+            return logits
+        return logits, pick(out.hidden_states[-1][:, low:].float())
+
+    packed_mask = packed_real.to(mask.dtype)
+    out = by_length_groups(model, packed_ids, packed_mask, group)
+    values = out if isinstance(out, tuple) else (out,)
+    per_row = tuple(v[group_of, slot] for v in values)
+    return per_row if hidden else per_row[0]
 
 
 def unwrapped(model: nn.Module) -> Any:
