@@ -141,3 +141,26 @@ def test_prepare_models_switches_the_policy_and_reference_unless_told_not_to(tin
     for model in (policy, reference):
         norms = [m for m in model.modules() if isinstance(m, modeling_llama.LlamaRMSNorm)]
         assert norms and all(("forward" in vars(m)) == flag for m in norms)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_prepare_models_caches_frozen_casts_under_bf16_only(tiny_checkpoint, precision):
+    """train.precision bf16 on the CPU: the policy's and the reference's Linear layers keep
+    their frozen weights' bf16 casts (tether.engine.precision.cache_frozen_casts); fp32: left
+    alone."""
+    from tether.engine import precision as engine_precision
+
+    recipe = load_recipe(
+        "xpo-addition", [f"model.init={tiny_checkpoint}", f"train.precision={precision}"]
+    )
+
+    class Stage:
+        def frozen_models(self):
+            return [reference]
+
+    policy, reference = toy_llama(1), toy_llama(1)
+    prepare_models(policy, Stage(), recipe, torch.device("cpu"))
+    for model in (policy, reference):
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        switched = [getattr(m, engine_precision._CACHED, False) for m in linears]
+        assert linears and all(s == (precision == "bf16") for s in switched)

@@ -94,6 +94,56 @@ def test_autocast_forward_is_idempotent_and_follows_a_deepcopy(tiny_checkpoint):
     assert fp32(input_ids=ids).logits.dtype == torch.float32
 
 
+def test_frozen_linear_weights_keep_their_bf16_cast_with_the_same_outputs_and_gradients(
+    tiny_checkpoint,
+):
+    """A LoRA policy under bf16 autocast with cache_frozen_casts: logits and the adapters'
+    gradients are exactly those of plain autocast; the frozen weights are cast once, not at
+    every pass; a frozen weight changed in place (its version bumped) is cast again, and
+    trainable weights and passes outside autocast never use the cache."""
+    from tether.engine import precision
+    from tether.engine.setup import build_policy
+
+    recipe = load_recipe(None, [f"model.init={tiny_checkpoint}", "model.lora.r=4"])
+    plain, _ = build_policy(recipe)
+    cached = copy.deepcopy(plain)
+    for model in (plain, cached):
+        autocast_forward(model, "bf16", CPU)
+    precision.cache_frozen_casts(cached, "bf16", CPU)
+    precision.cache_frozen_casts(cached, "bf16", CPU)  # idempotent
+    ids = torch.randint(3, 90, (3, 11), generator=torch.Generator().manual_seed(0))
+    switched = [m for m in cached.modules() if getattr(m, precision._CACHED, False)]
+    assert switched and all(type(m) is torch.nn.Linear for m in switched)
+
+    def run(model):
+        logits = model(input_ids=ids).logits
+        trained = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(logits.float().square().sum(), trained)
+        return logits, grads
+
+    for _ in range(2):
+        expected, got = run(plain), run(cached)
+        assert torch.equal(got[0], expected[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[1], expected[1], strict=True))
+    frozen = [m for m in switched if not m.weight.requires_grad]
+    casts = [getattr(m, precision._CACHE)[1] for m in frozen]
+    run(cached)
+    assert all(getattr(m, precision._CACHE)[1] is c for m, c in zip(frozen, casts, strict=True))
+    # a frozen weight changed in place: cast again, outputs follow
+    for model in (plain, cached):
+        layer = next(m for m in model.modules() if type(m) is torch.nn.Linear)
+        with torch.no_grad():
+            layer.weight.mul_(1.5)
+    assert torch.equal(run(cached)[0], run(plain)[0])
+    # trainable layers and passes outside autocast: nn.Linear's own forward
+    trainable = [m for m in switched if m.weight.requires_grad]
+    assert trainable and all(getattr(m, precision._CACHE, None) is None for m in trainable)
+    x = torch.randn(2, frozen[0].in_features)
+    assert torch.equal(
+        frozen[0](x), torch.nn.functional.linear(x, frozen[0].weight, frozen[0].bias)
+    )
+
+
 def _rl_recipe(init, *overrides):
     return rl_recipe(init, "train.precision=bf16", *overrides)
 

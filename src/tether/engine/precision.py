@@ -24,6 +24,17 @@ autocast); its own op order differs from the forward's, so the rollout log-probs
 ``old_logp`` (PPO, GRPO) are recomputed by the policy's own (bf16) forward
 (:mod:`tether.generation.rollouts`), and the first ratio is exactly 1.
 
+Frozen weights on the CPU (:func:`cache_frozen_casts`): autocast casts every weight to bf16 at
+every use and keeps no cast of a weight that takes no gradient, so a LoRA run's frozen base
+model and a frozen reference were cast afresh in every forward pass: on SmolLM2 a quarter of a
+LoRA update's time went to these copies. Their Linear layers therefore keep one bf16 copy of
+their weight and bias, made again when the weight changes (its version counter or its
+storage: an in-place update, a checkpoint loaded, the model moved) and used only under bf16
+autocast while the weight takes no gradient: the same bf16 values autocast would make, so the
+same outputs and gradients. A weight edited in place through ``.data`` (which bumps no
+version; PEFT's ``merge_adapter`` does this, and tether refuses merged adapters) is not seen. Not on GPUs, where the casts are cheap beside the matmuls and the copies
+would hold memory between steps that autocast frees after each layer.
+
 Hardware: on CUDA bf16 needs a GPU that supports it (a RecipeError otherwise); on a CPU it runs
 everywhere, but only a CPU with bf16 units (``avx512_bf16``, AMX: oneDNN's bf16 kernels) runs
 it faster than fp32; elsewhere a bf16 matmul takes some 40× as long as fp32 and
@@ -40,6 +51,7 @@ from types import MethodType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -118,3 +130,39 @@ def autocast_forward(model: nn.Module | None, precision: str, device: torch.devi
 
     model.forward = MethodType(forward, model)  # type: ignore[method-assign]
     setattr(model, _MARK, True)
+
+
+# set on a Linear module switched by cache_frozen_casts; its cache is `_CACHE`
+_CACHED = "_tether_cached_cast"
+_CACHE = "_tether_bf16_cast"
+
+
+def _cached_cast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward, with the bf16 weight (and bias) from the module's cache when the
+    weight is frozen and the call runs under CPU bf16 autocast (module docstring)."""
+    weight = self.weight
+    if (
+        weight.requires_grad
+        or not torch.is_autocast_enabled("cpu")
+        or torch.get_autocast_dtype("cpu") != torch.bfloat16
+    ):
+        return F.linear(x, weight, self.bias)
+    key = (weight.data_ptr(), weight._version, weight.device)
+    cached = getattr(self, _CACHE, None)
+    if cached is None or cached[0] != key:
+        bias = None if self.bias is None else self.bias.detach().to(torch.bfloat16)
+        cached = (key, weight.detach().to(torch.bfloat16), bias)
+        setattr(self, _CACHE, cached)
+    return F.linear(x.to(torch.bfloat16), cached[1], cached[2])
+
+
+def cache_frozen_casts(model: nn.Module | None, precision: str, device: torch.device) -> None:
+    """On the CPU under ``precision`` bf16: every ``nn.Linear`` of ``model`` keeps the bf16 cast
+    of its weight while the weight is frozen (module docstring). In place and idempotent; other
+    precisions and devices are left alone."""
+    if model is None or precision != "bf16" or device.type != "cpu":
+        return
+    for module in model.modules():
+        if type(module) is nn.Linear and not getattr(module, _CACHED, False):
+            module.forward = MethodType(_cached_cast_forward, module)  # type: ignore[method-assign]
+            setattr(module, _CACHED, True)

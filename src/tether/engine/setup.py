@@ -20,7 +20,7 @@ from transformers import (
 
 from tether import distributed
 from tether.config import Recipe, RecipeError
-from tether.engine.precision import autocast_forward
+from tether.engine.precision import autocast_forward, cache_frozen_casts
 from tether.models.fused import use_fused_ops
 from tether.models.loading import build_model, char_tokenizer, load_model_and_tokenizer
 from tether.models.lora import is_lora, with_adapters
@@ -176,11 +176,13 @@ def prepare_models(
 ) -> None:
     """``train.precision``, ``train.fused_ops`` and ``train.compile`` on the policy and the
     stage's frozen models, in place: with bf16 their forward passes run under autocast and
-    everything after them in fp32 (:mod:`tether.engine.precision` says why not accelerate's);
+    everything after them in fp32 (:mod:`tether.engine.precision` says why not accelerate's),
+    and on the CPU their frozen Linear weights keep their bf16 casts between passes;
     Llama layers take the fused RoPE and RMSNorm (:mod:`tether.models.fused`); then
     ``torch.compile``."""
     for scored in (model, *stage.frozen_models()):
         autocast_forward(scored, recipe.train.precision, device)
+        cache_frozen_casts(scored, recipe.train.precision, device)
         if recipe.train.fused_ops and not recipe.train.compile:
             use_fused_ops(scored)
     if recipe.train.compile:
