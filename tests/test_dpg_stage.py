@@ -104,7 +104,10 @@ def test_sampling_stays_in_the_vocabulary_and_is_the_enumerated_policy(tiny_chec
     greedy = sample(model, tok, ["Digits:"], max_new_tokens=4, allowed_token_ids=space.vocab_ids)
     assert dist.index(greedy.token_rows()[1][0]) >= 0
     free = sample(model, tok, ["Digits:"] * 16, max_new_tokens=4, temperature=1.0, generator=gen)
-    assert not set(map(tuple, free.token_rows()[1])) & set(dist.sequences)
+    # without the option rows leave the space: only those whose first draw is EOS (about 1 in
+    # the vocabulary's 99 on this random model) stay in it
+    inside = set(dist.sequences)
+    assert sum(tuple(r) in inside for r in free.token_rows()[1]) <= 2
     with pytest.raises(ValueError, match="allowed_token_ids"):
         sample(model, tok, ["a"], max_new_tokens=1, allowed_token_ids=[10_000])
 

@@ -49,7 +49,7 @@ STAGES: dict[str, tuple[int, list[str], str]] = {
     ),
     "online-dpo": (0, ["train.batch_size=4", "preference.max_new_tokens=24"], "kl_sequence"),
     "xpo": (0, ["train.batch_size=4", "preference.max_new_tokens=24"], "kl_sequence"),
-    "dpg": (0, ["dpg.prompts_per_step=2", "dpg.samples_per_step=4"], "kl_policy_ref"),
+    "dpg": (1, ["dpg.prompts_per_step=2", "dpg.samples_per_step=4"], "kl_policy_ref"),
 }
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tether.generation.sampler import SampleOutput, _retire, _StopChecker, sample
+from tether.generation.sampler import SampleOutput, _retire, _StopChecker, inverse_cdf, sample
 from tether.models.loading import build_model, char_tokenizer
 
 ARCHS = ["gpt2", "llama"]
@@ -153,6 +153,33 @@ def test_seeded_sampling_is_reproducible(model, tok):
     assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
     assert torch.equal(a.logprobs, b.logprobs)
     assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_inverse_cdf_draws_by_hand_and_at_the_right_frequencies():
+    """The first token whose running sum exceeds u × the total: by hand on p = (0.5, 0, 0.3,
+    0.2) (the zero-probability token is never drawn, unnormalised rows are normalised), and
+    200,000 draws of a random row of 49,152 (a chat vocabulary) fall on its three likeliest
+    tokens and its tail at their probabilities (within 4 standard errors)."""
+    p = torch.tensor([[0.5, 0.0, 0.3, 0.2]])
+    cases = [(0.0, 0), (0.4999, 0), (0.5001, 2), (0.7999, 2), (0.8001, 3), (0.99999, 3)]
+    for u, token in cases:
+        assert int(inverse_cdf(p, torch.tensor([[u]], dtype=torch.float64))) == token
+        assert int(inverse_cdf(p * 7, torch.tensor([[u]], dtype=torch.float64))) == token
+    # u = 0 (torch.rand can return it) with a zero-probability first token: not drawn
+    zero_first = torch.tensor([[0.0, 0.5, 0.5]])
+    assert int(inverse_cdf(zero_first, torch.zeros(1, 1, dtype=torch.float64))) == 1
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(1, 49152, generator=g) * 3, -1)
+    n = 200_000
+    u = torch.rand(1, n, generator=g, dtype=torch.float64)
+    drawn = inverse_cdf(probs, u)[0]  # one row, n uniforms: n draws from it
+    top = probs[0].topk(3).indices
+    for expected, hits in [
+        *((probs[0, i], (drawn == i).sum()) for i in top),
+        (1 - probs[0, top].sum(), (~torch.isin(drawn, top)).sum()),
+    ]:
+        q = float(expected)
+        assert abs(int(hits) / n - q) <= 4 * (q * (1 - q) / n) ** 0.5
 
 
 def test_stop_string_cuts_text_and_finishes(model, tok):

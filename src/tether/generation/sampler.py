@@ -2,7 +2,7 @@
 
 ``sample(model, tokenizer, prompts, max_new_tokens=..., temperature=...)`` left-pads the
 prompts, prefills them in one forward pass, then decodes one token per step for the whole
-batch, greedy (temperature 0) or by multinomial draws from ``softmax(logits / T)``.
+batch, greedy (temperature 0) or by draws from ``softmax(logits / T)`` (:func:`inverse_cdf`).
 
 The decode loop (:func:`_decode`) is written once for every model: pick the next tokens,
 record them, retire the rows that finished, step. The forward passes and the KV cache belong
@@ -259,8 +259,22 @@ def _pick(
         return nxt.view(-1), shifted.sub_(top).exp_().sum(-1).log_().neg_()
     logits = logits.float()
     logp = torch.log_softmax(logits / temperature, -1)
-    nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+    probs = logp.exp()
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    nxt = inverse_cdf(probs, u)
     return nxt, logp.gather(1, nxt.unsqueeze(1)).squeeze(1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row of the categorical ``probs`` [n, V] (not necessarily normalised) for
+    uniforms ``u`` [n, 1] on [0, 1): the first token whose running sum (fp64) exceeds u × the
+    row's total, so token i is drawn with probability p_i / Σp up to fp64 rounding, and a
+    token of probability 0 never. One uniform a row: ``torch.multinomial`` draws V exponentials
+    a row (the exponential race), 14.8 ms against 0.47 ms here at 16 × 49,152 on two CPU cores,
+    13 ms of each 27 ms decode step of an RL rollout on SmolLM2."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return picked.clamp_(max=probs.shape[1] - 1).squeeze(1)
 
 
 class _StopChecker:
