@@ -168,6 +168,10 @@ def test_inverse_cdf_draws_by_hand_and_at_the_right_frequencies():
     # u = 0 (torch.rand can return it) with a zero-probability first token: not drawn
     zero_first = torch.tensor([[0.0, 0.5, 0.5]])
     assert int(inverse_cdf(zero_first, torch.zeros(1, 1, dtype=torch.float64))) == 1
+    half = torch.full((1, 1), 0.5, dtype=torch.float64)
+    for bad in ([[0.5, float("nan")]], [[float("inf"), 1.0]], [[0.0, 0.0]]):
+        with pytest.raises(ValueError, match="not finite and positive"):
+            inverse_cdf(torch.tensor(bad), half)
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(1, 49152, generator=g) * 3, -1)
     n = 200_000

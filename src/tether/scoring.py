@@ -498,8 +498,8 @@ def packed_completion_window_logits(
     first_row = torch.full((n_groups,), batch, device=device).scatter_reduce(
         0, group_of, rows, reduce="amin"
     )
-    same_group = group_of[:, None] == group_of[None, :]
-    slot = (same_group & (rows[None, :] < rows[:, None])).sum(dim=1)
+    before = (group_of[:, None] == group_of[None, :]) & (rows[None, :] < rows[:, None])
+    slot = before.sum(dim=1)  # [b, c]: row c is in b's group and comes before it
     slots = int(slot.max()) + 1
     base = first_row[group_of]
     lengths = mask.sum(dim=1)
@@ -509,7 +509,6 @@ def packed_completion_window_logits(
     shared = torch.where(base == rows, 0, shared)  # the first row packs whole
     own = lengths - shared  # the columns each row adds to its packed row
     # segment start: the lengths added by the rows before it in its group
-    before = same_group & (rows[None, :] < rows[:, None])
     offset = (before.to(torch.int64) * own[None, :]).sum(dim=1)
     packed_len = torch.zeros(n_groups, dtype=torch.int64, device=device).index_add_(
         0, group_of, own
