@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -195,28 +196,125 @@ def loss_token_logprobs(
     return _real_only(by_length_groups(model, input_ids, attention_mask, group), attention_mask)
 
 
-def shared_prefix_lengths(input_ids: Tensor, attention_mask: Tensor, pairs: int) -> Tensor:
-    """[pairs]: how many tokens rows i and ``pairs`` + i (a pair's chosen and rejected rows,
-    right-padded) have in common from their start."""
+def _common_prefix(input_ids: Tensor, attention_mask: Tensor, base: Tensor) -> Tensor:
+    """[B]: how many tokens each right-padded row has in common with row ``base[b]`` from
+    their start."""
     real = attention_mask.bool()
-    same = (input_ids[:pairs] == input_ids[pairs:]) & real[:pairs] & real[pairs:]
+    same = (input_ids == input_ids[base]) & real & real[base]
     return same.to(torch.int64).cumprod(dim=1).sum(dim=1)
 
 
-# Packed pair rows longer than this take the unpacked path: a packed row's attention needs an
+def shared_prefix_lengths(input_ids: Tensor, attention_mask: Tensor, pairs: int) -> Tensor:
+    """[pairs]: how many tokens rows i and ``pairs`` + i (a pair's chosen and rejected rows,
+    right-padded) have in common from their start."""
+    base = torch.arange(pairs, device=input_ids.device).repeat(2)
+    return _common_prefix(input_ids, attention_mask, base)[pairs:]
+
+
+# Packed rows longer than this take the unpacked path: a packed row's attention needs an
 # explicit [L, L] mask per row (a bool, and SDPA's float copy of it on the CPU).
 PACKED_ROW_MAX = 1024
 
 
 def packing_pays(row_len: Tensor, packed_len: Tensor) -> bool:
     """Whether rows of lengths ``row_len`` are worth packing into rows of lengths
-    ``packed_len`` (:func:`pair_token_logprobs`, :func:`packed_completion_window_logits`):
-    packing always computes fewer positions, but a packed row's attention covers its whole
-    square, so rows that share little would cost more attention than alone (a pair sharing
-    nothing: twice as much). Packed when the packed rows' squares add up to no more than the
-    rows' own, and no packed row is longer than :data:`PACKED_ROW_MAX`."""
+    ``packed_len`` (:func:`pack_rows`): packing always computes fewer positions, but a packed
+    row's attention covers its whole square, so rows that share little would cost more
+    attention than alone (a pair sharing nothing: twice as much). Packed when the packed rows'
+    squares add up to no more than the rows' own, and no packed row is longer than
+    :data:`PACKED_ROW_MAX`."""
     squares = row_len.square().sum()
     return bool(packed_len.square().sum() <= squares) and int(packed_len.max()) <= PACKED_ROW_MAX
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Right-padded rows packed group by group (:func:`pack_rows`). Per packed column [G, W]:
+    ``ids``, ``position`` (in its own row), ``source`` (its row, −1 on padding), ``cut`` (how
+    many leading tokens its row shares with the group's first row; 0 in the first row),
+    ``real`` and ``in_first`` (from the group's first row). Per row [B]: ``group``, ``slot``
+    (its rank in its group), ``shared`` (its common prefix with the group's first row, 0 for
+    the first row) and ``offset`` (the packed column of its token ``shared``)."""
+
+    ids: Tensor
+    position: Tensor
+    source: Tensor
+    cut: Tensor
+    real: Tensor
+    in_first: Tensor
+    group: Tensor
+    slot: Tensor
+    shared: Tensor
+    offset: Tensor
+
+    def attention(self, packed: Tensor, cols: int) -> Tensor:
+        """The 4D mask [n, 1, cols, cols] of the packed rows ``packed``: query q sees key k
+        when k is real, k's position is at most q's, and k is in q's row or in the part of
+        the group's first row that q's row shares with it; padding queries see column 0 (no
+        empty softmax row)."""
+        pos, src = self.position[packed, :cols], self.source[packed, :cols]
+        ok, first = self.real[packed, :cols], self.in_first[packed, :cols]
+        limit = self.cut[packed, :cols]
+        sees = (pos[:, None, :] <= pos[:, :, None]) & ok[:, None, :]
+        sees &= (src[:, None, :] == src[:, :, None]) | (
+            first[:, None, :] & (pos[:, None, :] < limit[:, :, None])
+        )
+        sees[:, :, 0] |= ~ok
+        return sees[:, None]
+
+    def column(self, context: Tensor) -> Tensor:
+        """The packed column whose output is each row's position ``context`` [B, T] (the
+        first row's column while inside the shared prefix, else the row's own)."""
+        shared, offset = self.shared[:, None], self.offset[:, None]
+        return torch.where(context < shared, context, offset + context - shared)
+
+
+def pack_rows(input_ids: Tensor, attention_mask: Tensor, group: Tensor) -> PackedRows | None:
+    """The right-padded rows packed into one row per ``group`` [B] (ids 0 .. G−1): the group's
+    first row, then each other row's tokens after the prefix it shares with the first row, at
+    their own positions; under :meth:`PackedRows.attention` every token has exactly its own
+    row's context. None where :func:`packing_pays` says no."""
+    batch, width = input_ids.shape
+    device = input_ids.device
+    rows = torch.arange(batch, device=device)
+    n_groups = int(group.max()) + 1
+    first_row = torch.full((n_groups,), batch, device=device).scatter_reduce(
+        0, group, rows, reduce="amin"
+    )
+    before = (group[:, None] == group[None, :]) & (rows[None, :] < rows[:, None])
+    slot = before.sum(dim=1)  # [b, c]: row c is in b's group and comes before it
+    base = first_row[group]
+    lengths = attention_mask.sum(dim=1)
+    shared = torch.where(base == rows, 0, _common_prefix(input_ids, attention_mask, base))
+    own = lengths - shared  # the columns each row adds to its packed row
+    offset = (before.to(torch.int64) * own[None, :]).sum(dim=1)  # its rows before it
+    packed_len = torch.zeros(n_groups, dtype=torch.int64, device=device).index_add_(0, group, own)
+    if not packing_pays(lengths, packed_len):
+        return None
+    # row b's tokens shared .. length - 1 at columns offset + (t - shared)
+    packed_width = int(packed_len.max())
+    source = torch.full((n_groups, packed_width), -1, dtype=torch.int64, device=device)
+    position = torch.zeros((n_groups, packed_width), dtype=torch.int64, device=device)
+    columns = torch.arange(width, device=device)
+    placed = (columns[None, :] >= shared[:, None]) & attention_mask.bool()
+    b, t = placed.nonzero(as_tuple=True)
+    at = group[b] * packed_width + offset[b] + t - shared[b]
+    source.view(-1)[at] = b
+    position.view(-1)[at] = t
+    real = source >= 0
+    row = source.clamp(min=0)
+    return PackedRows(
+        ids=torch.where(real, input_ids[row, position], 0),
+        position=position,
+        source=source,
+        cut=torch.where(real, shared[row], 0),
+        real=real,
+        in_first=real & (source == first_row[:, None]),
+        group=group,
+        slot=slot,
+        shared=shared,
+        offset=offset,
+    )
 
 
 def pair_token_logprobs(
@@ -226,61 +324,40 @@ def pair_token_logprobs(
     rows of the same prompts, with the tokens the two rows of a pair share from their start
     (the prompt, and often the start of both responses) run once.
 
-    Each pair becomes one packed row: the chosen row, then the rejected row's tokens after the
-    shared prefix of length c, at their own positions c, c+1, ... (``position_ids``), with a
-    4D attention mask under which every chosen token sees the chosen tokens before it and
-    every rejected token sees the shared prefix and the rejected tokens before it: each token
-    has exactly the context it has in its own row, so each log-prob is the unpacked one (to
-    float rounding). Rejected token t is scored from packed position t − 1 while t ≤ c (the
-    shared prefix), from position L_w + t − 1 − c after it. Packed rows go through
-    :func:`by_length_groups`, the LM head from each group's earliest loss position on.
+    Each pair becomes one packed row (:func:`pack_rows`): the chosen row, then the rejected
+    row's tokens after the shared prefix of length c, at their own positions c, c+1, ...
+    (``position_ids``), with a 4D attention mask under which every chosen token sees the chosen
+    tokens before it and every rejected token sees the shared prefix and the rejected tokens
+    before it: each token has exactly the context it has in its own row, so each log-prob is
+    the unpacked one (to float rounding). Rejected token t is scored from packed position t − 1
+    while t ≤ c (the shared prefix), from position L_w + t − 1 − c after it. Packed rows go
+    through :func:`by_length_groups`, the LM head from each group's earliest loss position on.
     Models without ``logits_to_keep`` or custom attention masks (:func:`takes_4d_masks`),
     batches that are not right-padded and batches whose pairs share too little
     (:func:`packing_pays`) take :func:`loss_token_logprobs`."""
-    if not (keeps_logits(model) and takes_4d_masks(model) and right_padded(attention_mask)):
-        return loss_token_logprobs(model, input_ids, attention_mask, loss_mask)
+    packed = None
     pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
-    device = input_ids.device
-    lengths = attention_mask.sum(dim=1)
-    chosen_len, rejected_len = lengths[:pairs], lengths[pairs:]
-    shared = shared_prefix_lengths(input_ids, attention_mask, pairs)  # ≤ both rows' lengths
-    packed_len = chosen_len + rejected_len - shared
-    if not packing_pays(lengths, packed_len):
+    if keeps_logits(model) and takes_4d_masks(model) and right_padded(attention_mask):
+        pair = torch.arange(pairs, device=input_ids.device).repeat(2)
+        packed = pack_rows(input_ids, attention_mask, pair)
+    if packed is None:
         return loss_token_logprobs(model, input_ids, attention_mask, loss_mask)
     check_positions(model, width)
-    # packed row p: chosen tokens at columns 0 .. L_w - 1, then the rejected row's tokens
-    # c .. L_r - 1 at columns L_w .. ; `position` is each column's position in its own row
-    columns = torch.arange(int(packed_len.max()), device=device)
-    in_rejected = columns[None, :] >= chosen_len[:, None]
-    position = torch.where(in_rejected, columns - chosen_len[:, None] + shared[:, None], columns)
-    real = columns[None, :] < packed_len[:, None]
-    pair = torch.arange(pairs, device=device)[:, None]
-    source = torch.where(in_rejected, pairs + pair, pair)  # the row a column's token is from
-    position = torch.where(real, position, 0)
-    packed_ids = input_ids[source, position.clamp(max=width - 1)] * real
-    # where each row's token t is predicted from (column of its context's last token)
-    t = torch.arange(width, device=device)
-    chosen_from = (t - 1).expand(pairs, -1)
-    rejected_from = torch.where(
-        t[None, :] <= shared[:, None], t - 1, chosen_len[:, None] + t - 1 - shared[:, None]
-    )
+    lengths = attention_mask.sum(dim=1)
+    # where each row's token t is predicted from: the column of its position t - 1
+    t = torch.arange(width, device=input_ids.device)
+    source = packed.column((t - 1).expand(2 * pairs, -1))
     first = _first_loss_positions(loss_mask)
     first = torch.minimum(first[:pairs], first[pairs:])
 
     def group(index: Tensor | None, ids: Tensor) -> tuple[Tensor, Tensor]:
-        rows = torch.arange(pairs, device=device) if index is None else index
-        n, cols = ids.shape
-        pos, rej, ok = position[rows, :cols], in_rejected[rows, :cols], real[rows, :cols]
-        c = shared[rows]
-        # query q sees key k: k real, k's position ≤ q's, and k in q's segment or the prefix
-        sees = (pos[:, None, :] <= pos[:, :, None]) & ok[:, None, :]
-        sees &= (rej[:, None, :] == rej[:, :, None]) | (~rej & (pos < c[:, None]))[:, None, :]
-        sees[:, :, 0] |= ~ok  # padding queries see column 0 (no empty softmax row)
+        rows = torch.arange(pairs, device=input_ids.device) if index is None else index
+        cols = ids.shape[1]
         start = _head_start(first[rows])
         logits = model(
             input_ids=ids,
-            attention_mask=sees[:, None],
-            position_ids=pos,
+            attention_mask=packed.attention(rows, cols),
+            position_ids=packed.position[rows, :cols],
             use_cache=False,
             logits_to_keep=cols - start,
         ).logits
@@ -291,16 +368,16 @@ def pair_token_logprobs(
         normaliser = torch.logsumexp(logits, dim=-1)
         flat = logits.flatten(1)
         values = []
-        for offset, sources in ((0, chosen_from), (pairs, rejected_from)):
-            at = sources[rows] - start  # [n, width]: the column of `logits` for token t
+        for offset in (0, pairs):
+            at = source[offset + rows] - start  # [n, width]: the column of `logits` for token t
             usable = (at >= 0) & (t[None, :] >= 1) & (t[None, :] < lengths[offset + rows, None])
             at = at.clamp(0, kept - 1)
             picked = flat.gather(1, at * vocab + input_ids[offset + rows])
             values.append(torch.where(usable, picked - normaliser.gather(1, at), 0.0))
         return values[0], values[1]
 
-    packed_mask = real.to(attention_mask.dtype)
-    chosen, rejected = by_length_groups(model, packed_ids, packed_mask, group)
+    packed_mask = packed.real.to(attention_mask.dtype)
+    chosen, rejected = by_length_groups(model, packed.ids, packed_mask, group)
     return _real_only(torch.cat([chosen, rejected]), attention_mask)
 
 
@@ -406,9 +483,8 @@ def grouped_completion_logits(
     length = input_ids.shape[1] - prompt_len
     if keeps_logits(model) and right_padded(mask):
         check_positions(model, ids.shape[1])
-        out = None
-        if takes_4d_masks(model):  # the group's shared prompt run once, where that pays
-            out = packed_completion_window_logits(model, ids, mask, starts, length, hidden)
+        # a group's shared prompt run once, where that applies and pays
+        out = packed_completion_window_logits(model, ids, mask, starts, length, hidden)
         if out is None:
             out = completion_window_logits(model, ids, mask, starts, length, hidden=hidden)
         logits, states = out if hidden else (out, None)
@@ -474,93 +550,50 @@ def packed_completion_window_logits(
     model: nn.Module, ids: Tensor, mask: Tensor, starts: Tensor, length: int, hidden: bool = False
 ) -> Any:
     """:func:`completion_window_logits` with the prompt that a group's rows share run once,
-    or None where that does not pay (then the caller runs the rows as they are).
+    or None where that does not apply or pay (then the caller runs the rows as they are).
 
     The rows with the same prompt (the k completions of a GRPO or RLOO group) become one packed
-    row: the group's first row, then each other row's tokens after the prefix it shares with
-    the first row (at least the prompt), at their own positions (``position_ids``), under a 4D
-    attention mask in which a token sees its own row's tokens before it and the first row's
-    tokens in their shared prefix: every token keeps exactly its own row's context, as in
+    row (:func:`pack_rows`): the group's first row, then each other row's tokens after the
+    prefix it shares with the first row (at least the prompt), at their own positions
+    (``position_ids``), under a 4D attention mask in which a token sees its own row's tokens
+    before it and the first row's tokens in their shared prefix, as in
     :func:`pair_token_logprobs`. Row b's token t is predicted from the first row's column
     t − 1 while t − 1 is inside their shared prefix, else from its own segment. Only for
     right-padded rows (:func:`left_to_right_padded`) of a model that takes ``logits_to_keep``
-    and custom masks (:func:`takes_4d_masks`); packed where :func:`packing_pays`."""
+    and custom masks (:func:`takes_4d_masks`)."""
+    if not takes_4d_masks(model):
+        return None
     batch, width = ids.shape
     device = ids.device
     columns = torch.arange(width, device=device)
     prompts = torch.where(columns[None, :] < starts[:, None], ids, -1)
     _, group_of = torch.unique(prompts, dim=0, return_inverse=True)
-    n_groups = int(group_of.max()) + 1
-    if n_groups == batch:
+    if int(group_of.max()) + 1 == batch:
         return None
-    rows = torch.arange(batch, device=device)
-    # each group's first row, and each row's slot (rank) in its group
-    first_row = torch.full((n_groups,), batch, device=device).scatter_reduce(
-        0, group_of, rows, reduce="amin"
-    )
-    before = (group_of[:, None] == group_of[None, :]) & (rows[None, :] < rows[:, None])
-    slot = before.sum(dim=1)  # [b, c]: row c is in b's group and comes before it
-    slots = int(slot.max()) + 1
-    base = first_row[group_of]
-    lengths = mask.sum(dim=1)
-    real = mask.bool()
-    same = (ids == ids[base]) & real & real[base]
-    shared = same.to(torch.int64).cumprod(dim=1).sum(dim=1)
-    shared = torch.where(base == rows, 0, shared)  # the first row packs whole
-    own = lengths - shared  # the columns each row adds to its packed row
-    # segment start: the lengths added by the rows before it in its group
-    offset = (before.to(torch.int64) * own[None, :]).sum(dim=1)
-    packed_len = torch.zeros(n_groups, dtype=torch.int64, device=device).index_add_(
-        0, group_of, own
-    )
-    if not packing_pays(lengths, packed_len):
+    packed = pack_rows(ids, mask, group_of)
+    if packed is None:
         return None
-    # the packed layout: row b's tokens shared .. length-1 at columns offset + (t - shared)
-    packed_width = int(packed_len.max())
-    source = torch.full((n_groups, packed_width), -1, dtype=torch.int64, device=device)
-    position = torch.zeros((n_groups, packed_width), dtype=torch.int64, device=device)
-    placed = (columns[None, :] >= shared[:, None]) & real
-    b, t = placed.nonzero(as_tuple=True)
-    at = group_of[b] * packed_width + offset[b] + t - shared[b]
-    source.view(-1)[at] = b
-    position.view(-1)[at] = t
-    packed_real = source >= 0
-    packed_ids = torch.where(packed_real, ids[source.clamp(min=0), position], 0)
-    cut = torch.where(packed_real, shared[source.clamp(min=0)], 0)  # 0 in the first row
-    in_first = packed_real & (source == first_row[:, None])
+    n_groups, slots = packed.ids.shape[0], int(packed.slot.max()) + 1
     # row b's completion step j: token starts + j, predicted from position starts + j - 1
-    steps = torch.arange(length, device=device)
-    context = starts[:, None] - 1 + steps
-    from_column = torch.where(
-        context < shared[:, None], context, offset[:, None] + context - shared[:, None]
-    )
-    window_real = context < lengths[:, None]  # as completion_window_logits: the last real
-    # position's logits too (they predict the token after the row)
+    context = starts[:, None] - 1 + torch.arange(length, device=device)
+    window_real = context < mask.sum(dim=1)[:, None]  # as completion_window_logits: the last
+    # real position's logits too (they predict the token after the row)
     # [groups, slots, length]: the column each slot's window reads, and where it is real
     read = torch.zeros((n_groups, slots, length), dtype=torch.int64, device=device)
-    read[group_of, slot] = from_column
+    read[group_of, packed.slot] = packed.column(context)
     read_real = torch.zeros((n_groups, slots, length), dtype=torch.bool, device=device)
-    read_real[group_of, slot] = window_real
+    read_real[group_of, packed.slot] = window_real
 
     def group(index: Tensor | None, group_ids: Tensor) -> Any:
         chosen = torch.arange(n_groups, device=device) if index is None else index
         n, cols = group_ids.shape
-        pos, src = position[chosen, :cols], source[chosen, :cols]
-        ok, first, limit = packed_real[chosen, :cols], in_first[chosen, :cols], cut[chosen, :cols]
-        # query q sees key k: k real, k's position ≤ q's, and k in q's row or in the first
-        # row's part of the prefix q's row shares with it
-        sees = (pos[:, None, :] <= pos[:, :, None]) & ok[:, None, :]
-        sees &= (src[:, None, :] == src[:, :, None]) | (
-            first[:, None, :] & (pos[:, None, :] < limit[:, :, None])
-        )
-        sees[:, :, 0] |= ~ok  # padding queries see column 0 (no empty softmax row)
         where, live = read[chosen], read_real[chosen]
         low = int(where[live].min()) if bool(live.any()) else cols - 1
         keep = cols - low
         out = model(
             input_ids=group_ids,
-            attention_mask=sees[:, None],
-            position_ids=pos,
+            attention_mask=packed.attention(chosen, cols),
+            position_ids=packed.position[chosen, :cols],
             use_cache=False,
             logits_to_keep=keep,
             output_hidden_states=hidden,
@@ -578,10 +611,9 @@ def packed_completion_window_logits(
             return logits
         return logits, pick(out.hidden_states[-1][:, low:].float())
 
-    packed_mask = packed_real.to(mask.dtype)
-    out = by_length_groups(model, packed_ids, packed_mask, group)
+    out = by_length_groups(model, packed.ids, packed.real.to(mask.dtype), group)
     values = out if isinstance(out, tuple) else (out,)
-    per_row = tuple(v[group_of, slot] for v in values)
+    per_row = tuple(v[group_of, packed.slot] for v in values)
     return per_row if hidden else per_row[0]
 
 
