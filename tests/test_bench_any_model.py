@@ -109,6 +109,9 @@ def test_bench_sampler_json_on_the_shipped_model():
         assert doc[side]["of_bound"] == pytest.approx(
             doc["bound"]["total_s"] / doc[side]["median_s"]
         )
+        assert doc[side]["first_call_s"] > 0  # the warm-up call, reported apart
+    shown = runner.invoke(app, [*args, "--threads", "1"])
+    assert shown.exit_code == 0 and shown.output.count("first call") == 2, shown.output
     bad = runner.invoke(app, ["bench", "sampler", "--precision", "fp8"])
     assert bad.exit_code == 2 and "--precision 'fp8'" in bad.output
 

@@ -335,25 +335,25 @@ def test_packed_linear_is_the_same_product_for_any_row_count(dtype):
     """The runner's Linear: with oneDNN (every x86 CPU build of torch) the weight is reordered
     once for a row count and then multiplies any number of rows (rows retire, the prefill has
     many) to F.linear's product; with packing off it is F.linear itself."""
-    from tether.generation import runners
+    from tether.generation import weights
 
     torch.manual_seed(0)
     w, b = torch.randn(576, 512).to(dtype), torch.randn(576).to(dtype)  # large enough to pack
-    lin = runners.Linear(w, rows=16)
+    lin = weights.Linear(w, rows=16)
     if torch.backends.mkldnn.is_available():
         assert lin.packed is not None  # the packed path is the one tested below
-    assert runners.Linear(w[:64, :64], rows=16).packed is None  # too small to earn it
+    assert weights.Linear(w[:64, :64], rows=16).packed is None  # too small to earn it
     tol = {"atol": 1e-3, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1.0, "rtol": 0.02}
     for n in (1, 7, 16, 300):
         x = torch.randn(n, 512).to(dtype)
         torch.testing.assert_close(lin(x), F.linear(x, w), **tol)
         torch.testing.assert_close(lin(x, b), F.linear(x, w, b), **tol)
-    off = runners.PACK_WEIGHTS
-    runners.PACK_WEIGHTS = False
+    off = weights.PACK_WEIGHTS
+    weights.PACK_WEIGHTS = False
     try:
-        plain = runners.Linear(w, rows=16)
+        plain = weights.Linear(w, rows=16)
     finally:
-        runners.PACK_WEIGHTS = off
+        weights.PACK_WEIGHTS = off
     assert plain.packed is None
     x = torch.randn(5, 512).to(dtype)
     assert torch.equal(plain(x, b), F.linear(x, w, b))
@@ -365,13 +365,13 @@ def test_gate_up_is_silu_of_the_gate_times_the_up_projection(dtype, bias):
     """The Llama runner's GateUp: with both halves packed, the activation and the product
     run as oneDNN post-ops of the two GEMMs; either way it is silu(x Wg^T + bg) * (x Wu^T +
     bu) for the stacked weight [Wg; Wu], for any row count (fp32 reference)."""
-    from tether.generation import runners
+    from tether.generation import weights
 
     torch.manual_seed(0)
     inter, width = 640, 512  # each half large enough to pack
     w = (torch.randn(2 * inter, width) * 0.05).to(dtype)
     b = torch.randn(2 * inter).to(dtype) if bias else None
-    gate_up = runners.GateUp(w, b, rows=16)
+    gate_up = weights.GateUp(w, b, rows=16)
     if torch.backends.mkldnn.is_available():
         assert gate_up.packed is not None  # the fused path is the one tested below
     w32 = w.float()
@@ -385,7 +385,7 @@ def test_gate_up_is_silu_of_the_gate_times_the_up_projection(dtype, bias):
         out = gate_up(x)
         assert out.dtype == dtype and out.shape == (n, inter)
         torch.testing.assert_close(out.float(), ref, **tol)
-    small = runners.GateUp(w[:, :64].contiguous(), None, rows=16)  # too small to pack
+    small = weights.GateUp(w[:, :64].contiguous(), None, rows=16)  # too small to pack
     assert small.packed is None
     x = torch.randn(3, 64).to(dtype)
     gu = F.linear(x, w[:, :64])
@@ -395,11 +395,11 @@ def test_gate_up_is_silu_of_the_gate_times_the_up_projection(dtype, bias):
 def test_packed_weights_sample_what_plain_weights_sample(eos_model, tok, monkeypatch):
     """Greedy completions with the runner's packed weights are those of plain F.linear, and
     their log-probs agree to fp32 rounding (the packed GEMM sums in another order)."""
-    from tether.generation import runners
+    from tether.generation import weights
 
-    monkeypatch.setattr(runners, "PACK_MIN_NUMEL", 0)  # pack even this tiny model's weights
+    monkeypatch.setattr(weights, "PACK_MIN_NUMEL", 0)  # pack even this tiny model's weights
     packed = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
-    monkeypatch.setattr(runners, "PACK_WEIGHTS", False)
+    monkeypatch.setattr(weights, "PACK_WEIGHTS", False)
     plain = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
     assert torch.equal(packed.completion_ids, plain.completion_ids)
     torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=0)
@@ -409,28 +409,112 @@ def test_the_kv_cache_storage_is_reused_only_by_a_runner_that_follows(eos_model,
     """A fast runner's KV cache reuses the storage of the previous runner's once that runner
     is gone and the storage is large enough; while it lives, or when it is too small, a new
     one; a reused (dirty) storage samples exactly what a fresh one does."""
-    from tether.generation import runners
+    from tether.generation import weights
 
     shape, bf16, cpu = (2, 3, 4), torch.bfloat16, torch.device("cpu")
-    first = runners.kv_buffer(shape, bf16, cpu)
-    while_alive = runners.kv_buffer(shape, bf16, cpu)
+    first = weights.kv_buffer(shape, bf16, cpu)
+    while_alive = weights.kv_buffer(shape, bf16, cpu)
     assert while_alive.data_ptr() != first.data_ptr()
     pointer = first.data_ptr()
     del first, while_alive
-    again = runners.kv_buffer((3, 4), bf16, cpu)  # smaller: a view of the same storage
+    again = weights.kv_buffer((3, 4), bf16, cpu)  # smaller: a view of the same storage
     assert again.data_ptr() == pointer and again.shape == (3, 4)
     del again
-    larger = runners.kv_buffer((5, 6, 7), bf16, cpu)
+    larger = weights.kv_buffer((5, 6, 7), bf16, cpu)
     assert larger.numel() == 210 and larger.data_ptr() != pointer
     del larger
     sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)  # leaves its cache's storage
-    storage = runners._KV_BUFFER["storage"]
+    storage = weights._KV_BUFFER["storage"]
     with torch.inference_mode():  # sample's mode, in which the storage was made
         storage.fill_(float("nan"))  # whatever the last run left there
     reused = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
-    assert runners._KV_BUFFER["storage"] is storage
+    assert weights._KV_BUFFER["storage"] is storage
     del storage
-    runners._KV_BUFFER.update(storage=None, view=None)
+    weights._KV_BUFFER.update(storage=None, view=None)
     fresh = sample(eos_model, tok, PROMPTS, max_new_tokens=N_NEW)
     assert torch.equal(reused.completion_ids, fresh.completion_ids)
     assert torch.equal(reused.logprobs, fresh.logprobs)
+
+
+def _prepared() -> dict:
+    """The prepared values the last Llama runner kept, by tag (layer, matrix, settings)."""
+    from tether.generation import weights
+
+    return {tag: entry[2] for tag, entry in weights._PREPARED.items()}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_prepared_weights_are_reused_only_from_the_same_unchanged_tensors(tok, dtype):
+    """A second call on the same model reuses every prepared (folded, cast, packed) matrix of
+    the first; an in-place update of one weight (as an optimizer step makes) re-prepares the
+    matrices made from it and only those, and samples what freshly prepared weights sample;
+    another model with equal values but other tensors reuses nothing."""
+    import copy
+
+    from tether.generation import weights
+
+    model = tiny(tok, "llama")
+    weights.release()
+    first = sample(model, tok, PROMPTS, max_new_tokens=N_NEW, dtype=dtype)
+    kept = _prepared()
+    # per layer [q|k|v], gate-up, o and down, and the LM head
+    assert len(kept) == 4 * model.config.num_hidden_layers + 1
+    again = sample(model, tok, PROMPTS, max_new_tokens=N_NEW, dtype=dtype)
+    assert all(_prepared()[tag] is value for tag, value in kept.items())
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    assert torch.equal(first.logprobs, again.logprobs)
+
+    with torch.no_grad():  # one optimizer-like step on layer 0's key projection
+        model.model.layers[0].self_attn.k_proj.weight.add_(0.5)
+    changed = sample(model, tok, PROMPTS, max_new_tokens=N_NEW, dtype=dtype)
+    now = _prepared()
+    for tag, value in kept.items():
+        assert (now[tag] is value) == (tag[:2] != ("qkv", 0)), tag
+    weights.release()
+    fresh = sample(model, tok, PROMPTS, max_new_tokens=N_NEW, dtype=dtype)
+    assert torch.equal(changed.completion_ids, fresh.completion_ids)
+    assert torch.equal(changed.logprobs, fresh.logprobs)
+    assert not torch.equal(changed.logprobs, first.logprobs)
+
+    twin = copy.deepcopy(model)
+    kept = _prepared()
+    sample(twin, tok, PROMPTS, max_new_tokens=N_NEW, dtype=dtype)
+    assert not any(_prepared()[tag] is value for tag, value in kept.items())
+    weights.release()
+    assert weights._PREPARED == {} and weights._KV_BUFFER["storage"] is None
+
+
+def test_prepared_weights_are_kept_only_on_the_cpu():
+    """Off the CPU nothing is kept between calls (device allocators reuse memory already)."""
+    from tether.generation import weights
+
+    w = torch.ones(2, 2)
+    for device, kept in ((torch.device("cpu"), 1), (torch.device("meta"), 0)):
+        weights.release()
+        prep = weights.Preparation(device)
+        assert prep(("w",), [w], lambda: w * 2).sum() == 8
+        prep.keep()
+        assert len(weights._PREPARED) == kept
+    weights.release()
+
+
+def test_prepared_values_need_the_very_same_source_tensor():
+    """Reuse needs the source tensor itself, alive: another tensor at the same address with
+    the same version (a freed model's address taken by a new one) does not match."""
+    from tether.generation import weights
+
+    w = torch.ones(2, 2)
+    alias = w.detach()  # the same storage and version counter, another tensor
+    builds = []
+
+    def build(source):
+        builds.append(source)
+        return source * 2
+
+    weights.release()
+    for source, built in ((w, 1), (w, 1), (alias, 2), (alias, 2)):
+        prep = weights.Preparation(torch.device("cpu"))
+        prep(("w",), [source], lambda source=source: build(source))
+        prep.keep()
+        assert len(builds) == built
+    weights.release()

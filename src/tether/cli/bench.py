@@ -313,7 +313,8 @@ def bench_sampler_command(
             r = result[name]
             typer.echo(
                 f"{name:>9}: {r['tokens_per_s']:8.1f} tokens/s  (median of {repeats}: "
-                f"{r['median_s']:.2f} s, {r['of_bound']:.0%} of the bound)"
+                f"{r['median_s']:.2f} s, {r['of_bound']:.0%} of the bound; first call "
+                f"{r['first_call_s']:.2f} s)"
             )
     if "ratio" in result:
         typer.echo(f"    ratio: {result['ratio']:.2f}× generate")

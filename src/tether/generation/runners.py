@@ -55,15 +55,17 @@ forward under ``torch.autocast``.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-import weakref
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+from tether.generation import weights
+from tether.generation.weights import FOLD_CHUNK, GateUp, Linear, Preparation, kv_buffer
 
 
 class DecodeRunner(Protocol):
@@ -95,8 +97,8 @@ def make_runner(
     """The fast runner for a plain GPT-2 or Llama model it supports (unless ``fast`` is False),
     else the generic runner: prefilled and stepped by :func:`tether.generation.sampler.sample`.
     ``dtype``: the arithmetic's (None: the weights'; module docstring)."""
-    weights = next(model.parameters()).dtype
-    mixed = dtype is not None and dtype != weights
+    weight_dtype = next(model.parameters()).dtype
+    mixed = dtype is not None and dtype != weight_dtype
     if fast and not mixed and type(model) is GPT2LMHeadModel and GPT2Runner.supports(model):
         return GPT2Runner(model, prompt_mask, lens, max_new)
     if fast and type(model) is LlamaForCausalLM and LlamaRunner.supports(model):
@@ -184,41 +186,6 @@ class GenericRunner:
 # ----------------------------------------------------------------------------- fast path
 
 _NEG_INF = float("-inf")
-
-
-# The last KV cache a fast runner took on the CPU: its storage, and a weak reference to the
-# runner's view of it (alive while that runner is).
-_KV_BUFFER: dict[str, Any] = {"storage": None, "view": None}
-
-
-def kv_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor of ``shape`` for a runner's KV cache. On the CPU the storage of
-    the previous runner's cache is reused when that runner is gone and the storage is large
-    enough: a cache above glibc's 32 MiB mmap threshold is otherwise mapped afresh by every
-    call and page-faulted in by its prefill (SmolLM2 at batch 64: 71 MB, 0.22-0.26 s of a
-    2.9 s call on the development machine). The largest cache taken stays allocated between
-    calls. Elsewhere (CUDA's caching allocator already reuses memory) a new tensor."""
-    numel = math.prod(shape)
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    storage, view = _KV_BUFFER["storage"], _KV_BUFFER["view"]
-    busy = view is not None and view() is not None
-    fits = (
-        storage is not None
-        and storage.dtype == dtype
-        and storage.device == device
-        and storage.numel() >= numel
-        # made under inference mode (sample's): writable only there
-        and (torch.is_inference_mode_enabled() or not storage.is_inference())
-    )
-    if busy or not fits:
-        storage = torch.empty(numel, dtype=dtype, device=device)
-        if not busy:
-            _KV_BUFFER["storage"] = storage
-    cache = storage[:numel].view(shape)
-    if storage is _KV_BUFFER["storage"]:
-        _KV_BUFFER["view"] = weakref.ref(cache)
-    return cache
 
 
 class FastRunner:
@@ -432,88 +399,6 @@ def _interleave_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(-1, *w.shape[3:])
 
 
-# whether the Llama runner multiplies by oneDNN-packed weights on the CPU (a test turns it off
-# to compare); where torch lacks the ops it falls back to F.linear by itself
-PACK_WEIGHTS = True
-# Only weights this large are packed: a packed call costs some 10-13 us more to set up, which
-# tiny weights do not earn back (one thread: [32 x 96] x [96 x 288] 16 us plain, 29 us packed;
-# [32 x 576] x [576 x 3072] 1059 us plain, 837 us packed)
-PACK_MIN_NUMEL = 1 << 18
-
-
-# Entries of a weight folded at a time (LlamaRunner's RMSNorm gains): the fp32 products of a
-# block stay under glibc's 32 MiB mmap threshold and reuse heap memory, where SmolLM2's LM head
-# in one piece (113 MB of fp32) was mapped and page-faulted afresh by every call
-FOLD_CHUNK = 1 << 22
-
-
-# whether this torch build has oneDNN's packed linear (checked once)
-_ONEDNN_LINEAR = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-)
-
-
-def _can_pack(w: torch.Tensor) -> bool:
-    return (
-        PACK_WEIGHTS
-        and _ONEDNN_LINEAR
-        and w.numel() >= PACK_MIN_NUMEL
-        and w.device.type == "cpu"
-        and w.dtype in (torch.float32, torch.bfloat16)
-    )
-
-
-class Linear:
-    """x W^T (+ b) by a weight [out, in]. On a CPU with oneDNN a large weight (at least
-    :data:`PACK_MIN_NUMEL` entries, every matrix of a 135M model) is reordered once
-    into oneDNN's blocked layout for ``rows`` rows (what torch's inductor does for frozen CPU
-    linears), so each call multiplies without repacking it: at decode shapes (16-64 rows
-    against [49152 × 576] or [3072 × 576]) 1.5-2.3× faster in bf16 and up to 2.2× in fp32
-    on an AVX-512 CPU, the same products. Elsewhere, or if the reorder fails, F.linear."""
-
-    def __init__(self, weight: torch.Tensor, rows: int):
-        self.weight = weight.contiguous()
-        self.packed: torch.Tensor | None = None
-        if _can_pack(self.weight):
-            with contextlib.suppress(RuntimeError):  # a shape oneDNN does not take: F.linear
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
-
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
-        return F.linear(x, self.weight, bias)
-
-
-class GateUp:
-    """SwiGLU's first half, ``silu(x Wg^T + bg) * (x Wu^T + bu)``, from the gate and up weights
-    stacked ``[gate; up]`` ([2 × inter, in]) and their bias (or None). Where both halves pack
-    (:class:`Linear`), two oneDNN calls with the activation and the product as the GEMMs'
-    post-ops: no [rows, 2 × inter] intermediate and no separate silu and multiply passes
-    (SmolLM2's prompt fill in bf16, 4,160 rows: 10.2 vs 13.3 ms a layer on the development
-    machine); silu is taken on the fp32 accumulator before the one rounding to the output
-    dtype. Elsewhere one F.linear and ``silu(gate) * up``."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
-        self.inter = weight.shape[0] // 2
-        self.weight, self.bias = weight, bias
-        gate, up = Linear(weight[: self.inter], rows), Linear(weight[self.inter :], rows)
-        self.packed = None
-        if gate.packed is not None and up.packed is not None:
-            biases = (None, None) if bias is None else (bias[: self.inter], bias[self.inter :])
-            self.packed = (gate.packed, up.packed, *biases)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            gate, up, b_gate, b_up = self.packed
-            linear = torch.ops.mkldnn._linear_pointwise
-            g = linear(x, gate, b_gate, "swish", [], "")
-            return linear.binary(x, g, up, b_up, "mul")
-        gu = F.linear(x, self.weight, self.bias)
-        return F.silu(gu[:, : self.inter]).mul_(gu[:, self.inter :])
-
-
 class LlamaRunner(FastRunner):
     """Llama: RoPE, RMSNorm, SwiGLU MLP, optional GQA and biases."""
 
@@ -547,10 +432,10 @@ class LlamaRunner(FastRunner):
         self.width, self.inter = cfg.hidden_size, cfg.intermediate_size
         self.scale = self.head_dim**-0.5
         self.embed = base.embed_tokens.weight
-        device, weights = self.embed.device, self.embed.dtype
+        device, weight_dtype = self.embed.device, self.embed.dtype
         # the matmuls' dtype; the residual stream stays in the weights' (fp32 master weights
         # with bf16 arithmetic: fp32, as under autocast)
-        dtype = dtype or weights
+        dtype = dtype or weight_dtype
         H, Hkv, D, C = self.n_heads, self.n_kv_heads, self.head_dim, self.width
 
         # RMSNorm(x) * g feeds a matmul W, and
@@ -582,41 +467,64 @@ class LlamaRunner(FastRunner):
                     row += block.shape[0]
             return out
 
+        def linear(w: torch.Tensor) -> Linear:
+            return Linear(w.to(dtype), rows)
+
+        # Prepared once per source tensors: a call on the same unchanged weights reuses the
+        # previous call's (tether.generation.weights)
+        prep = Preparation(device)
+        setting = (dtype, rows, weights.PACK_WEIGHTS, weights.PACK_MIN_NUMEL)
         self.blocks = []
-        for layer in base.layers[: cfg.num_hidden_layers]:
+        for i, layer in enumerate(base.layers[: cfg.num_hidden_layers]):
             at, mlp = layer.self_attn, layer.mlp
-            # one projection [q | k | v], q and k rows in RoPE pair order
-            wq = _interleave_rows(at.q_proj.weight, H)
-            wk = _interleave_rows(at.k_proj.weight, Hkv)
-            wqkv = Linear(fold([wq, wk, at.v_proj.weight], layer.input_layernorm.weight), rows)
-            bqkv = None
-            if at.q_proj.bias is not None:
+
+            def qkv(at: Any = at, layer: Any = layer) -> tuple[Linear, torch.Tensor | None]:
+                # one projection [q | k | v], q and k rows in RoPE pair order
+                wq = _interleave_rows(at.q_proj.weight, H)
+                wk = _interleave_rows(at.k_proj.weight, Hkv)
+                w = Linear(fold([wq, wk, at.v_proj.weight], layer.input_layernorm.weight), rows)
+                if at.q_proj.bias is None:
+                    return w, None
                 bq = _interleave_rows(at.q_proj.bias, H)
                 bk = _interleave_rows(at.k_proj.bias, Hkv)
-                bqkv = torch.cat([bq, bk, at.v_proj.bias])
-            bgu = None
-            if mlp.gate_proj.bias is not None:
-                bgu = cast(torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]))
-            wgu = GateUp(
-                fold(
+                return w, cast(torch.cat([bq, bk, at.v_proj.bias]))
+
+            def gate_up(mlp: Any = mlp, layer: Any = layer) -> GateUp:
+                bgu = None
+                if mlp.gate_proj.bias is not None:
+                    bgu = cast(torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]))
+                w = fold(
                     [mlp.gate_proj.weight, mlp.up_proj.weight],
                     layer.post_attention_layernorm.weight,
-                ),
-                bgu,
-                rows,
-            )
-            wo, wdown = (
-                Linear(at.o_proj.weight.to(dtype), rows),
-                Linear(mlp.down_proj.weight.to(dtype), rows),
+                )
+                return GateUp(w, bgu, rows)
+
+            wqkv, bqkv = prep(
+                ("qkv", i, *setting),
+                [at.q_proj.weight, at.k_proj.weight, at.v_proj.weight, layer.input_layernorm.weight,
+                 at.q_proj.bias, at.k_proj.bias, at.v_proj.bias],
+                qkv,
+            )  # fmt: skip
+            wgu = prep(
+                ("gate_up", i, *setting),
+                [mlp.gate_proj.weight, mlp.up_proj.weight, layer.post_attention_layernorm.weight,
+                 mlp.gate_proj.bias, mlp.up_proj.bias],
+                gate_up,
+            )  # fmt: skip
+            wo = prep(("o", i, *setting), [at.o_proj.weight], partial(linear, at.o_proj.weight))
+            wdown = prep(
+                ("down", i, *setting), [mlp.down_proj.weight], partial(linear, mlp.down_proj.weight)
             )
             self.blocks.append(
-                (wqkv, cast(bqkv), wo, cast(at.o_proj.bias), wgu, wdown,
-                 cast(mlp.down_proj.bias))
-            )  # fmt: skip
-        self.head = (
-            Linear(fold([model.lm_head.weight], base.norm.weight), rows),
-            cast(model.lm_head.bias),
+                (wqkv, bqkv, wo, cast(at.o_proj.bias), wgu, wdown, cast(mlp.down_proj.bias))
+            )
+        head = prep(
+            ("head", *setting),
+            [model.lm_head.weight, base.norm.weight],
+            lambda: Linear(fold([model.lm_head.weight], base.norm.weight), rows),
         )
+        self.head = (head, cast(model.lm_head.bias))
+        prep.keep()
 
         # RoPE as complex factors e^{i * position * inv_freq}, computed as HF computes cos/sin
         # (fp32 angles, times attention_scaling, 1 for the default RoPE), for every position
