@@ -445,15 +445,15 @@ def _prepared() -> dict:
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_prepared_weights_are_reused_only_from_the_same_unchanged_tensors(tok, dtype):
-    """A second call on the same model reuses every prepared (folded, cast, packed) matrix of
-    the first; an in-place update of one weight (as an optimizer step makes) re-prepares the
-    matrices made from it and only those, and samples what freshly prepared weights sample;
-    another model with equal values but other tensors reuses nothing."""
+    """A second call on the same frozen model reuses every prepared (folded, cast, packed)
+    matrix of the first; an in-place update of one weight re-prepares the matrices made from
+    it and only those, and samples what freshly prepared weights sample; another model with
+    equal values but other tensors reuses nothing."""
     import copy
 
     from tether.generation import weights
 
-    model = tiny(tok, "llama")
+    model = tiny(tok, "llama").requires_grad_(False)
     weights.release()
     first = sample(model, tok, PROMPTS, max_new_tokens=N_NEW, dtype=dtype)
     kept = _prepared()
@@ -482,6 +482,31 @@ def test_prepared_weights_are_reused_only_from_the_same_unchanged_tensors(tok, d
     assert not any(_prepared()[tag] is value for tag, value in kept.items())
     weights.release()
     assert weights._PREPARED == {} and weights._KV_BUFFER["storage"] is None
+
+
+def test_weights_that_train_are_prepared_afresh_at_every_call(tok):
+    """Trainable weights are never reused, so an update that bypasses the version counter
+    (``.data``, as DeepSpeed's ZeRO updates the weights) is sampled with; of a LoRA-like
+    model, the frozen matrices are kept and the trainable ones not."""
+    from tether.generation import weights
+
+    model = tiny(tok, "llama")
+    weights.release()
+    before = sample(model, tok, PROMPTS, max_new_tokens=N_NEW)
+    assert _prepared() == {}  # nothing kept: every weight trains
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.data.add_(0.5)  # no version bump
+    after = sample(model, tok, PROMPTS, max_new_tokens=N_NEW)
+    weights.release()
+    fresh = sample(model, tok, PROMPTS, max_new_tokens=N_NEW)
+    assert torch.equal(after.logprobs, fresh.logprobs)
+    assert not torch.equal(after.logprobs, before.logprobs)
+
+    for name, p in model.named_parameters():  # the block linears train, the rest is frozen
+        p.requires_grad_("layers" in name and "proj" in name)
+    sample(model, tok, PROMPTS, max_new_tokens=N_NEW)
+    assert [tag[0] for tag in _prepared()] == ["head"]
+    weights.release()
 
 
 def test_prepared_weights_are_kept_only_on_the_cpu():

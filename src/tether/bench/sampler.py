@@ -4,12 +4,13 @@ against its bound, on any model (:mod:`tether.bench.models`).
 The job: ``batch`` prompts of the model's task (its RL distribution, through the chat template
 on a chat model), greedy decoding of exactly ``new_tokens`` tokens per row on both sides
 (tether with ``ignore_eos``, ``generate`` with ``min_new_tokens == max_new_tokens``), so both do
-the same work. Each side gets one warm-up call (reported apart as ``first_call_s``: tether's
-includes preparing the weights, :mod:`tether.generation.weights`, which later calls on the
-unchanged model reuse), then ``repeats`` timed runs, sides alternating; the figure is the
-median run's tokens/s. With ``precision`` bf16, tether samples
-the fp32 model with bf16 arithmetic (``sample(dtype=bfloat16)``, as ``train.precision: bf16``)
-and ``generate`` runs a bf16 copy of the model (``model.to(bfloat16)``, as a user would).
+the same work. Each side gets one warm-up call, reported apart as ``first_call_s`` (tether's
+includes preparing its weights, :mod:`tether.generation.weights`, which later calls on the
+unchanged model reuse: the model is frozen, as a model that only samples can be), then
+``repeats`` timed runs, sides alternating; the figure is the median run's tokens/s. With
+``precision`` bf16, tether samples the fp32 model with bf16 arithmetic
+(``sample(dtype=bfloat16)``, as ``train.precision: bf16``) and ``generate`` runs a bf16 copy
+of the model (``model.to(bfloat16)``, as a user would).
 
 The bound (a roofline, :func:`decode_bound`): every decode step must read the weights the
 step multiplies by and the KV cache its rows attend to (bytes / memory bandwidth) and do its
@@ -123,6 +124,7 @@ def bench_sampler(job: SamplerJob) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)
     model, tokenizer = load_model_and_tokenizer(bench_target(job.model).init)
+    model.requires_grad_(False)  # a model that only samples: its prepared weights are reused
     prompts = _prompts(job, tokenizer)
     bf16 = job.precision == "bf16"
     dtype = torch.bfloat16 if bf16 else None

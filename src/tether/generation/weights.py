@@ -10,15 +10,18 @@ of folded LM head cost from 0.15 s up to 2.5 s, call after call. So:
 
 * the KV cache's storage is kept for the next runner (:func:`kv_buffer`);
 * the weights a runner prepares (RMSNorm gains folded in, cast to the matmul dtype, packed)
-  are kept after the call and reused by the next one when they were prepared from the very
-  same source tensors, unchanged since: each source is checked by identity (a weak
-  reference), storage address and version counter, which every in-place update through
-  autograd-visible ops bumps (optimizer steps, ``load_state_dict``, ``copy_`` under
-  ``no_grad``). Edits through ``.data`` bypass the version counter; tether makes none.
-  Evaluating one model again and again (``tether sample``, the bench, evaluation between
-  training steps of a frozen model) prepares its weights once. In RL with LoRA the merged
-  matrices are new every step and are prepared again, while the matrices the adapters leave
-  alone (the LM head, and any module outside ``lora.target_modules``) are reused.
+  from frozen tensors (``requires_grad`` off) are kept after the call and reused by the next
+  one when they come from the very same source tensors, unchanged since: each source is
+  checked by identity (a weak reference), storage address and version counter, which every
+  in-place update through autograd-visible ops bumps (``load_state_dict``, ``copy_`` under
+  ``no_grad``). Weights that train are prepared afresh at every call: optimizers may update
+  them through ``.data``, which bypasses the version counter (DeepSpeed's ZeRO does), and
+  a weight that trains changes between calls anyway. So a frozen model sampled again and
+  again (``tether bench sampler``, DPG's frozen proposal, a frozen reference) prepares its
+  weights once; in RL with LoRA the merged matrices are new at every step, while the frozen
+  ones the adapters leave alone (the LM head, and any module outside
+  ``lora.target_modules``) are reused. A frozen weight edited through ``.data`` is not seen;
+  tether makes no such edit.
 
 Only the last call's prepared weights are kept (about the model's size in the matmul dtype:
 270 MB for SmolLM2-135M in bf16); :func:`release` frees them and the KV buffer. Off the CPU
@@ -179,7 +182,7 @@ def _stamp(t: torch.Tensor) -> tuple[int, int] | None:
 
 class Preparation:
     """The weights one runner prepares, reused from the previous runner's where they came from
-    the same unchanged sources (module docstring). Call it once per prepared value, then
+    the same unchanged frozen sources (module docstring). Call it once per prepared value, then
     :meth:`keep` when the runner is built."""
 
     def __init__(self, device: torch.device):
@@ -196,10 +199,12 @@ class Preparation:
         """The value ``build()`` makes from ``sources`` (None entries ignored); ``tag`` names
         it among the runner's values and holds every setting it depends on besides them."""
         real = [s for s in sources if s is not None]
+        frozen = not any(s.requires_grad for s in real)
         stamps = [_stamp(s) for s in real]
         entry = self.previous.pop(tag, None)
         if (
             entry is not None
+            and frozen
             and len(entry[0]) == len(real)
             and all(ref() is s for ref, s in zip(entry[0], real, strict=True))
             and tuple(stamps) == entry[1]
@@ -208,7 +213,7 @@ class Preparation:
         else:
             del entry
             value = build()
-        if self.keeps and None not in stamps:
+        if self.keeps and frozen and None not in stamps:
             refs = tuple(weakref.ref(s) for s in real)
             self.now[tag] = (refs, tuple(stamps), value)
         return value
