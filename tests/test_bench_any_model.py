@@ -183,3 +183,28 @@ def test_bench_trl_sft_and_dpo_on_a_chat_model_with_lora(tmp_path):
     assert set(doc["results"]) == {"sft", "dpo"}
     for r in doc["results"].values():
         assert r["tether"]["examples_per_s"] > 0 and r["trl"]["examples_per_s"] > 0
+
+
+def test_bench_sampler_freezes_tethers_model_and_not_generates(monkeypatch):
+    """tether samples a frozen model (its prepared weights are reused between calls);
+    generate runs its own copy with the weights' requires_grad as loaded, its faster setting
+    on the CPU (a frozen LM head makes torch copy it for each row of the prefill)."""
+    from transformers import LlamaForCausalLM
+
+    from tether.bench import sampler as bench
+
+    seen: dict[str, set[bool]] = {"tether": set(), "generate": set()}
+    real_sample, real_generate = bench.sample, LlamaForCausalLM.generate
+
+    def sample(model, *args, **kwargs):
+        seen["tether"].add(any(p.requires_grad for p in model.parameters()))
+        return real_sample(model, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        seen["generate"].add(all(p.requires_grad for p in self.parameters()))
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "sample", sample)
+    monkeypatch.setattr(LlamaForCausalLM, "generate", generate)
+    bench.bench_sampler(bench.SamplerJob(batch=2, new_tokens=3, repeats=1, threads=1))
+    assert seen == {"tether": {False}, "generate": {True}}
