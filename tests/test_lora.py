@@ -178,6 +178,29 @@ def test_sampling_includes_the_adapters_for_the_policy_and_not_for_the_reference
     assert any("lora_" in n for n, _ in policy.named_parameters())
 
 
+def test_sampling_a_lora_policy_keeps_only_what_the_next_call_can_reuse(checkpoint):
+    """The fast sampler's prepared weights of a LoRA policy: the merged matrices are made for
+    one call and what was prepared from them is dropped when it returns; the frozen LM head
+    (no adapter) stays and is reused by the next call, which samples as a fresh one."""
+    from tether.generation import weights
+
+    recipe = lora_recipe(checkpoint)
+    policy, tokenizer = build_policy(recipe)
+    policy.eval()
+    weights.release()
+    prompts = ["1+2=", "7+5="]
+    first = sample(policy, tokenizer, prompts, max_new_tokens=6)
+    kept = {tag: entry[2] for tag, entry in weights._PREPARED.items()}
+    if "llama" not in str(checkpoint):  # GPT-2's runner prepares nothing
+        assert kept == {}
+        return
+    assert [tag[0] for tag in kept] == ["head"]  # every block linear has adapters
+    again = sample(policy, tokenizer, prompts, max_new_tokens=6)
+    assert weights._PREPARED[next(iter(kept))][2] is next(iter(kept.values()))
+    assert torch.equal(first.logprobs, again.logprobs)
+    weights.release()
+
+
 def test_a_frozen_copy_of_a_lora_policy_copies_only_the_adapters(checkpoint):
     recipe = lora_recipe(checkpoint)
     policy, tokenizer = build_policy(recipe)

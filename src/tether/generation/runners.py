@@ -468,7 +468,8 @@ class LlamaRunner(FastRunner):
             return out
 
         def linear(w: torch.Tensor) -> Linear:
-            return Linear(w.to(dtype), rows)
+            # a copy even in w's dtype: a kept value never holds its source alive (weights.prune)
+            return Linear(w.to(dtype, copy=True), rows)
 
         # Prepared once per source tensors: a call on the same unchanged weights reuses the
         # previous call's (tether.generation.weights)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tether.generation.runners import DecodeRunner, make_runner
+from tether.generation.weights import prune as prune_prepared
 from tether.models.loading import model_device
 from tether.models.lora import plain_model
 
@@ -149,6 +150,11 @@ def sample(
                     dtype=dtype,
                 )
             )
+
+    # the plain view of a LoRA model holds merged weights made for this call: once it is
+    # gone, what was prepared from them cannot be reused and need not stay resident
+    model = None
+    prune_prepared()
 
     # Outside inference mode, so the returned tensors are ordinary ones (inference tensors
     # cannot be saved for backward, and RL losses feed these ids back into the model).

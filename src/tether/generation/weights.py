@@ -24,7 +24,9 @@ of folded LM head cost from 0.15 s up to 2.5 s, call after call. So:
   tether makes no such edit.
 
 Only the last call's prepared weights are kept (about the model's size in the matmul dtype:
-270 MB for SmolLM2-135M in bf16); :func:`release` frees them and the KV buffer. Off the CPU
+270 MB for SmolLM2-135M in bf16), less those whose sources are gone when ``sample`` returns
+(:func:`prune`: a LoRA policy's merged matrices); :func:`release` frees them and the KV
+buffer. Off the CPU
 nothing is kept (device allocators already reuse memory, and GPU memory is dearer).
 """
 
@@ -39,7 +41,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GateUp", "Linear", "Preparation", "kv_buffer", "release"]
+__all__ = ["GateUp", "Linear", "Preparation", "kv_buffer", "prune", "release"]
 
 T = TypeVar("T")
 
@@ -223,6 +225,14 @@ class Preparation:
         self.previous.clear()
         _PREPARED.clear()
         _PREPARED.update(self.now)
+
+
+def prune() -> None:
+    """Drop the kept values whose source tensors are gone: those of a LoRA policy's merged
+    weights, made for one call and freed with it, which no later call can reuse."""
+    dead = [tag for tag, (refs, _, _) in _PREPARED.items() if any(r() is None for r in refs)]
+    for tag in dead:
+        del _PREPARED[tag]
 
 
 def release() -> None:
