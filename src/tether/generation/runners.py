@@ -468,8 +468,10 @@ class LlamaRunner(FastRunner):
             return out
 
         def linear(w: torch.Tensor) -> Linear:
-            # a copy even in w's dtype: a kept value never holds its source alive (weights.prune)
-            return Linear(w.to(dtype, copy=True), rows)
+            out = Linear(w.to(dtype), rows)
+            if out.weight is w:  # neither cast nor packed: a kept value must not hold its
+                out.weight = w.clone()  # source alive (weights.prune); small weights only
+            return out
 
         # Prepared once per source tensors: a call on the same unchanged weights reuses the
         # previous call's (tether.generation.weights)
