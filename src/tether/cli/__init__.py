@@ -11,6 +11,7 @@ stderr and exit code 2 (:func:`tether.cli.common.friendly_errors`).
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 import typer
@@ -87,7 +88,25 @@ def _before_every_command() -> None:
 
 
 def main() -> None:
-    app()
+    """The ``tether`` command. A command that ends without an error ends its process group
+    too (under ``torchrun`` or ``accelerate launch``), on every process; after an error the
+    group is left to the launcher, which stops the other processes."""
+    try:
+        app()
+    except SystemExit as end:
+        if not end.code:
+            _end_process_group()
+        raise
+    _end_process_group()
+
+
+def _end_process_group() -> None:
+    """:func:`tether.distributed.shutdown`, without importing torch where the command did not
+    (``tether --help`` stays fast)."""
+    if "torch.distributed" in sys.modules:
+        from tether import distributed
+
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
