@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from real_tokenizer import save_tiny_llama
+from tether.bench.measure import machine, machine_line
 from tether.bench.models import bench_target
 from tether.bench.sampler import decode_bound
 from tether.cli import app
@@ -110,8 +111,10 @@ def test_bench_sampler_json_on_the_shipped_model():
             doc["bound"]["total_s"] / doc[side]["median_s"]
         )
         assert doc[side]["first_call_s"] > 0  # the warm-up call, reported apart
+    assert doc["machine"] == machine()
     shown = runner.invoke(app, [*args, "--threads", "1"])
     assert shown.exit_code == 0 and shown.output.count("first call") == 2, shown.output
+    assert f"machine: {machine_line(doc['machine'])}" in shown.output
     bad = runner.invoke(app, ["bench", "sampler", "--precision", "fp8"])
     assert bad.exit_code == 2 and "--precision 'fp8'" in bad.output
 
@@ -180,7 +183,7 @@ def test_bench_trl_sft_and_dpo_on_a_chat_model_with_lora(tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["task"] == "chat" and doc["job"]["lora"] == 8
-    assert set(doc["results"]) == {"sft", "dpo"}
+    assert set(doc["results"]) == {"sft", "dpo"} and doc["machine"] == machine()
     for r in doc["results"].values():
         assert r["tether"]["examples_per_s"] > 0 and r["trl"]["examples_per_s"] > 0
 
@@ -208,3 +211,28 @@ def test_bench_sampler_freezes_tethers_model_and_not_generates(monkeypatch):
     monkeypatch.setattr(LlamaForCausalLM, "generate", generate)
     bench.bench_sampler(bench.SamplerJob(batch=2, new_tokens=3, repeats=1, threads=1))
     assert seen == {"tether": {False}, "generate": {True}}
+
+
+def test_the_machine_is_named_with_the_bf16_units_its_cpu_flags_list():
+    """Checked against the kernel's own list of CPU flags (Linux), not torch's probes."""
+    info = machine()
+    assert info["cores"] >= 1 and info["torch"] == torch.__version__ and info["cpu"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(
+        next(ln for ln in text.splitlines() if ln.startswith("flags")).split(":")[1].split()
+    )
+    expected = [
+        u for u, flag in (("amx", "amx_tile"), ("avx512_bf16", "avx512_bf16")) if flag in flags
+    ]
+    assert info["bf16_units"] == expected
+    name = next(ln for ln in text.splitlines() if ln.startswith("model name")).split(":")[1].strip()
+    assert info["cpu"] == name
+    line = machine_line(info)
+    assert (
+        line.startswith(f"{name}, {info['cores']} cores, ")
+        and (", ".join(expected) or "none") in line
+    )

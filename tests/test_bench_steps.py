@@ -33,6 +33,13 @@ def test_bench_steps_json_every_stage_in_process():
         assert r["memory"]["peak_mb"] >= r["memory"]["before_mb"] > 0
     rl = next(r for r in doc["stages"] if r["stage"] == "rl")
     assert rl["rows"] == 4 and 0 < rl["split"]["sample_s"] < 1
+    # the peak is the best of torch.mm and, on a CPU with oneDNN, its packed product, named
+    p = doc["peak_matmul"]
+    rates = {"torch.mm": max(p["by_size"].values())}
+    if "packed_by_size" in p:
+        rates["oneDNN packed"] = max(p["packed_by_size"].values())
+        assert p["packed_by_size"].keys() == p["by_size"].keys()
+    assert peak == max(rates.values()) and p["kernel"] == max(rates, key=rates.__getitem__)
     dpo = next(r for r in doc["stages"] if r["stage"] == "dpo")
     assert dpo["rows"] == 8  # 4 pairs, chosen and rejected rows
 

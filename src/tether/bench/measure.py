@@ -5,14 +5,64 @@ and a profile of where a step's wall time goes.
 
 from __future__ import annotations
 
+import os
+import platform
 import resource
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import flop_counter
+
+# ---------------------------------------------------------------- the machine
+
+
+def machine() -> dict[str, Any]:
+    """What ran the benchmark, for its table: the CPU's name (``/proc/cpuinfo``), its cores,
+    the vector units torch dispatches to, and which bf16 units it has (AMX tiles,
+    avx512_bf16, or none: bf16 matmuls are several times fp32's with them and far slower
+    without), the torch version and, where one is used, the GPU."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(
+                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                name,
+            )
+    except OSError:
+        pass
+    units = [
+        unit
+        for unit, present in (
+            ("amx", torch.cpu._is_amx_tile_supported()),
+            ("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
+        )
+        if present
+    ]
+    out: dict[str, Any] = {
+        "cpu": name,
+        "cores": os.cpu_count(),
+        "vector_units": torch.backends.cpu.get_cpu_capability(),
+        "bf16_units": units,
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """:func:`machine` in one line: ``AMD EPYC, 2 cores, AVX512, bf16 units: avx512_bf16``."""
+    units = ", ".join(info["bf16_units"]) or "none"
+    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    return (
+        f"{info['cpu']}, {info['cores']} cores, {info['vector_units']}, bf16 units: {units}, "
+        f"torch {info['torch']}{gpu}"
+    )
+
 
 # ---------------------------------------------------------------- FLOPs
 
@@ -83,32 +133,58 @@ def peak_matmul(
     seconds: float = 0.3,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """The best ``torch.mm`` FLOP/s of n×n ``dtype`` matrices at this thread count: each size
-    is timed for about ``seconds`` in repeats of several products, and the best repeat counts."""
+    """The best FLOP/s of n×n ``dtype`` products at this thread count, over torch's GEMM paths:
+    ``torch.mm`` and, on a CPU with oneDNN, the oneDNN-packed product the sampler multiplies
+    by (:class:`tether.generation.weights.Linear`). Each is timed for about ``seconds`` per
+    size in repeats of several products, and the best repeat counts. The packed path matters
+    off Intel: on a 2-core AMD EPYC with avx512_bf16, ``torch.mm`` in fp32 (MKL) reached
+    237-243 GFLOP/s and oneDNN's packed product 546-560 (bf16: 1,032-1,068 and 1,080-1,120),
+    so a bound from ``torch.mm`` alone put the fp32 sampler at 108-154% of it."""
+    from tether.generation.weights import Linear
+
     torch.set_num_threads(threads)
     dev = torch.device(device)
     by_size: dict[str, float] = {}
+    packed_by_size: dict[str, float] = {}
     for n in sizes:
         a = torch.randn(n, n, device=dev, dtype=dtype)
         b = torch.randn(n, n, device=dev, dtype=dtype)
         out = torch.empty(n, n, device=dev, dtype=dtype)
-        torch.mm(a, b, out=out)  # warm-up
-        reps = max(1, int(2e8 / (2 * n**3)))  # about 0.2 GFLOP per repeat
-        best, deadline = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < deadline or best == float("inf"):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.mm(a, b, out=out)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            best = min(best, (time.perf_counter() - t0) / reps)
-        by_size[str(n)] = 2 * n**3 / best
-    return {
-        "flops_per_s": max(by_size.values()),
+        mm = partial(torch.mm, a, b, out=out)
+        by_size[str(n)] = 2 * n**3 / _best_time(mm, n, dev, seconds)
+        packed = Linear(b, rows=n) if dev.type == "cpu" else None
+        if packed is not None and packed.packed is not None:
+            product = partial(packed, a)
+            packed_by_size[str(n)] = 2 * n**3 / _best_time(product, n, dev, seconds)
+    best = max(by_size.values())
+    out_: dict[str, Any] = {
+        "flops_per_s": max(best, *packed_by_size.values()),
         "by_size": by_size,
         "threads": threads,
         "dtype": str(dtype).removeprefix("torch."),
+        "kernel": "torch.mm",
     }
+    if packed_by_size:
+        out_["packed_by_size"] = packed_by_size
+        if max(packed_by_size.values()) > best:
+            out_["kernel"] = "oneDNN packed"
+    return out_
+
+
+def _best_time(product: Callable[[], Any], n: int, dev: torch.device, seconds: float) -> float:
+    """The best seconds per call of ``product`` (n×n by n×n), over repeats of several calls
+    for about ``seconds`` after one warm-up call."""
+    product()
+    reps = max(1, int(2e8 / (2 * n**3)))  # about 0.2 GFLOP per repeat
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == float("inf"):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            product()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
 
 
 # ---------------------------------------------------------------- memory

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from tether.bench.measure import peak_matmul
+from tether.bench.measure import machine, peak_matmul
 from tether.bench.models import bench_target
 from tether.generation.sampler import pad_id, sample
 from tether.models.loading import load_model_and_tokenizer
@@ -182,6 +182,7 @@ def bench_sampler(job: SamplerJob) -> dict[str, Any]:
     )
     result: dict[str, Any] = {
         "job": {**asdict(job), "prompt_tokens": prompt_len, "threads": torch.get_num_threads()},
+        "machine": machine(),
         "peak_matmul_flops_per_s": peak["flops_per_s"],
         "memory_bytes_per_s": bandwidth,
         "bound": bound,

@@ -48,7 +48,13 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from tether.bench.measure import MemoryProbe, count_flops_by_kind, peak_matmul, profile_breakdown
+from tether.bench.measure import (
+    MemoryProbe,
+    count_flops_by_kind,
+    machine,
+    peak_matmul,
+    profile_breakdown,
+)
 from tether.bench.models import bench_target
 from tether.bench.trl import (
     KL_COEF,
@@ -354,6 +360,7 @@ def bench_steps(
         described["model"] = f"random llama, width {width}, {layers} layers"
     return {
         "job": described,
+        "machine": machine(),
         "peak_matmul": peak,
         "stages": results,
         "flops": "matrix multiplies (FlopCounterMode), attention as the full L x L square",
@@ -519,7 +526,11 @@ def bench_trl(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     job = job.resolved()
     torch.set_num_threads(job.threads)
-    out: dict[str, Any] = {"job": {**dataclasses.asdict(job), "rounds": rounds}, "results": {}}
+    out: dict[str, Any] = {
+        "job": {**dataclasses.asdict(job), "rounds": rounds},
+        "machine": machine(),
+        "results": {},
+    }
     for name in jobs:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the figures only
             runs = [_trl_round(name, job, prompts) for _ in range(rounds)]

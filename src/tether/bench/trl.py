@@ -28,6 +28,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from tether.batches import DemonstrationBatch
+from tether.bench.measure import machine
 from tether.bench.models import bench_target
 from tether.config import Recipe, load_recipe
 from tether.engine.precision import check_precision
@@ -291,6 +292,7 @@ def bench_rl(job: RLJob) -> dict[str, Any]:
             "kl": f"k3 in the loss, coefficient {KL_COEF}",
             "threads": torch.get_num_threads(),
         },
+        "machine": machine(),
         "tether": ours,
         "trl_grpo": theirs,
         "ratio": ours["completions_per_s"] / theirs["completions_per_s"],

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tether.bench.measure import machine_line
 from tether.bench.models import bench_target
 from tether.bench.precision import PrecisionJob, bench_precision
 from tether.bench.sampler import SamplerJob, bench_sampler
@@ -155,7 +156,8 @@ def bench_rl_command(
         f"tether: {result['tether']['completions_per_s']:.2f} completions/s "
         f"(sampling {split['sample_s']:.0%}, reference {split['reference_s']:.0%}, update {split['update_s']:.0%})\n"
         f"TRL GRPOTrainer: {result['trl_grpo']['completions_per_s']:.2f} completions/s\n"
-        f"ratio: {result['ratio']:.2f}x"
+        f"ratio: {result['ratio']:.2f}x\n"
+        f"machine: {machine_line(result['machine'])}"
     )
 
 
@@ -323,6 +325,7 @@ def bench_sampler_command(
         f"matmul {result['peak_matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, memory "
         f"{result['memory_bytes_per_s'] / 1e9:.1f} GB/s"
     )
+    typer.echo(f"  machine: {machine_line(result['machine'])}")
 
 
 @app.command("precision")
@@ -386,13 +389,15 @@ def print_steps(result: dict[str, Any]) -> None:
     console.print(table)
     sizes = ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in peak["by_size"].items())
     console.print(
-        f"peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s, the best {peak['dtype']} torch.mm of n×n "
-        f"matrices (GFLOP/s by n: {sizes}) at {peak['threads']} thread(s)"
+        f"peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s, the best {peak['dtype']} product of n×n "
+        f"matrices, by {peak['kernel']} (torch.mm's GFLOP/s by n: {sizes}) at "
+        f"{peak['threads']} thread(s)"
     )
     console.print(
         "tokens: real tokens (prompt + completion) of whole steps; of peak: GFLOP/s over the "
         f"peak matmul FLOP/s; FLOPs: {result['flops']}"
     )
+    console.print(f"machine: {machine_line(result['machine'])}")
     memories = {r["memory"]["method"] for r in result["stages"] if "memory" in r}
     for method in sorted(memories):
         console.print(f"memory: {method}; +step: the peak less the resident size before them")
@@ -444,3 +449,4 @@ def print_trl(result: dict[str, Any]) -> None:
         "whole training step after the warm-up; ratio = TRL's median step / tether's; "
         f"{result['kl']}"
     )
+    console.print(f"machine: {machine_line(result['machine'])}")
