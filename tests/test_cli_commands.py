@@ -48,7 +48,7 @@ def test_a_command_runs_after_the_listing_and_a_typo_is_suggested():
 
 @pytest.mark.parametrize("argv,code", [(["models", "--json"], 0), (["evl"], 2)])
 def test_a_command_ends_its_process_group_and_an_error_leaves_it_to_the_launcher(
-    argv, code, tmp_path, monkeypatch, capsys
+    argv, code, tmp_path, monkeypatch
 ):
     """A process that exits with a live gloo group can abort during interpreter teardown
     (tether.distributed.shutdown); a failed one leaves the group for the launcher to stop."""

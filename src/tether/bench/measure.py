@@ -152,23 +152,20 @@ def peak_matmul(
         out = torch.empty(n, n, device=dev, dtype=dtype)
         mm = partial(torch.mm, a, b, out=out)
         by_size[str(n)] = 2 * n**3 / _best_time(mm, n, dev, seconds)
-        packed = Linear(b, rows=n) if dev.type == "cpu" else None
-        if packed is not None and packed.packed is not None:
+        packed = Linear(b, rows=n)  # packed only where oneDNN takes it (a CPU, large enough)
+        if packed.packed is not None:
             product = partial(packed, a)
             packed_by_size[str(n)] = 2 * n**3 / _best_time(product, n, dev, seconds)
-    best = max(by_size.values())
-    out_: dict[str, Any] = {
-        "flops_per_s": max(best, *packed_by_size.values()),
+    mm_best = max(by_size.values())
+    packed_best = max(packed_by_size.values(), default=0.0)
+    return {
+        "flops_per_s": max(mm_best, packed_best),
         "by_size": by_size,
+        **({"packed_by_size": packed_by_size} if packed_by_size else {}),
         "threads": threads,
         "dtype": str(dtype).removeprefix("torch."),
-        "kernel": "torch.mm",
+        "kernel": "oneDNN packed" if packed_best > mm_best else "torch.mm",
     }
-    if packed_by_size:
-        out_["packed_by_size"] = packed_by_size
-        if max(packed_by_size.values()) > best:
-            out_["kernel"] = "oneDNN packed"
-    return out_
 
 
 def _best_time(product: Callable[[], Any], n: int, dev: torch.device, seconds: float) -> float:
