@@ -5,6 +5,7 @@ and a profile of where a step's wall time goes.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -67,13 +68,22 @@ def machine_line(info: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- FLOPs
 
 
-def _register_cpu_attention_flops() -> None:
+def _register_cpu_flops() -> None:
     """FlopCounterMode counts SDPA through its CUDA kernels' ops only; on CPU attention runs
     as ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), which it would
-    count as 0. Register them with torch's own SDPA formulas (the full L×L square)."""
+    count as 0. Register them with torch's own SDPA formulas (the full L×L square). Likewise
+    oneDNN's linear (``mkldnn._linear_pointwise``, fp32 linear layers on the CPU,
+    :mod:`tether.models.onednn_linear`): 2 FLOPs per multiply-add, input columns times
+    output entries."""
     aten = torch.ops.aten
     if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
         return
+
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+
+        @flop_counter.register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+        def _linear(input_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+            return 2 * math.prod(out_shape) * input_shape[-1]
 
     @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
     def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
@@ -97,7 +107,7 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
 def count_flops_by_kind(fn: Callable[[], Any]) -> tuple[dict[str, int], Any]:
     """:func:`count_flops` split into ``attention`` (SDPA kernels, forward and backward) and
     ``matmul`` (every other counted op: the linear layers' mm/addmm, bmm)."""
-    _register_cpu_attention_flops()
+    _register_cpu_flops()
     with flop_counter.FlopCounterMode(display=False) as counter:
         result = fn()
     kinds = {"matmul": 0, "attention": 0}
@@ -239,7 +249,14 @@ class MemoryProbe:
 # ---------------------------------------------------------------- profile
 
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
+MATMUL_OPS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::addbmm",
+    "mkldnn::_linear_pointwise",  # fp32 linear layers (tether.models.onednn_linear), sampler
+}
 
 
 def is_attention(op_name: str) -> bool:
@@ -259,7 +276,7 @@ def profile_breakdown(fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
     wall = time.perf_counter() - t0
     parts = {"matmul": 0.0, "attention": 0.0, "other_ops": 0.0}
     for event in prof.key_averages():
-        if not event.key.startswith("aten::"):
+        if not event.key.startswith(("aten::", "mkldnn::")):
             continue
         seconds = event.self_cpu_time_total / 1e6
         if is_attention(event.key):

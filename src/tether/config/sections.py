@@ -258,6 +258,14 @@ class TrainConfig(Strict):
         "passes over the activations, tether.models.fused; steps up to 7% faster on the demo "
         "model); false keeps Hugging Face's ops; not used with compile, which fuses them itself",
     )
+    onednn_linear: Literal["auto"] | bool = Field(
+        "auto",
+        description="fp32 on the CPU: linear layers through oneDNN's product instead of "
+        "torch's (MKL's), forward and backward (tether.models.onednn_linear); auto: where "
+        "that was measured faster, CPUs with AVX-512 not made by Intel (MKL runs its AVX2 "
+        "code there: 2.0-2.3x the matmul rate on an AMD EPYC); true: on every CPU; false: "
+        "torch's; not used with bf16, which goes through oneDNN already, nor with compile",
+    )
     micro_batch_size: int | None = Field(
         None,
         ge=1,

@@ -21,6 +21,7 @@ from transformers import (
 from tether import distributed
 from tether.config import Recipe, RecipeError
 from tether.engine.precision import autocast_forward, cache_frozen_casts
+from tether.models import onednn_linear
 from tether.models.fused import use_fused_ops
 from tether.models.loading import build_model, char_tokenizer, load_model_and_tokenizer
 from tether.models.lora import is_lora, with_adapters
@@ -174,17 +175,25 @@ def compile_models(model: torch.nn.Module, stage: Stage[Any], backend: str = "in
 def prepare_models(
     model: torch.nn.Module, stage: Stage[Any], recipe: Recipe, device: torch.device
 ) -> None:
-    """``train.precision``, ``train.fused_ops`` and ``train.compile`` on the policy and the
-    stage's frozen models, in place: with bf16 their forward passes run under autocast and
+    """``train.precision``, ``train.fused_ops``, ``train.onednn_linear`` and ``train.compile`` on
+    the policy and the stage's frozen models, in place: with bf16 their forward passes run under autocast and
     everything after them in fp32 (:mod:`tether.engine.precision` says why not accelerate's),
     and on the CPU their frozen Linear weights keep their bf16 casts between passes;
-    Llama layers take the fused RoPE and RMSNorm (:mod:`tether.models.fused`); then
+    Llama layers take the fused RoPE and RMSNorm (:mod:`tether.models.fused`); in fp32 on the
+    CPU linear layers multiply through oneDNN (:mod:`tether.models.onednn_linear`); then
     ``torch.compile``."""
     for scored in (model, *stage.frozen_models()):
         autocast_forward(scored, recipe.train.precision, device)
         cache_frozen_casts(scored, recipe.train.precision, device)
         if recipe.train.fused_ops and not recipe.train.compile:
             use_fused_ops(scored)
+        if (
+            onednn_linear.wanted(recipe.train.onednn_linear)
+            and recipe.train.precision == "fp32"
+            and device.type == "cpu"
+            and not recipe.train.compile
+        ):
+            onednn_linear.use_onednn_linear(scored)
     if recipe.train.compile:
         compile_models(model, stage)
 
