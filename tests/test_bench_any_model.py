@@ -236,3 +236,8 @@ def test_the_machine_is_named_with_the_bf16_units_its_cpu_flags_list():
         line.startswith(f"{name}, {info['cores']} cores, ")
         and (", ".join(expected) or "none") in line
     )
+    # tether's fp32 linear layers: oneDNN on x86 CPUs with AVX-512 not made by Intel
+    vendor = next((ln for ln in text.splitlines() if ln.startswith("vendor_id")), ":").split(":")[1]
+    avx512 = "avx512f" in flags and info["vector_units"] == "AVX512"
+    through = "oneDNN" if avx512 and vendor.strip() != "GenuineIntel" else "torch"
+    assert info["fp32_linear"] == through and line.endswith(f"fp32 linear layers: {through}")

@@ -18,6 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import flop_counter
 
+from tether.models import onednn_linear
+
 # ---------------------------------------------------------------- the machine
 
 
@@ -25,7 +27,8 @@ def machine() -> dict[str, Any]:
     """What ran the benchmark, for its table: the CPU's name (``/proc/cpuinfo``), its cores,
     the vector units torch dispatches to, and which bf16 units it has (AMX tiles,
     avx512_bf16, or none: bf16 matmuls are several times fp32's with them and far slower
-    without), the torch version and, where one is used, the GPU."""
+    without), the torch version, what tether's fp32 linear layers multiply through
+    (:mod:`tether.models.onednn_linear`) and, where one is used, the GPU."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
@@ -49,6 +52,9 @@ def machine() -> dict[str, Any]:
         "vector_units": torch.backends.cpu.get_cpu_capability(),
         "bf16_units": units,
         "torch": torch.__version__,
+        # what tether's fp32 linear layers multiply through here by default
+        # (train.onednn_linear: auto); bf16 goes through oneDNN everywhere
+        "fp32_linear": "oneDNN" if onednn_linear.faster_here() else "torch",
     }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
@@ -59,9 +65,10 @@ def machine_line(info: dict[str, Any]) -> str:
     """:func:`machine` in one line: ``AMD EPYC, 2 cores, AVX512, bf16 units: avx512_bf16``."""
     units = ", ".join(info["bf16_units"]) or "none"
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    linear = f", fp32 linear layers: {info['fp32_linear']}" if "fp32_linear" in info else ""
     return (
         f"{info['cpu']}, {info['cores']} cores, {info['vector_units']}, bf16 units: {units}, "
-        f"torch {info['torch']}{gpu}"
+        f"torch {info['torch']}{gpu}{linear}"
     )
 
 
