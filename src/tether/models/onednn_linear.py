@@ -40,7 +40,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["AVAILABLE", "OneDNNLinear", "faster_here", "linear", "use_onednn_linear", "wanted"]
+__all__ = [
+    "AVAILABLE",
+    "OneDNNLinear",
+    "cpu_vendor",
+    "faster_here",
+    "linear",
+    "takes",
+    "use_onednn_linear",
+    "wanted",
+]
 
 # whether this torch build has oneDNN's linear (checked once)
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
