@@ -73,6 +73,32 @@ def test_bench_steps_bf16_runs_the_forward_passes_under_autocast():
     assert bad.exit_code == 2 and "--precision 'fp16'" in bad.output
 
 
+@pytest.mark.parametrize("setting", ["false", "true"])
+def test_bench_onednn_linear_reaches_tethers_recipes_and_the_machine_line(setting):
+    """--onednn-linear: train.onednn_linear on tether's side of every bench job (steps, trl,
+    rl), and the machine line says what its fp32 linear layers ran on."""
+    from tether.bench.steps import StepsJob, build_stage_run, stage_recipe
+    from tether.bench.trl import RLJob, rl_recipe
+    from tether.models import onednn_linear
+
+    on = setting == "true"
+    job = StepsJob(threads=1, batch_size=2, onednn_linear=setting)
+    assert stage_recipe("mle", job).train.onednn_linear is on
+    rl_job = RLJob(onednn_linear=setting).resolved()
+    assert rl_recipe(rl_job).train.onednn_linear is on
+    run = build_stage_run("dpo", job)
+    for model in (run.model, run.stage.reference):
+        forwards = {getattr(m.forward, "__func__", None) for m in model.modules()
+                    if type(m) is torch.nn.Linear}  # fmt: skip
+        assert (forwards == {onednn_linear._forward}) is on
+    doc = _run("steps", *TINY, "--stage", "dpo", "--in-process", "--onednn-linear", setting,
+               "--json")  # fmt: skip
+    assert doc["job"]["onednn_linear"] == setting
+    assert doc["machine"]["fp32_linear"] == ("oneDNN" if on else "torch")
+    bad = runner.invoke(app, ["bench", "trl", "--onednn-linear", "yes"])
+    assert bad.exit_code == 2 and "--onednn-linear 'yes'" in bad.output
+
+
 def test_bench_steps_bad_model_in_a_fresh_process_is_one_line(tmp_path):
     # the stage is built in a child process; its input error still reaches the command line
     result = runner.invoke(

@@ -175,7 +175,10 @@ def test_auto_switches_where_oneDNN_was_measured_faster(vendor, capability, fast
 
 def test_the_setting_resolves_true_false_and_auto():
     assert onednn_linear.wanted(True) and not onednn_linear.wanted(False)
+    assert onednn_linear.wanted("true") and not onednn_linear.wanted("false")  # a CLI's
     assert onednn_linear.wanted("auto") is onednn_linear.faster_here()
+    with pytest.raises(ValueError, match="'maybe': choose from auto, true, false"):
+        onednn_linear.wanted("maybe")
     vendor = onednn_linear.cpu_vendor()
     assert vendor is None or vendor in open("/proc/cpuinfo").read()
 

@@ -18,17 +18,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import flop_counter
 
-from tether.models import onednn_linear
+from tether.models.onednn_linear import wanted
 
 # ---------------------------------------------------------------- the machine
 
 
-def machine() -> dict[str, Any]:
+def machine(onednn_linear: bool | str = "auto") -> dict[str, Any]:
     """What ran the benchmark, for its table: the CPU's name (``/proc/cpuinfo``), its cores,
     the vector units torch dispatches to, and which bf16 units it has (AMX tiles,
     avx512_bf16, or none: bf16 matmuls are several times fp32's with them and far slower
-    without), the torch version, what tether's fp32 linear layers multiply through
-    (:mod:`tether.models.onednn_linear`) and, where one is used, the GPU."""
+    without), the torch version, what tether's fp32 linear layers multiply through under
+    ``train.onednn_linear`` = ``onednn_linear`` (:mod:`tether.models.onednn_linear`) and,
+    where one is used, the GPU."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
@@ -52,9 +53,9 @@ def machine() -> dict[str, Any]:
         "vector_units": torch.backends.cpu.get_cpu_capability(),
         "bf16_units": units,
         "torch": torch.__version__,
-        # what tether's fp32 linear layers multiply through here by default
-        # (train.onednn_linear: auto); bf16 goes through oneDNN everywhere
-        "fp32_linear": "oneDNN" if onednn_linear.faster_here() else "torch",
+        # what tether's fp32 linear layers multiply through here under that setting (bf16
+        # goes through oneDNN everywhere)
+        "fp32_linear": "oneDNN" if wanted(onednn_linear) else "torch",
     }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()

@@ -103,6 +103,7 @@ class StepsJob:
     compile: bool = False  # train.compile: the policy and the reference through torch.compile
     precision: str = "fp32"  # train.precision: bf16 runs the forward passes under autocast
     lora: int | None = None  # LoRA rank (0: every weight trains; None: the model's default)
+    onednn_linear: str = "auto"  # train.onednn_linear: fp32 linear layers through oneDNN
 
     @property
     def rows(self) -> int:
@@ -138,6 +139,7 @@ def stage_recipe(stage: str, job: StepsJob) -> Recipe:
     target = bench_target(job.model)
     common = [f"model.init={target.init}", f"seed={job.seed}", f"train.threads={job.threads}"]
     common += [f"train.precision={job.precision}", f"train.compile={job.compile}"]
+    common += [f"train.onednn_linear={job.onednn_linear}"]
     common += lora_overrides(job.lora)
     if stage in ("mle", "iqlearn"):
         extra = [*target.task, f"train.stage={stage}", f"train.batch_size={job.rows}"]
@@ -360,7 +362,7 @@ def bench_steps(
         described["model"] = f"random llama, width {width}, {layers} layers"
     return {
         "job": described,
-        "machine": machine(),
+        "machine": machine(job.onednn_linear),
         "peak_matmul": peak,
         "stages": results,
         "flops": "matrix multiplies (FlopCounterMode), attention as the full L x L square",
@@ -493,6 +495,7 @@ def _trl_round(name: str, job: StepsJob, prompts: int) -> dict[str, Any]:
             job.seed,
             lora=job.lora,
             precision=job.precision,
+            onednn_linear=job.onednn_linear,
         )
         rl = bench_rl(rl_job)
         ours, theirs, examples = rl["tether"], rl["trl_grpo"], prompts * job.group
@@ -528,7 +531,7 @@ def bench_trl(
     torch.set_num_threads(job.threads)
     out: dict[str, Any] = {
         "job": {**dataclasses.asdict(job), "rounds": rounds},
-        "machine": machine(),
+        "machine": machine(job.onednn_linear),
         "results": {},
     }
     for name in jobs:

@@ -57,6 +57,7 @@ class RLJob:
     lora: int | None = None  # LoRA rank, 0 = every weight trains; None: the model's default
     precision: str = "fp32"  # train.precision on tether's side, bf16=True on TRL's
     threads: int | None = None  # torch threads (None: as set)
+    onednn_linear: str = "auto"  # train.onednn_linear on tether's side (auto, true, false)
 
     @property
     def completions(self) -> int:
@@ -125,6 +126,7 @@ def rl_recipe(job: RLJob) -> Recipe:
             f"model.init={target.init}",
             f"seed={job.seed}",
             f"train.precision={job.precision}",
+            f"train.onednn_linear={job.onednn_linear}",
             *target.task,
             *lora_overrides(job.lora),
             *rl_overrides(job.prompts_per_step, job.group, job.max_new_tokens, job.temperature),
@@ -292,7 +294,7 @@ def bench_rl(job: RLJob) -> dict[str, Any]:
             "kl": f"k3 in the loss, coefficient {KL_COEF}",
             "threads": torch.get_num_threads(),
         },
-        "machine": machine(),
+        "machine": machine(job.onednn_linear),
         "tether": ours,
         "trl_grpo": theirs,
         "ratio": ours["completions_per_s"] / theirs["completions_per_s"],

@@ -95,6 +95,15 @@ BenchLora = Annotated[
 BenchSteps = Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")]
 BenchThreads = Annotated[int, typer.Option(min=1, help="torch threads")]
 JsonOnly = Annotated[bool, typer.Option("--json", help="print the figures as JSON only")]
+ONEDNN_SETTINGS = ("auto", "true", "false")
+OneDNNLinear = Annotated[
+    str,
+    typer.Option(
+        "--onednn-linear",
+        help="tether's train.onednn_linear: auto (oneDNN for fp32 linear layers on CPUs with "
+        "AVX-512 not made by Intel), true or false",
+    ),
+]
 BenchCompile = Annotated[
     bool, typer.Option("--compile", help="train.compile: torch.compile, two warm-up steps")
 ]
@@ -139,15 +148,19 @@ def bench_rl_command(
     steps: Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")] = 3,
     lora: BenchLora = None,
     precision: Precision = "fp32",
+    onednn_linear: OneDNNLinear = "auto",
     json_: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
 ) -> None:
     """The same GRPO job in tether (rl.algorithm grpo) and in TRL's GRPOTrainer:
     completions/s and their ratio."""
     require_trl("rl")
     (precision,) = choices("--precision", [precision], ("fp32", "bf16"))
+    (onednn_linear,) = choices("--onednn-linear", [onednn_linear], ONEDNN_SETTINGS)
     bench_target(model)  # a bad --model: one line, before anything loads
     job = RLJob(model, prompts, group, max_new_tokens, temperature, steps)
-    result = bench_rl(dataclasses.replace(job, lora=lora, precision=precision))
+    result = bench_rl(
+        dataclasses.replace(job, lora=lora, precision=precision, onednn_linear=onednn_linear)
+    )
     if json_:
         echo_json(result)
         return
@@ -178,6 +191,7 @@ def bench_steps_command(
     profile: Profile = False,
     compile_: BenchCompile = False,
     precision: Precision = "fp32",
+    onednn_linear: OneDNNLinear = "auto",
     lora: BenchLora = None,
     json_: JsonOnly = False,
 ) -> None:
@@ -191,6 +205,7 @@ def bench_steps_command(
             f"--width {width}: must be a multiple of 8 (4 attention heads, each of an even size)"
         )
     (precision,) = choices("--precision", [precision], ("fp32", "bf16"))
+    (onednn_linear,) = choices("--onednn-linear", [onednn_linear], ONEDNN_SETTINGS)
     if width is None:
         bench_target(model)  # a bad --model: one line, before any process starts
     job = StepsJob(
@@ -205,6 +220,7 @@ def bench_steps_command(
         compile_,
         precision,
         lora,
+        onednn_linear,
     )
     try:
         result = bench_steps(
@@ -238,6 +254,7 @@ def bench_trl_command(
     threads: BenchThreads = 2,
     lora: BenchLora = None,
     precision: Precision = "fp32",
+    onednn_linear: OneDNNLinear = "auto",
     compile_: Annotated[
         bool,
         typer.Option(
@@ -260,6 +277,7 @@ def bench_trl_command(
     require_trl("trl")
     jobs = choices("--job", job, TRL_JOBS)
     (precision,) = choices("--precision", [precision], ("fp32", "bf16"))
+    (onednn_linear,) = choices("--onednn-linear", [onednn_linear], ONEDNN_SETTINGS)
     bench_target(model)  # a bad --model: one line, before anything loads
     spec = StepsJob(
         model,
@@ -271,6 +289,7 @@ def bench_trl_command(
         compile=compile_,
         precision=precision,
         lora=lora,
+        onednn_linear=onednn_linear,
     )
     result = bench_trl(spec, jobs, prompts=prompts, rounds=rounds)
     if json_:

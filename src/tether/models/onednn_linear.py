@@ -80,8 +80,13 @@ def faster_here(vendor: str | None = None, capability: str | None = None) -> boo
 
 
 def wanted(setting: bool | str) -> bool:
-    """``train.onednn_linear`` resolved: True, False, or "auto" (:func:`faster_here`)."""
-    return faster_here() if setting == "auto" else bool(setting)
+    """``train.onednn_linear`` resolved: True, False, or "auto" (:func:`faster_here`); the
+    strings "true" and "false" (a command line's) as the booleans."""
+    if isinstance(setting, str):
+        if setting not in ("auto", "true", "false"):
+            raise ValueError(f"onednn_linear {setting!r}: choose from auto, true, false")
+        return faster_here() if setting == "auto" else setting == "true"
+    return bool(setting)
 
 
 def _mm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
