@@ -95,6 +95,19 @@ BenchLora = Annotated[
 BenchSteps = Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")]
 BenchThreads = Annotated[int, typer.Option(min=1, help="torch threads")]
 JsonOnly = Annotated[bool, typer.Option("--json", help="print the figures as JSON only")]
+# options of `bench trl`
+TrlCompile = Annotated[
+    bool,
+    typer.Option(
+        "--compile", help="SFT and DPO: torch.compile on both sides (TRL's torch_compile)"
+    ),
+]
+Rounds = Annotated[
+    int,
+    typer.Option(
+        min=1, help="run each job this many times, the sides alternating; report the median"
+    ),
+]
 ONEDNN_SETTINGS = ("auto", "true", "false")
 OneDNNLinear = Annotated[
     str,
@@ -255,18 +268,8 @@ def bench_trl_command(
     lora: BenchLora = None,
     precision: Precision = "fp32",
     onednn_linear: OneDNNLinear = "auto",
-    compile_: Annotated[
-        bool,
-        typer.Option(
-            "--compile", help="SFT and DPO: torch.compile on both sides (TRL's torch_compile)"
-        ),
-    ] = False,
-    rounds: Annotated[
-        int,
-        typer.Option(
-            min=1, help="run each job this many times, the sides alternating; report the median"
-        ),
-    ] = 1,
+    compile_: TrlCompile = False,
+    rounds: Rounds = 1,
     json_: JsonOnly = False,
 ) -> None:
     """tether against TRL on the same jobs, one side right after the other: SFT (SFTTrainer
