@@ -236,8 +236,10 @@ def test_the_machine_is_named_with_the_bf16_units_its_cpu_flags_list():
         line.startswith(f"{name}, {info['cores']} cores, ")
         and (", ".join(expected) or "none") in line
     )
-    # tether's fp32 linear layers: oneDNN on x86 CPUs with AVX-512 not made by Intel
+    # tether's fp32 linear layers: torch's by default (train.onednn_linear false); under auto
+    # oneDNN on x86 CPUs with AVX-512 not made by Intel
+    assert info["fp32_linear"] == "torch" and line.endswith("fp32 linear layers: torch")
     vendor = next((ln for ln in text.splitlines() if ln.startswith("vendor_id")), ":").split(":")[1]
     avx512 = "avx512f" in flags and info["vector_units"] == "AVX512"
     through = "oneDNN" if avx512 and vendor.strip() != "GenuineIntel" else "torch"
-    assert info["fp32_linear"] == through and line.endswith(f"fp32 linear layers: {through}")
+    assert machine("auto")["fp32_linear"] == through

@@ -183,6 +183,12 @@ def test_the_setting_resolves_true_false_and_auto():
     assert vendor is None or vendor in open("/proc/cpuinfo").read()
 
 
+def test_off_by_default(tiny_checkpoint):
+    """Memory grows with every new batch shape under oneDNN (module docstring): opt-in."""
+    recipe = load_recipe("xpo-addition", [f"model.init={tiny_checkpoint}"])
+    assert recipe.train.onednn_linear is False and not onednn_linear.wanted(False)
+
+
 def test_a_bad_setting_is_one_line_naming_the_field(tiny_checkpoint):
     from tether.config import RecipeError
 

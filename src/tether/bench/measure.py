@@ -23,7 +23,7 @@ from tether.models.onednn_linear import wanted
 # ---------------------------------------------------------------- the machine
 
 
-def machine(onednn_linear: bool | str = "auto") -> dict[str, Any]:
+def machine(onednn_linear: bool | str = False) -> dict[str, Any]:
     """What ran the benchmark, for its table: the CPU's name (``/proc/cpuinfo``), its cores,
     the vector units torch dispatches to, and which bf16 units it has (AMX tiles,
     avx512_bf16, or none: bf16 matmuls are several times fp32's with them and far slower

@@ -103,7 +103,7 @@ class StepsJob:
     compile: bool = False  # train.compile: the policy and the reference through torch.compile
     precision: str = "fp32"  # train.precision: bf16 runs the forward passes under autocast
     lora: int | None = None  # LoRA rank (0: every weight trains; None: the model's default)
-    onednn_linear: str = "auto"  # train.onednn_linear: fp32 linear layers through oneDNN
+    onednn_linear: str = "false"  # train.onednn_linear: fp32 linear layers through oneDNN
 
     @property
     def rows(self) -> int:

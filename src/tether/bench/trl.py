@@ -57,7 +57,7 @@ class RLJob:
     lora: int | None = None  # LoRA rank, 0 = every weight trains; None: the model's default
     precision: str = "fp32"  # train.precision on tether's side, bf16=True on TRL's
     threads: int | None = None  # torch threads (None: as set)
-    onednn_linear: str = "auto"  # train.onednn_linear on tether's side (auto, true, false)
+    onednn_linear: str = "false"  # train.onednn_linear on tether's side (auto, true, false)
 
     @property
     def completions(self) -> int:

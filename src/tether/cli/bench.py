@@ -113,8 +113,8 @@ OneDNNLinear = Annotated[
     str,
     typer.Option(
         "--onednn-linear",
-        help="tether's train.onednn_linear: auto (oneDNN for fp32 linear layers on CPUs with "
-        "AVX-512 not made by Intel), true or false",
+        help="tether's train.onednn_linear: false (its default), true (fp32 linear layers "
+        "through oneDNN), or auto (on CPUs with AVX-512 not made by Intel)",
     ),
 ]
 BenchCompile = Annotated[
@@ -161,7 +161,7 @@ def bench_rl_command(
     steps: Annotated[int, typer.Option(min=1, help="timed steps, after one warm-up step")] = 3,
     lora: BenchLora = None,
     precision: Precision = "fp32",
-    onednn_linear: OneDNNLinear = "auto",
+    onednn_linear: OneDNNLinear = "false",
     json_: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
 ) -> None:
     """The same GRPO job in tether (rl.algorithm grpo) and in TRL's GRPOTrainer:
@@ -204,7 +204,7 @@ def bench_steps_command(
     profile: Profile = False,
     compile_: BenchCompile = False,
     precision: Precision = "fp32",
-    onednn_linear: OneDNNLinear = "auto",
+    onednn_linear: OneDNNLinear = "false",
     lora: BenchLora = None,
     json_: JsonOnly = False,
 ) -> None:
@@ -267,7 +267,7 @@ def bench_trl_command(
     threads: BenchThreads = 2,
     lora: BenchLora = None,
     precision: Precision = "fp32",
-    onednn_linear: OneDNNLinear = "auto",
+    onednn_linear: OneDNNLinear = "false",
     compile_: TrlCompile = False,
     rounds: Rounds = 1,
     json_: JsonOnly = False,

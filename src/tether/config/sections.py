@@ -259,12 +259,14 @@ class TrainConfig(Strict):
         "model); false keeps Hugging Face's ops; not used with compile, which fuses them itself",
     )
     onednn_linear: Literal["auto"] | bool = Field(
-        "auto",
+        False,
         description="fp32 on the CPU: linear layers through oneDNN's product instead of "
-        "torch's (MKL's), forward and backward (tether.models.onednn_linear); auto: where "
-        "that was measured faster, CPUs with AVX-512 not made by Intel (MKL runs its AVX2 "
-        "code there: 2.0-2.3x the matmul rate on an AMD EPYC); true: on every CPU; false: "
-        "torch's; not used with bf16, which goes through oneDNN already, nor with compile",
+        "torch's (MKL's), forward and backward (tether.models.onednn_linear): 2.0-2.3x the "
+        "matmul rate on an AMD EPYC, where MKL runs its AVX2 code; but memory grows with "
+        "every new batch shape (oneDNN keeps kernels per shape and fragments the heap: a "
+        "150-step run of the demo model with random lengths grew 1.3 GB, MKL's stayed flat), "
+        "so off by default; true: on; auto: on CPUs with AVX-512 not made by Intel; not used "
+        "with bf16, which goes through oneDNN already, nor with compile",
     )
     micro_batch_size: int | None = Field(
         None,
