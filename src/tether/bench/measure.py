@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import flop_counter
 
-from tether.models.onednn_linear import wanted
+from tether.models.onednn_linear import cpuinfo_field, wanted
 
 # ---------------------------------------------------------------- the machine
 
@@ -30,15 +30,7 @@ def machine(onednn_linear: bool | str = False) -> dict[str, Any]:
     without), the torch version, what tether's fp32 linear layers multiply through under
     ``train.onednn_linear`` = ``onednn_linear`` (:mod:`tether.models.onednn_linear`) and,
     where one is used, the GPU."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next(
-                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-                name,
-            )
-    except OSError:
-        pass
+    name = cpuinfo_field("model name") or platform.processor() or platform.machine()
     units = [
         unit
         for unit, present in (

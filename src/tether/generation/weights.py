@@ -41,6 +41,8 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from tether.models import onednn_linear
+
 __all__ = ["GateUp", "Linear", "Preparation", "kv_buffer", "prune", "release"]
 
 T = TypeVar("T")
@@ -97,11 +99,7 @@ FOLD_CHUNK = 1 << 22
 
 
 # whether this torch build has oneDNN's packed linear (checked once)
-_ONEDNN_LINEAR = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-)
+_ONEDNN_LINEAR = onednn_linear.AVAILABLE and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def _can_pack(w: torch.Tensor) -> bool:
@@ -132,7 +130,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+            return onednn_linear.product(x, self.packed, bias)
         assert self.weight is not None
         return F.linear(x, self.weight, bias)
 

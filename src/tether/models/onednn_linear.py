@@ -37,6 +37,7 @@ new shape as well.
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -49,8 +50,10 @@ __all__ = [
     "AVAILABLE",
     "OneDNNLinear",
     "cpu_vendor",
+    "cpuinfo_field",
     "faster_here",
     "linear",
+    "product",
     "takes",
     "use_onednn_linear",
     "wanted",
@@ -62,17 +65,24 @@ AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "
 _PLAIN = (Tensor, nn.Parameter)
 
 
-def cpu_vendor() -> str | None:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``) from /proc/cpuinfo; None
-    where there is none (not Linux, or not x86)."""
+@functools.cache
+def cpuinfo_field(key: str) -> str | None:
+    """The value of ``key`` (``vendor_id``, ``model name``) in the first processor's entry of
+    /proc/cpuinfo, read once per key; None where there is none (not Linux, no such key)."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("vendor_id"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
+
+
+def cpu_vendor() -> str | None:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``); None where there is none
+    (not Linux, or not x86)."""
+    return cpuinfo_field("vendor_id")
 
 
 def faster_here(vendor: str | None = None, capability: str | None = None) -> bool:
@@ -94,9 +104,15 @@ def wanted(setting: bool | str) -> bool:
     return bool(setting)
 
 
-def _mm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x Wᵀ (+ b) for a 2-D x [rows, in] and W [out, in] (either may be a strided view)."""
+def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x Wᵀ (+ b) through oneDNN for a 2-D x [rows, in] and W [out, in] (either may be a
+    strided view), or W in oneDNN's packed layout (:class:`tether.generation.weights.Linear`)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _product_by_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """:func:`product` for an x of any leading shape [..., in] -> [..., out]."""
+    return product(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -104,11 +120,10 @@ class OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(rows, weight)
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]), weight)
         ctx.shape = x.shape
         ctx.has_bias = bias is not None
-        return _mm(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return _product_by_rows(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -117,9 +132,9 @@ class OneDNNLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _mm(g, weight.t()).view(ctx.shape)  # g W
+            grad_x = product(g, weight.t()).view(ctx.shape)  # g W
         if ctx.needs_input_grad[1]:
-            grad_w = _mm(g.t(), rows.t())  # gᵀ x
+            grad_w = product(g.t(), rows.t())  # gᵀ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
@@ -152,7 +167,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     )):  # fmt: skip
         out: Tensor = OneDNNLinear.apply(x, weight, bias)
         return out
-    return _mm(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return _product_by_rows(x, weight, bias)
 
 
 def _forward(self: nn.Linear, x: Tensor) -> Tensor:
