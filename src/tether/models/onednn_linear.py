@@ -28,8 +28,8 @@ Why off by default: oneDNN builds a kernel for each new shape of a product (abou
 each on that machine) and keeps it, and its allocations fragment the heap. A training step
 whose batch has a row count not seen before pays that for each distinct product, some 15 for
 a Llama (forward, input and weight gradients of five shapes), and the process keeps memory
-for it: 150 steps of the demo model at random lengths (16 rows of 20-300 tokens) grew the
-resident memory by 1.33 GB (515 MB after ``malloc_trim``) against 0.26 GB with MKL. Runs with
+for it: 150 steps of the demo model at random lengths (16 rows of 20-300 tokens, in a plain
+Python process with glibc's default thresholds) grew the resident memory by 1.33 GB (515 MB after ``malloc_trim``) against 0.26 GB with MKL. Runs with
 few distinct batch shapes (fixed lengths, packed rows) gain the speed at little memory cost;
 others should measure first. torch's own bf16 products (oneDNN's too) keep some 0.65 MB per
 new shape as well.
