@@ -85,7 +85,7 @@ def test_the_decode_bound_by_hand():
     )  # fmt: skip
     matrices = 640 + 80
     # prompt of 3, 3 new tokens: decode steps at contexts 4 and 5, batch 2
-    bound = decode_bound(config, 2, 3, 3, 4, flops_per_s=1e3, bytes_per_s=1e9)
+    bound = decode_bound(config, [3, 3], 3, 4, flops_per_s=1e3, bytes_per_s=1e9)
     flops = [2 * 2 * matrices + 4 * 2 * 1 * 2 * 4 * c for c in (4, 5)]
     assert bound["decode_flops"] == sum(flops)
     assert bound["decode_s"] == pytest.approx(sum(flops) / 1e3)  # FLOP-bound at 1 kFLOP/s
@@ -94,8 +94,17 @@ def test_the_decode_bound_by_hand():
     prefill = 2 * 2 * 3 * matrices + 4 * 2 * 1 * 2 * 4 * 9
     assert bound["prefill_s"] == pytest.approx(prefill / 1e3)
     # memory-bound when the arithmetic is free
-    fast = decode_bound(config, 2, 3, 3, 4, flops_per_s=1e30, bytes_per_s=100.0)
+    fast = decode_bound(config, [3, 3], 3, 4, flops_per_s=1e30, bytes_per_s=100.0)
     assert fast["decode_s"] == pytest.approx(bound["decode_bytes"] / 100.0)
+    # prompts of 1 and 3 real tokens (one padded row): the pads are not work; the rows'
+    # contexts at the two decode steps are 2 + 4 and 3 + 5 keys
+    mixed = decode_bound(config, [1, 3], 3, 4, flops_per_s=1e3, bytes_per_s=1e9)
+    flops = [2 * 2 * matrices + 4 * 1 * 2 * 4 * c for c in (2 + 4, 3 + 5)]
+    assert mixed["decode_flops"] == sum(flops)
+    cache = [1 * 2 * 2 * 4 * c for c in (2 + 4, 3 + 5)]
+    assert mixed["decode_bytes"] == sum((matrices + c) * 4 for c in cache)
+    prefill = 2 * (1 + 3) * matrices + 4 * 1 * 2 * 4 * (1 + 9)
+    assert mixed["prefill_s"] == pytest.approx(prefill / 1e3)
 
 
 def test_bench_sampler_json_on_the_shipped_model():

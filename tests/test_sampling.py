@@ -543,3 +543,74 @@ def test_prepared_values_need_the_very_same_source_tensor():
         prep.keep()
         assert len(builds) == built
     weights.release()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_is_softmax_attention_by_hand(heads, kv_heads, masked):
+    """The CPU decode step's attention, against softmax(q·k * scale + mask) v written out per
+    query head in float64, query head h reading kv head h // (heads / kv_heads) as HF's
+    grouped-query attention does; masked positions get no weight."""
+    from tether.generation.runners import _decode_attention
+
+    torch.manual_seed(0)
+    n, T, D, scale = 3, 7, 8, 0.3
+    q = torch.randn(n, heads, 1, D)
+    k, v = torch.randn(n, kv_heads, T, D), torch.randn(n, kv_heads, T, D)
+    mask = None
+    if masked:
+        mask = torch.zeros(n, 1, 1, T)
+        mask[0, 0, 0, :2] = float("-inf")  # row 0's first two positions are prompt pads
+        mask[2, 0, 0, 3] = float("-inf")
+    got = _decode_attention(q, k, v, mask, scale)
+    assert got.shape == (n, heads, 1, D)
+    group = heads // kv_heads
+    for i in range(n):
+        for h in range(heads):
+            kh, vh = k[i, h // group].double(), v[i, h // group].double()
+            s = [float(q[i, h, 0].double() @ kh[t]) * scale for t in range(T)]
+            if mask is not None:
+                s = [x + float(mask[i, 0, 0, t]) for t, x in enumerate(s)]
+            w = torch.tensor(s, dtype=torch.float64).softmax(0)
+            if mask is not None:
+                assert float(w[mask[i, 0, 0] == float("-inf")].sum()) == 0.0
+            torch.testing.assert_close(got[i, h, 0].double(), w @ vh, atol=1e-6, rtol=1e-6)
+
+
+def test_a_padded_prefill_multiplies_only_the_real_positions(tok, monkeypatch):
+    """Left-padded prompts: the Llama runner's prefill GEMMs take one row per real prompt
+    token, not one per padded position; the completions are still generate's."""
+    from tether.generation import weights
+
+    model = tiny(tok, "llama")
+    seen: list[int] = []
+    call = weights.Linear.__call__
+
+    def spy(self, x, bias=None):
+        seen.append(x.shape[0])
+        return call(self, x, bias)
+
+    monkeypatch.setattr(weights.Linear, "__call__", spy)
+    out = sample(model, tok, PROMPTS, max_new_tokens=3)
+    real = sum(len(tok(p)["input_ids"]) for p in PROMPTS)
+    padded = len(PROMPTS) * max(len(tok(p)["input_ids"]) for p in PROMPTS)
+    assert real < padded
+    assert seen[0] == real  # the first layer's q/k/v projection, in the prefill
+    assert padded not in seen
+    assert rows(out) == hf_greedy(model, tok, PROMPTS, 3)
+
+
+def test_bf16_sampling_on_the_cpu_attends_in_fp32(tok):
+    """In bf16 on the CPU the matmuls run in bf16 and the KV cache and attention in fp32
+    (faster there at decode shapes); the completions stay close to fp32's."""
+    from tether.generation.runners import LlamaRunner, make_runner
+
+    model = tiny(tok, "llama")
+    mask = torch.ones(2, 4, dtype=torch.long)
+    with torch.inference_mode():
+        runner = make_runner(model, True, mask, [4, 4], 5, torch.bfloat16)
+    assert isinstance(runner, LlamaRunner)
+    assert runner.cache.dtype == torch.float32 and runner.dtype == torch.bfloat16
+    fp32 = sample(model, tok, PROMPTS, max_new_tokens=N_NEW)
+    bf16 = sample(model, tok, PROMPTS, max_new_tokens=N_NEW, dtype=torch.bfloat16)
+    assert (bf16.completion_ids[:, :5] == fp32.completion_ids[:, :5]).float().mean() > 0.8

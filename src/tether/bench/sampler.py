@@ -16,7 +16,8 @@ of the model (``model.to(bfloat16)``, as a user would).
 The bound (a roofline, :func:`decode_bound`): every decode step must read the weights the
 step multiplies by and the KV cache its rows attend to (bytes / memory bandwidth) and do its
 matrix-multiply FLOPs (FLOPs / peak matmul FLOP/s); the step takes at least the larger of the
-two. The prefill is held to its FLOPs. Bandwidth: the best of several copies of a 256 MiB
+two. The prefill is held to its FLOPs. Both count each row's real prompt tokens: the
+left-padding of a batch is work the job does not ask for. Bandwidth: the best of several copies of a 256 MiB
 tensor (read + write); peak: :func:`tether.bench.measure.peak_matmul` at the same thread count
 and dtype. ``of_bound`` = the bound's time over the measured time (1 = at the bound).
 """
@@ -27,6 +28,7 @@ import copy
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -68,33 +70,32 @@ def memory_bandwidth(threads: int, mib: int = 256, repeats: int = 5) -> float:
 
 def decode_bound(
     config: Any,
-    batch: int,
-    prompt_len: int,
+    prompt_lens: Sequence[int],
     new_tokens: int,
     bytes_per_value: int,
     flops_per_s: float,
     bytes_per_s: float,
 ) -> dict[str, float]:
-    """The least time a Llama-shaped model can take to prefill ``batch`` prompts of
-    ``prompt_len`` tokens and decode ``new_tokens`` tokens each (module docstring): seconds of
-    the prefill (FLOPs), of the decode steps (each the larger of its bytes and its FLOPs), and
-    the decode steps' FLOPs and bytes. Weights and cache in ``bytes_per_value`` bytes."""
+    """The least time a Llama-shaped model can take to prefill one prompt per row, of
+    ``prompt_lens`` tokens (the real tokens: padding is work the job does not ask for), and
+    decode ``new_tokens`` tokens a row (module docstring): seconds of the prefill (FLOPs), of
+    the decode steps (each the larger of its bytes and its FLOPs), and the decode steps'
+    FLOPs and bytes. Weights and cache in ``bytes_per_value`` bytes."""
     h = config.hidden_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     d = getattr(config, "head_dim", None) or h // heads
     layers, inter, vocab = config.num_hidden_layers, config.intermediate_size, config.vocab_size
     per_layer = h * heads * d + 2 * h * kv_heads * d + heads * d * h + 3 * h * inter
     matrices = layers * per_layer + h * vocab  # what a step multiplies by (LM head included)
+    batch, tokens = len(prompt_lens), sum(prompt_lens)
+    attention = 4 * layers * heads * d  # FLOPs per query and key
 
-    def flops(rows: int, context: int) -> float:  # one new position per row, `context` keys
-        return 2 * rows * matrices + 4 * rows * layers * heads * d * context
-
-    prefill = 2 * batch * prompt_len * matrices + 4 * batch * layers * heads * d * prompt_len**2
+    prefill = 2 * tokens * matrices + attention * sum(n * n for n in prompt_lens)
     decode_s = decode_flops = decode_bytes = 0.0
     for t in range(1, new_tokens):  # the prefill yields the first token's logits
-        context = prompt_len + t
-        step_flops = flops(batch, context)
-        cache = batch * layers * 2 * kv_heads * d * context
+        context = tokens + batch * t  # keys attended to this step, over all rows
+        step_flops = 2 * batch * matrices + attention * context
+        cache = layers * 2 * kv_heads * d * context
         step_bytes = (matrices + cache) * bytes_per_value
         decode_s += max(step_flops / flops_per_s, step_bytes / bytes_per_s)
         decode_flops += step_flops
@@ -177,11 +178,15 @@ def bench_sampler(job: SamplerJob) -> dict[str, Any]:
     peak = peak_matmul(job.threads, dtype=torch.bfloat16 if bf16 else torch.float32)
     bandwidth = memory_bandwidth(job.threads)
     prompt_len = int(enc["input_ids"].shape[1])
-    bound = decode_bound(
-        model.config, job.batch, prompt_len, n, value_bytes, peak["flops_per_s"], bandwidth
-    )
+    lens = [int(x) for x in enc["attention_mask"].sum(1)]
+    bound = decode_bound(model.config, lens, n, value_bytes, peak["flops_per_s"], bandwidth)
     result: dict[str, Any] = {
-        "job": {**asdict(job), "prompt_tokens": prompt_len, "threads": torch.get_num_threads()},
+        "job": {
+            **asdict(job),
+            "prompt_tokens": prompt_len,  # the padded width
+            "prompt_lens": [min(lens), max(lens)],  # the shortest and longest real prompt
+            "threads": torch.get_num_threads(),
+        },
         "machine": machine(),
         "peak_matmul_flops_per_s": peak["flops_per_s"],
         "memory_bytes_per_s": bandwidth,

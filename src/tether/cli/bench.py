@@ -327,10 +327,10 @@ def bench_sampler_command(
     if json_:
         echo_json(result)
         return
-    bound = result["bound"]
+    bound, (shortest, longest) = result["bound"], result["job"]["prompt_lens"]
     typer.echo(
         f"{model}: batch {batch} × {new_tokens} new tokens (greedy), prompts of "
-        f"{result['job']['prompt_tokens']} tokens, {precision}, {threads} thread(s)"
+        f"{shortest}–{longest} tokens, {precision}, {threads} thread(s)"
     )
     for name in ("tether", "generate"):
         if name in result:

@@ -31,6 +31,12 @@ directly on the HF model's parameter tensors:
   into the matmul after them (the norm itself is then three ops); RoPE as one complex
   multiply (q/k weight rows are permuted into (x, y) pairs once per call, which leaves q.k
   unchanged); GPT-2's tanh-GELU through ``sigmoid`` (the same function, vectorised);
+* a padded prefill (the Llama runner) multiplies only the real prompt positions: the GEMMs
+  take the real tokens packed together and attention reads them spread back to the padded
+  layout (pads at 0, hidden by the masks), so left-padding costs no matmul work (SmolLM2's
+  word problems, 44-65 tokens padded to 65 at batch 64: 1.10-1.23 vs 1.46-1.60 s in bf16);
+* at decode on the CPU, attention is two batched matmuls and a softmax
+  (:func:`_decode_attention`), faster there than torch's flash kernel for one query row;
 * rows that finish (EOS or a stop string) are dropped from the batch at once: surviving
   rows from the end of the batch move into their cache slots (swap-remove, in place), so
   finished rows cost nothing afterwards and retiring one costs about one row's cache copy.
@@ -47,10 +53,12 @@ compacted with ``Cache.reorder_cache``.
 
 bf16 (``dtype=torch.bfloat16`` on an fp32 model, ``train.precision: bf16``): the Llama runner
 casts its (already copied and folded) weight matrices to bf16 once per call and runs every
-matmul, the attention and the KV cache in bf16, with the residual stream, the RMSNorm
-statistics and RoPE in fp32, as the model's forward does under bf16 autocast; the logits come
-out in bf16 and the sampler takes its softmax in fp32. The other runners run the model's own
-forward under ``torch.autocast``.
+matmul in bf16, with the residual stream, the RMSNorm statistics and RoPE in fp32, as the
+model's forward does under bf16 autocast; the KV cache and the attention are fp32 on the CPU
+(the k and v the bf16 projections give, rotated in fp32 and kept unrounded; torch's bf16
+attention kernels are no faster there at these shapes, and its bf16 batched matmuls slower)
+and bf16 elsewhere; the logits come out in bf16 and the sampler takes its softmax in fp32. The
+other runners run the model's own forward under ``torch.autocast``.
 """
 
 from __future__ import annotations
@@ -280,6 +288,10 @@ class FastRunner:
         end = start + S
         self.kv[layer][:, :, :, start:end] = kv.permute(2, 0, 3, 1, 4)
         mask = self.mask_now
+        if S == 1 and q.device.type == "cpu":
+            return _decode_attention(
+                q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask, scale
+            )
         if S == 1 and H != self.n_kv_heads:
             # Decode with grouped-query attention: the query heads that share a kv head are
             # that head's query rows (HF's heads h*g .. h*g + g - 1 read kv head h), so SDPA
@@ -301,6 +313,24 @@ class FastRunner:
             scale=scale,
             **self.sdpa_kw,
         )
+
+
+def _decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """One new position's attention on the CPU, ``softmax(q k^T * scale + mask) v`` for ``q``
+    [n, heads, 1, D] against the cached ``k``, ``v`` [n, kv_heads, T, D] -> [n, heads, 1, D],
+    as two batched matmuls and a softmax. The query heads that share a kv head (HF's heads
+    h*g .. h*g + g - 1 read kv head h) are that head's g query rows: grouped-query attention
+    without repeating the cache. At these shapes torch's flash kernel for the CPU is 1.5-2.9x
+    slower (SmolLM2's 9 / 3 heads, fp32, 97 cached positions: 76 vs 146 us a layer at 16 rows;
+    60 positions at 64 rows: 170 vs 491 us; docs/performance.md)."""
+    n, H, _, D = q.shape
+    grouped = q.reshape(n, k.shape[1], H // k.shape[1], D)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).mul_(scale)
+    if mask is not None:  # [n, 1, 1, T] additive
+        scores.add_(mask)
+    return torch.matmul(torch.softmax(scores, -1), v).view(n, H, 1, D)
 
 
 _GELU_C = 2.0 * math.sqrt(2.0 / math.pi)
@@ -543,7 +573,16 @@ class LlamaRunner(FastRunner):
         self.rope[:, : H + Hkv] = turn[:, None]
         self.fp32 = dtype == torch.float32
         self.dtype = dtype
-        self._setup(prompt_mask, lens, max_new, dtype)
+        # the KV cache and the attention: fp32 on the CPU, where fp32 attention is faster
+        # than bf16's at these shapes (docs/performance.md); else the matmuls' dtype
+        self.attention_dtype = torch.float32 if device.type == "cpu" else dtype
+        self._setup(prompt_mask, lens, max_new, self.attention_dtype)
+        # the real prompt positions among the B * P of the prefill (None: no padding), and
+        # each row's last among those (module docstring)
+        self.real_positions: torch.Tensor | None = None
+        if self.padded:
+            self.real_positions = prompt_mask.reshape(-1).nonzero().squeeze(1)
+            self.last_positions = prompt_mask.sum(1).cumsum(0) - 1
 
     def _rms(self, x: torch.Tensor) -> torch.Tensor:
         """x / hypot(|x|, sqrt(C eps)): RMSNorm up to the factor folded into the next matmul,
@@ -559,24 +598,36 @@ class LlamaRunner(FastRunner):
         C, H, Hkv, D = self.width, self.n_heads, self.n_kv_heads, self.head_dim
         heads = H + 2 * Hkv
         rms, fp32, scale = self._rms, self.fp32, self.scale
-        x = F.embedding(ids, self.embed).view(n * S, C)  # the residual stream's dtype
-        rope = self.rope[positions]  # [n, S, heads, D/2]
+        # A padded prefill multiplies only the real positions (``real``: their indices among
+        # the n * S): the pads' rows of q, k and v stay 0 in ``spread`` (the layout attention
+        # reads), where the masks hide them, and no GEMM spends time on them.
+        real = self.real_positions if S > 1 else None
+        ids, positions = ids.reshape(n * S), positions.reshape(n * S)
+        if real is not None:
+            ids, positions = ids[real], positions[real]
+            spread = torch.zeros(n * S, heads, D, dtype=self.attention_dtype, device=ids.device)
+        rows = ids.shape[0]
+        x = F.embedding(ids, self.embed)  # [rows, C], the residual stream's dtype
+        rope = self.rope[positions]  # [rows, heads, D/2]
         for layer, (wqkv, bqkv, wo, bo, gate_up, wdown, bdown) in enumerate(self.blocks):
-            h = rms(x)
-            proj = wqkv(h, bqkv)
+            proj = wqkv(rms(x), bqkv)
             if not fp32:  # complex32 is barely supported: rotate in fp32
                 proj = proj.float()
             # RoPE: (x_i + i y_i) * e^{i theta_i} on q and k pairs, times 1 on v
-            qkv = torch.view_as_complex(proj.view(n, S, heads, D // 2, 2)) * rope
-            qkv = torch.view_as_real(qkv).view(n, S, heads, D)
-            if not fp32:
-                qkv = qkv.to(self.dtype)
+            qkv = torch.view_as_complex(proj.view(rows, heads, D // 2, 2)) * rope
+            qkv = torch.view_as_real(qkv).view(rows, heads, D).to(self.attention_dtype)
+            if real is not None:
+                qkv = spread.index_copy_(0, real, qkv)
+            qkv = qkv.view(n, S, heads, D)
             kv = qkv[:, :, H:].view(n, S, 2, Hkv, D)
             a = self._attend(layer, qkv[:, :, :H].transpose(1, 2), kv, scale)
             a = a.transpose(1, 2).reshape(n * S, H * D)
-            x = x.add_(wo(a, bo))  # the residual stream keeps its dtype (fp32 under bf16)
+            if real is not None:
+                a = a.index_select(0, real)
+            x = x.add_(wo(a.to(self.dtype), bo))  # the residual stream keeps its dtype
             x = x.add_(wdown(gate_up(rms(x)), bdown))
-        last = x.view(n, S, C)[:, -1]
+        # each row's last position (real in left-padded rows)
+        last = x.view(n, S, C)[:, -1] if real is None else x[self.last_positions]
         head, bias = self.head
         return head(rms(last), bias)
 
