@@ -322,9 +322,11 @@ def _decode_attention(
     [n, heads, 1, D] against the cached ``k``, ``v`` [n, kv_heads, T, D] -> [n, heads, 1, D],
     as two batched matmuls and a softmax. The query heads that share a kv head (HF's heads
     h*g .. h*g + g - 1 read kv head h) are that head's g query rows: grouped-query attention
-    without repeating the cache. At these shapes torch's flash kernel for the CPU is 1.5-2.9x
-    slower (SmolLM2's 9 / 3 heads, fp32, 97 cached positions: 76 vs 146 us a layer at 16 rows;
-    60 positions at 64 rows: 170 vs 491 us; docs/performance.md)."""
+    without repeating the cache. At these shapes torch's flash kernel for the CPU is slower
+    (SmolLM2's 9 / 3 heads in fp32 on the development machine, the cache read from memory as
+    in a decode step: 196 vs 243 us a layer at 16 rows and 97 cached positions, 393 vs 719 us
+    at 64 rows and 60, 1.60 vs 1.93 ms at 64 and 300; the demo model at 32 rows and 300
+    positions, hot in cache: 109 vs 155 us; docs/performance.md)."""
     n, H, _, D = q.shape
     grouped = q.reshape(n, k.shape[1], H // k.shape[1], D)
     scores = torch.matmul(grouped, k.transpose(-1, -2)).mul_(scale)
