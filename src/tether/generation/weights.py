@@ -59,7 +59,8 @@ def kv_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     enough: a cache above glibc's 32 MiB mmap threshold is otherwise mapped afresh by every
     call and page-faulted in by its prefill (SmolLM2 at batch 64 × 32 new tokens: 71 M values,
     142 MB in bf16; 0.22-0.26 s of a 2.9 s call on the development machine). The largest
-    cache taken stays allocated between calls. Elsewhere (CUDA's caching allocator already reuses memory) a new tensor."""
+    cache taken stays allocated between calls. Elsewhere (CUDA's caching allocator already
+    reuses memory) a new tensor."""
     numel = math.prod(shape)
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
