@@ -15,7 +15,8 @@ log-probability under the distribution the token was drawn from.
 
 ``dtype=torch.bfloat16`` samples an fp32 model with bf16 arithmetic (the matmuls; the residual
 stream, norms and softmax in fp32, and on the CPU the KV cache and attention too): what
-``train.precision: bf16`` does to the rollouts. docs/performance.md measures what it does to the log-probs and the KL estimates.
+``train.precision: bf16`` does to the rollouts. docs/performance.md measures what it does to
+the log-probs and the KL estimates.
 
 Stop strings are checked cheaply: a per-token table says which tokens can complete a stop
 string (their text contains a stop string's last character), and only rows that just
