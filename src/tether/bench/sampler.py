@@ -13,13 +13,13 @@ unchanged model reuse: tether's model is frozen, as a model that only samples ca
 (``sample(dtype=bfloat16)``, as ``train.precision: bf16``) and ``generate`` runs a bf16 copy
 of the model (``model.to(bfloat16)``, as a user would).
 
-The bound (a roofline, :func:`decode_bound`): every decode step must read the weights the
-step multiplies by and the KV cache its rows attend to (bytes / memory bandwidth) and do its
-matrix-multiply FLOPs (FLOPs / peak matmul FLOP/s); the step takes at least the larger of the
-two. The prefill is held to its FLOPs. Both count each row's real prompt tokens: the
-left-padding of a batch is work the job does not ask for. Bandwidth: the best of several copies of a 256 MiB
-tensor (read + write); peak: :func:`tether.bench.measure.peak_matmul` at the same thread count
-and dtype. ``of_bound`` = the bound's time over the measured time (1 = at the bound).
+The bound (a roofline, :func:`decode_bound`): every decode step must read the weights the step
+multiplies by and the KV cache its rows attend to (bytes / memory bandwidth) and do its
+matrix-multiply FLOPs (FLOPs / peak matmul FLOP/s); the step takes at least the larger of the two.
+The prefill is held to its FLOPs. Both count each row's real prompt tokens: the left-padding of a
+batch is work the job does not ask for. Bandwidth: the best of several copies of a 256 MiB tensor
+(read + write); peak: :func:`tether.bench.measure.peak_matmul` at the same thread count and dtype.
+``of_bound`` = the bound's time over the measured time (1 = at the bound).
 """
 
 from __future__ import annotations

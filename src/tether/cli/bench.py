@@ -18,6 +18,7 @@ from tether.bench.sampler import SamplerJob, bench_sampler
 from tether.bench.steps import BENCHED_STAGES, TRL_JOBS, StepsJob, bench_steps, bench_trl
 from tether.bench.trl import RLJob, bench_imitation, bench_rl
 from tether.cli.common import UsageError, choices, echo_json, friendly_errors
+from tether.models.onednn_linear import SETTINGS as ONEDNN_SETTINGS
 
 app = typer.Typer(
     add_completion=False, help="Speed benchmarks that print figures.", no_args_is_help=True
@@ -108,7 +109,6 @@ Rounds = Annotated[
         min=1, help="run each job this many times, the sides alternating; report the median"
     ),
 ]
-ONEDNN_SETTINGS = ("auto", "true", "false")
 OneDNNLinear = Annotated[
     str,
     typer.Option(

@@ -176,11 +176,11 @@ def prepare_models(
     model: torch.nn.Module, stage: Stage[Any], recipe: Recipe, device: torch.device
 ) -> None:
     """``train.precision``, ``train.fused_ops``, ``train.onednn_linear`` and ``train.compile`` on
-    the policy and the stage's frozen models, in place: with bf16 their forward passes run under autocast and
-    everything after them in fp32 (:mod:`tether.engine.precision` says why not accelerate's),
-    and on the CPU their frozen Linear weights keep their bf16 casts between passes;
-    Llama layers take the fused RoPE and RMSNorm (:mod:`tether.models.fused`); in fp32 on the
-    CPU linear layers multiply through oneDNN (:mod:`tether.models.onednn_linear`); then
+    the policy and the stage's frozen models, in place: with bf16 their forward passes run under
+    autocast and everything after them in fp32 (:mod:`tether.engine.precision` says why not
+    accelerate's), and on the CPU their frozen Linear weights keep their bf16 casts between passes;
+    Llama layers take the fused RoPE and RMSNorm (:mod:`tether.models.fused`); in fp32 on the CPU
+    linear layers multiply through oneDNN (:mod:`tether.models.onednn_linear`); then
     ``torch.compile``."""
     for scored in (model, *stage.frozen_models()):
         autocast_forward(scored, recipe.train.precision, device)

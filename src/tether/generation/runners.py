@@ -284,27 +284,15 @@ class FastRunner:
     def _attend(self, layer: int, q: torch.Tensor, kv: torch.Tensor, scale: float) -> torch.Tensor:
         """Store the new keys and values ``kv`` [n, S, 2, kv_heads, D] in the cache (one copy)
         and attend ``q`` [n, heads, S, D] to everything cached so far -> [n, heads, S, D]."""
-        n, H, S, D = q.shape
+        S = q.shape[2]
         start = self.cur
         end = start + S
         self.kv[layer][:, :, :, start:end] = kv.permute(2, 0, 3, 1, 4)
         mask = self.mask_now
-        if S == 1 and q.device.type == "cpu":
+        if S == 1:
             return _decode_attention(
                 q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask, scale
             )
-        if S == 1 and H != self.n_kv_heads:
-            # Decode with grouped-query attention: the query heads that share a kv head are
-            # that head's query rows (HF's heads h*g .. h*g + g - 1 read kv head h), so SDPA
-            # runs n * kv_heads tasks of g rows instead of n * heads tasks of one row: the
-            # same numbers, in half the time at SmolLM2's 9/3 heads and batch 64 (0.42 vs
-            # 0.86 ms a layer for 97 cached positions in bf16 on the development machine).
-            grouped = q.reshape(n, self.n_kv_heads, H // self.n_kv_heads, D)
-            out = F.scaled_dot_product_attention(
-                grouped, self.k[layer][:, :, :end], self.v[layer][:, :, :end],
-                attn_mask=mask, scale=scale,
-            )  # fmt: skip
-            return out.view(n, H, 1, D)
         return F.scaled_dot_product_attention(
             q,
             self.k[layer][:, :, :end],
@@ -319,17 +307,24 @@ class FastRunner:
 def _decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """One new position's attention on the CPU, ``softmax(q k^T * scale + mask) v`` for ``q``
-    [n, heads, 1, D] against the cached ``k``, ``v`` [n, kv_heads, T, D] -> [n, heads, 1, D],
-    as two batched matmuls and a softmax. The query heads that share a kv head (HF's heads
-    h*g .. h*g + g - 1 read kv head h) are that head's g query rows: grouped-query attention
-    without repeating the cache. At these shapes torch's flash kernel for the CPU is slower
-    (SmolLM2's 9 / 3 heads in fp32 on the development machine, the cache read from memory as
-    in a decode step: 196 vs 243 us a layer at 16 rows and 97 cached positions, 393 vs 719 us
-    at 64 rows and 60, 1.60 vs 1.93 ms at 64 and 300; the demo model at 32 rows and 300
-    positions, hot in cache: 109 vs 155 us; docs/performance.md)."""
+    """One new position's attention, ``softmax(q k^T * scale + mask) v`` for ``q``
+    [n, heads, 1, D] against the cached ``k``, ``v`` [n, kv_heads, T, D] -> [n, heads, 1, D].
+
+    The query heads that share a kv head (HF's heads h*g .. h*g + g - 1 read kv head h) are
+    that head's g query rows: grouped-query attention without repeating the cache, n * kv_heads
+    tasks of g rows instead of n * heads tasks of one (with SDPA in bf16 at SmolLM2's 9/3 heads
+    and batch 64: 0.42 vs 0.86 ms a layer for 97 cached positions).
+
+    On the CPU as two batched matmuls and a softmax, where torch's flash kernel is slower at
+    these shapes (SmolLM2's heads in fp32 on the development machine, the cache read from
+    memory as in a decode step: 196 vs 243 us a layer at 16 rows and 97 cached positions, 393
+    vs 719 us at 64 rows and 60, 1.60 vs 1.93 ms at 64 and 300; the demo model at 32 rows and
+    300 positions, hot in cache: 109 vs 155 us; docs/performance.md); elsewhere SDPA."""
     n, H, _, D = q.shape
     grouped = q.reshape(n, k.shape[1], H // k.shape[1], D)
+    if q.device.type != "cpu":
+        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
+        return out.view(n, H, 1, D)
     scores = torch.matmul(grouped, k.transpose(-1, -2)).mul_(scale)
     if mask is not None:  # [n, 1, 1, T] additive
         scores.add_(mask)
@@ -583,6 +578,7 @@ class LlamaRunner(FastRunner):
         # the real prompt positions among the B * P of the prefill (None: no padding), and
         # each row's last among those (module docstring)
         self.real_positions: torch.Tensor | None = None
+        self.last_positions: torch.Tensor | None = None
         if self.padded:
             self.real_positions = prompt_mask.reshape(-1).nonzero().squeeze(1)
             self.last_positions = prompt_mask.sum(1).cumsum(0) - 1

@@ -24,15 +24,15 @@ AMD EPYC of the earlier measurements both ran AVX2 and oneDNN's product was 10-3
 MKL's; on Intel CPUs MKL has its own AVX-512 code, and no comparison of the two was made. ``true``
 switches on every CPU, ``false`` (the default) keeps torch's own.
 
-Why off by default: oneDNN builds a kernel for each new shape of a product (about 0.6 ms
-each on that machine) and keeps it, and its allocations fragment the heap. A training step
-whose batch has a row count not seen before pays that for each distinct product, some 15 for
-a Llama (forward, input and weight gradients of five shapes), and the process keeps memory
-for it: 150 steps of the demo model at random lengths (16 rows of 20-300 tokens, in a plain
-Python process with glibc's default thresholds) grew the resident memory by 1.33 GB (515 MB after ``malloc_trim``) against 0.26 GB with MKL. Runs with
-few distinct batch shapes (fixed lengths, packed rows) gain the speed at little memory cost;
-others should measure first. torch's own bf16 products (oneDNN's too) keep some 0.65 MB per
-new shape as well.
+Why off by default: oneDNN builds a kernel for each new shape of a product (about 0.6 ms each on
+that machine) and keeps it, and its allocations fragment the heap. A training step whose batch has a
+row count not seen before pays that for each distinct product, some 15 for a Llama (forward, input
+and weight gradients of five shapes), and the process keeps memory for it: 150 steps of the demo
+model at random lengths (16 rows of 20-300 tokens, in a plain Python process with glibc's default
+thresholds) grew the resident memory by 1.33 GB (515 MB after ``malloc_trim``) against 0.26 GB with
+MKL. Runs with few distinct batch shapes (fixed lengths, packed rows) gain the speed at little
+memory cost; others should measure first. torch's own bf16 products (oneDNN's too) keep some 0.65 MB
+per new shape as well.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "AVAILABLE",
+    "SETTINGS",
     "OneDNNLinear",
     "cpu_vendor",
     "cpuinfo_field",
@@ -63,6 +64,9 @@ __all__ = [
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 _PLAIN = (Tensor, nn.Parameter)
+
+# the values of ``train.onednn_linear`` as a command line spells them
+SETTINGS = ("auto", "true", "false")
 
 
 @functools.cache
@@ -98,8 +102,8 @@ def wanted(setting: bool | str) -> bool:
     """``train.onednn_linear`` resolved: True, False, or "auto" (:func:`faster_here`); the
     strings "true" and "false" (a command line's) as the booleans."""
     if isinstance(setting, str):
-        if setting not in ("auto", "true", "false"):
-            raise ValueError(f"onednn_linear {setting!r}: choose from auto, true, false")
+        if setting not in SETTINGS:
+            raise ValueError(f"onednn_linear {setting!r}: choose from {', '.join(SETTINGS)}")
         return faster_here() if setting == "auto" else setting == "true"
     return bool(setting)
 
